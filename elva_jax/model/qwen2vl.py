@@ -1,0 +1,197 @@
+"""Qwen2-VL forward passes as pure functions of (params, inputs).
+
+`inputs` is a dict of arrays (all static shapes, see `elva_jax.model.inputs`):
+  input_ids [B, L] int32, attention_mask [B, L] (1 = token), positions [3, B, L] int32, and, when the
+  batch has images, patches [R, Lv, 1176], vision_segment_ids [R, Lv], vision_pos [R, Lv, 2].
+Image features replace the `<|image_pad|>` embeddings in row-major batch order.
+
+Three entry points: `forward` (full sequence), `prefill` (fills a KV cache) and `decode_step`
+(one token per row against the cache); the latter two give the same logits as `forward`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+from elva_jax.model.decoder import decoder_forward
+from elva_jax.model.layers import precision
+from elva_jax.model.vision import vision_forward
+
+
+class Output(NamedTuple):
+    hidden: jnp.ndarray  # [B, L, D] final hidden states (after the last RMSNorm)
+    logits: jnp.ndarray | None  # [B, L, V] fp32, when asked for
+    layers: jnp.ndarray | None  # [layers, B, L, D] input of each decoder layer, when asked for
+
+
+class KVCache(NamedTuple):
+    k: jnp.ndarray  # [layers, B, S, Hkv, head_dim]
+    v: jnp.ndarray
+    valid: jnp.ndarray  # [B, S] bool: slot holds a real token
+    index: jnp.ndarray  # [] int32: next slot to write (same for every row; prompts are left-padded)
+    next_pos: jnp.ndarray  # [B] int32: position id of the next token of each row
+
+
+def embed_inputs(params: dict, inputs: dict, cfg: Qwen2VLConfig, opts: ModelOptions) -> jnp.ndarray:
+    """Token embeddings [B, L, D] with vision features scattered into the `<|image_pad|>` slots."""
+    dtype = jnp.dtype(opts.dtype)
+    ids = inputs["input_ids"]
+    x = jnp.take(params["text"]["embed_tokens"]["embedding"], ids, axis=0).astype(dtype)
+    if "patches" not in inputs:
+        return x
+    feats, valid = vision_forward(
+        params["vision"],
+        inputs["patches"],
+        inputs["vision_segment_ids"],
+        inputs["vision_pos"],
+        cfg.vision,
+        opts,
+    )
+    n = feats.shape[0]
+    # compact the real features to the front, in order (padding slots may sit between packed rows)
+    (order,) = jnp.nonzero(valid, size=n, fill_value=0)
+    feats = feats[order].astype(dtype)
+    is_img = ids == cfg.image_token_id
+    idx = jnp.cumsum(is_img.reshape(-1)).reshape(ids.shape) - 1
+    idx = jnp.clip(idx, 0, n - 1)
+    return jnp.where(is_img[..., None], feats[idx], x)
+
+
+def lm_head(params: dict, hidden: jnp.ndarray, cfg: Qwen2VLConfig, opts: ModelOptions) -> jnp.ndarray:
+    """Logits [..., V] in fp32 (tied to the token table when the config says so)."""
+    dtype = jnp.dtype(opts.dtype)
+    prec = precision(opts.matmul_precision)
+    t = params["text"]
+    if cfg.tie_word_embeddings:
+        w = t["embed_tokens"]["embedding"].astype(dtype)
+        out = jnp.einsum("...d,vd->...v", hidden.astype(dtype), w, precision=prec, preferred_element_type=jnp.float32)
+    else:
+        w = t["lm_head"]["kernel"].astype(dtype)
+        out = jnp.einsum("...d,dv->...v", hidden.astype(dtype), w, precision=prec, preferred_element_type=jnp.float32)
+    return out.astype(jnp.float32)
+
+
+def causal_mask(attention_mask: jnp.ndarray) -> jnp.ndarray:
+    """[B, L, L] bool: query i sees key j iff j <= i and j is a real token."""
+    L = attention_mask.shape[1]
+    tri = jnp.tril(jnp.ones((L, L), bool))
+    return tri[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def forward(
+    params: dict,
+    inputs: dict,
+    cfg: Qwen2VLConfig,
+    opts: ModelOptions,
+    *,
+    lora: dict | None = None,
+    lora_scale: float = 1.0,
+    with_logits: bool = False,
+    return_layers: bool = False,
+) -> Output:
+    """Full forward over [B, L] tokens (left or right padding)."""
+    x = embed_inputs(params, inputs, cfg, opts)
+    mask = causal_mask(inputs["attention_mask"])
+    h, _, layers = decoder_forward(
+        params["text"],
+        x,
+        inputs["positions"],
+        mask,
+        cfg.text,
+        opts,
+        lora=lora,
+        lora_scale=lora_scale,
+        return_layers=return_layers,
+    )
+    logits = lm_head(params, h, cfg, opts) if with_logits else None
+    return Output(h, logits, layers)
+
+
+def init_cache(cfg: Qwen2VLConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+    t = cfg.text
+    shape = (t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch, max_len), bool),
+        index=jnp.zeros((), jnp.int32),
+        next_pos=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def prefill(
+    params: dict,
+    inputs: dict,
+    cache: KVCache,
+    cfg: Qwen2VLConfig,
+    opts: ModelOptions,
+    *,
+    lora: dict | None = None,
+    lora_scale: float = 1.0,
+) -> tuple[Output, KVCache]:
+    """Encode a (left-padded) prompt [B, P] into an empty cache of length S >= P.
+
+    Returns the prompt's hidden states and fp32 logits (`logits[:, -1]` predicts the first new token)
+    and the filled cache (slots 0..P-1 written, `next_pos` = 1 + the row's largest position id).
+    """
+    x = embed_inputs(params, inputs, cfg, opts)
+    am = inputs["attention_mask"].astype(bool)
+    B, P = am.shape
+    S = cache.valid.shape[1]
+    valid = jax.lax.dynamic_update_slice(cache.valid, am, (0, 0))
+    q_pos = jnp.arange(P)[:, None]
+    k_pos = jnp.arange(S)[None, :]
+    mask = (k_pos <= q_pos)[None] & valid[:, None, :]
+    h, (k, v), _ = decoder_forward(
+        params["text"],
+        x,
+        inputs["positions"],
+        mask,
+        cfg.text,
+        opts,
+        lora=lora,
+        lora_scale=lora_scale,
+        cache=(cache.k, cache.v),
+        cache_index=0,
+    )
+    pos_max = jnp.max(jnp.where(am[None], inputs["positions"], -1), axis=(0, 2))
+    new = KVCache(k, v, valid, jnp.asarray(P, jnp.int32), (pos_max + 1).astype(jnp.int32))
+    return Output(h, lm_head(params, h, cfg, opts), None), new
+
+
+def decode_step(
+    params: dict,
+    tokens: jnp.ndarray,
+    cache: KVCache,
+    cfg: Qwen2VLConfig,
+    opts: ModelOptions,
+    *,
+    lora: dict | None = None,
+    lora_scale: float = 1.0,
+) -> tuple[jnp.ndarray, jnp.ndarray, KVCache]:
+    """Append one text token per row (tokens [B]); returns (hidden [B, D], logits [B, V] fp32, cache)."""
+    dtype = jnp.dtype(opts.dtype)
+    x = jnp.take(params["text"]["embed_tokens"]["embedding"], tokens[:, None], axis=0).astype(dtype)
+    B = tokens.shape[0]
+    valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((B, 1), bool), (0, cache.index))
+    mask = valid[:, None, :]
+    positions = jnp.broadcast_to(cache.next_pos[None, :, None], (3, B, 1))
+    h, (k, v), _ = decoder_forward(
+        params["text"],
+        x,
+        positions,
+        mask,
+        cfg.text,
+        opts,
+        lora=lora,
+        lora_scale=lora_scale,
+        cache=(cache.k, cache.v),
+        cache_index=cache.index,
+    )
+    h = h[:, 0]
+    new = KVCache(k, v, valid, cache.index + 1, cache.next_pos + 1)
+    return h, lm_head(params, h, cfg, opts), new
