@@ -4,7 +4,7 @@ Import reads tensor by tensor through a memory map, so with a `shardings` pytree
 read straight from disk (`jax.make_array_from_callback`): a 7B never needs a full host copy.
 (safetensors' own numpy loader cannot slice bf16 tensors lazily; the file format is a JSON header
 plus raw little-endian bytes, so a memory map gives zero-copy slices of any dtype.)
-Export writes transformers 5.x names with `safetensors.numpy`; import -> export -> import is
+Export writes the names transformers itself saves with `safetensors.numpy`; import -> export -> import is
 bit-exact in the stored dtype.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import safetensors.numpy
 
 from elva_jax.model.config import Qwen2VLConfig
-from elva_jax.model.params import LEGACY_PREFIXES, ParamSpec, get_path, param_specs, set_path
+from elva_jax.model.params import ALTERNATE_PREFIXES, ParamSpec, get_path, param_specs, set_path
 
 _DTYPES = {
     "F32": np.float32,
@@ -93,9 +93,9 @@ class SafetensorsDir:
 def _resolve(st: SafetensorsDir, name: str) -> str | None:
     if name in st:
         return name
-    for new, old in LEGACY_PREFIXES:
-        if name.startswith(new) and old + name[len(new) :] in st:
-            return old + name[len(new) :]
+    for disk, alt in ALTERNATE_PREFIXES:
+        if name.startswith(disk) and alt + name[len(disk) :] in st:
+            return alt + name[len(disk) :]
     return None
 
 

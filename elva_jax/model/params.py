@@ -28,7 +28,7 @@ class ParamSpec:
     """One tensor of the pytree.
 
     path: keys into the nested dict. shape / axes: JAX layout and its logical axis names.
-    hf_name: transformers 5.x state-dict name; "{i}" is the layer index for stacked tensors.
+    hf_name: the name in a transformers safetensors file; "{i}" is the layer index for stacked tensors.
     layout: how the transformers tensor maps to ours: "same", "linear" (transpose), "patch"
         (Conv3d weight [out, C, T, P, P] -> [C*T*P*P, out]).
     init: "normal" | "ones" | "zeros" for random init.
@@ -50,10 +50,11 @@ class ParamSpec:
         return self.shape[1:] if self.stacked else self.shape
 
 
-# Old (transformers 4.x / hub) names -> 5.x names, tried in order on import.
-LEGACY_PREFIXES = (
-    ("model.language_model.", "model."),
-    ("model.visual.", "visual."),
+# `hf_name` is the on-disk name transformers writes (the hub layout). A state dict saved from the
+# in-memory 5.x module tree uses these prefixes instead; import accepts both.
+ALTERNATE_PREFIXES = (
+    ("model.", "model.language_model."),
+    ("visual.", "model.visual."),
 )
 
 
@@ -63,14 +64,14 @@ def param_specs(cfg: Qwen2VLConfig) -> list[ParamSpec]:
     Hq, Hkv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
     Lv, Dv, Fv = v.depth, v.embed_dim, v.mlp_dim
     Dm = Dv * v.merge_unit
-    tl, vl = "model.language_model.layers.{i}.", "model.visual.blocks.{i}."
+    tl, vl = "model.layers.{i}.", "visual.blocks.{i}."
     S = ParamSpec
     specs = [
         S(
             ("vision", "patch_embed", "kernel"),
             (v.patch_dim, Dv),
             ("patch", "vis_embed"),
-            "model.visual.patch_embed.proj.weight",
+            "visual.patch_embed.proj.weight",
             "patch",
         ),
     ]
@@ -118,49 +119,49 @@ def param_specs(cfg: Qwen2VLConfig) -> list[ParamSpec]:
             ("vision", "merger", "ln_q", "scale"),
             (Dv,),
             ("vis_embed",),
-            "model.visual.merger.ln_q.weight",
+            "visual.merger.ln_q.weight",
             init="ones",
         ),
         S(
             ("vision", "merger", "ln_q", "bias"),
             (Dv,),
             ("vis_embed",),
-            "model.visual.merger.ln_q.bias",
+            "visual.merger.ln_q.bias",
             init="zeros",
         ),
         S(
             ("vision", "merger", "fc1", "kernel"),
             (Dm, Dm),
             ("merge", "vis_mlp"),
-            "model.visual.merger.mlp.0.weight",
+            "visual.merger.mlp.0.weight",
             "linear",
         ),
         S(
             ("vision", "merger", "fc1", "bias"),
             (Dm,),
             ("vis_mlp",),
-            "model.visual.merger.mlp.0.bias",
+            "visual.merger.mlp.0.bias",
             init="zeros",
         ),
         S(
             ("vision", "merger", "fc2", "kernel"),
             (Dm, D),
             ("vis_mlp", "embed"),
-            "model.visual.merger.mlp.2.weight",
+            "visual.merger.mlp.2.weight",
             "linear",
         ),
         S(
             ("vision", "merger", "fc2", "bias"),
             (D,),
             ("embed",),
-            "model.visual.merger.mlp.2.bias",
+            "visual.merger.mlp.2.bias",
             init="zeros",
         ),
         S(
             ("text", "embed_tokens", "embedding"),
             (V, D),
             ("vocab", "embed"),
-            "model.language_model.embed_tokens.weight",
+            "model.embed_tokens.weight",
         ),
         S(
             ("text", "layers", "input_norm", "scale"),
@@ -227,7 +228,7 @@ def param_specs(cfg: Qwen2VLConfig) -> list[ParamSpec]:
             tl + "mlp.down_proj.weight",
             "linear",
         ),
-        S(("text", "norm", "scale"), (D,), ("embed",), "model.language_model.norm.weight", init="ones"),
+        S(("text", "norm", "scale"), (D,), ("embed",), "model.norm.weight", init="ones"),
     ]
     if not cfg.tie_word_embeddings:
         specs.append(S(("text", "lm_head", "kernel"), (D, V), ("embed", "vocab"), "lm_head.weight", "linear"))
