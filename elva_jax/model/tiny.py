@@ -1,0 +1,137 @@
+"""Random Qwen2-VL checkpoints of any size, written in transformers' format without torch.
+
+Used by the embedded default run (a tiny model on the real Qwen2 tokenizer's vocabulary) and by
+benchmarks ("small"). Nothing is downloaded: real weights are for users' machines.
+
+    python -m elva_jax.model.tiny --out DIR [--preset tiny|small] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+
+from elva_jax.model.config import Qwen2VLConfig
+from elva_jax.model.hf_checkpoint import save_params
+from elva_jax.model.params import count_params, init_params
+
+QWEN2VL_VOCAB = 151936  # Qwen2-VL's padded vocabulary: room for added tokens such as <emb> and [RET]
+
+PRESETS = {
+    # a few seconds per step on a laptop CPU; tied embeddings keep it at ~10M parameters
+    "tiny": dict(
+        vocab_size=QWEN2VL_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mrope_section=[2, 3, 3],
+        tie_word_embeddings=True,
+        vision_depth=2,
+        vision_embed_dim=32,
+        vision_num_heads=2,
+    ),
+    # benchmarks.md's "small" model (about 183M parameters, untied)
+    "small": dict(
+        vocab_size=151669,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        mrope_section=[8, 12, 12],
+        tie_word_embeddings=False,
+        vision_depth=4,
+        vision_embed_dim=256,
+        vision_num_heads=4,
+    ),
+}
+
+
+def config_dict(
+    *,
+    vocab_size,
+    hidden_size,
+    intermediate_size,
+    num_hidden_layers,
+    num_attention_heads,
+    num_key_value_heads,
+    mrope_section,
+    tie_word_embeddings,
+    vision_depth,
+    vision_embed_dim,
+    vision_num_heads,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+) -> dict:
+    """A transformers 5.x Qwen2-VL config.json as a dict."""
+    return {
+        "model_type": "qwen2_vl",
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "text_config": {
+            "model_type": "qwen2_vl_text",
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size,
+            "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": num_attention_heads,
+            "num_key_value_heads": num_key_value_heads,
+            "hidden_act": "silu",
+            "rms_norm_eps": rms_norm_eps,
+            "max_position_embeddings": 32768,
+            "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope_section},
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+            "pad_token_id": 151643,
+        },
+        "vision_config": {
+            "model_type": "qwen2_vl_vision",
+            "depth": vision_depth,
+            "embed_dim": vision_embed_dim,
+            "hidden_size": hidden_size,
+            "num_heads": vision_num_heads,
+            "mlp_ratio": 4,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+            "hidden_act": "quick_gelu",
+            "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0},
+        },
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+
+
+def preset_config(name: str) -> Qwen2VLConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+    return Qwen2VLConfig.from_dict(config_dict(**PRESETS[name]), source=f"preset:{name}")
+
+
+def write_random_checkpoint(path: str, preset: str = "tiny", seed: int = 0, dtype: str = "float32") -> Qwen2VLConfig:
+    cfg = preset_config(preset)
+    params = init_params(cfg, jax.random.key(seed), dtype=dtype)
+    save_params(path, params, cfg)
+    return cfg
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m elva_jax.model.tiny", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    a = ap.parse_args(argv)
+    cfg = write_random_checkpoint(a.out, a.preset, a.seed, a.dtype)
+    n = count_params(init_params(cfg, jax.random.key(0)))
+    print(f"wrote a random {a.preset} Qwen2-VL ({n / 1e6:.1f}M parameters) to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
