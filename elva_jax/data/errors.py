@@ -1,0 +1,31 @@
+"""Exceptions raised by the data layer (image preprocessing and dataset readers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["DataFormatError", "ImageError"]
+
+
+class ImageError(ValueError):
+    """An image cannot be preprocessed (aspect ratio > 200, empty, unsupported dtype/layout, unreadable)."""
+
+
+class DataFormatError(ValueError):
+    """A dataset file is malformed. The message is ``"{path}, line {line}: {reason}"`` (line is 1-based).
+
+    Attributes:
+      path: the offending file, as a string.
+      line: 1-based line number of the offending record (for file-level problems such as an empty pool,
+        the line just past the end of the file).
+      reason: the bare description, without path and line.
+    """
+
+    def __init__(self, path: str | Path, line: int, reason: str):
+        self.path = str(path)
+        self.line = int(line)
+        self.reason = reason
+        super().__init__(f"{self.path}, line {self.line}: {reason}")
+
+    def __reduce__(self):  # keep picklable (multiprocessing data loaders) despite the custom __init__
+        return (type(self), (self.path, self.line, self.reason))
