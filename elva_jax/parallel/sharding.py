@@ -1,0 +1,105 @@
+"""Device mesh and the one table from logical axis names to mesh axes.
+
+Mesh axes: ("data", "fsdp", "tensor"). Batches are split over data x fsdp; parameters are split over
+fsdp on their "embed"-like axis (ZeRO-3 style; XLA all-gathers them per layer inside the scan) and
+over tensor on heads / mlp / vocab. Changing the parallelism is a config edit (mesh sizes, or this
+table), never a code edit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or axes, or None = replicated)
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("lora_rank", None),
+    ("vis_embed", "fsdp"),
+    ("vis_qkv", "tensor"),
+    ("vis_mlp", "tensor"),
+    ("patch", None),
+    ("merge", "fsdp"),
+)
+
+
+class MeshError(ValueError):
+    """A mesh shape that does not fit the devices, or a tensor the mesh cannot split."""
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """Mesh of shape (data, fsdp, tensor); one size may be -1 (= whatever the devices leave)."""
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    sizes = [data, fsdp, tensor]
+    if sum(s == -1 for s in sizes) > 1:
+        raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n % known:
+            raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))}: {n} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {n} are available")
+    try:
+        arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
+    except Exception:  # noqa: BLE001 - non-TPU/odd topologies: plain row-major order
+        arr = np.asarray(devices).reshape(sizes)
+    return Mesh(arr, MESH_AXES)
+
+
+def logical_spec(axes: Sequence[str | None], rules=LOGICAL_RULES) -> PartitionSpec:
+    return nn.logical_to_mesh_axes(tuple(axes), rules)
+
+
+def _check_divisible(name: str, shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> None:
+    for dim, (size, ax) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
+        if ax is None:
+            continue
+        parts = math.prod(mesh.shape[a] for a in ((ax,) if isinstance(ax, str) else ax))
+        if size % parts:
+            raise MeshError(
+                f"{name}: dimension {dim} of size {size} cannot be split {parts} ways over mesh axes {ax}; "
+                f"change the mesh or the logical rule for this axis"
+            )
+
+
+def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=LOGICAL_RULES):
+    """NamedSharding for every leaf, from a pytree of logical-axis tuples and one of shapes.
+
+    Raises MeshError naming the tensor when a split does not divide its dimension.
+    """
+    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str | None) for a in x)  # noqa: E731
+    paths_axes, treedef = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=is_axes)
+    shapes = treedef.flatten_up_to(shapes_tree)
+    out = []
+    for (path, axes), shp in zip(paths_axes, shapes):
+        shape = getattr(shp, "shape", shp)
+        spec = logical_spec(axes, rules)
+        _check_divisible(jax.tree_util.keystr(path), shape, spec, mesh)
+        out.append(NamedSharding(mesh, spec))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_RULES) -> NamedSharding:
+    """Leading axis split over the batch axes, the rest replicated."""
+    return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,140 @@
+"""The contrastive train step: pure, jitted over the mesh, with exact gradient accumulation.
+
+A batch holds A micro-batches (leading axis) of `query` and `cand` model inputs; candidates of a
+micro-batch are its b positives followed by its hard negatives (if any). With A > 1 the step uses
+the gradient-cache scheme so accumulation is *exact* (InfoNCE couples all rows, so naive per-micro-
+batch losses would change the negatives):
+  1. embed every micro-batch without gradients;
+  2. loss and d loss / d embeddings on the full global batch;
+  3. per micro-batch, back-propagate its embedding cotangents through the model (VJP) and sum.
+The result equals the large-batch gradient. Non-finite gradients skip the update and are counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from elva_jax.model import qwen2vl
+from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+from elva_jax.model.embedding import eol_embedding, last_token_embedding
+from elva_jax.train.losses import info_nce
+
+# logical axes of each model-input array (without the micro-batch axis)
+INPUT_AXES = {
+    "input_ids": ("batch", None),
+    "attention_mask": ("batch", None),
+    "positions": (None, "batch", None),
+    "patches": ("batch", None, None),
+    "vision_segment_ids": ("batch", None),
+    "vision_pos": ("batch", None, None),
+}
+
+
+class TrainState(NamedTuple):
+    step: jnp.ndarray
+    params: dict  # base model (frozen when training LoRA)
+    lora: dict | None  # adapters (None for full fine-tuning)
+    opt_state: Any
+    rng: jax.Array
+    skipped: jnp.ndarray  # updates skipped for non-finite loss/gradients
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    tau: float = 0.05
+    embedding: str = "eol"  # "eol" (token before <emb>) | "last" (last real token)
+    emb_token_id: int = -1
+    lora_scale: float = 1.0
+    full_finetune: bool = False
+
+
+def embed(params, lora, inputs, cfg: Qwen2VLConfig, opts: ModelOptions, scfg: StepConfig):
+    h = qwen2vl.forward(params, inputs, cfg, opts, lora=lora, lora_scale=scfg.lora_scale).hidden
+    if scfg.embedding == "eol":
+        return eol_embedding(h, inputs["input_ids"], scfg.emb_token_id, inputs["attention_mask"])
+    return last_token_embedding(h, inputs["attention_mask"])
+
+
+def _global_candidates(cs: jnp.ndarray, b: int) -> jnp.ndarray:
+    """[A, b(1+k), D] -> [A*b(1+k), D] with all positives first (in query order), then negatives."""
+    A, m, D = cs.shape
+    pos = cs[:, :b].reshape(A * b, D)
+    if m == b:
+        return pos
+    return jnp.concatenate([pos, cs[:, b:].reshape(A * (m - b), D)], axis=0)
+
+
+def contrastive_loss_and_grads(trainable, frozen, batch, cfg, opts, scfg: StepConfig):
+    """(loss, metrics), grads wrt `trainable` for a batch of A micro-batches."""
+
+    def pair(tr, mb):
+        params, lora = (tr, None) if scfg.full_finetune else (frozen, tr)
+        return embed(params, lora, mb["query"], cfg, opts, scfg), embed(params, lora, mb["cand"], cfg, opts, scfg)
+
+    A = batch["query"]["input_ids"].shape[0]
+    b = batch["query"]["input_ids"].shape[1]
+
+    def loss_of_embeddings(qs, cs):
+        return info_nce(qs.reshape(-1, qs.shape[-1]), _global_candidates(cs, b), scfg.tau)
+
+    if A == 1:
+        mb = jax.tree.map(lambda x: x[0], batch)
+
+        def loss_fn(tr):
+            q, c = pair(tr, mb)
+            return loss_of_embeddings(q[None], c[None])
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        return (loss, metrics), grads
+
+    qs, cs = jax.lax.map(lambda mb: pair(trainable, mb), batch)
+    (loss, metrics), (dq, dc) = jax.value_and_grad(loss_of_embeddings, argnums=(0, 1), has_aux=True)(qs, cs)
+
+    def accumulate(g_acc, xs):
+        mb, dq_i, dc_i = xs
+        _, vjp = jax.vjp(lambda tr: pair(tr, mb), trainable)
+        (g,) = vjp((dq_i, dc_i))
+        return jax.tree.map(jnp.add, g_acc, g), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    grads, _ = jax.lax.scan(accumulate, zeros, (batch, dq, dc))
+    return (loss, metrics), grads
+
+
+def train_step(state: TrainState, batch, *, cfg, opts, scfg: StepConfig, tx: optax.GradientTransformation):
+    trainable = state.params if scfg.full_finetune else state.lora
+    (loss, metrics), grads = contrastive_loss_and_grads(trainable, state.params, batch, cfg, opts, scfg)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, trainable)
+    new_tr = optax.apply_updates(trainable, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_tr = keep(new_tr, trainable)
+    new_opt = keep(new_opt, state.opt_state)
+    params, lora = (new_tr, state.lora) if scfg.full_finetune else (state.params, new_tr)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=params,
+        lora=lora,
+        opt_state=new_opt,
+        rng=jax.random.fold_in(state.rng, state.step),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    return new_state, {**metrics, "grad_norm": grad_norm, "finite": finite}
+
+
+def batch_shardings(batch: dict, mesh) -> dict:
+    """NamedSharding for every array of a {"query"/"cand": inputs[A, ...]} batch (micro-batch axis replicated)."""
+    from jax.sharding import NamedSharding
+
+    from elva_jax.parallel.sharding import logical_spec
+
+    return {
+        group: {name: NamedSharding(mesh, logical_spec((None,) + INPUT_AXES[name])) for name in arrays}
+        for group, arrays in batch.items()
+    }
