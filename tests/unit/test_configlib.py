@@ -1,0 +1,54 @@
+"""Config validation: misspelt keys name the closest valid key; types are checked; overrides apply."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from elva_jax.configlib import ConfigError, load, to_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    lr: float = 1e-4
+    clip_norm: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Top:
+    optim: Optim = Optim()
+    buckets: tuple[int, ...] = (64, 128)
+    kl: str = dataclasses.field(default="k3", metadata={"choices": ("k1", "k2", "k3")})
+    steps: int = 10
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 2\nbuckets: [32, 64]\n")
+    cfg = load(Top, str(p), ["optim.clip_norm=1.5", "steps=3", "kl=k1"])
+    assert cfg == Top(Optim(2.0, 1.5), (32, 64), "k1", 3)
+    assert to_dict(cfg) == {"optim": {"lr": 2.0, "clip_norm": 1.5}, "buckets": [32, 64], "kl": "k1", "steps": 3}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], r"config\.optim: unknown key 'lrr' \(did you mean 'lr'\?\)"),
+        (["stpes=2"], r"unknown key 'stpes' \(did you mean 'steps'\?\)"),
+        (["steps=1.5"], r"config\.steps: expected an integer"),
+        (["kl=k4"], r"config\.kl: 'k4' is not one of"),
+        (["optim=3"], r"config\.optim: expected a mapping"),
+        (["nokey"], r"must look like key.sub=value"),
+    ],
+)
+def test_rejections_are_clear(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load(Top, None, overrides)
+
+
+def test_bad_yaml_names_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load(Top, str(p))
