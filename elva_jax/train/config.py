@@ -1,0 +1,105 @@
+"""The run configuration schema (every field named, typed and documented; YAML presets in configs/).
+
+Values the paper or LamRA fix are defaults or preset values; values they leave open are named
+fields with a stated default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+
+from elva_jax.model.decoder import LORA_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    checkpoint: str = ""  # transformers Qwen2-VL directory; "" = a random model of `random_preset`
+    random_preset: str = field(default="tiny", metadata={"choices": ("tiny", "small")})
+    tokenizer: str = ""  # directory with tokenizer files; "" = the checkpoint's, else the bundled Qwen2 files
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})  # compute
+    param_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})  # master weights
+    position_mode: str = field(default="mrope", metadata={"choices": ("mrope", "1d")})
+    remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    enabled: bool = True  # False: full fine-tuning of the LLM (vision tower and merger stay frozen)
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    lr: float = 1e-4
+    warmup_ratio: float = 0.03
+    end_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    kind: str = field(default="mbeir", metadata={"choices": ("mbeir", "nli", "bundled")})
+    root: str = ""  # M-BEIR root, NLI csv, or "" for the bundled multi-grain set (generated on demand)
+    train_files: tuple[str, ...] = ()  # query jsonl files relative to root (M-BEIR)
+    pool_file: str = ""  # candidate pool jsonl relative to root (M-BEIR)
+    instructions_file: str = "instructions/query_instructions.tsv"
+    hard_negatives: int = 0  # LamRA: 0
+    seq_buckets: tuple[int, ...] = (64, 128, 256)
+    max_text_tokens: int = 256
+    patch_rows: int = 0  # 0: one row per example; else rows of `patch_row_len` patches per batch
+    patch_row_len: int = 1200  # LamRA max 300 visual tokens = 1200 patches
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 300 * 28 * 28
+    image_policy: str = field(default="fail", metadata={"choices": ("fail", "skip")})
+    max_skip_fraction: float = 0.01
+    instruction_seed: int = 0
+    shuffle_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    stage: str = field(default="contrastive", metadata={"choices": ("contrastive", "rl")})
+    global_batch: int = 8
+    micro_batches: int = 1  # gradient accumulation steps (exact, see elva_jax.train.step)
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 caps the run
+    tau: float = 0.05
+    embedding: str = field(default="eol", metadata={"choices": ("eol", "last")})
+    seed: int = 0
+    max_nonfinite: int = 10  # stop after this many skipped (non-finite) updates
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    dir: str = "runs/default"
+    log_every: int = 1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    profile_steps: tuple[int, ...] = ()  # (first, last) step window traced with jax.profiler
+    resume: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    mesh: MeshSection = MeshSection()
+    optim: OptimSection = OptimSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    run: RunSection = RunSection()

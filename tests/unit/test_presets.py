@@ -1,0 +1,44 @@
+"""Every YAML preset in configs/ loads through the typed schema (misspelt keys would fail here)."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from elva_jax import configlib
+from elva_jax.train.config import RunConfig
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.yaml")))
+
+
+def test_presets_exist():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert {"tiny_cpu.yaml", "qwen2vl_2b_nli.yaml", "qwen2vl_7b_mbeir.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_preset_loads(path):
+    cfg = configlib.load(RunConfig, path)
+    assert cfg.train.tau == 0.05
+
+
+def test_reference_hyperparameters():
+    nli = configlib.load(RunConfig, [p for p in CONFIGS if p.endswith("qwen2vl_7b_nli.yaml")][0])
+    assert (nli.train.global_batch, nli.optim.lr, nli.train.epochs, nli.lora.rank, nli.lora.alpha) == (
+        576,
+        2e-4,
+        2.0,
+        64,
+        128.0,
+    )
+    mb = configlib.load(RunConfig, [p for p in CONFIGS if p.endswith("qwen2vl_7b_mbeir.yaml")][0])
+    assert (mb.train.global_batch, mb.optim.lr, mb.train.epochs, mb.lora.rank, mb.lora.alpha) == (
+        960,
+        1e-4,
+        1.0,
+        128,
+        256.0,
+    )
+    assert mb.optim.warmup_ratio == 0.03 and mb.optim.clip_norm is None
