@@ -66,16 +66,30 @@ def smoke(run_dir: str, seed: int = 0) -> dict:
 
 
 def main(argv=None) -> None:
+    import yaml
+
+    from elva_jax import configlib
+    from elva_jax.train.config import RunConfig
+
     ap = argparse.ArgumentParser(prog="python -m elva_jax.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run-dir", default="runs/default")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", help="YAML preset (configs/*.yaml); default: the tiny CPU preset")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.dir=/tmp/run")
     a = ap.parse_args(argv)
-    os.makedirs(a.run_dir, exist_ok=True)
-    res = smoke(a.run_dir, a.seed)
-    with open(os.path.join(a.run_dir, "smoke.json"), "w") as f:
+    default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.yaml")
+    path = a.config or (default if os.path.exists(default) else None)
+    try:
+        cfg = configlib.load(RunConfig, path, a.overrides)
+    except configlib.ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    run_dir = cfg.run.dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(configlib.to_dict(cfg), f, sort_keys=False)
+    res = smoke(run_dir, cfg.train.seed)
+    with open(os.path.join(run_dir, "smoke.json"), "w") as f:
         json.dump(res, f, indent=2)
     print(json.dumps(res))
-    print(f"results written to {os.path.join(a.run_dir, 'smoke.json')}")
+    print(f"resolved config: {os.path.join(run_dir, 'config.yaml')}; results: {os.path.join(run_dir, 'smoke.json')}")
 
 
 if __name__ == "__main__":
