@@ -1,0 +1,117 @@
+"""Run observability: JSONL + TensorBoard scalars, throughput, compile time apart, FLOPs and MFU.
+
+FLOPs per step come from XLA's cost analysis of the compiled step; MFU = achieved FLOP/s / peak,
+where the peak is known for the device kind (dense bf16 per chip) or given explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+import jax
+
+# dense bf16 peak FLOP/s per chip, by `device_kind` substring
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+}
+
+
+def device_peak_flops(device=None) -> float | None:
+    kind = (device or jax.devices()[0]).device_kind
+    for k, v in PEAK_FLOPS.items():
+        if k.lower() in kind.lower():
+            return v
+    return None
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled jit function (XLA cost analysis), if available."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if isinstance(ca, list | tuple):
+        ca = ca[0] if ca else {}
+    f = (ca or {}).get("flops")
+    return float(f) if f else None
+
+
+class MetricsLogger:
+    """Writes one JSON line per logged step to `metrics.jsonl` and the same scalars to TensorBoard."""
+
+    def __init__(self, run_dir: str, enabled: bool = True):
+        self.run_dir = run_dir
+        self.enabled = enabled and jax.process_index() == 0
+        self._tb = None
+        if self.enabled:
+            os.makedirs(run_dir, exist_ok=True)
+            self._f = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            except ImportError:
+                self._tb = None
+
+    def log(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items() if v is not None}
+        self._f.write(json.dumps({"step": step, **clean}) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._f.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+class Profiler:
+    """Traces steps [first, last] with jax.profiler (TensorBoard / XProf / Perfetto readable)."""
+
+    def __init__(self, run_dir: str, window: tuple[int, ...]):
+        self.dir = os.path.join(run_dir, "profile")
+        self.window = tuple(window)
+        self.active = False
+
+    def step_context(self, step: int):
+        if self.window and step == self.window[0] and not self.active:
+            jax.profiler.start_trace(self.dir)
+            self.active = True
+        ctx = jax.profiler.StepTraceAnnotation("train", step_num=step) if self.active else contextlib.nullcontext()
+        return ctx
+
+    def after_step(self, step: int, block_on=None) -> None:
+        if self.active and step >= self.window[-1]:
+            if block_on is not None:
+                jax.block_until_ready(block_on)
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+class Throughput:
+    """Wall-clock rates over the steps since the last report; the first (compiling) step is reported apart."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
