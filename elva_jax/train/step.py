@@ -109,7 +109,7 @@ def contrastive_loss_and_grads(trainable, frozen, batch, cfg, opts, scfg: StepCo
 def train_step(state: TrainState, batch, *, cfg, opts, scfg: StepConfig, tx: optax.GradientTransformation):
     trainable = state.params if scfg.full_finetune else state.lora
     (loss, metrics), grads = contrastive_loss_and_grads(trainable, state.params, batch, cfg, opts, scfg)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, trainable)
     new_tr = optax.apply_updates(trainable, updates)

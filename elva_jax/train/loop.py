@@ -1,0 +1,219 @@
+"""The contrastive training loop: mesh, sharded state, jitted step, Orbax checkpoints, logs, SIGTERM.
+
+`train(cfg, model_cfg, params, data_iter, total_steps, ...)` runs on whatever batches the Grain
+iterator yields ({"query": inputs[A, ...], "cand": inputs[A, ...]} numpy dicts, host-local); the
+data module builds that iterator from the config. Resuming restores state and iterator together,
+so an interrupted run continues with the same batches and RNG (identical loss curve).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+from elva_jax.model.params import logical_axes
+from elva_jax.parallel.sharding import make_mesh, replicated, tree_shardings
+from elva_jax.train.checkpointing import Checkpointer, CheckpointNotFound, abstract_like
+from elva_jax.train.config import RunConfig
+from elva_jax.train.lora import LoraConfig, init_lora, lora_axes
+from elva_jax.train.observe import MetricsLogger, Profiler, compiled_flops, device_peak_flops
+from elva_jax.train.optim import OptimConfig, make_optimizer
+from elva_jax.train.step import StepConfig, TrainState, batch_shardings, train_step
+
+
+class Preempted(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class _StopFlag:
+    requested: bool = False
+
+    def __call__(self, signum, frame):  # signal handler
+        self.requested = True
+
+
+def model_options(cfg: RunConfig) -> ModelOptions:
+    m = cfg.model
+    return ModelOptions(dtype=m.dtype, param_dtype=m.param_dtype, position_mode=m.position_mode, remat=m.remat)
+
+
+def _to_global(batch, shardings):
+    """Host-local numpy batch -> global jax arrays (each process contributes its slice)."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x), batch, shardings)
+
+
+def train(
+    cfg: RunConfig,
+    model_cfg: Qwen2VLConfig,
+    params: dict,
+    data_iter,
+    total_steps: int,
+    *,
+    emb_token_id: int,
+    mesh=None,
+    stop_after: int | None = None,
+) -> dict:
+    """Run (or resume) training; returns a summary. `stop_after` ends the process early (tests)."""
+    mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    opts = model_options(cfg)
+    lcfg = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
+    full = not cfg.lora.enabled
+    scfg = StepConfig(
+        tau=cfg.train.tau,
+        embedding=cfg.train.embedding,
+        emb_token_id=emb_token_id,
+        lora_scale=lcfg.scale,
+        full_finetune=full,
+    )
+    o = cfg.optim
+    tx = make_optimizer(
+        OptimConfig(o.lr, o.warmup_ratio, o.end_lr_ratio, o.weight_decay, o.b1, o.b2, o.eps, o.clip_norm), total_steps
+    )
+    p_sh = tree_shardings(logical_axes(model_cfg), params, mesh)
+    params = jax.device_put(params, p_sh)
+    key = jax.random.key(cfg.train.seed)
+    if full:
+        lora = None
+        trainable = params
+    else:
+        l_sh = tree_shardings(
+            lora_axes(model_cfg, lcfg),
+            jax.eval_shape(lambda: init_lora(model_cfg, lcfg, key, jnp.dtype(cfg.model.param_dtype))),
+            mesh,
+        )
+        lora = jax.jit(lambda k: init_lora(model_cfg, lcfg, k, jnp.dtype(cfg.model.param_dtype)), out_shardings=l_sh)(
+            jax.random.fold_in(key, 1)
+        )
+        trainable = lora
+    opt_state = jax.jit(tx.init, out_shardings=None)(trainable)
+    rep = replicated(mesh)
+    state = TrainState(
+        jnp.zeros((), jnp.int32), params, lora, opt_state, jax.random.fold_in(key, 2), jnp.zeros((), jnp.int32)
+    )
+    state = jax.device_put(state, jax.tree.map(lambda x: getattr(x, "sharding", rep), state))
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+
+    run_dir = cfg.run.dir
+    os.makedirs(run_dir, exist_ok=True)
+    ckpt = Checkpointer(
+        os.path.join(run_dir, "checkpoints"), keep=cfg.run.keep_checkpoints, async_save=cfg.run.async_checkpoint
+    )
+    start = 0
+    if cfg.run.resume and ckpt.steps():
+        try:
+            start, state, _ = ckpt.restore_latest(abstract_like(state), data_iter)
+            print(f"[elva_jax] resumed from step {start} ({ckpt.directory})", flush=True)
+        except CheckpointNotFound as e:
+            print(f"[elva_jax] {e}; starting from scratch", flush=True)
+
+    step_fn = jax.jit(
+        lambda s, b: train_step(s, b, cfg=model_cfg, opts=opts, scfg=scfg, tx=tx),
+        donate_argnums=(0,),
+        out_shardings=(state_sh, rep),
+    )
+    stop = _StopFlag()
+    old_handler = signal.signal(signal.SIGTERM, stop)
+    logger = MetricsLogger(run_dir)
+    prof = Profiler(run_dir, cfg.run.profile_steps)
+    peak = device_peak_flops()
+    flops = None
+    b_sh = None
+    summary = {"start_step": start, "losses": [], "compile_s": None}
+    t_last = time.perf_counter()
+    step = start
+    try:
+        while step < total_steps:
+            try:
+                host_batch = next(data_iter)
+            except StopIteration:
+                break
+            b_sh = b_sh or batch_shardings(host_batch, mesh)
+            batch = _to_global(host_batch, b_sh)
+            if flops is None:
+                t0 = time.perf_counter()
+                compiled = step_fn.lower(state, batch).compile()
+                summary["compile_s"] = time.perf_counter() - t0
+                flops = compiled_flops(compiled)
+                logger.log(step, {"compile_s": summary["compile_s"], "flops_per_step": flops})
+                print(
+                    f"[elva_jax] compiled the train step in {summary['compile_s']:.1f}s"
+                    + (f" ({flops / 1e9:.2f} GFLOP/step)" if flops else ""),
+                    flush=True,
+                )
+                t_last = time.perf_counter()
+            with prof.step_context(step):
+                state, m = step_fn(state, batch)
+            step += 1
+            loss = float(m["loss"])  # sync point: per-step timing below is wall time of a finished step
+            dt = time.perf_counter() - t_last
+            t_last = time.perf_counter()
+            prof.after_step(step - 1, state.step)
+            summary["losses"].append(loss)
+            n_ex = int(np.prod(host_batch["query"]["input_ids"].shape[:2])) * jax.process_count()
+            n_tok = int(host_batch["query"]["attention_mask"].sum() + host_batch["cand"]["attention_mask"].sum())
+            n_tok *= jax.process_count()
+            rec = {
+                "loss": loss,
+                "acc": float(m["acc"]),
+                "grad_norm": float(m["grad_norm"]),
+                "lr": float(tx_lr(o, total_steps, step - 1)),
+                "step_s": dt,
+                "examples_per_s": n_ex / dt,
+                "tokens_per_s": n_tok / dt,
+                "skipped": int(state.skipped),
+                "eta_s": dt * (total_steps - step),
+            }
+            if flops:
+                rec["flops_per_s"] = flops / dt
+                if peak:
+                    rec["mfu"] = flops / dt / (peak * jax.device_count())
+            if step % cfg.run.log_every == 0 or step == total_steps:
+                logger.log(step, rec)
+                print(
+                    f"[elva_jax] step {step}/{total_steps} loss {loss:.4f} acc {rec['acc']:.2f} "
+                    f"lr {rec['lr']:.2e} {rec['examples_per_s']:.1f} ex/s eta {rec['eta_s']:.0f}s",
+                    flush=True,
+                )
+            if int(state.skipped) > cfg.train.max_nonfinite:
+                raise FloatingPointError(f"{int(state.skipped)} non-finite updates (max {cfg.train.max_nonfinite})")
+            if step % cfg.run.checkpoint_every == 0:
+                ckpt.save(step, state, data_iter, {"loss": loss})
+            if stop.requested:
+                ckpt.save(step, state, data_iter, {"loss": loss, "preempted": True}, force=True)
+                ckpt.wait()
+                print(f"[elva_jax] SIGTERM: saved step {step} and stopping", flush=True)
+                summary["preempted"] = True
+                break
+            if stop_after is not None and step - start >= stop_after:
+                break
+        if not summary.get("preempted") and step not in ckpt.steps():
+            ckpt.save(step, state, data_iter, {"final": True}, force=True)
+    finally:
+        ckpt.close()
+        logger.close()
+        signal.signal(signal.SIGTERM, old_handler)
+    summary.update(end_step=step, state=state, skipped=int(state.skipped))
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({k: v for k, v in summary.items() if k != "state"}, f, indent=2)
+    return summary
+
+
+def tx_lr(o, total_steps: int, step: int) -> float:
+    from elva_jax.train.optim import schedule
+
+    return float(schedule(OptimConfig(o.lr, o.warmup_ratio, o.end_lr_ratio), total_steps)(step))
+
+
+__all__ = ["train", "model_options", "Preempted", "NamedSharding"]
