@@ -1,0 +1,146 @@
+"""W1: the contrastive train step, elva_jax vs the PyTorch reference, side by side in one process.
+
+    python -m elva_jax.bench.train_step [--reps 5] [--reference ../shared/bench/torch_reference.py]
+                                        [--dtype float32|bfloat16] [--remat]
+
+Workload (benchmarks.md): the "small" Qwen2-VL (random weights), full-parameter AdamW, 8 text
+queries of 64 tokens + 8 image+text candidates of 64 tokens (one 8x8-patch image = 16 image tokens
+each), InfoNCE tau 0.05 on the last token's embedding. Both sides warm up first (JAX compile time is
+reported apart); the median of `reps` steps is reported, with the ratio, XLA's FLOPs per step and
+the achieved FLOP/s against the matmul peak measured here (jnp.dot of 2048^2 fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+IMG, VS, VE = 151655, 151652, 151653
+
+
+def jax_matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(ts)
+
+
+def make_batch(cfg, opts, B=8, L=64, grid_hw=8, seed=0):
+    from elva_jax.model.inputs import build_inputs
+
+    rng = np.random.default_rng(seed)
+    n_img = grid_hw * grid_hw // 4
+    ids = rng.integers(0, 150000, (B, L))
+    ids_img = np.concatenate(
+        [
+            rng.integers(0, 150000, (B, 4)),
+            np.full((B, 1), VS),
+            np.full((B, n_img), IMG),
+            np.full((B, 1), VE),
+            rng.integers(0, 150000, (B, L - 6 - n_img)),
+        ],
+        1,
+    )
+    pv = rng.standard_normal((B * grid_hw * grid_hw, 1176)).astype(np.float32)
+    grid = np.array([[1, grid_hw, grid_hw]] * B)
+    q = build_inputs(cfg, opts, ids, None)
+    c = build_inputs(cfg, opts, ids_img, None, pv, grid, rows=B, row_len=grid_hw * grid_hw)
+    return {"query": jax.tree.map(lambda x: x[None], q), "cand": jax.tree.map(lambda x: x[None], c)}
+
+
+def jax_step_time(dtype: str, remat: bool, reps: int) -> dict:
+    from elva_jax.model.config import ModelOptions
+    from elva_jax.model.params import init_params
+    from elva_jax.model.tiny import preset_config
+    from elva_jax.train.observe import compiled_flops
+    from elva_jax.train.step import StepConfig, TrainState, train_step
+
+    cfg = preset_config("small")
+    opts = ModelOptions(dtype=dtype, param_dtype="float32", remat=remat)
+    params = init_params(cfg, jax.random.key(0))
+    tx = optax.adamw(1e-5)
+    state = TrainState(
+        jnp.zeros((), jnp.int32), params, None, tx.init(params), jax.random.key(1), jnp.zeros((), jnp.int32)
+    )
+    scfg = StepConfig(tau=0.05, embedding="last", full_finetune=True)
+    batch = jax.device_put(make_batch(cfg, opts))
+    fn = jax.jit(lambda s, b: train_step(s, b, cfg=cfg, opts=opts, scfg=scfg, tx=tx), donate_argnums=(0,))
+    t = time.perf_counter()
+    compiled = fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    flops = compiled_flops(compiled)
+    state, m = compiled(state, batch)  # warm-up
+    jax.block_until_ready(m["loss"])
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        state, m = compiled(state, batch)
+        jax.block_until_ready((state.step, m["loss"]))
+        ts.append(time.perf_counter() - t)
+    return {"step_s": statistics.median(ts), "compile_s": compile_s, "flops_per_step": flops, "loss": float(m["loss"])}
+
+
+def torch_step_time(ref_path: str, reps: int) -> dict | None:
+    if not os.path.exists(ref_path):
+        return None
+    spec = importlib.util.spec_from_file_location("torch_reference", ref_path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import torch
+
+    model = mod.Qwen2VLForConditionalGeneration(mod.small_config())
+    model.train()
+    return {
+        "step_s": mod.train_step_time(model, reps=reps),
+        "peak_gflops_torch": mod.peak_gflops(),
+        "torch": torch.__version__,
+    }
+
+
+def main(argv=None) -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    default_ref = os.path.normpath(os.path.join(here, "..", "..", "..", "shared", "bench", "torch_reference.py"))
+    ap = argparse.ArgumentParser(prog="python -m elva_jax.bench.train_step", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reference", default=default_ref, help="path of torch_reference.py ('' to skip)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--remat", action="store_true")
+    a = ap.parse_args(argv)
+    peak = jax_matmul_peak()
+    res = {
+        "workload": "W1",
+        "device": jax.devices()[0].device_kind,
+        "dtype": a.dtype,
+        "peak_gflops_jax": round(peak / 1e9, 1),
+    }
+    ref = torch_step_time(a.reference, a.reps) if a.reference else None
+    got = jax_step_time(a.dtype, a.remat, a.reps)
+    res["elva_jax_step_s"] = round(got["step_s"], 4)
+    res["compile_s"] = round(got["compile_s"], 2)
+    if got["flops_per_step"]:
+        res["gflops_per_step"] = round(got["flops_per_step"] / 1e9, 2)
+        res["achieved_gflops"] = round(got["flops_per_step"] / got["step_s"] / 1e9, 1)
+        res["fraction_of_peak"] = round(got["flops_per_step"] / got["step_s"] / peak, 3)
+    if ref:
+        res["torch_step_s"] = round(ref["step_s"], 4)
+        res["peak_gflops_torch"] = round(ref["peak_gflops_torch"], 1)
+        res["speedup_vs_torch"] = round(ref["step_s"] / got["step_s"], 2)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Sampling summaries for the RL stage: one prefill per distinct prompt, then a `lax.while_loop` decode.
+
+Prefix sharing: the P distinct (left-padded) prompts, with their images, are encoded and prefilled
+once; the cache is then broadcast to their G samples (rows p*G .. p*G+G-1 belong to prompt p).
+Each step draws a token from `logits / temperature` restricted by top-k / top-p, records its
+log-prob under the *full-vocabulary* `log_softmax(logits / temperature)` (the quantity the trainer
+recomputes), and stops a row at any stop id ([RET], EOS). Rows that reach `max_new_tokens` without
+a stop get [RET] appended; a row that stops on another stop id (EOS) has that token replaced by [RET]
+(neither is a sampled token: both are masked out of the log-probs). Every sequence ends in one [RET].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from elva_jax.model import qwen2vl
+from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    max_new_tokens: int = 32  # summary length budget (paper: not stated)
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    cache_dtype: str = "bfloat16"
+
+
+class Samples(NamedTuple):
+    tokens: jnp.ndarray  # [N, T] int32 generated tokens, [RET] included, pad after it
+    logps: jnp.ndarray  # [N, T] fp32 sampler log-probs of the sampled tokens (0 elsewhere)
+    mask: jnp.ndarray  # [N, T] bool: sampled tokens (an appended or substituted [RET] is not: False)
+    lengths: jnp.ndarray  # [N] int32 number of tokens including the final [RET]
+    forced_ret: jnp.ndarray  # [N] bool: [RET] appended because max_new_tokens was reached
+
+
+def filter_logits(logits: jnp.ndarray, top_k: int, top_p: float) -> jnp.ndarray:
+    """Mask (to -inf) tokens outside the top-k and outside the smallest nucleus with mass >= top_p."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        srt = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(srt, axis=-1)
+        cum = jnp.cumsum(probs, axis=-1)
+        # keep the tokens whose preceding mass is < top_p (always keeps the first)
+        keep_sorted = (cum - probs) < top_p
+        thresh = jnp.min(jnp.where(keep_sorted, srt, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < thresh, -jnp.inf, logits)
+    return logits
+
+
+def sample_token(key, logits, scfg: SamplerConfig):
+    """(token [N] int32, logp [N] fp32 under the full-vocabulary log_softmax(logits / T))."""
+    scaled = logits.astype(jnp.float32) / scfg.temperature
+    tok = jax.random.categorical(key, filter_logits(scaled, scfg.top_k, scfg.top_p), axis=-1).astype(jnp.int32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]
+    return tok, logp
+
+
+def repeat_rows(tree, g: int):
+    """Repeat every array's batch axis g times (row p -> rows p*g .. p*g+g-1).
+
+    KV caches carry the batch on axis 1 (k, v: [layers, B, ...]); valid/next_pos on axis 0.
+    """
+    if isinstance(tree, qwen2vl.KVCache):
+        return qwen2vl.KVCache(
+            k=jnp.repeat(tree.k, g, axis=1),
+            v=jnp.repeat(tree.v, g, axis=1),
+            valid=jnp.repeat(tree.valid, g, axis=0),
+            index=tree.index,
+            next_pos=jnp.repeat(tree.next_pos, g, axis=0),
+        )
+    return jax.tree.map(lambda x: jnp.repeat(x, g, axis=0), tree)
+
+
+def generate(
+    params: dict,
+    prompts: dict,
+    key: jax.Array,
+    cfg: Qwen2VLConfig,
+    opts: ModelOptions,
+    scfg: SamplerConfig,
+    *,
+    num_samples: int,
+    stop_ids: tuple[int, ...],
+    ret_id: int,
+    pad_id: int,
+    lora: dict | None = None,
+    lora_scale: float = 1.0,
+) -> Samples:
+    """Sample `num_samples` continuations of each prompt. prompts: model inputs [P, L] (left padded).
+
+    Jittable with static config/ids; returns rows ordered prompt-major ([P * G, T]).
+    """
+    P, L = prompts["input_ids"].shape
+    T = scfg.max_new_tokens + 1  # room for a forced [RET]
+    cache = qwen2vl.init_cache(cfg, P, L + T, dtype=jnp.dtype(scfg.cache_dtype))
+    out, cache = qwen2vl.prefill(params, prompts, cache, cfg, opts, lora=lora, lora_scale=lora_scale)
+    logits = jnp.repeat(out.logits[:, -1], num_samples, axis=0)
+    cache = repeat_rows(cache, num_samples)
+    N = P * num_samples
+    stops = jnp.asarray(stop_ids, jnp.int32)
+
+    def cond(c):
+        t, _, _, done, *_ = c
+        return (t < scfg.max_new_tokens) & ~jnp.all(done)
+
+    def body(c):
+        t, logits, cache, done, toks, logps, mask, key = c
+        key, sub = jax.random.split(key)
+        tok, lp = sample_token(sub, logits, scfg)
+        tok = jnp.where(done, pad_id, tok)
+        toks = toks.at[:, t].set(tok)
+        logps = logps.at[:, t].set(jnp.where(done, 0.0, lp))
+        mask = mask.at[:, t].set(~done)
+        done = done | jnp.isin(tok, stops)
+        _, logits, cache = qwen2vl.decode_step(params, tok, cache, cfg, opts, lora=lora, lora_scale=lora_scale)
+        return t + 1, logits, cache, done, toks, logps, mask, key
+
+    init = (
+        jnp.zeros((), jnp.int32),
+        logits,
+        cache,
+        jnp.zeros((N,), bool),
+        jnp.full((N, T), pad_id, jnp.int32),
+        jnp.zeros((N, T), jnp.float32),
+        jnp.zeros((N, T), bool),
+        key,
+    )
+    _, _, _, done, toks, logps, mask, _ = jax.lax.while_loop(cond, body, init)
+    n = jnp.sum(mask, axis=1).astype(jnp.int32)
+    pos = jnp.arange(T)[None]
+    last = jnp.take_along_axis(toks, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+    # stopped on a stop id other than [RET] (EOS): that token becomes [RET] (not sampled, masked out)
+    other_stop = done & (last != ret_id)
+    at_last = pos == (n - 1)[:, None]
+    toks = jnp.where(other_stop[:, None] & at_last, ret_id, toks)
+    mask = mask & ~(other_stop[:, None] & at_last)
+    logps = jnp.where(mask, logps, 0.0)
+    # ran out of budget: [RET] appended after the last sampled token
+    forced = ~done
+    toks = jnp.where(forced[:, None] & (pos == n[:, None]), ret_id, toks)
+    return Samples(toks, logps, mask, n + forced.astype(jnp.int32), forced)

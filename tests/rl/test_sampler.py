@@ -1,0 +1,145 @@
+"""Sampler: cached == uncached with the same key, prefix sharing == no sharing, stop/[RET] rules, top-k/p."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers.contrastive import tiny_cfg, tiny_params
+
+from elva_jax.model import qwen2vl
+from elva_jax.model.config import ModelOptions
+from elva_jax.model.inputs import build_inputs
+from elva_jax.rl.sampler import SamplerConfig, filter_logits, generate, sample_token
+
+OPTS = ModelOptions(matmul_precision="highest")
+RET, EOS, PAD = 501, 502, 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tiny_cfg()
+    return cfg, tiny_params(cfg, seed=4)
+
+
+def _prompts(cfg, seed=0, with_image=True):
+    rng = np.random.default_rng(seed)
+    rows, grids = [], []
+    for i in range(2):
+        s = list(rng.integers(1, 400, 5 + 3 * i))
+        if with_image and i == 1:
+            s = [cfg.vision_start_token_id] + [cfg.image_token_id] * 4 + [cfg.vision_end_token_id] + s
+            grids.append((1, 4, 4))
+        rows.append(s)
+    L = max(map(len, rows))
+    ids = np.zeros((2, L), np.int32)
+    am = np.zeros_like(ids)
+    for b, s in enumerate(rows):
+        ids[b, L - len(s) :], am[b, L - len(s) :] = s, 1
+    pv = rng.standard_normal((16 * len(grids), 1176)).astype(np.float32) if grids else None
+    return ids, am, pv, (np.array(grids) if grids else None)
+
+
+def _uncached(params, cfg, ids, am, pv, g, key, scfg, G):
+    """Reference: re-run the full forward on prompt + tokens so far at every step (no cache)."""
+    ids = np.repeat(ids, G, 0)
+    am = np.repeat(am, G, 0)
+    if g is not None:  # the one image (prompt row 1) repeats with its G rows
+        pv = np.concatenate([pv] * G)
+        g = np.repeat(g, G, 0)
+    N = ids.shape[0]
+    toks = np.full((N, scfg.max_new_tokens), PAD, np.int32)
+    done = np.zeros(N, bool)
+    for t in range(scfg.max_new_tokens):
+        cur = np.concatenate([ids, toks[:, :t]], 1)
+        cam = np.concatenate([am, np.ones((N, t), np.int32)], 1)
+        out = qwen2vl.forward(params, build_inputs(cfg, OPTS, cur, cam, pv, g), cfg, OPTS, with_logits=True)
+        key, sub = jax.random.split(key)
+        tok, _ = sample_token(sub, out.logits[:, -1], scfg)
+        tok = np.where(done, PAD, np.asarray(tok))
+        toks[:, t] = tok
+        done |= np.isin(tok, [RET, EOS])
+        if done.all():
+            break
+    return toks
+
+
+def test_cached_sampling_equals_uncached(model):
+    cfg, params = model
+    ids, am, pv, g = _prompts(cfg)
+    scfg = SamplerConfig(max_new_tokens=6, temperature=1.0, cache_dtype="float32")
+    key = jax.random.key(7)
+    got = generate(
+        params,
+        build_inputs(cfg, OPTS, ids, am, pv, g),
+        key,
+        cfg,
+        OPTS,
+        scfg,
+        num_samples=3,
+        stop_ids=(RET, EOS),
+        ret_id=RET,
+        pad_id=PAD,
+    )
+    ref = _uncached(params, cfg, ids, am, pv, g, key, scfg, 3)
+    n = scfg.max_new_tokens
+    mask = np.asarray(got.mask)[:, :n]
+    np.testing.assert_array_equal(np.where(mask, np.asarray(got.tokens)[:, :n], PAD), np.where(mask, ref, PAD))
+    # where the sampler recorded nothing, the reference has padding or the EOS that [RET] replaced
+    assert np.isin(ref[~mask], [PAD, EOS]).all()
+    assert mask.sum() > 0
+
+
+def test_prefix_sharing_equals_repeated_prompts(model):
+    cfg, params = model
+    ids, am, _, _ = _prompts(cfg, seed=3, with_image=False)
+    scfg = SamplerConfig(max_new_tokens=5, cache_dtype="float32")
+    key = jax.random.key(1)
+    kw = dict(stop_ids=(RET, EOS), ret_id=RET, pad_id=PAD)
+    shared = jax.jit(lambda p, x, k: generate(p, x, k, cfg, OPTS, scfg, num_samples=4, **kw))(
+        params, build_inputs(cfg, OPTS, ids, am), key
+    )
+    rep = build_inputs(cfg, OPTS, np.repeat(ids, 4, 0), np.repeat(am, 4, 0))
+    unshared = jax.jit(lambda p, x, k: generate(p, x, k, cfg, OPTS, scfg, num_samples=1, **kw))(params, rep, key)
+    np.testing.assert_array_equal(shared.tokens, unshared.tokens)
+    np.testing.assert_allclose(shared.logps, unshared.logps, rtol=1e-6, atol=1e-6)
+
+
+def test_every_row_ends_in_one_ret_and_logps_are_full_vocab(model):
+    cfg, params = model
+    ids, am, _, _ = _prompts(cfg, seed=5, with_image=False)
+    scfg = SamplerConfig(max_new_tokens=3, temperature=0.7, top_k=50, cache_dtype="float32")
+    out = generate(
+        params,
+        build_inputs(cfg, OPTS, ids, am),
+        jax.random.key(2),
+        cfg,
+        OPTS,
+        scfg,
+        num_samples=8,
+        stop_ids=(RET, EOS),
+        ret_id=RET,
+        pad_id=PAD,
+    )
+    toks, mask, lengths = np.asarray(out.tokens), np.asarray(out.mask), np.asarray(out.lengths)
+    for r in range(toks.shape[0]):
+        seq = toks[r, : lengths[r]]
+        assert seq[-1] == RET and (seq[:-1] != RET).all()
+        assert (toks[r, lengths[r] :] == PAD).all()
+        assert mask[r, : lengths[r] - 1].all() and not mask[r, lengths[r] :].any()
+        if out.forced_ret[r]:  # budget exhausted: the appended [RET] was not sampled
+            assert not mask[r, lengths[r] - 1] and lengths[r] == scfg.max_new_tokens + 1
+    assert np.all(np.asarray(out.logps)[~mask] == 0) and np.all(np.asarray(out.logps)[mask] < 0)
+
+
+def test_filter_logits_by_hand():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    np.testing.assert_array_equal(np.isfinite(filter_logits(logits, 2, 1.0)), [[True, True, False, False]])
+    # nucleus 0.7: 0.5 (prev 0) and 0.3 (prev 0.5 < 0.7) kept; 0.15 (prev 0.8) dropped
+    np.testing.assert_array_equal(np.isfinite(filter_logits(logits, 0, 0.7)), [[True, True, False, False]])
+    np.testing.assert_array_equal(np.isfinite(filter_logits(logits, 0, 0.85)), [[True, True, True, False]])
+    # the recorded log-prob is under the unfiltered distribution at temperature T
+    tok, lp = sample_token(jax.random.key(0), logits, SamplerConfig(temperature=2.0, top_k=1))
+    assert int(tok[0]) == 0
+    np.testing.assert_allclose(float(lp[0]), float(jax.nn.log_softmax(logits[0] / 2.0)[0]), rtol=1e-6)
