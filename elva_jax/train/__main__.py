@@ -1,6 +1,6 @@
-"""`python -m elva_jax.train`: until the training loop lands, runs the forward/embedding smoke run."""
+"""`python -m elva_jax.train`: see elva_jax.train.run."""
 
-from elva_jax.smoke import main
+from elva_jax.train.run import main
 
 if __name__ == "__main__":
     main()

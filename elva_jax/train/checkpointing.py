@@ -28,6 +28,11 @@ def _grain_args():
     return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
 
 
+def _grain_iter(it):
+    """The Grain iterator itself (pipeline wrappers expose it as `grain_iterator`)."""
+    return getattr(it, "grain_iterator", it)
+
+
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, with_data_iter: bool = True):
         self.directory = os.path.abspath(directory)
@@ -47,7 +52,7 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
         if self.with_data_iter:
             save_cls, _ = _grain_args()
-            items["data_iter"] = save_cls(data_iter)
+            items["data_iter"] = save_cls(_grain_iter(data_iter))
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def wait(self) -> None:
@@ -60,7 +65,7 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         if self.with_data_iter:
             _, restore_cls = _grain_args()
-            items["data_iter"] = restore_cls(data_iter)
+            items["data_iter"] = restore_cls(_grain_iter(data_iter))
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"], out["meta"]
 

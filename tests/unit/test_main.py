@@ -1,24 +1,36 @@
-"""The README's main command runs end to end and records its resolved config."""
+"""The README's main command: the tiny default run end to end, and clear config errors."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import pytest
 
-from elva_jax.smoke import main
+from elva_jax.train.run import main
 
 
 @pytest.mark.slow
-def test_default_run(tmp_path, capsys):
-    main([f"run.dir={tmp_path}"])
-    res = json.loads(open(os.path.join(tmp_path, "smoke.json")).read())
-    assert res["embeddings"] == [4, 64]
+def test_default_run_end_to_end(tmp_path, capsys):
+    main([f"run.dir={tmp_path}", "train.max_steps=4", "run.checkpoint_every=2"])
+    out = capsys.readouterr().out
+    assert "exported transformers checkpoint" in out
+    s = json.load(open(tmp_path / "summary.json"))
+    assert s["end_step"] == 4 and len(s["losses"]) == 4 and np.isfinite(s["losses"]).all()
+    assert s["records"] == 160 and s["pipeline"]["images"] > 0
+    assert os.path.exists(tmp_path / "export" / "model.safetensors")
     assert os.path.exists(tmp_path / "config.yaml")
-    assert "results:" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "4"
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert any("compile_s" in r for r in lines) and any("tokens_per_s" in r for r in lines)
 
 
 def test_bad_override_is_reported(tmp_path):
     with pytest.raises(SystemExit, match="did you mean 'dir'"):
         main([f"run.dri={tmp_path}"])
+
+
+def test_batch_not_divisible_is_reported(tmp_path):
+    with pytest.raises(Exception, match="not divisible by micro_batches"):
+        main([f"run.dir={tmp_path}", "train.global_batch=6", "train.micro_batches=4"])

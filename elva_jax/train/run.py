@@ -1,0 +1,180 @@
+"""Assemble a run from its config: data, model, tokenizer, pipeline, training loop, export.
+
+`python -m elva_jax.train [--config FILE] [key=value ...]`; with no arguments the tiny CPU preset
+runs on the bundled multi-grain dataset (generated into the run directory on first use).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import yaml
+
+from elva_jax import configlib
+from elva_jax.train.config import RunConfig
+
+BUNDLED_TRAIN = "query/train/mbeir_multigrain_union_train.jsonl"
+BUNDLED_POOL = "cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl"
+
+
+def default_config_path() -> str | None:
+    p = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "tiny_cpu.yaml"
+    )
+    return p if os.path.exists(p) else None
+
+
+def maybe_init_distributed() -> None:
+    """Multi-host: TPU pods configure themselves; GPU clusters via SLURM or coordinator variables."""
+    if jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("ELVA_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ["ELVA_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["ELVA_NUM_PROCESSES"]),
+            process_id=int(os.environ["ELVA_PROCESS_ID"]),
+        )
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES"):
+        jax.distributed.initialize()  # auto-detects SLURM and Cloud TPU settings
+
+
+def bundled_root(cfg: RunConfig) -> str:
+    root = cfg.data.root or os.path.join(cfg.run.dir, "bundled_data")
+    if not os.path.exists(os.path.join(root, "meta", "summary.json")):
+        from elva_jax.data.multigrain import generate
+
+        if jax.process_index() == 0:
+            generate(root, seed=0)
+    return root
+
+
+def load_model(cfg: RunConfig):
+    """(model config, params) from a checkpoint directory or a random preset."""
+    from elva_jax.model.hf_checkpoint import load_params
+    from elva_jax.model.params import init_params
+    from elva_jax.model.tiny import preset_config
+
+    if cfg.model.checkpoint:
+        return load_params(cfg.model.checkpoint, dtype=cfg.model.param_dtype)
+    mcfg = preset_config(cfg.model.random_preset)
+    return mcfg, init_params(mcfg, jax.random.key(cfg.train.seed), dtype=cfg.model.param_dtype)
+
+
+def build_records(cfg: RunConfig, root: str):
+    from elva_jax.data import mbeir, nli
+    from elva_jax.data.pipeline import contrastive_records, nli_records
+
+    d = cfg.data
+    if d.kind == "nli":
+        return nli_records(nli.read_nli_csv(root), num_negatives=d.hard_negatives)
+    files = d.train_files or ((BUNDLED_TRAIN,) if d.kind == "bundled" else ())
+    pool_file = d.pool_file or (BUNDLED_POOL if d.kind == "bundled" else "")
+    if not files or not pool_file:
+        raise configlib.ConfigError("data.train_files and data.pool_file are needed for kind=mbeir")
+    queries = [q for f in files for q in mbeir.read_queries(os.path.join(root, f))]
+    pool = mbeir.read_pool(os.path.join(root, pool_file))
+    instr_path = os.path.join(root, d.instructions_file)
+    instructions = mbeir.read_instructions(instr_path) if os.path.exists(instr_path) else None
+    return contrastive_records(queries, pool, root, instructions=instructions, num_negatives=d.hard_negatives)
+
+
+def run(cfg: RunConfig) -> dict:
+    from elva_jax.data.pipeline import ImagePolicy, LamRAEncoder, PipelineConfig, make_pipeline
+    from elva_jax.model.hf_checkpoint import resize_vocab, save_params
+    from elva_jax.train.loop import train
+    from elva_jax.train.lora import LoraConfig, merge_lora
+
+    maybe_init_distributed()
+    t0 = time.perf_counter()
+    os.makedirs(cfg.run.dir, exist_ok=True)
+    with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(configlib.to_dict(cfg), f, sort_keys=False)
+    root = bundled_root(cfg) if cfg.data.kind == "bundled" else cfg.data.root
+    records = build_records(cfg, root)
+    mcfg, params = load_model(cfg)
+    tok_file = os.path.join(cfg.model.tokenizer, "tokenizer.json") if cfg.model.tokenizer else None
+    encoder = LamRAEncoder(tok_file, merge_size=mcfg.vision.spatial_merge_size)
+    need = encoder.tok.get_vocab_size()
+    if need > mcfg.text.vocab_size:  # the reference resizes the token table to the tokenizer length
+        params, mcfg = resize_vocab(params, mcfg, need)
+    d, t = cfg.data, cfg.train
+    n_proc = jax.process_count()
+    if t.global_batch % (t.micro_batches * n_proc):
+        raise configlib.ConfigError(
+            f"train.global_batch {t.global_batch} is not divisible by micro_batches x processes "
+            f"({t.micro_batches} x {n_proc})"
+        )
+    b = t.global_batch // t.micro_batches // n_proc
+    n_cand = b * (1 + d.hard_negatives)
+    row_len = d.patch_row_len
+    pcfg = PipelineConfig(
+        batch_size=b,
+        micro_batches=t.micro_batches,
+        seq_buckets=tuple(d.seq_buckets),
+        patch_budget=(d.patch_rows or b, row_len),
+        cand_patch_budget=(d.patch_rows or n_cand, row_len),
+        num_negatives=d.hard_negatives,
+        seed=d.shuffle_seed,
+        num_epochs=max(1, math.ceil(t.epochs)),
+        image_policy=ImagePolicy(d.image_policy, d.max_skip_fraction),
+        position_mode=cfg.model.position_mode,
+    )
+    steps_per_epoch = len(records) // t.global_batch
+    total = max(1, int(steps_per_epoch * t.epochs))
+    if t.max_steps:
+        total = min(total, t.max_steps)
+    it = make_pipeline(records, encoder, mcfg, pcfg)
+    print(
+        f"[elva_jax] {len(records)} training records, {total} steps of {t.global_batch} "
+        f"({t.micro_batches} micro-batches) on {jax.device_count()} device(s)",
+        flush=True,
+    )
+    summary = train(cfg, mcfg, params, it, total, emb_token_id=encoder.emb_token_id)
+    state = summary.pop("state")
+    export_dir = os.path.join(cfg.run.dir, "export")
+    if jax.process_index() == 0:
+        final = state.params
+        if state.lora is not None:
+            final = merge_lora(
+                state.params, state.lora, LoraConfig(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
+            )
+        save_params(export_dir, jax.device_get(final), mcfg)
+    summary.update(
+        records=len(records),
+        steps=total,
+        export=export_dir,
+        wall_s=time.perf_counter() - t0,
+        pipeline={"truncated": it.stats.truncated, "skipped": it.stats.skipped, "images": it.stats.images},
+    )
+    with open(os.path.join(cfg.run.dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m elva_jax.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="YAML preset (configs/*.yaml); default: configs/tiny_cpu.yaml")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.dir=/tmp/run")
+    ap.add_argument("--profile", help="step window to trace with jax.profiler, e.g. 3:5")
+    a = ap.parse_args(argv)
+    over = list(a.overrides)
+    if a.profile:
+        lo, _, hi = a.profile.partition(":")
+        over.append(f"run.profile_steps=[{int(lo)}, {int(hi or lo)}]")
+    try:
+        cfg = configlib.load(RunConfig, a.config or default_config_path(), over)
+    except configlib.ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    s = run(cfg)
+    print(
+        f"[elva_jax] done in {s['wall_s']:.0f}s: {s['end_step']} steps, final loss "
+        f"{s['losses'][-1] if s['losses'] else float('nan'):.4f}"
+    )
+    print(f"[elva_jax] run directory: {cfg.run.dir} (config.yaml, metrics.jsonl, tb/, checkpoints/, summary.json)")
+    print(f"[elva_jax] exported transformers checkpoint: {s['export']}")
