@@ -29,7 +29,9 @@ def default_config_path() -> str | None:
 
 
 def maybe_init_distributed() -> None:
-    """Multi-host: TPU pods configure themselves; GPU clusters via SLURM or coordinator variables."""
+    """Multi-host init: ELVA_DISTRIBUTED=1 (TPU pods: JAX finds the topology), SLURM with > 1 task, or an
+    explicit coordinator (JAX_COORDINATOR_ADDRESS or ELVA_COORDINATOR_ADDRESS, ELVA_NUM_PROCESSES,
+    ELVA_PROCESS_ID). Single-process runs skip it."""
     if jax.distributed.is_initialized():
         return
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("ELVA_COORDINATOR_ADDRESS"):
@@ -38,8 +40,8 @@ def maybe_init_distributed() -> None:
             num_processes=int(os.environ["ELVA_NUM_PROCESSES"]),
             process_id=int(os.environ["ELVA_PROCESS_ID"]),
         )
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES"):
-        jax.distributed.initialize()  # auto-detects SLURM and Cloud TPU settings
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("ELVA_DISTRIBUTED") == "1":
+        jax.distributed.initialize()  # auto-detects SLURM and Cloud TPU pod settings
 
 
 def bundled_root(cfg: RunConfig) -> str:
