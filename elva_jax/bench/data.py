@@ -43,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from elva_jax.data import mbeir, multigrain
-    from elva_jax.data.pipeline import LamRAEncoder, PipelineConfig, contrastive_records
+    from elva_jax.data.pipeline import PipelineConfig, contrastive_records
+    from elva_jax.data.tokenize import PromptEncoder, Tokenizer
     from elva_jax.model.tiny import preset_config
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             process_index=0,
             process_count=1,
         )
-        encoder, model_cfg = LamRAEncoder(), preset_config("tiny")
+        encoder, model_cfg = PromptEncoder(Tokenizer.from_dir(), "eol"), preset_config("tiny")
         result = {
             "bench": "data_pipeline",
             "batch": b,

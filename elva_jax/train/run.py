@@ -84,8 +84,15 @@ def build_records(cfg: RunConfig, root: str):
     return contrastive_records(queries, pool, root, instructions=instructions, num_negatives=d.hard_negatives)
 
 
+def _has_tokenizer(path: str) -> bool:
+    from elva_jax.data.tokenize import has_tokenizer_files
+
+    return bool(path) and has_tokenizer_files(path)
+
+
 def run(cfg: RunConfig) -> dict:
-    from elva_jax.data.pipeline import ImagePolicy, LamRAEncoder, PipelineConfig, make_pipeline
+    from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
+    from elva_jax.data.tokenize import PromptEncoder, Tokenizer
     from elva_jax.model.hf_checkpoint import resize_vocab, save_params
     from elva_jax.train.loop import train
     from elva_jax.train.lora import LoraConfig, merge_lora
@@ -98,9 +105,10 @@ def run(cfg: RunConfig) -> dict:
     root = bundled_root(cfg) if cfg.data.kind == "bundled" else cfg.data.root
     records = build_records(cfg, root)
     mcfg, params = load_model(cfg)
-    tok_file = os.path.join(cfg.model.tokenizer, "tokenizer.json") if cfg.model.tokenizer else None
-    encoder = LamRAEncoder(tok_file, merge_size=mcfg.vision.spatial_merge_size)
-    need = encoder.tok.get_vocab_size()
+    tok_dir = cfg.model.tokenizer or (cfg.model.checkpoint if _has_tokenizer(cfg.model.checkpoint) else None)
+    tokenizer = Tokenizer.from_dir(tok_dir, merge_size=mcfg.vision.spatial_merge_size)
+    encoder = PromptEncoder(tokenizer, "eol")
+    need = tokenizer.vocab_size
     if need > mcfg.text.vocab_size:  # the reference resizes the token table to the tokenizer length
         params, mcfg = resize_vocab(params, mcfg, need)
     d, t = cfg.data, cfg.train
@@ -135,7 +143,7 @@ def run(cfg: RunConfig) -> dict:
         f"({t.micro_batches} micro-batches) on {jax.device_count()} device(s)",
         flush=True,
     )
-    summary = train(cfg, mcfg, params, it, total, emb_token_id=encoder.emb_token_id)
+    summary = train(cfg, mcfg, params, it, total, emb_token_id=tokenizer.emb_token_id)
     state = summary.pop("state")
     export_dir = os.path.join(cfg.run.dir, "export")
     if jax.process_index() == 0:

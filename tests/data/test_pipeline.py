@@ -48,7 +48,9 @@ def records(data):
 
 @pytest.fixture(scope="module")
 def encoder():
-    return P.LamRAEncoder()
+    from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+
+    return PromptEncoder(Tokenizer.from_dir(), "eol")
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +166,9 @@ def test_padding_does_not_change_embeddings(records, encoder, model_cfg):
 
     def embed(inputs):
         h = forward(params, inputs, model_cfg, opts).hidden
-        return np.asarray(eol_embedding(h, inputs["input_ids"], encoder.emb_token_id, inputs["attention_mask"]))
+        return np.asarray(
+            eol_embedding(h, inputs["input_ids"], encoder.tokenizer.emb_token_id, inputs["attention_mask"])
+        )
 
     rec = next(r for r in records if r["query"]["image"] is None)  # text query, image candidates
     cfg1 = dataclasses.replace(

@@ -1,0 +1,284 @@
+"""Prompts: the Qwen2-VL chat template, LamRA's EOL templates and ELVA's generative `[RET]` template.
+
+Every builder returns a :class:`Prompt`: the chat ``messages`` (content items ``{"type": "image"}`` and
+``{"type": "text", "text": ...}``, the format transformers' ``apply_chat_template`` takes) plus how to
+render them. The user's own text (instruction + query / candidate text) is its own text item marked
+``"truncatable": True``; the fixed template sentences are separate text items. The Qwen2-VL template
+concatenates text items, so the split changes nothing in the rendered string; it only tells
+:mod:`elva_jax.data.tokenize` which characters it may cut.
+
+Rendering is pure Python (:func:`render_chat`) and equals
+``tokenizer.apply_chat_template(messages, chat_template=QWEN2VL_CHAT_TEMPLATE, tokenize=False)``
+(tested), so the data path needs neither jinja2 nor transformers.
+
+LamRA (stages 1-2, embedding = hidden state just before ``<emb>``)::
+
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
+    <|im_start|>user\\n{image}{TXT}\\nSummarize above image and sentence in one word: <|im_end|>\\n
+    <|im_start|>assistant\\n<emb>.<|im_end|>\\n
+
+ELVA (stage 3 / evaluation, embedding = hidden state at the last ``[RET]``)::
+
+    <|im_start|>user\\n{image}{TXT}\\nAnalyze and summarize ... the special token [RET] to represent the
+    entire input.<|im_end|>\\n<|im_start|>assistant\\n{summary} [RET]<|im_end|>\\n
+
+(system turn as above; the generation form ends after ``<|im_start|>assistant\\n``). TXT is
+``format_string(f"{instruction} {text}")`` for queries and ``format_string(text)`` for candidates in
+both families; an image-only query with an instruction uses the instruction as its text. The ELVA
+sentence follows TXT after one newline, exactly like LamRA's "Summarize above ..." sentence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import zlib
+from collections.abc import Sequence
+
+__all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
+    "ELVA_INSTRUCTION",
+    "ELVA_SUFFIX",
+    "EMB_TOKEN",
+    "IMAGE_PLACEHOLDER",
+    "LAMRA_ASSISTANT",
+    "LAMRA_IMAGE_SUFFIX",
+    "LAMRA_IMAGE_TEXT_SUFFIX",
+    "LAMRA_TEXT_SUFFIX",
+    "QWEN2VL_CHAT_TEMPLATE",
+    "RET_TOKEN",
+    "Prompt",
+    "choose_instruction",
+    "elva_prompt",
+    "format_string",
+    "lamra_prompt",
+    "prompt_text",
+    "raw_prompt",
+    "render_chat",
+    "render_content",
+]
+
+EMB_TOKEN = "<emb>"
+RET_TOKEN = "[RET]"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+
+LAMRA_TEXT_SUFFIX = "\nSummarize above sentence in one word: "
+LAMRA_IMAGE_SUFFIX = "\nSummarize above image in one word: "
+LAMRA_IMAGE_TEXT_SUFFIX = "\nSummarize above image and sentence in one word: "
+LAMRA_ASSISTANT = EMB_TOKEN + "."
+
+#: ELVA's fixed request (method.md), verbatim.
+ELVA_INSTRUCTION = (
+    "Analyze and summarize the key information of the above input. "
+    "Finally, append the special token [RET] to represent the entire input."
+)
+#: What follows the user's text (or the image when there is no text): one newline, then the request.
+ELVA_SUFFIX = "\n" + ELVA_INSTRUCTION
+
+#: Qwen2-VL's chat template (jinja, for transformers' ``apply_chat_template``). A default system turn
+#: when the first message is not a system message; images / videos render as vision placeholders
+#: ("Picture k: " / "Video k: " prefixes with ``add_vision_id``); ``add_generation_prompt`` opens an
+#: assistant turn. :func:`render_chat` is the same function in Python.
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def format_string(s: str | None) -> str:
+    """LamRA / UniIR text normalisation: drop ``\\r``, strip, strip surrounding double quotes, upper-case
+    the first letter and append "." unless the text ends with ".", "?" or "!" ("" stays "")."""
+    s = (s or "").replace("\r", "").strip().strip('"')
+    if s:
+        s = s[0].upper() + s[1:]
+        if s[-1] not in ".?!":
+            s += "."
+    return s
+
+
+def choose_instruction(
+    instructions: Sequence[str], qid: str, *, seed: int | None = None, fixed_index: int | None = None
+) -> str:
+    """Deterministic instruction for query ``qid`` (the reference draws one at random, unseeded).
+
+    ``fixed_index``: always that prompt. Otherwise prompt ``h % len(instructions)`` with
+    ``h = crc32(qid)`` when ``seed`` is None (the rule of :mod:`elva_jax.data.pipeline`), else
+    ``h = blake2b(f"{seed}:{qid}")`` read as a 64-bit big-endian integer. Stable across runs,
+    processes and Python versions (no ``hash()``).
+    """
+    if not instructions:
+        raise ValueError(f"no instructions to choose from for query {qid!r}")
+    n = len(instructions)
+    if fixed_index is not None:
+        if not -n <= fixed_index < n:
+            raise IndexError(f"fixed_index {fixed_index} out of range for {n} instructions")
+        return instructions[fixed_index]
+    if seed is None:
+        h = zlib.crc32(qid.encode("utf-8"))
+    else:
+        h = int.from_bytes(hashlib.blake2b(f"{seed}:{qid}".encode(), digest_size=8).digest(), "big")
+    return instructions[h % n]
+
+
+def prompt_text(text: str | None = None, instruction: str | None = None) -> str:
+    """TXT of both template families: ``format_string(f"{instruction} {text}")`` with an instruction
+    (just the instruction when there is no text), else ``format_string(text)``; "" when neither."""
+    text = text or ""
+    if instruction:
+        return format_string(f"{instruction} {text}" if text.strip() else instruction)
+    return format_string(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """Chat messages plus how to render them.
+
+    add_generation_prompt: open an assistant turn at the end (generation). chat: False for the "raw"
+    form (the user content alone, no chat wrapper). ``rendered`` is the text the tokenizer sees before
+    each ``<|image_pad|>`` is expanded.
+    """
+
+    messages: tuple[dict, ...]
+    add_generation_prompt: bool = False
+    chat: bool = True
+
+    @property
+    def rendered(self) -> str:
+        if not self.chat:
+            return render_content(self.messages[0]["content"])
+        return render_chat(self.messages, add_generation_prompt=self.add_generation_prompt)
+
+    @property
+    def n_images(self) -> int:
+        return sum(1 for m in self.messages if not isinstance(m["content"], str) for c in m["content"] if _is_image(c))
+
+
+def _is_image(c: dict) -> bool:
+    return c.get("type") == "image" or "image" in c or "image_url" in c
+
+
+def _is_video(c: dict) -> bool:
+    return c.get("type") == "video" or "video" in c
+
+
+def render_content(content: str | Sequence[dict], add_vision_id: bool = False, counts: list[int] | None = None) -> str:
+    """One message's content as the Qwen2-VL template writes it (without the turn markers)."""
+    if isinstance(content, str):
+        return content
+    counts = [0, 0] if counts is None else counts
+    out = []
+    for c in content:
+        if _is_image(c):
+            counts[0] += 1
+            out.append((f"Picture {counts[0]}: " if add_vision_id else "") + IMAGE_PLACEHOLDER)
+        elif _is_video(c):
+            counts[1] += 1
+            out.append((f"Video {counts[1]}: " if add_vision_id else "") + VIDEO_PLACEHOLDER)
+        elif "text" in c:
+            out.append(str(c["text"]))
+    return "".join(out)
+
+
+def render_chat(messages: Sequence[dict], *, add_generation_prompt: bool = False, add_vision_id: bool = False) -> str:
+    """Python rendering of :data:`QWEN2VL_CHAT_TEMPLATE` (same string as transformers gives)."""
+    out, counts = [], [0, 0]
+    for i, m in enumerate(messages):
+        if i == 0 and m["role"] != "system":
+            out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
+        out.append(f"<|im_start|>{m['role']}\n{render_content(m['content'], add_vision_id, counts)}<|im_end|>\n")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+def _user_content(n_images: int, txt: str, suffix: str) -> list[dict]:
+    content: list[dict] = [{"type": "image"} for _ in range(n_images)]
+    if txt:
+        content.append({"type": "text", "text": txt, "truncatable": True})
+    if suffix:
+        content.append({"type": "text", "text": suffix})
+    return content
+
+
+def _check(text: str, n_images: int) -> None:
+    if n_images < 0:
+        raise ValueError(f"n_images must be >= 0, got {n_images}")
+    if not text and not n_images:
+        raise ValueError("a prompt needs text, an instruction or an image")
+
+
+def lamra_prompt(
+    text: str | None = None, n_images: int = 0, instruction: str | None = None, *, with_assistant: bool = True
+) -> Prompt:
+    """LamRA EOL prompt: user turn by modality (text / image / image+text template), assistant ``<emb>.``.
+
+    Queries pass their instruction (image-only queries then use the image+text template with the
+    instruction as text); candidates pass none. ``with_assistant=False`` leaves the assistant turn out.
+    """
+    txt = prompt_text(text, instruction)
+    _check(txt, n_images)
+    if n_images:
+        suffix = LAMRA_IMAGE_TEXT_SUFFIX if txt else LAMRA_IMAGE_SUFFIX
+    else:
+        suffix = LAMRA_TEXT_SUFFIX
+    msgs = [{"role": "user", "content": _user_content(n_images, txt, suffix)}]
+    if with_assistant:
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": LAMRA_ASSISTANT}]})
+    return Prompt(tuple(msgs))
+
+
+def elva_prompt(
+    text: str | None = None,
+    n_images: int = 0,
+    instruction: str | None = None,
+    *,
+    summary: str | None = None,
+    generation: bool = False,
+) -> Prompt:
+    """ELVA generative prompt: user turn ``{image}{TXT}`` + :data:`ELVA_SUFFIX`.
+
+    ``generation=True``: no assistant turn, an open ``<|im_start|>assistant\\n`` (the model writes the
+    summary and ``[RET]``). Otherwise the teacher-forced assistant turn ``f"{summary} [RET]"``
+    (just ``[RET]`` when ``summary`` is empty or None).
+    """
+    txt = prompt_text(text, instruction)
+    _check(txt, n_images)
+    msgs = [{"role": "user", "content": _user_content(n_images, txt, ELVA_SUFFIX)}]
+    if generation:
+        if summary:
+            raise ValueError("generation=True takes no summary (the model writes it)")
+        return Prompt(tuple(msgs), add_generation_prompt=True)
+    answer = f"{summary} {RET_TOKEN}" if summary else RET_TOKEN
+    msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return Prompt(tuple(msgs))
+
+
+def raw_prompt(text: str | None = None, n_images: int = 0) -> Prompt:
+    """No template: the images' placeholders then ``text`` verbatim, without a chat wrapper."""
+    text = text or ""
+    _check(text, n_images)
+    return Prompt(({"role": "user", "content": _user_content(n_images, text, "")},), chat=False)

@@ -1,0 +1,183 @@
+"""Prompts: LamRA / ELVA templates against hand-written strings and transformers' chat-template rendering."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+
+from elva_jax.data import prompts as P
+from elva_jax.data.tokenize import default_tokenizer_dir
+
+SYS = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+ELVA = (
+    "\nAnalyze and summarize the key information of the above input. "
+    "Finally, append the special token [RET] to represent the entire input."
+)
+
+# (prompt, hand-written rendering)
+CASES = {
+    "lamra_text_query": (
+        P.lamra_prompt("a dog running on grass", instruction="Find a caption for this description:"),
+        SYS + "<|im_start|>user\nFind a caption for this description: a dog running on grass."
+        "\nSummarize above sentence in one word: <|im_end|>\n<|im_start|>assistant\n<emb>.<|im_end|>\n",
+    ),
+    "lamra_text_cand": (
+        P.lamra_prompt('  "the cat sat?"\r '),
+        SYS + "<|im_start|>user\nThe cat sat?\nSummarize above sentence in one word: <|im_end|>\n"
+        "<|im_start|>assistant\n<emb>.<|im_end|>\n",
+    ),
+    "lamra_image_cand": (
+        P.lamra_prompt(None, 1),
+        SYS + "<|im_start|>user\n" + IMG + "\nSummarize above image in one word: <|im_end|>\n"
+        "<|im_start|>assistant\n<emb>.<|im_end|>\n",
+    ),
+    "lamra_image_text_cand": (
+        P.lamra_prompt("a red circle", 1),
+        SYS + "<|im_start|>user\n" + IMG + "A red circle.\nSummarize above image and sentence in one word: <|im_end|>\n"
+        "<|im_start|>assistant\n<emb>.<|im_end|>\n",
+    ),
+    "lamra_image_only_query": (  # the instruction becomes the text of the image+text template
+        P.lamra_prompt(None, 1, "find a similar everyday image"),
+        SYS + "<|im_start|>user\n" + IMG + "Find a similar everyday image.\n"
+        "Summarize above image and sentence in one word: <|im_end|>\n<|im_start|>assistant\n<emb>.<|im_end|>\n",
+    ),
+    "lamra_no_assistant": (
+        P.lamra_prompt("x", with_assistant=False),
+        SYS + "<|im_start|>user\nX.\nSummarize above sentence in one word: <|im_end|>\n",
+    ),
+    "elva_generation": (
+        P.elva_prompt("make it blue", 1, "Edit the image:", generation=True),
+        SYS + "<|im_start|>user\n" + IMG + "Edit the image: make it blue." + ELVA + "<|im_end|>\n"
+        "<|im_start|>assistant\n",
+    ),
+    "elva_teacher_forced": (
+        P.elva_prompt("a small red circle", summary="A small red circle at the top left."),
+        SYS + "<|im_start|>user\nA small red circle." + ELVA + "<|im_end|>\n"
+        "<|im_start|>assistant\nA small red circle at the top left. [RET]<|im_end|>\n",
+    ),
+    "elva_image_cand_no_summary": (
+        P.elva_prompt(None, 1),
+        SYS + "<|im_start|>user\n" + IMG + ELVA + "<|im_end|>\n<|im_start|>assistant\n[RET]<|im_end|>\n",
+    ),
+    "raw": (P.raw_prompt(" as is ", 2), IMG + IMG + " as is "),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rendered_equals_hand_written(name):
+    prompt, want = CASES[name]
+    assert prompt.rendered == want
+
+
+def test_constants():
+    assert P.ELVA_SUFFIX == ELVA
+    assert P.LAMRA_IMAGE_TEXT_SUFFIX.endswith("word: ")  # the trailing space
+
+
+def test_truncatable_item_is_the_user_text_only():
+    prompt = P.lamra_prompt("hello", 1, "Find it:")
+    items = prompt.messages[0]["content"]
+    assert items[0] == {"type": "image"}
+    assert items[1] == {"type": "text", "text": "Find it: hello.", "truncatable": True}
+    assert items[2] == {"type": "text", "text": P.LAMRA_IMAGE_TEXT_SUFFIX}
+    assert prompt.n_images == 1
+    assert not any(c.get("truncatable") for m in prompt.messages[1:] for c in m["content"])
+
+
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("hello world", "Hello world."),
+        ('  "quoted text"  ', "Quoted text."),
+        ("line\r\nbreak\r", "Line\nbreak."),
+        ("already done!", "Already done!"),
+        ("a question?", "A question?"),
+        ("ends.", "Ends."),
+        ("", ""),
+        (None, ""),
+        ('"', ""),
+        ("1 apple", "1 apple."),
+    ],
+)
+def test_format_string(raw, want):
+    assert P.format_string(raw) == want
+
+
+def test_prompt_text():
+    assert P.prompt_text("a dog", "Find the image.") == "Find the image. a dog."
+    assert P.prompt_text(None, "find it") == "Find it."
+    assert P.prompt_text("a dog") == "A dog."
+    assert P.prompt_text(None) == ""
+
+
+def test_empty_prompt_raises():
+    with pytest.raises(ValueError):
+        P.lamra_prompt(None, 0)
+    with pytest.raises(ValueError):
+        P.elva_prompt("x", generation=True, summary="s")
+
+
+def test_choose_instruction_deterministic():
+    ins = ("A", "B", "C", "D")
+    # seed None: crc32(qid) % n, the pipeline's rule; pinned values guard against hash changes
+    for q in ("9:1", "9:2", "0:12345"):
+        assert P.choose_instruction(ins, q) == ins[zlib.crc32(q.encode()) % 4]
+    assert [P.choose_instruction(ins, q) for q in ("9:1", "9:2", "0:12345")] == ["C", "A", "C"]
+    assert [P.choose_instruction(ins, q, seed=0) for q in ("9:1", "9:2", "0:12345")] == ["D", "D", "C"]
+    assert [P.choose_instruction(ins, q, seed=1) for q in ("9:1", "9:2", "0:12345")] == ["C", "D", "B"]
+    # repeatable, every prompt reachable, seeds give different assignments
+    qids = [f"9:{i}" for i in range(400)]
+    a = [P.choose_instruction(ins, q, seed=7) for q in qids]
+    assert a == [P.choose_instruction(ins, q, seed=7) for q in qids]
+    assert set(a) == set(ins)
+    assert a != [P.choose_instruction(ins, q, seed=8) for q in qids]
+    assert {P.choose_instruction(ins, q, fixed_index=2) for q in qids} == {"C"}
+    with pytest.raises(IndexError):
+        P.choose_instruction(ins, "9:1", fixed_index=4)
+    with pytest.raises(ValueError):
+        P.choose_instruction((), "9:1")
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(default_tokenizer_dir()), local_files_only=True)
+
+
+@pytest.mark.parametrize("name", sorted(k for k in CASES if k != "raw"))
+def test_render_equals_transformers_apply_chat_template(hf_tokenizer, name):
+    prompt, _ = CASES[name]
+    for vision_id in (False, True):
+        want = hf_tokenizer.apply_chat_template(
+            [dict(m) for m in prompt.messages],
+            chat_template=P.QWEN2VL_CHAT_TEMPLATE,
+            tokenize=False,
+            add_generation_prompt=prompt.add_generation_prompt,
+            add_vision_id=vision_id,
+        )
+        got = P.render_chat(
+            prompt.messages, add_generation_prompt=prompt.add_generation_prompt, add_vision_id=vision_id
+        )
+        assert got == want
+
+
+def test_render_other_message_shapes(hf_tokenizer):
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}, {"type": "image"}]},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "c"}]},
+    ]
+    for gen in (False, True):
+        for vision_id in (False, True):
+            want = hf_tokenizer.apply_chat_template(
+                msgs,
+                chat_template=P.QWEN2VL_CHAT_TEMPLATE,
+                tokenize=False,
+                add_generation_prompt=gen,
+                add_vision_id=vision_id,
+            )
+            assert P.render_chat(msgs, add_generation_prompt=gen, add_vision_id=vision_id) == want
+    assert P.render_chat(msgs).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
