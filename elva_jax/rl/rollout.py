@@ -1,0 +1,174 @@
+"""Rollouts of the ELVA stage: teacher-forced re-forward, rewards and the GRPO update.
+
+Layout. An RL batch holds I instances (query + C candidates: positive first), each with G rollouts.
+Every rollout has one sampled summary per sequence: S = 1 + C sequences (the query, then the
+candidates), so N = I * G * S rows, ordered [instance, rollout, sequence]. Each row is its left-padded
+prompt (length P) followed by T generated slots (summary tokens, [RET], then padding).
+
+One forward over prompt + summary + [RET] gives both the per-token log-probs of the summary tokens
+(log_softmax(logits / temperature), the sampler's distribution) and the [RET] embedding. The reference
+policy is the same base params with `lora=None`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from elva_jax.model import qwen2vl
+from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+from elva_jax.model.embedding import l2_normalize
+from elva_jax.rl import grpo
+from elva_jax.rl.rewards import RewardConfig, reward_from_config, soft_ranking_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Stage-3 hyperparameters (paper values where stated; named defaults where not)."""
+
+    group_size: int = 8  # G (paper)
+    num_hard_negatives: int = 50  # paper: 50 hard + 50 random
+    num_random_negatives: int = 50
+    false_negative_threshold: float = 0.95  # drop candidates more similar than this (paper: a threshold, unstated)
+    beta: float = 0.2  # KL weight (paper)
+    eps_low: float = 0.2  # clip range (not stated in the paper)
+    eps_high: float = 0.2
+    kl_estimator: str = "k3"  # not stated: k3 (never negative, unbiased)
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo (TRL's names)
+    adv_ddof: int = 0  # std over the G rewards with this ddof
+    adv_eps: float = 1e-4
+    adv_scale: str = "group"
+    mu: int = 1  # policy updates per batch of rollouts (old log-probs stored when > 1)
+    temperature: float = 1.0  # sampling temperature (not stated)
+    top_p: float = 1.0
+    top_k: int = 0
+    max_summary_tokens: int = 32  # not stated
+    candidate_sampling: str = "per_rollout"  # per_rollout (paper) | shared (cheaper, see README)
+    aux_soft_rank_weight: float = 0.0  # optional differentiable ranking loss through the embeddings
+    logp_chunk: int = 16  # rows per chunk when computing log-probs over the vocabulary
+
+
+def token_logps(
+    params,
+    hidden_pred: jnp.ndarray,
+    targets: jnp.ndarray,
+    cfg: Qwen2VLConfig,
+    opts: ModelOptions,
+    temperature: float,
+    chunk: int,
+) -> jnp.ndarray:
+    """log_softmax(lm_head(h) / T)[target] for h [N, T, D] predicting targets [N, T]; rows in chunks."""
+    N = hidden_pred.shape[0]
+    chunk = max(1, min(chunk, N))
+    pad = (-N) % chunk
+    h = jnp.pad(hidden_pred, ((0, pad), (0, 0), (0, 0)))
+    t = jnp.pad(targets, ((0, pad), (0, 0)))
+
+    def one(xs):
+        hc, tc = xs
+        logits = qwen2vl.lm_head(params, hc, cfg, opts) / temperature
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse
+
+    out = jax.lax.map(one, (h.reshape(-1, chunk, *h.shape[1:]), t.reshape(-1, chunk, t.shape[1])))
+    return out.reshape(-1, targets.shape[1])[:N]
+
+
+def teacher_forced(
+    params,
+    lora,
+    lora_scale,
+    inputs: dict,
+    gen_tokens,
+    gen_lengths,
+    prompt_len: int,
+    cfg: Qwen2VLConfig,
+    opts: ModelOptions,
+    rcfg: RLConfig,
+):
+    """(per-token log-probs [N, T] of the generated tokens, [RET] embeddings [N, D] L2-normalised).
+
+    inputs: model inputs over prompt + generated slots [N, P + T]; gen_tokens [N, T]; gen_lengths [N]
+    (tokens up to and including [RET]).
+    """
+    h = qwen2vl.forward(params, inputs, cfg, opts, lora=lora, lora_scale=lora_scale).hidden
+    T = gen_tokens.shape[1]
+    pred = jax.lax.dynamic_slice_in_dim(h, prompt_len - 1, T, axis=1)  # h[t] predicts token t+1
+    logps = token_logps(params, pred, gen_tokens, cfg, opts, rcfg.temperature, rcfg.logp_chunk)
+    ret_pos = prompt_len + gen_lengths - 1
+    emb = l2_normalize(jnp.take_along_axis(h, ret_pos[:, None, None], axis=1)[:, 0])
+    return logps, emb
+
+
+def rollout_similarities(emb: jnp.ndarray, I: int, G: int, S: int) -> jnp.ndarray:
+    """[N, D] embeddings ordered [instance, rollout, sequence] -> sims [I, G, C] = cos(query, candidate)."""
+    e = emb.reshape(I, G, S, -1)
+    return jnp.einsum("igd,igcd->igc", e[:, :, 0], e[:, :, 1:])
+
+
+def rewards_and_advantages(sims, valid, rcfg: RLConfig, reward_cfg: RewardConfig):
+    """Rewards [I, G] (+ parts) and group-relative advantages [I, G] with the zero-variance mask [I]."""
+    total, parts = reward_from_config(sims, reward_cfg, valid)
+    adv, zero_var = grpo.group_advantages(total, ddof=rcfg.adv_ddof, eps=rcfg.adv_eps, scale=rcfg.adv_scale)
+    return total, parts, adv, zero_var
+
+
+def rl_loss(
+    lora,
+    params,
+    batch: dict,
+    *,
+    cfg,
+    opts,
+    rcfg: RLConfig,
+    reward_cfg: RewardConfig,
+    lora_scale: float,
+    shape: tuple[int, int, int],
+    prompt_len: int,
+):
+    """(sum, denominator) form of the GRPO loss (+ optional auxiliary soft-ranking loss) and metrics.
+
+    batch: inputs, gen_tokens, gen_lengths, mask [N, T] (sampled tokens), old_logp, ref_logp [N, T],
+    adv [N] (the rollout's advantage for every one of its sequences), valid [I, C].
+    """
+    I, G, S = shape
+    logp, emb = teacher_forced(
+        params,
+        lora,
+        lora_scale,
+        batch["inputs"],
+        batch["gen_tokens"],
+        batch["gen_lengths"],
+        prompt_len,
+        cfg,
+        opts,
+        rcfg,
+    )
+    per_tok, stats = grpo.grpo_token_loss(
+        logp,
+        batch["old_logp"],
+        batch["ref_logp"],
+        batch["adv"],
+        batch["mask"],
+        eps_low=rcfg.eps_low,
+        eps_high=rcfg.eps_high,
+        beta=rcfg.beta,
+        kl_estimator=rcfg.kl_estimator,
+    )
+    loss_sum, denom = grpo.aggregate(
+        per_tok, batch["mask"], rcfg.loss_type, max_completion_length=batch["mask"].shape[1]
+    )
+    loss = loss_sum / jnp.maximum(denom, 1e-9)
+    metrics = {"grpo_loss": loss, **{k: v for k, v in stats.items()}}
+    if rcfg.aux_soft_rank_weight:
+        sims = rollout_similarities(emb, I, G, S)
+        aux = soft_ranking_loss(sims, reward_cfg, batch["valid"][:, None, :].repeat(G, axis=1))
+        loss = loss + rcfg.aux_soft_rank_weight * aux
+        metrics["aux_soft_rank_loss"] = aux
+    metrics["loss"] = loss
+    metrics["logp_diff_vs_sampler"] = jnp.sum(jnp.abs(logp - batch["sampler_logp"]) * batch["mask"]) / jnp.maximum(
+        jnp.sum(batch["mask"]), 1
+    )
+    return loss, metrics

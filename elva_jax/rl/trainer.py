@@ -1,0 +1,268 @@
+"""One ELVA RL step on the host: rollouts -> re-forward -> rewards -> GRPO update(s), timed by phase.
+
+Instances are records {"id", "query": side, "cands": [positive, *negatives]} (sides as in
+`elva_jax.data.pipeline`). For each instance the S = 1 + C distinct prompts (query, candidates; ELVA
+generative template with an open assistant turn) are prefilled once and sampled G times
+(`candidate_sampling="per_rollout"`, the paper). With `"shared"`, candidate summaries are sampled once
+and reused by all G rollouts: only the query summary varies, candidate sequences then carry the mean
+of their group's advantages (zero by construction), so they only feel the KL term.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from elva_jax.data.image_processing import load_image, preprocess_image
+from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+from elva_jax.model.inputs import build_inputs
+from elva_jax.rl.rewards import RewardConfig
+from elva_jax.rl.rollout import RLConfig, rewards_and_advantages, rl_loss, rollout_similarities, teacher_forced
+from elva_jax.rl.sampler import SamplerConfig, generate
+
+
+@dataclasses.dataclass
+class RLState:
+    step: int
+    params: dict  # frozen base (also the reference policy)
+    lora: dict
+    opt_state: Any
+    key: jax.Array
+
+
+def encode_prompts(sides, encoder, *, min_pixels, max_pixels, buckets: tuple[int, ...], pad_id: int):
+    """Left-padded generation prompts, padded to the smallest length bucket that fits (static shapes).
+
+    Returns (ids [n, P], attention mask [n, P], per-row pixel arrays or None, per-row grids or None).
+    """
+    rows, pvs, grids = [], [], []
+    for side in sides:
+        pv = g = None
+        if side.get("image"):
+            pv, g = preprocess_image(load_image(side["image"]), min_pixels=min_pixels, max_pixels=max_pixels)
+            g = np.asarray(g)[None]
+        row, _ = encoder.encode(side, pv, g, max(buckets))
+        rows.append(row["input_ids"])
+        pvs.append(pv)
+        grids.append(g)
+    longest = max(len(r) for r in rows)
+    P = min(b for b in buckets if b >= longest)
+    ids = np.full((len(rows), P), pad_id, np.int32)
+    am = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r) :], am[i, P - len(r) :] = r, 1
+    return ids, am, pvs, grids
+
+
+def _inputs(cfg, opts, ids, am, pvs, grids, row_len: int):
+    """Model inputs; images packed one row per sequence into [n, row_len] patch slots (static shapes)."""
+    with_img = [i for i, p in enumerate(pvs) if p is not None]
+    if with_img:
+        pv = np.concatenate([pvs[i] for i in with_img])
+        g = np.concatenate([grids[i] for i in with_img])
+        return build_inputs(cfg, opts, ids, am, pv, g, rows=len(ids), row_len=row_len)
+    return build_inputs(cfg, opts, ids, am)
+
+
+class RLTrainer:
+    """Holds the jitted pieces for fixed shapes; `step(state, instances)` runs one RL step."""
+
+    def __init__(
+        self,
+        cfg: Qwen2VLConfig,
+        opts: ModelOptions,
+        rcfg: RLConfig,
+        reward_cfg: RewardConfig,
+        tx: optax.GradientTransformation,
+        encoder,
+        *,
+        lora_scale: float,
+        ret_id: int,
+        eos_id: int,
+        pad_id: int,
+        prompt_buckets: tuple[int, ...] = (128, 256, 512),
+        patch_row_len: int = 1200,
+        min_pixels: int = 3136,
+        max_pixels: int = 235200,
+    ):
+        self.cfg, self.opts, self.rcfg, self.reward_cfg, self.tx = cfg, opts, rcfg, reward_cfg, tx
+        self.encoder, self.lora_scale = encoder, lora_scale
+        self.ret_id, self.eos_id, self.pad_id = ret_id, eos_id, pad_id
+        self.buckets, self.row_len = tuple(sorted(prompt_buckets)), patch_row_len
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.scfg = SamplerConfig(
+            max_new_tokens=rcfg.max_summary_tokens, temperature=rcfg.temperature, top_k=rcfg.top_k, top_p=rcfg.top_p
+        )
+        self._gen = jax.jit(
+            lambda p, lo, x, k, g: generate(
+                p,
+                x,
+                k,
+                cfg,
+                opts,
+                self.scfg,
+                num_samples=g,
+                stop_ids=(ret_id, eos_id),
+                ret_id=ret_id,
+                pad_id=pad_id,
+                lora=lo,
+                lora_scale=lora_scale,
+            ),
+            static_argnums=(4,),
+        )
+        self._tf = jax.jit(
+            lambda p, lo, x, t, n, P: teacher_forced(p, lo, lora_scale, x, t, n, P, cfg, opts, rcfg),
+            static_argnums=(5,),
+        )
+
+        def update(lora, opt_state, params, batch, shape, P):
+            (loss, m), g = jax.value_and_grad(rl_loss, has_aux=True)(
+                lora,
+                params,
+                batch,
+                cfg=cfg,
+                opts=opts,
+                rcfg=rcfg,
+                reward_cfg=reward_cfg,
+                lora_scale=lora_scale,
+                shape=shape,
+                prompt_len=P,
+            )
+            upd, opt_state = tx.update(g, opt_state, lora)
+            return optax.apply_updates(lora, upd), opt_state, {**m, "grad_norm": optax.tree.norm(g)}
+
+        self._update = jax.jit(update, static_argnums=(4, 5), donate_argnums=(0, 1))
+
+    def rollouts(self, state: RLState, instances: list[dict]):
+        """Sample every sequence of every rollout; returns host arrays ordered [instance, rollout, seq]."""
+        rc = self.rcfg
+        I, C, G = len(instances), len(instances[0]["cands"]), rc.group_size
+        S = 1 + C
+        sides = [s for inst in instances for s in [inst["query"], *inst["cands"]]]  # [I*S]
+        ids, am, pvs, grids = encode_prompts(
+            sides,
+            self.encoder,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            buckets=self.buckets,
+            pad_id=self.pad_id,
+        )
+        key, k1, k2 = jax.random.split(state.key, 3)
+        state.key = key
+        if rc.candidate_sampling == "per_rollout":
+            out = self._gen(
+                state.params, state.lora, _inputs(self.cfg, self.opts, ids, am, pvs, grids, self.row_len), k1, G
+            )
+            # prompt-major [I, S, G] -> [I, G, S]
+            order = np.arange(I * S * G).reshape(I, S, G).transpose(0, 2, 1).reshape(-1)
+        elif rc.candidate_sampling == "shared":
+            qi = np.arange(I) * S
+            q_out = self._gen(
+                state.params,
+                state.lora,
+                _inputs(
+                    self.cfg, self.opts, ids[qi], am[qi], [pvs[i] for i in qi], [grids[i] for i in qi], self.row_len
+                ),
+                k1,
+                G,
+            )
+            ci = np.array([i * S + 1 + c for i in range(I) for c in range(C)])
+            c_out = self._gen(
+                state.params,
+                state.lora,
+                _inputs(
+                    self.cfg, self.opts, ids[ci], am[ci], [pvs[i] for i in ci], [grids[i] for i in ci], self.row_len
+                ),
+                k2,
+                1,
+            )
+            qa = jax.tree.map(lambda x: np.asarray(x).reshape(I, G, 1, *x.shape[1:]), q_out)
+            ca = jax.tree.map(
+                lambda x: np.broadcast_to(np.asarray(x).reshape(I, 1, C, *x.shape[1:]), (I, G, C, *x.shape[1:])), c_out
+            )
+            out = jax.tree.map(lambda a, b: np.concatenate([a, b], 2).reshape(I * G * S, *a.shape[3:]), qa, ca)
+            order = np.arange(I * G * S)
+        else:
+            raise ValueError(f"candidate_sampling must be per_rollout or shared, got {rc.candidate_sampling!r}")
+        out = jax.tree.map(lambda x: np.asarray(x)[order], out)
+        # prompt row of every sample, in [I, G, S] order
+        prow = (np.arange(I)[:, None, None] * S + np.arange(S)[None, None, :]).repeat(G, 1).reshape(-1)
+        return out, ids[prow], am[prow], [pvs[r] for r in prow], [grids[r] for r in prow], (I, G, S)
+
+    def step(self, state: RLState, instances: list[dict], valid: np.ndarray | None = None) -> tuple[RLState, dict]:
+        rc = self.rcfg
+        t0 = time.perf_counter()
+        out, ids, am, pvs, grids, shape = self.rollouts(state, instances)
+        I, G, S = shape
+        t_rollout = time.perf_counter() - t0
+        # teacher-forced inputs: prompt + generated slots (pads after [RET] masked out)
+        T = out.tokens.shape[1]
+        P = ids.shape[1]
+        gen_am = (np.arange(T)[None] < out.lengths[:, None]).astype(np.int32)
+        full_ids = np.concatenate([ids, np.where(gen_am > 0, out.tokens, self.pad_id)], 1)
+        full_am = np.concatenate([am, gen_am], 1)
+        inputs = _inputs(self.cfg, self.opts, full_ids, full_am, pvs, grids, self.row_len)
+        t1 = time.perf_counter()
+        old_logp, emb = self._tf(state.params, state.lora, inputs, out.tokens, out.lengths, P)
+        ref_logp = (
+            self._tf(state.params, None, inputs, out.tokens, out.lengths, P)[0] if rc.beta else jnp.zeros_like(old_logp)
+        )
+        jax.block_until_ready((old_logp, ref_logp))
+        t_reforward = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        valid = np.ones((I, S - 1), bool) if valid is None else valid
+        sims = rollout_similarities(emb, I, G, S)
+        total, parts, adv, zero_var = rewards_and_advantages(sims, jnp.asarray(valid)[:, None, :], rc, self.reward_cfg)
+        adv_rows = jnp.repeat(adv.reshape(-1), S)  # every sequence of rollout (i, g)
+        if rc.candidate_sampling == "shared":  # shared candidate summaries: mean advantage of the group
+            a = adv_rows.reshape(I, G, S)
+            a = a.at[:, :, 1:].set(jnp.mean(a[:, :, 1:], axis=1, keepdims=True))
+            adv_rows = a.reshape(-1)
+        jax.block_until_ready(adv_rows)
+        t_reward = time.perf_counter() - t2
+        mask = jnp.asarray(out.mask)
+        batch = {
+            "inputs": inputs,
+            "gen_tokens": jnp.asarray(out.tokens),
+            "gen_lengths": jnp.asarray(out.lengths),
+            "mask": mask,
+            "old_logp": old_logp,
+            "ref_logp": ref_logp,
+            "adv": adv_rows,
+            "valid": jnp.asarray(valid),
+            "sampler_logp": jnp.asarray(out.logps),
+        }
+        t3 = time.perf_counter()
+        m = {}
+        for _ in range(rc.mu):
+            state.lora, state.opt_state, m = self._update(state.lora, state.opt_state, state.params, batch, shape, P)
+        jax.block_until_ready(state.lora)
+        t_update = time.perf_counter() - t3
+        state.step += 1
+        lens = np.asarray(out.lengths)
+        metrics = {
+            "reward": float(jnp.mean(total)),
+            "reward_std": float(jnp.std(total)),
+            "reward_margin": float(jnp.mean(parts["margin"])),
+            "reward_margin_std": float(jnp.std(parts["margin"])),
+            "reward_ranking": float(jnp.mean(parts["ranking"])),
+            "reward_ranking_std": float(jnp.std(parts["ranking"])),
+            "zero_variance_groups": float(jnp.mean(zero_var)),
+            "summary_len": float(lens.mean()),
+            "summary_len_max": int(lens.max()),
+            "forced_ret": float(np.mean(out.forced_ret)),
+            "sampler_vs_trainer_logp": float(jnp.sum(jnp.abs(old_logp - out.logps) * mask) / max(1, int(mask.sum()))),
+            "time_rollout_s": t_rollout,
+            "time_reforward_s": t_reforward,
+            "time_reward_s": t_reward,
+            "time_update_s": t_update,
+            "tokens_sampled": int(np.asarray(out.mask).sum()),
+            **{k: float(v) for k, v in m.items()},
+        }
+        return state, metrics

@@ -1,0 +1,58 @@
+"""A tiny RL setup on the bundled data: model, tokenizer, trainer and instances."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import optax
+
+from elva_jax.data import mbeir
+from elva_jax.data.multigrain import generate as generate_data
+from elva_jax.data.pipeline import contrastive_records
+from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+from elva_jax.model.config import ModelOptions
+from elva_jax.model.params import init_params
+from elva_jax.model.tiny import preset_config
+from elva_jax.rl.rewards import RewardConfig
+from elva_jax.rl.rollout import RLConfig
+from elva_jax.rl.trainer import RLState, RLTrainer
+from elva_jax.train.lora import LoraConfig, init_lora
+
+
+def instances(root, n_neg=3):
+    if not os.path.exists(os.path.join(root, "meta", "summary.json")):
+        generate_data(root, seed=0)
+    qs = mbeir.read_queries(os.path.join(root, "query/train/mbeir_multigrain_union_train.jsonl"))
+    pool = mbeir.read_pool(os.path.join(root, "cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl"))
+    return contrastive_records(qs, pool, root, num_negatives=n_neg)
+
+
+def make_trainer(rcfg: RLConfig | None = None, *, cache_dtype=None, seed=0):
+    tok = Tokenizer.from_dir()
+    cfg = preset_config("tiny")
+    opts = ModelOptions()
+    params = init_params(cfg, jax.random.key(seed), std=0.05)
+    lcfg = LoraConfig(rank=4, alpha=8)
+    lora = jax.tree.map(lambda x: x + 0.01, init_lora(cfg, lcfg, jax.random.key(seed + 1)))
+    tx = optax.adamw(1e-3)
+    rcfg = rcfg or RLConfig(group_size=4, max_summary_tokens=6)
+    tr = RLTrainer(
+        cfg,
+        opts,
+        rcfg,
+        RewardConfig(),
+        tx,
+        PromptEncoder(tok, "ret", generation=True),
+        lora_scale=lcfg.scale,
+        ret_id=tok.ret_token_id,
+        eos_id=151645,
+        pad_id=tok.pad_token_id,
+        prompt_buckets=(256, 384),
+        patch_row_len=64,
+    )
+    if cache_dtype:
+        import dataclasses
+
+        tr.scfg = dataclasses.replace(tr.scfg, cache_dtype=cache_dtype)
+    return tr, RLState(0, params, lora, tx.init(lora), jax.random.key(seed + 2))

@@ -1,0 +1,97 @@
+"""Subprocess with 8 fake CPU devices: the RL loss and LoRA gradients on a (2,2,2) mesh vs one device."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np  # noqa: E402
+from helpers.contrastive import tiny_cfg, tiny_params  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+from elva_jax.model.config import ModelOptions  # noqa: E402
+from elva_jax.model.inputs import build_inputs  # noqa: E402
+from elva_jax.model.params import logical_axes  # noqa: E402
+from elva_jax.parallel.sharding import logical_spec, make_mesh, tree_shardings  # noqa: E402
+from elva_jax.rl.rewards import RewardConfig  # noqa: E402
+from elva_jax.rl.rollout import RLConfig, rl_loss  # noqa: E402
+from elva_jax.train.lora import LoraConfig, init_lora, lora_axes  # noqa: E402
+from elva_jax.train.step import INPUT_AXES  # noqa: E402
+
+I, G, S, P, T = 2, 4, 2, 10, 5
+N = I * G * S
+
+
+def make_batch(cfg, opts):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, T + 1, N)
+    gen = rng.integers(1, 400, (N, T)).astype(np.int32)
+    gen[np.arange(N), lengths - 1] = 501  # [RET]
+    mask = np.arange(T)[None] < lengths[:, None]
+    ids = np.concatenate([rng.integers(1, 400, (N, P)), np.where(mask, gen, 0)], 1).astype(np.int32)
+    am = np.concatenate([np.ones((N, P)), mask], 1).astype(np.int32)
+    return {
+        "inputs": build_inputs(cfg, opts, ids, am),
+        "gen_tokens": gen,
+        "gen_lengths": lengths.astype(np.int32),
+        "mask": mask,
+        "old_logp": rng.normal(-5, 0.3, (N, T)).astype(np.float32),
+        "ref_logp": rng.normal(-5, 0.3, (N, T)).astype(np.float32),
+        "adv": rng.normal(0, 1, N).astype(np.float32),
+        "valid": np.ones((I, S - 1), bool),
+        "sampler_logp": np.zeros((N, T), np.float32),
+    }
+
+
+def shardings(batch, mesh):
+    row = NamedSharding(mesh, logical_spec(("batch", None)))
+    out = {
+        k: (row if np.ndim(v) == 2 and k != "valid" else NamedSharding(mesh, logical_spec(("batch",))))
+        for k, v in batch.items()
+        if k not in ("inputs", "valid")
+    }
+    out["valid"] = NamedSharding(mesh, logical_spec((None, None)))
+    out["inputs"] = {k: NamedSharding(mesh, logical_spec(INPUT_AXES[k])) for k in batch["inputs"]}
+    return out
+
+
+def run(mesh_shape, devices):
+    cfg, opts = tiny_cfg(), ModelOptions(matmul_precision="highest")
+    rcfg = RLConfig(group_size=G, beta=0.2, aux_soft_rank_weight=0.5, loss_type="grpo")
+    lcfg = LoraConfig(rank=4, alpha=8)
+    mesh = make_mesh(*mesh_shape, devices=devices)
+    params = jax.device_put(tiny_params(cfg), tree_shardings(logical_axes(cfg), tiny_params(cfg), mesh))
+    lora = jax.tree.map(lambda x: x + 0.05, init_lora(cfg, lcfg, jax.random.key(1)))
+    lora = jax.device_put(lora, tree_shardings(lora_axes(cfg, lcfg), lora, mesh))
+    batch = make_batch(cfg, opts)
+    batch = jax.device_put(batch, shardings(batch, mesh))
+    fn = jax.jit(
+        jax.value_and_grad(
+            lambda lo, p, b: rl_loss(
+                lo,
+                p,
+                b,
+                cfg=cfg,
+                opts=opts,
+                rcfg=rcfg,
+                reward_cfg=RewardConfig(),
+                lora_scale=lcfg.scale,
+                shape=(I, G, S),
+                prompt_len=P,
+            )[0]
+        )
+    )
+    loss, g = fn(lora, params, batch)
+    return float(loss), [np.asarray(x) for x in jax.tree.leaves(g)]
+
+
+if __name__ == "__main__":
+    devs = jax.devices()
+    l1, g1 = run((1, 1, 1), devs[:1])
+    l8, g8 = run((2, 2, 2), devs)
+    scale = max(float(np.abs(a).max()) for a in g1)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(g1, g8))
+    print(json.dumps({"loss_1": l1, "loss_8": l8, "grad_scale": scale, "max_grad_diff": diff}))
