@@ -1,0 +1,45 @@
+"""Balanced negative mining against a brute-force oracle; the cache is reused."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from elva_jax.rl.negatives import mine, mine_cached
+
+
+def _data(seed=0, Q=6, C=300, D=16):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((Q, D))
+    c = rng.standard_normal((C, D))
+    c[:5] = q[0] + 0.05 * rng.standard_normal((5, D))  # near-duplicates of query 0: false negatives
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    pos = [{int(i)} for i in rng.integers(5, C, Q)]
+    return q.astype(np.float32), c.astype(np.float32), pos
+
+
+def test_hard_negatives_equal_brute_force():
+    q, c, pos = _data()
+    thr = 0.9
+    neg, stats = mine(q, c, pos, n_hard=10, n_random=7, threshold=thr, seed=1)
+    s = q @ c.T
+    for i in range(len(q)):
+        order = np.argsort(-s[i], kind="stable")
+        want = [j for j in order if j not in pos[i] and s[i, j] <= thr][:10]
+        assert neg[i][:10] == want
+        rand = neg[i][10:]
+        assert len(rand) == 7 and len(set(rand)) == 7
+        assert not set(rand) & (set(want) | pos[i]) and all(s[i, j] <= thr for j in rand)
+    assert stats["false_negatives_dropped"] >= 5  # the planted near-duplicates of query 0
+
+
+def test_cache_is_reused(tmp_path):
+    q, c, pos = _data(1)
+    ids_q = [f"q{i}" for i in range(len(q))]
+    ids_c = [f"c{i}" for i in range(len(c))]
+    kw = dict(n_hard=5, n_random=5, threshold=0.95, seed=0)
+    a, s1 = mine_cached(str(tmp_path / "neg.json"), ids_q, ids_c, q, c, pos, **kw)
+    b, s2 = mine_cached(str(tmp_path / "neg.json"), ids_q, ids_c, q, c, pos, **kw)
+    assert s1["cache"] == "miss" and s2["cache"] == "hit" and a == b
+    _, s3 = mine_cached(str(tmp_path / "neg.json"), ids_q, ids_c, q * 0.5, c, pos, **kw)
+    assert s3["cache"] == "miss"  # different embeddings: recomputed
