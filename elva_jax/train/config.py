@@ -71,8 +71,44 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLSection:
+    """Stage 3 (ELVA). Paper values: G 8, beta 0.2, LR 1e-6 (set in optim), 50 hard + 50 random negatives,
+    alpha 0.4, epsilon 0.6. Everything else is not stated in the paper: named defaults."""
+
+    group_size: int = 8
+    instances_per_step: int = 1
+    query_fraction: float = 0.01  # share of each training set used as RL instances (paper: ~1 %)
+    negatives: str = field(default="mined", metadata={"choices": ("mined", "dataset")})
+    num_hard_negatives: int = 50
+    num_random_negatives: int = 50
+    false_negative_threshold: float = 0.95
+    beta: float = 0.2
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_estimator: str = field(default="k3", metadata={"choices": ("k1", "k2", "k3")})
+    loss_type: str = field(default="grpo", metadata={"choices": ("grpo", "bnpo", "dr_grpo")})
+    adv_ddof: int = 0
+    adv_eps: float = 1e-4
+    mu: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_summary_tokens: int = 32
+    candidate_sampling: str = field(default="per_rollout", metadata={"choices": ("per_rollout", "shared")})
+    aux_soft_rank_weight: float = 0.0
+    alpha: float = 0.4  # margin reward weight
+    epsilon: float = 0.6  # ranking reward weight
+    gamma: float = 0.01
+    delta: float = 0.05
+    soft_temperature: float = 0.01
+    prompt_buckets: tuple[int, ...] = (256, 512, 1024)
+    steps: int = 0  # 0: one pass over the instances
+    lr: float = 1e-6  # paper
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainSection:
-    stage: str = field(default="contrastive", metadata={"choices": ("contrastive", "rl")})
+    stages: tuple[str, ...] = ("contrastive",)  # run in order: "contrastive", "rl"
     global_batch: int = 8
     micro_batches: int = 1  # gradient accumulation steps (exact, see elva_jax.train.step)
     epochs: float = 1.0
@@ -103,3 +139,9 @@ class RunConfig:
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
     run: RunSection = RunSection()
+    rl: RLSection = RLSection()
+
+    def __post_init__(self):
+        bad = [s for s in self.train.stages if s not in ("contrastive", "rl")]
+        if bad:
+            raise ValueError(f"train.stages: unknown stage(s) {bad}; choose from ['contrastive', 'rl']")

@@ -12,6 +12,7 @@ import os
 import time
 
 import jax
+import numpy as np
 import yaml
 
 from elva_jax import configlib
@@ -84,6 +85,39 @@ def build_records(cfg: RunConfig, root: str):
     return contrastive_records(queries, pool, root, instructions=instructions, num_negatives=d.hard_negatives)
 
 
+def build_rl_instances(cfg: RunConfig, root: str) -> list[dict]:
+    """RL instances (query + positive + hard + random negatives) from the training queries."""
+    from elva_jax.data import mbeir
+    from elva_jax.data.pipeline import contrastive_records
+    from elva_jax.rl.loop import add_random_negatives, select_instances
+
+    d, r = cfg.data, cfg.rl
+    if d.kind == "nli":
+        raise configlib.ConfigError("the RL stage needs M-BEIR-format data (data.kind mbeir or bundled)")
+    if r.negatives == "mined":
+        raise configlib.ConfigError(
+            "rl.negatives=mined needs pool embeddings from the current model (python -m elva_jax.eval "
+            "--cache-only ...); use rl.negatives=dataset for neg_cand_list negatives"
+        )
+    files = d.train_files or ((BUNDLED_TRAIN,) if d.kind == "bundled" else ())
+    pool_file = d.pool_file or (BUNDLED_POOL if d.kind == "bundled" else "")
+    queries = [q for f in files for q in mbeir.read_queries(os.path.join(root, f))]
+    pool = mbeir.read_pool(os.path.join(root, pool_file))
+    instr_path = os.path.join(root, d.instructions_file)
+    instructions = mbeir.read_instructions(instr_path) if os.path.exists(instr_path) else None
+    recs = contrastive_records(queries, pool, root, instructions=instructions, num_negatives=r.num_hard_negatives)
+    recs = select_instances(recs, r.query_fraction, cfg.train.seed)
+    pool_sides = [
+        {
+            "text": c.txt,
+            "image": str(mbeir.resolve_image_path(root, c.img_path)) if c.img_path else None,
+            "instruction": None,
+        }
+        for c in pool.values()
+    ]
+    return add_random_negatives(recs, pool_sides, r.num_random_negatives, cfg.train.seed)
+
+
 def _has_tokenizer(path: str) -> bool:
     from elva_jax.data.tokenize import has_tokenizer_files
 
@@ -94,7 +128,7 @@ def run(cfg: RunConfig) -> dict:
     from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
     from elva_jax.data.tokenize import PromptEncoder, Tokenizer
     from elva_jax.model.hf_checkpoint import resize_vocab, save_params
-    from elva_jax.train.loop import train
+    from elva_jax.train.loop import model_options, train
     from elva_jax.train.lora import LoraConfig, merge_lora
 
     maybe_init_distributed()
@@ -133,33 +167,58 @@ def run(cfg: RunConfig) -> dict:
         image_policy=ImagePolicy(d.image_policy, d.max_skip_fraction),
         position_mode=cfg.model.position_mode,
     )
-    steps_per_epoch = len(records) // t.global_batch
-    total = max(1, int(steps_per_epoch * t.epochs))
-    if t.max_steps:
-        total = min(total, t.max_steps)
-    it = make_pipeline(records, encoder, mcfg, pcfg)
-    print(
-        f"[elva_jax] {len(records)} training records, {total} steps of {t.global_batch} "
-        f"({t.micro_batches} micro-batches) on {jax.device_count()} device(s)",
-        flush=True,
-    )
-    summary = train(cfg, mcfg, params, it, total, emb_token_id=tokenizer.emb_token_id)
-    state = summary.pop("state")
+    summary: dict = {"records": len(records)}
+    lora_cfg = LoraConfig(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
+    if "contrastive" in t.stages:
+        steps_per_epoch = len(records) // t.global_batch
+        total = max(1, int(steps_per_epoch * t.epochs))
+        if t.max_steps:
+            total = min(total, t.max_steps)
+        it = make_pipeline(records, encoder, mcfg, pcfg)
+        print(
+            f"[elva_jax] contrastive: {len(records)} records, {total} steps of {t.global_batch} "
+            f"({t.micro_batches} micro-batches) on {jax.device_count()} device(s)",
+            flush=True,
+        )
+        cs = train(cfg, mcfg, params, it, total, emb_token_id=tokenizer.emb_token_id)
+        state = cs.pop("state")
+        params = state.params if state.lora is None else merge_lora(state.params, state.lora, lora_cfg)
+        cs["pipeline"] = {"truncated": it.stats.truncated, "skipped": it.stats.skipped, "images": it.stats.images}
+        summary.update(cs, steps=total)
+    if "rl" in t.stages:
+        from elva_jax.rl.loop import run_rl
+
+        instances = build_rl_instances(cfg, root)
+        print(
+            f"[elva_jax] RL: {len(instances)} instances of 1 positive + {len(instances[0]['cands']) - 1} negatives, "
+            f"G={cfg.rl.group_size}",
+            flush=True,
+        )
+        rs = run_rl(
+            cfg,
+            mcfg,
+            jax.device_get(params),
+            instances,
+            tokenizer,
+            model_options(cfg),
+            run_dir=os.path.join(cfg.run.dir, "rl"),
+        )
+        params = merge_lora(params, rs["lora"], rs["lcfg"])
+        summary["rl"] = {
+            "steps": rs["steps"],
+            "wall_s": rs["wall_s"],
+            "reward": [h["reward"] for h in rs["history"]],
+            "phase_s": {
+                k: float(np.mean([h[k] for h in rs["history"]]))
+                for k in ("time_rollout_s", "time_reforward_s", "time_reward_s", "time_update_s")
+            }
+            if rs["history"]
+            else {},
+        }
     export_dir = os.path.join(cfg.run.dir, "export")
     if jax.process_index() == 0:
-        final = state.params
-        if state.lora is not None:
-            final = merge_lora(
-                state.params, state.lora, LoraConfig(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
-            )
-        save_params(export_dir, jax.device_get(final), mcfg)
-    summary.update(
-        records=len(records),
-        steps=total,
-        export=export_dir,
-        wall_s=time.perf_counter() - t0,
-        pipeline={"truncated": it.stats.truncated, "skipped": it.stats.skipped, "images": it.stats.images},
-    )
+        save_params(export_dir, jax.device_get(params), mcfg)
+    summary.update(export=export_dir, wall_s=time.perf_counter() - t0)
     with open(os.path.join(cfg.run.dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -182,9 +241,11 @@ def main(argv=None) -> None:
     except configlib.ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     s = run(cfg)
-    print(
-        f"[elva_jax] done in {s['wall_s']:.0f}s: {s['end_step']} steps, final loss "
-        f"{s['losses'][-1] if s['losses'] else float('nan'):.4f}"
-    )
-    print(f"[elva_jax] run directory: {cfg.run.dir} (config.yaml, metrics.jsonl, tb/, checkpoints/, summary.json)")
+    if "losses" in s:
+        print(f"[elva_jax] contrastive: {s['end_step']} steps, final loss {s['losses'][-1]:.4f}")
+    if "rl" in s and s["rl"]["reward"]:
+        r = s["rl"]["reward"]
+        print(f"[elva_jax] RL: {s['rl']['steps']} steps, mean reward first/last {r[0]:.4f}/{r[-1]:.4f}")
+    print(f"[elva_jax] done in {s['wall_s']:.0f}s")
+    print(f"[elva_jax] run directory: {cfg.run.dir} (config.yaml, metrics.jsonl, tb/, checkpoints/, rl/, summary.json)")
     print(f"[elva_jax] exported transformers checkpoint: {s['export']}")

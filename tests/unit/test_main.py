@@ -13,7 +13,7 @@ from elva_jax.train.run import main
 
 @pytest.mark.slow
 def test_default_run_end_to_end(tmp_path, capsys):
-    main([f"run.dir={tmp_path}", "train.max_steps=4", "run.checkpoint_every=2"])
+    main([f"run.dir={tmp_path}", "train.max_steps=4", "run.checkpoint_every=2", "rl.steps=2"])
     out = capsys.readouterr().out
     assert "exported transformers checkpoint" in out
     s = json.load(open(tmp_path / "summary.json"))
@@ -22,6 +22,10 @@ def test_default_run_end_to_end(tmp_path, capsys):
     assert os.path.exists(tmp_path / "export" / "model.safetensors")
     assert os.path.exists(tmp_path / "config.yaml")
     assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "4"
+    assert s["rl"]["steps"] == 2 and len(s["rl"]["reward"]) == 2
+    assert set(s["rl"]["phase_s"]) == {"time_rollout_s", "time_reforward_s", "time_reward_s", "time_update_s"}
+    rl_lines = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
+    assert {"reward_margin", "reward_ranking", "kl_mean", "clip", "zero_variance_groups"} <= set(rl_lines[0])
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert any("compile_s" in r for r in lines) and any("tokens_per_s" in r for r in lines)
 

@@ -21,7 +21,7 @@ def test_presets_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_preset_loads(path):
     cfg = configlib.load(RunConfig, path)
-    assert cfg.train.tau == 0.05
+    assert cfg.train.tau == 0.05 and set(cfg.train.stages) <= {"contrastive", "rl"}
 
 
 def test_reference_hyperparameters():
@@ -42,3 +42,11 @@ def test_reference_hyperparameters():
         256.0,
     )
     assert mb.optim.warmup_ratio == 0.03 and mb.optim.clip_norm is None
+
+
+def test_rl_preset_has_paper_values():
+    rl = configlib.load(RunConfig, [p for p in CONFIGS if p.endswith("qwen2vl_7b_elva_rl.yaml")][0])
+    r = rl.rl
+    assert (r.group_size, r.beta, r.lr, r.num_hard_negatives, r.num_random_negatives, r.alpha, r.epsilon) == (
+        8, 0.2, 1e-6, 50, 50, 0.4, 0.6)
+    assert rl.train.stages == ("rl",)

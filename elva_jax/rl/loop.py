@@ -1,0 +1,183 @@
+"""The ELVA RL stage as a resumable run: instances -> RL steps -> checkpoints and logs.
+
+The policy is the stage-2 model plus a fresh LoRA; the reference policy is the same base with LoRA
+off. Instances are consumed through a Grain iterator (seeded shuffle) whose position is saved with the
+LoRA, optimizer state, step and RNG, so a resumed run continues with the same instances.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import grain
+import jax
+import numpy as np
+
+from elva_jax.model.config import Qwen2VLConfig
+from elva_jax.rl.rewards import RewardConfig
+from elva_jax.rl.rollout import RLConfig
+from elva_jax.rl.trainer import RLState, RLTrainer
+from elva_jax.train.checkpointing import Checkpointer, abstract_like
+from elva_jax.train.config import RunConfig
+from elva_jax.train.lora import LoraConfig, init_lora
+from elva_jax.train.observe import MetricsLogger
+from elva_jax.train.optim import OptimConfig, make_optimizer
+
+
+def rl_configs(cfg: RunConfig) -> tuple[RLConfig, RewardConfig]:
+    r = cfg.rl
+    rcfg = RLConfig(
+        group_size=r.group_size,
+        num_hard_negatives=r.num_hard_negatives,
+        num_random_negatives=r.num_random_negatives,
+        false_negative_threshold=r.false_negative_threshold,
+        beta=r.beta,
+        eps_low=r.eps_low,
+        eps_high=r.eps_high,
+        kl_estimator=r.kl_estimator,
+        loss_type=r.loss_type,
+        adv_ddof=r.adv_ddof,
+        adv_eps=r.adv_eps,
+        mu=r.mu,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_summary_tokens=r.max_summary_tokens,
+        candidate_sampling=r.candidate_sampling,
+        aux_soft_rank_weight=r.aux_soft_rank_weight,
+    )
+    reward = RewardConfig(
+        alpha=r.alpha, epsilon=r.epsilon, gamma=r.gamma, delta=r.delta, soft_temperature=r.soft_temperature
+    )
+    return rcfg, reward
+
+
+def add_random_negatives(records: list[dict], pool_sides: list[dict], n_random: int, seed: int) -> list[dict]:
+    """Append n_random candidates drawn (seeded per record) from the pool, avoiding the record's own."""
+    out = []
+    for r in records:
+        own = {(c.get("text"), c.get("image")) for c in r["cands"]}
+        rng = np.random.default_rng([seed, len(out)])
+        picks: list[dict] = []
+        for j in rng.permutation(len(pool_sides)):
+            c = pool_sides[int(j)]
+            if (c.get("text"), c.get("image")) not in own:
+                picks.append(c)
+            if len(picks) == n_random:
+                break
+        out.append({**r, "cands": r["cands"] + picks})
+    return out
+
+
+def select_instances(records: list[dict], fraction: float, seed: int) -> list[dict]:
+    """A deterministic `fraction` of the records, at least one per dataset id prefix ("9:..." -> 9)."""
+    if fraction >= 1.0:
+        return list(records)
+    by_ds: dict[str, list[dict]] = {}
+    for r in records:
+        by_ds.setdefault(str(r["id"]).split(":")[0], []).append(r)
+    rng = np.random.default_rng(seed)
+    out = []
+    for ds in sorted(by_ds):
+        rs = by_ds[ds]
+        n = max(1, int(round(fraction * len(rs))))
+        out += [rs[i] for i in sorted(rng.choice(len(rs), n, replace=False))]
+    return out
+
+
+def run_rl(
+    cfg: RunConfig, mcfg: Qwen2VLConfig, params: dict, instances: list[dict], tokenizer, opts, *, run_dir: str
+) -> dict:
+    from elva_jax.data.tokenize import PromptEncoder
+
+    r = cfg.rl
+    rcfg, reward_cfg = rl_configs(cfg)
+    lcfg = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
+    n_steps = r.steps or max(1, len(instances) // r.instances_per_step)
+    o = cfg.optim
+    tx = make_optimizer(
+        OptimConfig(r.lr, o.warmup_ratio, o.end_lr_ratio, o.weight_decay, o.b1, o.b2, o.eps, o.clip_norm), n_steps
+    )
+    key = jax.random.key(cfg.train.seed + 17)
+    lora = init_lora(mcfg, lcfg, jax.random.fold_in(key, 1), dtype=cfg.model.param_dtype)
+    trainer = RLTrainer(
+        mcfg,
+        opts,
+        rcfg,
+        reward_cfg,
+        tx,
+        PromptEncoder(tokenizer, "ret", generation=True),
+        lora_scale=lcfg.scale,
+        ret_id=tokenizer.ret_token_id,
+        eos_id=tokenizer.ids("<|im_end|>")[0],
+        pad_id=tokenizer.pad_token_id,
+        prompt_buckets=tuple(r.prompt_buckets),
+        patch_row_len=cfg.data.patch_row_len,
+        min_pixels=cfg.data.min_pixels,
+        max_pixels=cfg.data.max_pixels,
+    )
+    state = RLState(0, params, lora, tx.init(lora), jax.random.fold_in(key, 2))
+    ds = grain.MapDataset.source(np.arange(len(instances))).shuffle(seed=cfg.train.seed).repeat(None)
+    it = iter(ds.batch(r.instances_per_step, drop_remainder=True).to_iter_dataset())
+    os.makedirs(run_dir, exist_ok=True)
+    ckpt = Checkpointer(
+        os.path.join(run_dir, "checkpoints"), keep=cfg.run.keep_checkpoints, async_save=cfg.run.async_checkpoint
+    )
+
+    def saveable(st: RLState):
+        return {
+            "lora": st.lora,
+            "opt_state": st.opt_state,
+            "step": np.int32(st.step),
+            "key": jax.random.key_data(st.key),
+        }
+
+    if cfg.run.resume and ckpt.steps():
+        step0, saved, _ = ckpt.restore_latest(abstract_like(saveable(state)), it)
+        state = RLState(
+            int(saved["step"]), params, saved["lora"], saved["opt_state"], jax.random.wrap_key_data(saved["key"])
+        )
+        print(f"[elva_jax] RL: resumed from step {step0}", flush=True)
+    stop = {"flag": False}
+    old = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
+    logger = MetricsLogger(run_dir)
+    history = []
+    t_start = time.perf_counter()
+    try:
+        while state.step < n_steps:
+            idx = next(it)
+            state, m = trainer.step(state, [instances[int(i)] for i in idx])
+            m["lr"] = float(tx_lr(r.lr, o, n_steps, state.step - 1))
+            logger.log(state.step, m)
+            history.append(m)
+            print(
+                f"[elva_jax] RL step {state.step}/{n_steps} reward {m['reward']:.4f} (margin "
+                f"{m['reward_margin']:.3f}, ranking {m['reward_ranking']:.3f}) kl {m['kl_mean']:.4f} "
+                f"len {m['summary_len']:.1f} | rollout {m['time_rollout_s']:.2f}s re-forward "
+                f"{m['time_reforward_s']:.2f}s reward {m['time_reward_s']:.3f}s update {m['time_update_s']:.2f}s",
+                flush=True,
+            )
+            if state.step % cfg.run.checkpoint_every == 0 or state.step == n_steps or stop["flag"]:
+                ckpt.save(state.step, saveable(state), it, {"reward": m["reward"]}, force=True)
+            if stop["flag"]:
+                print(f"[elva_jax] SIGTERM: saved RL step {state.step} and stopping", flush=True)
+                break
+    finally:
+        ckpt.close()
+        logger.close()
+        signal.signal(signal.SIGTERM, old)
+    return {
+        "steps": state.step,
+        "lora": state.lora,
+        "lcfg": lcfg,
+        "history": history,
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+def tx_lr(lr: float, o, total: int, step: int) -> float:
+    from elva_jax.train.optim import schedule
+
+    return float(schedule(OptimConfig(lr, o.warmup_ratio, o.end_lr_ratio), total)(step))
