@@ -94,12 +94,26 @@ def jax_step_time(dtype: str, remat: bool, reps: int) -> dict:
     return {"step_s": statistics.median(ts), "compile_s": compile_s, "flops_per_step": flops, "loss": float(m["loss"])}
 
 
-def torch_step_time(ref_path: str, reps: int) -> dict | None:
+def default_reference() -> str:
+    """../shared/bench/torch_reference.py next to the repository (where CI and developers have it)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.normpath(os.path.join(here, "..", "..", "..", "shared", "bench", "torch_reference.py"))
+
+
+def torch_module(ref_path: str):
+    """The PyTorch reference script as a module, or None when it is not there."""
     if not os.path.exists(ref_path):
         return None
     spec = importlib.util.spec_from_file_location("torch_reference", ref_path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def torch_step_time(ref_path: str, reps: int) -> dict | None:
+    mod = torch_module(ref_path)
+    if mod is None:
+        return None
     import torch
 
     model = mod.Qwen2VLForConditionalGeneration(mod.small_config())
@@ -112,8 +126,7 @@ def torch_step_time(ref_path: str, reps: int) -> dict | None:
 
 
 def main(argv=None) -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    default_ref = os.path.normpath(os.path.join(here, "..", "..", "..", "shared", "bench", "torch_reference.py"))
+    default_ref = default_reference()
     ap = argparse.ArgumentParser(prog="python -m elva_jax.bench.train_step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--reference", default=default_ref, help="path of torch_reference.py ('' to skip)")

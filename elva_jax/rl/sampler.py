@@ -54,10 +54,24 @@ def filter_logits(logits: jnp.ndarray, top_k: int, top_p: float) -> jnp.ndarray:
     return logits
 
 
+def categorical_inverse_cdf(key, logits):
+    """Exact draw from softmax(logits) [..., V] by inverse transform: one uniform per row.
+
+    token = min{i : cumsum(p)_i > u * sum(p)}. Equivalent in distribution to Gumbel-max
+    (`jax.random.categorical`) but needs 1 random number per row instead of V, which dominates the cost
+    of a decode step on CPU for a 150k vocabulary (profiled: 47 ms -> ~2 ms for 16 x 151669).
+    Tokens with -inf logits have probability 0 and are never drawn.
+    """
+    p = jax.nn.softmax(logits, axis=-1)
+    c = jnp.cumsum(p, axis=-1)
+    u = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32) * c[..., -1:]
+    return jnp.argmax(c > u, axis=-1).astype(jnp.int32)
+
+
 def sample_token(key, logits, scfg: SamplerConfig):
     """(token [N] int32, logp [N] fp32 under the full-vocabulary log_softmax(logits / T))."""
     scaled = logits.astype(jnp.float32) / scfg.temperature
-    tok = jax.random.categorical(key, filter_logits(scaled, scfg.top_k, scfg.top_p), axis=-1).astype(jnp.int32)
+    tok = categorical_inverse_cdf(key, filter_logits(scaled, scfg.top_k, scfg.top_p))
     logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]
     return tok, logp
 

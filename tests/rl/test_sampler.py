@@ -143,3 +143,16 @@ def test_filter_logits_by_hand():
     tok, lp = sample_token(jax.random.key(0), logits, SamplerConfig(temperature=2.0, top_k=1))
     assert int(tok[0]) == 0
     np.testing.assert_allclose(float(lp[0]), float(jax.nn.log_softmax(logits[0] / 2.0)[0]), rtol=1e-6)
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    """Empirical frequencies of 200k draws vs softmax probabilities (chi-square-style bound), -inf never drawn."""
+    from elva_jax.rl.sampler import categorical_inverse_cdf
+
+    logits = jnp.array([1.0, 0.0, -1.0, 2.0, -jnp.inf, 0.5])
+    p = np.asarray(jax.nn.softmax(logits))
+    keys = jax.random.split(jax.random.key(0), 200_000)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: categorical_inverse_cdf(k, logits[None])[0]))(keys))
+    freq = np.bincount(draws, minlength=6) / len(draws)
+    assert freq[4] == 0
+    assert np.all(np.abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / len(draws)) + 1e-9), (freq, p)
