@@ -21,7 +21,7 @@ import optax
 
 from elva_jax.data.image_processing import load_image, preprocess_image
 from elva_jax.model.config import ModelOptions, Qwen2VLConfig
-from elva_jax.model.inputs import build_inputs
+from elva_jax.model.inputs import build_inputs, pack_images
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import RLConfig, rewards_and_advantages, rl_loss, rollout_similarities, teacher_forced
 from elva_jax.rl.sampler import SamplerConfig, generate
@@ -61,13 +61,17 @@ def encode_prompts(sides, encoder, *, min_pixels, max_pixels, buckets: tuple[int
 
 
 def _inputs(cfg, opts, ids, am, pvs, grids, row_len: int):
-    """Model inputs; images packed one row per sequence into [n, row_len] patch slots (static shapes)."""
+    """Model inputs with images packed one row per sequence into [n, row_len] patch slots.
+
+    The patch arrays are present even when no row has an image, so every batch of the same prompt
+    bucket has the same structure and shapes (one compiled program per bucket).
+    """
     with_img = [i for i, p in enumerate(pvs) if p is not None]
-    if with_img:
-        pv = np.concatenate([pvs[i] for i in with_img])
-        g = np.concatenate([grids[i] for i in with_img])
-        return build_inputs(cfg, opts, ids, am, pv, g, rows=len(ids), row_len=row_len)
-    return build_inputs(cfg, opts, ids, am)
+    pv = np.concatenate([pvs[i] for i in with_img]) if with_img else np.zeros((0, 1176), np.float32)
+    g = np.concatenate([grids[i] for i in with_img]) if with_img else np.zeros((0, 3), np.int64)
+    out = build_inputs(cfg, opts, ids, am, pv if with_img else None, g if with_img else None)
+    out.update(pack_images(pv, g, rows=len(ids), row_len=row_len, spatial_merge_size=cfg.vision.spatial_merge_size))
+    return out
 
 
 class RLTrainer:

@@ -1,0 +1,72 @@
+"""``python -m elva_jax.eval``: M-BEIR, MRBench, zero-shot and grain-sensitivity evaluation.
+
+    python -m elva_jax.eval --checkpoint runs/default                       # bundled set, EOL, local pools
+    python -m elva_jax.eval --checkpoint DIR --config configs/qwen2vl_7b_mbeir.yaml --benchmark mbeir \\
+        --mode ret --pool global data.root=/data/M-BEIR eval.batch_size=32
+    python -m elva_jax.eval --checkpoint DIR --benchmark mrbench eval.mrbench_dir=/data/MRBench data.root=/data/M-BEIR
+    python -m elva_jax.eval --checkpoint DIR --benchmark zeroshot --task mytask:q.jsonl:pool.jsonl:qrels.txt:10
+    python -m elva_jax.eval --checkpoint DIR --grain-masking --compare-to runs/base/eval/bundled-eol-local/results.json
+
+Writes results.json, results.md and recall.png to --out (default {run}/eval/{benchmark}-{mode}-{pool}).
+Any ``eval.*`` field (elva_jax.eval.runner.EvalSection) or preset key can be overridden as key=value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from elva_jax import configlib
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m elva_jax.eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="transformers checkpoint dir, or a training run dir (uses its export/)")
+    ap.add_argument("--config", help="YAML preset (configs/*.yaml); default: configs/tiny_cpu.yaml")
+    ap.add_argument("--benchmark", choices=("bundled", "mbeir", "mrbench", "zeroshot"))
+    ap.add_argument("--mode", choices=("eol", "ret"), help="eol: LamRA embedding; ret: ELVA summary + [RET]")
+    ap.add_argument("--pool", choices=("local", "global"))
+    ap.add_argument("--out", help="output directory")
+    ap.add_argument("--compare-to", help="a previous results.json (before/after table and bars)")
+    ap.add_argument("--grain-masking", action="store_true", help="also run the grain-masking analysis")
+    ap.add_argument("--cache", choices=("use", "repair", "none"), help="embedding cache policy (default use)")
+    ap.add_argument("--task", action="append", default=[], help="zero-shot task name:query:pool:qrels[:K]")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.batch_size=16")
+    a = ap.parse_args(argv)
+    over = []
+    for flag, key in (
+        ("benchmark", "eval.benchmark"),
+        ("mode", "eval.mode"),
+        ("pool", "eval.pool"),
+        ("out", "eval.out"),
+        ("compare_to", "eval.compare_to"),
+        ("cache", "eval.cache"),
+    ):
+        v = getattr(a, flag)
+        if v:
+            over.append(f"{key}={v}")
+    if a.grain_masking:
+        over.append("eval.grain_masking=true")
+    if a.task:
+        over.append("eval.zeroshot_tasks=[" + ", ".join(f"'{t}'" for t in a.task) + "]")
+        if not a.benchmark:
+            over.append("eval.benchmark=zeroshot")
+    over += a.overrides
+
+    from elva_jax.data.errors import DataFormatError
+    from elva_jax.eval.embed import CacheError
+    from elva_jax.eval.runner import evaluate, load_config
+    from elva_jax.eval.tasks import EvalDataError
+    from elva_jax.model.hf_checkpoint import CheckpointError
+
+    try:
+        cfg = load_config(a.config, over)
+        return evaluate(cfg, checkpoint=a.checkpoint)
+    except configlib.ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    except (DataFormatError, EvalDataError, CacheError, CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
