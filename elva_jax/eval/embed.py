@@ -52,6 +52,7 @@ import numpy as np
 
 from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
 from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+from elva_jax.eval.config import CACHE_POLICIES
 from elva_jax.model import qwen2vl
 from elva_jax.model.config import ModelOptions, Qwen2VLConfig
 from elva_jax.model.embedding import eol_embedding, l2_normalize
@@ -59,7 +60,6 @@ from elva_jax.rl.sampler import SamplerConfig, generate
 
 __all__ = ["CACHE_POLICIES", "CacheError", "EmbedConfig", "Embedder", "PartedArray", "records_digest"]
 
-CACHE_POLICIES = ("use", "repair", "none")
 _FORMAT = "elva_jax.eval.embed/1"
 _QWEN2_EOS = 151645  # <|im_end|>
 

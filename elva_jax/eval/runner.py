@@ -22,13 +22,10 @@ bars with ``eval.compare_to``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import time
-import typing
-from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +33,8 @@ import numpy as np
 
 from elva_jax import configlib
 from elva_jax.eval import tasks as T
-from elva_jax.eval.embed import CACHE_POLICIES, EmbedConfig, Embedder, records_digest
+from elva_jax.eval.config import EvalSection
+from elva_jax.eval.embed import EmbedConfig, Embedder, records_digest
 from elva_jax.eval.metrics import mrr_from_topk, recall_from_topk
 from elva_jax.train.config import RunConfig
 
@@ -55,55 +53,7 @@ MODALITY = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalSection:
-    """What ``python -m elva_jax.eval`` evaluates and how (every field is an ``eval.*`` override)."""
-
-    benchmark: str = field(default="bundled", metadata={"choices": ("bundled", "mbeir", "mrbench", "zeroshot")})
-    mode: str = field(default="eol", metadata={"choices": ("eol", "ret")})
-    pool: str = field(default="local", metadata={"choices": ("local", "global")})
-    out: str = ""  # "" -> {run dir}/eval/{benchmark}-{mode}-{pool}
-    data_root: str = ""  # "" -> data.root (bundled: the run's bundled_data, generated if absent)
-    image_root: str = ""  # MRBench: the M-BEIR root its image paths are relative to ("" = data root)
-    mrbench_dir: str = ""  # "" -> {data root}/mrbench
-    zeroshot_tasks: tuple[str, ...] = ()  # "name:query.jsonl:pool.jsonl:qrels.txt[:K]" (relative to data root)
-    tasks: tuple[str, ...] = ()  # evaluate only these task names; () = all of the benchmark
-    max_queries: int = 0  # > 0: first N queries per task (quick checks; recorded)
-    batch_size: int = 8
-    part_size: int = 1024  # records per embedding cache part
-    cache: str = field(default="use", metadata={"choices": CACHE_POLICIES})
-    cache_dir: str = ""  # "" -> {out}/cache
-    topk: int = 50
-    recall_ks: tuple[int, ...] = (1, 5, 10, 50)
-    chunk_size: int = 65536  # candidates per streaming top-k step
-    instructions: bool = True
-    instruction_seed: int | None = None  # None: crc32(qid) rule
-    instruction_index: int | None = None  # fixed prompt index (overrides the seed)
-    summary_tokens: int = 32  # "ret": max generated summary tokens before a forced [RET]
-    sampling: str = field(default="greedy", metadata={"choices": ("greedy", "sample")})
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    grain_masking: bool = False
-    grains_file: str = ""  # "" -> {bundled root}/meta/query_grains.jsonl; else a jsonl of {qid, phrases}
-    grain_max_queries: int = 100
-    compare_to: str = ""  # a previous results.json: before/after columns and bars
-
-
-def _eval_config_class():
-    """EvalConfig = every section of the training RunConfig (whatever it holds now) + ``eval``."""
-    hints = typing.get_type_hints(RunConfig)
-    fields = [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(RunConfig)]
-    if "eval" not in {f[0] for f in fields}:
-        fields.append(("eval", EvalSection, field(default=EvalSection())))
-    cls = dataclasses.make_dataclass("EvalConfig", fields, frozen=True)
-    cls.__module__ = __name__
-    cls.__doc__ = "A training preset's sections (elva_jax.train.config.RunConfig) plus ``eval`` (EvalSection)."
-    return cls
-
-
-EvalConfig = _eval_config_class()
+EvalConfig = RunConfig  # a training preset's sections, `eval` among them
 
 
 def default_config_path() -> str | None:
@@ -117,7 +67,7 @@ def load_config(cfg=None, overrides=()) -> EvalConfig:
     overrides = list(overrides)
     if cfg is None or isinstance(cfg, str | os.PathLike):
         return configlib.load(EvalConfig, str(cfg) if cfg is not None else default_config_path(), overrides)
-    if isinstance(cfg, EvalConfig | RunConfig):
+    if isinstance(cfg, RunConfig):
         data = configlib.to_dict(cfg)
     elif isinstance(cfg, dict):
         data = cfg

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import field
 
+from elva_jax.eval.config import EvalSection
 from elva_jax.model.decoder import LORA_TARGETS
 
 
@@ -117,6 +118,7 @@ class TrainSection:
     embedding: str = field(default="eol", metadata={"choices": ("eol", "last")})
     seed: int = 0
     max_nonfinite: int = 10  # stop after this many skipped (non-finite) updates
+    eval_modes: tuple[str, ...] = ()  # evaluate the final model with these embedding modes ("eol", "ret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +142,7 @@ class RunConfig:
     train: TrainSection = TrainSection()
     run: RunSection = RunSection()
     rl: RLSection = RLSection()
+    eval: EvalSection = EvalSection()
 
     def __post_init__(self):
         bad = [s for s in self.train.stages if s not in ("contrastive", "rl")]

@@ -118,6 +118,17 @@ def build_rl_instances(cfg: RunConfig, root: str) -> list[dict]:
     return add_random_negatives(recs, pool_sides, r.num_random_negatives, cfg.train.seed)
 
 
+def _evaluate(cfg: RunConfig, checkpoint: str, mode: str, out: str, compare_to: str = "") -> dict:
+    """Evaluate an exported checkpoint on the config's benchmark; returns a short summary."""
+    from elva_jax.eval.runner import evaluate
+
+    over = [f"eval.mode={mode}", f"eval.out={out}"] + ([f"eval.compare_to={compare_to}"] if compare_to else [])
+    if cfg.data.kind == "bundled" and not cfg.eval.data_root:
+        over.append(f"eval.data_root={bundled_root(cfg)}")
+    res = evaluate(cfg, overrides=over, checkpoint=checkpoint)
+    return {"averages": res["averages"], "files": res["files"], "grain_masking": res.get("grain_masking")}
+
+
 def _has_tokenizer(path: str) -> bool:
     from elva_jax.data.tokenize import has_tokenizer_files
 
@@ -218,6 +229,12 @@ def run(cfg: RunConfig) -> dict:
     export_dir = os.path.join(cfg.run.dir, "export")
     if jax.process_index() == 0:
         save_params(export_dir, jax.device_get(params), mcfg)
+    if jax.process_index() == 0:
+        for mode in t.eval_modes:
+            before = summary.get("eval_before_rl", {}).get("files", {}).get("json", "") if mode == "ret" else ""
+            summary[f"eval_{mode}"] = _evaluate(
+                cfg, export_dir, mode, os.path.join(cfg.run.dir, "eval", f"final-{mode}"), compare_to=before
+            )
     summary.update(export=export_dir, wall_s=time.perf_counter() - t0)
     with open(os.path.join(cfg.run.dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

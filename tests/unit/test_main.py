@@ -13,7 +13,7 @@ from elva_jax.train.run import main
 
 @pytest.mark.slow
 def test_default_run_end_to_end(tmp_path, capsys):
-    main([f"run.dir={tmp_path}", "train.max_steps=4", "run.checkpoint_every=2", "rl.steps=2"])
+    main([f"run.dir={tmp_path}", "train.max_steps=4", "run.checkpoint_every=2", "rl.steps=2", "eval.summary_tokens=4"])
     out = capsys.readouterr().out
     assert "exported transformers checkpoint" in out
     s = json.load(open(tmp_path / "summary.json"))
@@ -26,6 +26,12 @@ def test_default_run_end_to_end(tmp_path, capsys):
     assert set(s["rl"]["phase_s"]) == {"time_rollout_s", "time_reforward_s", "time_reward_s", "time_update_s"}
     rl_lines = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
     assert {"reward_margin", "reward_ranking", "kl_mean", "clip", "zero_variance_groups"} <= set(rl_lines[0])
+    # evaluation of the final model (both embeddings) and of the model before RL, with the three reports
+    for d in ("final-eol", "final-ret", "before_rl-ret"):
+        for f in ("results.json", "results.md", "recall.png"):
+            assert os.path.exists(tmp_path / "eval" / d / f), (d, f)
+    res = json.load(open(tmp_path / "eval" / "final-ret" / "results.json"))
+    assert res["settings"]["mode"] == "ret" and "grain_masking" in res
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert any("compile_s" in r for r in lines) and any("tokens_per_s" in r for r in lines)
 

@@ -48,5 +48,12 @@ def test_rl_preset_has_paper_values():
     rl = configlib.load(RunConfig, [p for p in CONFIGS if p.endswith("qwen2vl_7b_elva_rl.yaml")][0])
     r = rl.rl
     assert (r.group_size, r.beta, r.lr, r.num_hard_negatives, r.num_random_negatives, r.alpha, r.epsilon) == (
-        8, 0.2, 1e-6, 50, 50, 0.4, 0.6)
+        8,
+        0.2,
+        1e-6,
+        50,
+        50,
+        0.4,
+        0.6,
+    )
     assert rl.train.stages == ("rl",)
