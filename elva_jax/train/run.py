@@ -205,6 +205,10 @@ def run(cfg: RunConfig) -> dict:
             f"G={cfg.rl.group_size}",
             flush=True,
         )
+        if "ret" in t.eval_modes and jax.process_index() == 0:  # the "before RL" side of the comparison
+            pre = os.path.join(cfg.run.dir, "export_before_rl")
+            save_params(pre, jax.device_get(params), mcfg)
+            summary["eval_before_rl"] = _evaluate(cfg, pre, "ret", os.path.join(cfg.run.dir, "eval", "before_rl-ret"))
         rs = run_rl(
             cfg,
             mcfg,
