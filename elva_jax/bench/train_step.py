@@ -67,12 +67,12 @@ def jax_step_time(dtype: str, remat: bool, reps: int) -> dict:
     from elva_jax.model.params import init_params
     from elva_jax.model.tiny import preset_config
     from elva_jax.train.observe import compiled_flops
-    from elva_jax.train.step import StepConfig, TrainState, train_step
+    from elva_jax.train.step import StepConfig, TrainState, contrastive_trainable_mask, train_step
 
     cfg = preset_config("small")
     opts = ModelOptions(dtype=dtype, param_dtype="float32", remat=remat)
     params = init_params(cfg, jax.random.key(0))
-    tx = optax.adamw(1e-5)
+    tx = optax.masked(optax.adamw(1e-5), contrastive_trainable_mask(params))
     state = TrainState(
         jnp.zeros((), jnp.int32), params, None, tx.init(params), jax.random.key(1), jnp.zeros((), jnp.int32)
     )

@@ -53,6 +53,15 @@ class StepConfig:
     full_finetune: bool = False
 
 
+def contrastive_trainable_mask(params: dict) -> dict:
+    """Full fine-tuning: every tensor but an untied LM head, which the embedding loss never reaches.
+
+    Wrapping the optimizer in `optax.masked(tx, mask)` keeps AdamW from reading and writing the head
+    and its two moments every step (3 x vocab x hidden floats) and allocates no state for it.
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, _: "lm_head" not in jax.tree_util.keystr(path), params)
+
+
 def embed(params, lora, inputs, cfg: Qwen2VLConfig, opts: ModelOptions, scfg: StepConfig):
     h = qwen2vl.forward(params, inputs, cfg, opts, lora=lora, lora_scale=scfg.lora_scale).hidden
     if scfg.embedding == "eol":

@@ -115,3 +115,25 @@ def test_eight_devices_equal_one():
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert abs(r["loss_1"] - r["loss_8"]) <= 1e-5 * abs(r["loss_1"])
     assert r["max_param_diff"] <= 1e-6
+
+
+def test_masked_lm_head_is_untouched_and_has_no_state():
+    import optax
+
+    from elva_jax.train.step import contrastive_trainable_mask
+
+    cfg = tiny_cfg(tie=False)
+    params = tiny_params(cfg)
+    tx = optax.masked(optax.adamw(1e-2), contrastive_trainable_mask(params))
+    state = TrainState(
+        jnp.zeros((), jnp.int32), params, None, tx.init(params), jax.random.key(0), jnp.zeros((), jnp.int32)
+    )
+    scfg = StepConfig(tau=0.05, embedding="eol", emb_token_id=EMB, full_finetune=True)
+    new, _ = train_step(state, contrastive_batch(cfg, OPTS, A=1, b=2, seed=8), cfg=cfg, opts=OPTS, scfg=scfg, tx=tx)
+    np.testing.assert_array_equal(new.params["text"]["lm_head"]["kernel"], params["text"]["lm_head"]["kernel"])
+    assert not np.array_equal(
+        new.params["text"]["layers"]["q_proj"]["kernel"], params["text"]["layers"]["q_proj"]["kernel"]
+    )
+    n_state = sum(x.size for x in jax.tree.leaves(state.opt_state))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    assert n_state < 2 * n_params  # no moments for the head
