@@ -795,16 +795,16 @@ def suggest(res: Result, setup: Setup, target: Target) -> list[str]:
             f"(params {p / GIB:.1f} -> {p / 2 / GIB:.1f} GiB/device)"
         )
     if res.name == "train" and res.temp > 0.2 * hbm:
-        for k in (2, 4, 8, 16):
-            if shp.b % k == 0 and (shp.b // k) % (data * fsdp) == 0:
-                est = res.total - res.temp * (1 - 1 / k)
-                out.append(
-                    f"train.micro_batches={shp.A * k}: micro-batch {shp.b} -> {shp.b // k} rows "
-                    f"(exact accumulation; temporaries ~{res.temp / GIB:.1f} -> ~{res.temp / k / GIB:.1f} GiB, "
-                    f"est. total {est / GIB:.1f} GiB)"
-                )
-                if est <= hbm:
-                    break
+        per_device = shp.b // (data * fsdp)  # rows of a micro-batch on one device
+        ks = [k for k in range(2, per_device + 1) if per_device % k == 0]
+        est_k = lambda k: res.total - res.temp * (1 - 1 / k)  # noqa: E731 - temporaries ~ micro-batch size
+        k = next((k for k in ks if est_k(k) <= hbm), ks[-1] if ks else None)
+        if k:
+            t = res.temp / GIB
+            out.append(
+                f"train.micro_batches={shp.A * k}: micro-batch {shp.b} -> {shp.b // k} rows (exact accumulation; "
+                f"temporaries ~{t:.1f} -> ~{t / k:.1f} GiB, est. total {est_k(k) / GIB:.1f} GiB)"
+            )
     if res.name in ("rl_update", "decode"):
         out.append(
             f"fewer RL rows per step: --rl-instances / --rl-candidates (now {shp.N} = {shp.I}x{shp.G}x{shp.S}), "

@@ -132,11 +132,13 @@ def prefill(
     *,
     lora: dict | None = None,
     lora_scale: float = 1.0,
+    logits: str = "all",
 ) -> tuple[Output, KVCache]:
     """Encode a (left-padded) prompt [B, P] into an empty cache of length S >= P.
 
-    Returns the prompt's hidden states and fp32 logits (`logits[:, -1]` predicts the first new token)
-    and the filled cache (slots 0..P-1 written, `next_pos` = 1 + the row's largest position id).
+    Returns the prompt's hidden states, fp32 logits and the filled cache (slots 0..P-1 written,
+    `next_pos` = 1 + the row's largest position id). logits: "all" [B, P, V]; "last" [B, V] (what a
+    sampler needs: it predicts the first new token); "none".
     """
     x = embed_inputs(params, inputs, cfg, opts)
     am = inputs["attention_mask"].astype(bool)
@@ -160,7 +162,53 @@ def prefill(
     )
     pos_max = jnp.max(jnp.where(am[None], inputs["positions"], -1), axis=(0, 2))
     new = KVCache(k, v, valid, jnp.asarray(P, jnp.int32), (pos_max + 1).astype(jnp.int32))
-    return Output(h, lm_head(params, h, cfg, opts), None), new
+    out = {
+        "all": lambda: lm_head(params, h, cfg, opts),
+        "last": lambda: lm_head(params, h[:, -1], cfg, opts),
+        "none": lambda: None,
+    }[logits]()
+    return Output(h, out, None), new
+
+
+def extend(
+    params: dict,
+    tokens: jnp.ndarray,
+    lengths: jnp.ndarray,
+    cache: KVCache,
+    cfg: Qwen2VLConfig,
+    opts: ModelOptions,
+    *,
+    lora: dict | None = None,
+    lora_scale: float = 1.0,
+) -> jnp.ndarray:
+    """Run T text tokens per row after a filled cache in one pass (teacher forcing over a shared prefix).
+
+    tokens [B, T] (row b's first `lengths[b]` are real), written at slots cache.index ..; each attends to
+    the cache's valid slots and causally to its own row's earlier real tokens. Differentiable in the
+    cache, so gradients reach the prefix. Returns hidden states [B, T, D] (after the final norm).
+    """
+    dtype = jnp.dtype(opts.dtype)
+    x = jnp.take(params["text"]["embed_tokens"]["embedding"], tokens, axis=0).astype(dtype)
+    B, T = tokens.shape
+    S = cache.valid.shape[1]
+    gen_valid = jnp.arange(T)[None] < lengths[:, None]
+    valid = jax.lax.dynamic_update_slice(cache.valid, gen_valid, (0, cache.index))
+    q_slot = cache.index + jnp.arange(T)
+    mask = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & valid[:, None, :]
+    positions = jnp.broadcast_to((cache.next_pos[:, None] + jnp.arange(T)[None])[None], (3, B, T))
+    h, _, _ = decoder_forward(
+        params["text"],
+        x,
+        positions,
+        mask,
+        cfg.text,
+        opts,
+        lora=lora,
+        lora_scale=lora_scale,
+        cache=(cache.k, cache.v),
+        cache_index=cache.index,
+    )
+    return h
 
 
 def decode_step(

@@ -22,6 +22,7 @@ from elva_jax.model.config import ModelOptions, Qwen2VLConfig
 from elva_jax.model.embedding import l2_normalize
 from elva_jax.rl import grpo
 from elva_jax.rl.rewards import RewardConfig, reward_from_config, soft_ranking_loss
+from elva_jax.rl.sampler import repeat_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,36 @@ def teacher_forced(
     return logps, emb
 
 
+def teacher_forced_shared(
+    params,
+    lora,
+    lora_scale,
+    prompts: dict,
+    gen_tokens,
+    gen_lengths,
+    num_samples: int,
+    cfg: Qwen2VLConfig,
+    opts: ModelOptions,
+    rcfg: RLConfig,
+):
+    """`teacher_forced` with prefix sharing: each of the D distinct prompts [D, P] is encoded once and its
+    KV cache broadcast to its G samples (rows prompt-major: d*G .. d*G+G-1 of gen_tokens [D*G, T]).
+
+    Same values and gradients as running every full sequence (the broadcast is differentiable, so the
+    prompt's share of the gradient is summed over its samples), at 1/G of the prompt compute.
+    """
+    D, P = prompts["input_ids"].shape
+    T = gen_tokens.shape[1]
+    cache = qwen2vl.init_cache(cfg, D, P + T, dtype=jnp.dtype(opts.dtype))
+    out, cache = qwen2vl.prefill(params, prompts, cache, cfg, opts, lora=lora, lora_scale=lora_scale, logits="none")
+    cache = repeat_rows(cache, num_samples)
+    h = qwen2vl.extend(params, gen_tokens, gen_lengths, cache, cfg, opts, lora=lora, lora_scale=lora_scale)
+    pred = jnp.concatenate([jnp.repeat(out.hidden[:, -1:], num_samples, axis=0), h[:, :-1]], axis=1)
+    logps = token_logps(params, pred, gen_tokens, cfg, opts, rcfg.temperature, rcfg.logp_chunk)
+    emb = l2_normalize(jnp.take_along_axis(h, (gen_lengths - 1)[:, None, None], axis=1)[:, 0])
+    return logps, emb
+
+
 def rollout_similarities(emb: jnp.ndarray, I: int, G: int, S: int) -> jnp.ndarray:
     """[N, D] embeddings ordered [instance, rollout, sequence] -> sims [I, G, C] = cos(query, candidate)."""
     e = emb.reshape(I, G, S, -1)
@@ -115,6 +146,11 @@ def rewards_and_advantages(sims, valid, rcfg: RLConfig, reward_cfg: RewardConfig
     return total, parts, adv, zero_var
 
 
+def prompt_major_to_rollouts(x: jnp.ndarray, I: int, G: int, S: int) -> jnp.ndarray:
+    """Rows ordered [instance, sequence, sample] -> [instance, rollout, sequence] (flattened)."""
+    return x.reshape(I, S, G, *x.shape[1:]).swapaxes(1, 2).reshape(I * G * S, *x.shape[1:])
+
+
 def rl_loss(
     lora,
     params,
@@ -126,25 +162,17 @@ def rl_loss(
     reward_cfg: RewardConfig,
     lora_scale: float,
     shape: tuple[int, int, int],
-    prompt_len: int,
 ):
-    """(sum, denominator) form of the GRPO loss (+ optional auxiliary soft-ranking loss) and metrics.
+    """GRPO loss (+ optional auxiliary soft-ranking loss) and metrics for one batch of rollouts.
 
-    batch: inputs, gen_tokens, gen_lengths, mask [N, T] (sampled tokens), old_logp, ref_logp [N, T],
-    adv [N] (the rollout's advantage for every one of its sequences), valid [I, C].
+    Rows are prompt-major: the D = I * S distinct prompts (`prompts`, [D, P]) each with G samples
+    (gen_tokens, gen_lengths, mask, old_logp, ref_logp, sampler_logp: [D * G, ...]); adv [D * G] is the
+    advantage of the rollout each row belongs to; valid [I, C]. The forward shares each prompt's
+    prefill across its G samples (`teacher_forced_shared`).
     """
     I, G, S = shape
-    logp, emb = teacher_forced(
-        params,
-        lora,
-        lora_scale,
-        batch["inputs"],
-        batch["gen_tokens"],
-        batch["gen_lengths"],
-        prompt_len,
-        cfg,
-        opts,
-        rcfg,
+    logp, emb = teacher_forced_shared(
+        params, lora, lora_scale, batch["prompts"], batch["gen_tokens"], batch["gen_lengths"], G, cfg, opts, rcfg
     )
     per_tok, stats = grpo.grpo_token_loss(
         logp,
@@ -161,14 +189,11 @@ def rl_loss(
         per_tok, batch["mask"], rcfg.loss_type, max_completion_length=batch["mask"].shape[1]
     )
     loss = loss_sum / jnp.maximum(denom, 1e-9)
-    metrics = {"grpo_loss": loss, **{k: v for k, v in stats.items()}}
+    metrics = {"grpo_loss": loss, **dict(stats)}
     if rcfg.aux_soft_rank_weight:
-        sims = rollout_similarities(emb, I, G, S)
-        aux = soft_ranking_loss(sims, reward_cfg, batch["valid"][:, None, :].repeat(G, axis=1))
+        sims = rollout_similarities(prompt_major_to_rollouts(emb, I, G, S), I, G, S)
+        aux = soft_ranking_loss(sims, reward_cfg, jnp.repeat(batch["valid"][:, None, :], G, axis=1))
         loss = loss + rcfg.aux_soft_rank_weight * aux
         metrics["aux_soft_rank_loss"] = aux
     metrics["loss"] = loss
-    metrics["logp_diff_vs_sampler"] = jnp.sum(jnp.abs(logp - batch["sampler_logp"]) * batch["mask"]) / jnp.maximum(
-        jnp.sum(batch["mask"]), 1
-    )
     return loss, metrics

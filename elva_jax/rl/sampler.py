@@ -114,8 +114,8 @@ def generate(
     P, L = prompts["input_ids"].shape
     T = scfg.max_new_tokens + 1  # room for a forced [RET]
     cache = qwen2vl.init_cache(cfg, P, L + T, dtype=jnp.dtype(scfg.cache_dtype))
-    out, cache = qwen2vl.prefill(params, prompts, cache, cfg, opts, lora=lora, lora_scale=lora_scale)
-    logits = jnp.repeat(out.logits[:, -1], num_samples, axis=0)
+    out, cache = qwen2vl.prefill(params, prompts, cache, cfg, opts, lora=lora, lora_scale=lora_scale, logits="last")
+    logits = jnp.repeat(out.logits, num_samples, axis=0)
     cache = repeat_rows(cache, num_samples)
     N = P * num_samples
     stops = jnp.asarray(stop_ids, jnp.int32)

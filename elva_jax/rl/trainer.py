@@ -23,7 +23,14 @@ from elva_jax.data.image_processing import load_image, preprocess_image
 from elva_jax.model.config import ModelOptions, Qwen2VLConfig
 from elva_jax.model.inputs import build_inputs, pack_images
 from elva_jax.rl.rewards import RewardConfig
-from elva_jax.rl.rollout import RLConfig, rewards_and_advantages, rl_loss, rollout_similarities, teacher_forced
+from elva_jax.rl.rollout import (
+    RLConfig,
+    prompt_major_to_rollouts,
+    rewards_and_advantages,
+    rl_loss,
+    rollout_similarities,
+    teacher_forced_shared,
+)
 from elva_jax.rl.sampler import SamplerConfig, generate
 
 
@@ -121,11 +128,11 @@ class RLTrainer:
             static_argnums=(4,),
         )
         self._tf = jax.jit(
-            lambda p, lo, x, t, n, P: teacher_forced(p, lo, lora_scale, x, t, n, P, cfg, opts, rcfg),
+            lambda p, lo, x, t, n, g: teacher_forced_shared(p, lo, lora_scale, x, t, n, g, cfg, opts, rcfg),
             static_argnums=(5,),
         )
 
-        def update(lora, opt_state, params, batch, shape, P):
+        def update(lora, opt_state, params, batch, shape):
             (loss, m), g = jax.value_and_grad(rl_loss, has_aux=True)(
                 lora,
                 params,
@@ -136,15 +143,18 @@ class RLTrainer:
                 reward_cfg=reward_cfg,
                 lora_scale=lora_scale,
                 shape=shape,
-                prompt_len=P,
             )
             upd, opt_state = tx.update(g, opt_state, lora)
             return optax.apply_updates(lora, upd), opt_state, {**m, "grad_norm": optax.tree.norm(g)}
 
-        self._update = jax.jit(update, static_argnums=(4, 5), donate_argnums=(0, 1))
+        self._update = jax.jit(update, static_argnums=(4,), donate_argnums=(0, 1))
 
     def rollouts(self, state: RLState, instances: list[dict]):
-        """Sample every sequence of every rollout; returns host arrays ordered [instance, rollout, seq]."""
+        """Sample every sequence of every rollout.
+
+        Returns (samples as host arrays, prompt-major [instance, sequence, sample]; the D = I * S prompt
+        inputs; (I, G, S)).
+        """
         rc = self.rcfg
         I, C, G = len(instances), len(instances[0]["cands"]), rc.group_size
         S = 1 + C
@@ -157,99 +167,79 @@ class RLTrainer:
             buckets=self.buckets,
             pad_id=self.pad_id,
         )
+        prompts = _inputs(self.cfg, self.opts, ids, am, pvs, grids, self.row_len)
         key, k1, k2 = jax.random.split(state.key, 3)
         state.key = key
         if rc.candidate_sampling == "per_rollout":
-            out = self._gen(
-                state.params, state.lora, _inputs(self.cfg, self.opts, ids, am, pvs, grids, self.row_len), k1, G
-            )
-            # prompt-major [I, S, G] -> [I, G, S]
-            order = np.arange(I * S * G).reshape(I, S, G).transpose(0, 2, 1).reshape(-1)
+            out = jax.tree.map(np.asarray, self._gen(state.params, state.lora, prompts, k1, G))
         elif rc.candidate_sampling == "shared":
             qi = np.arange(I) * S
-            q_out = self._gen(
-                state.params,
-                state.lora,
-                _inputs(
-                    self.cfg, self.opts, ids[qi], am[qi], [pvs[i] for i in qi], [grids[i] for i in qi], self.row_len
-                ),
-                k1,
-                G,
-            )
             ci = np.array([i * S + 1 + c for i in range(I) for c in range(C)])
-            c_out = self._gen(
-                state.params,
-                state.lora,
-                _inputs(
-                    self.cfg, self.opts, ids[ci], am[ci], [pvs[i] for i in ci], [grids[i] for i in ci], self.row_len
-                ),
-                k2,
-                1,
-            )
-            qa = jax.tree.map(lambda x: np.asarray(x).reshape(I, G, 1, *x.shape[1:]), q_out)
+
+            def sub(rows):  # patches are packed, not one row per sequence: rebuild from the raw rows
+                return _inputs(
+                    self.cfg,
+                    self.opts,
+                    ids[rows],
+                    am[rows],
+                    [pvs[r] for r in rows],
+                    [grids[r] for r in rows],
+                    self.row_len,
+                )
+
+            q_out = jax.tree.map(np.asarray, self._gen(state.params, state.lora, sub(qi), k1, G))
+            c_out = jax.tree.map(np.asarray, self._gen(state.params, state.lora, sub(ci), k2, 1))
+            qa = jax.tree.map(lambda x: x.reshape(I, 1, G, *x.shape[1:]), q_out)
             ca = jax.tree.map(
-                lambda x: np.broadcast_to(np.asarray(x).reshape(I, 1, C, *x.shape[1:]), (I, G, C, *x.shape[1:])), c_out
+                lambda x: np.broadcast_to(x.reshape(I, C, 1, *x.shape[1:]), (I, C, G, *x.shape[1:])), c_out
             )
-            out = jax.tree.map(lambda a, b: np.concatenate([a, b], 2).reshape(I * G * S, *a.shape[3:]), qa, ca)
-            order = np.arange(I * G * S)
+            out = jax.tree.map(lambda a, b: np.concatenate([a, b], 1).reshape(I * S * G, *a.shape[3:]), qa, ca)
         else:
             raise ValueError(f"candidate_sampling must be per_rollout or shared, got {rc.candidate_sampling!r}")
-        out = jax.tree.map(lambda x: np.asarray(x)[order], out)
-        # prompt row of every sample, in [I, G, S] order
-        prow = (np.arange(I)[:, None, None] * S + np.arange(S)[None, None, :]).repeat(G, 1).reshape(-1)
-        return out, ids[prow], am[prow], [pvs[r] for r in prow], [grids[r] for r in prow], (I, G, S)
+        return out, prompts, (I, G, S)
 
     def step(self, state: RLState, instances: list[dict], valid: np.ndarray | None = None) -> tuple[RLState, dict]:
         rc = self.rcfg
         t0 = time.perf_counter()
-        out, ids, am, pvs, grids, shape = self.rollouts(state, instances)
+        out, prompts, shape = self.rollouts(state, instances)
         I, G, S = shape
         t_rollout = time.perf_counter() - t0
-        # teacher-forced inputs: prompt + generated slots (pads after [RET] masked out)
-        T = out.tokens.shape[1]
-        P = ids.shape[1]
-        gen_am = (np.arange(T)[None] < out.lengths[:, None]).astype(np.int32)
-        full_ids = np.concatenate([ids, np.where(gen_am > 0, out.tokens, self.pad_id)], 1)
-        full_am = np.concatenate([am, gen_am], 1)
-        inputs = _inputs(self.cfg, self.opts, full_ids, full_am, pvs, grids, self.row_len)
         t1 = time.perf_counter()
-        old_logp, emb = self._tf(state.params, state.lora, inputs, out.tokens, out.lengths, P)
-        ref_logp = (
-            self._tf(state.params, None, inputs, out.tokens, out.lengths, P)[0] if rc.beta else jnp.zeros_like(old_logp)
-        )
+        tokens, lengths = jnp.asarray(out.tokens), jnp.asarray(out.lengths)
+        old_logp, emb = self._tf(state.params, state.lora, prompts, tokens, lengths, G)
+        ref_logp = self._tf(state.params, None, prompts, tokens, lengths, G)[0] if rc.beta else jnp.zeros_like(old_logp)
         jax.block_until_ready((old_logp, ref_logp))
         t_reforward = time.perf_counter() - t1
         t2 = time.perf_counter()
         valid = np.ones((I, S - 1), bool) if valid is None else valid
-        sims = rollout_similarities(emb, I, G, S)
+        sims = rollout_similarities(prompt_major_to_rollouts(emb, I, G, S), I, G, S)
         total, parts, adv, zero_var = rewards_and_advantages(sims, jnp.asarray(valid)[:, None, :], rc, self.reward_cfg)
-        adv_rows = jnp.repeat(adv.reshape(-1), S)  # every sequence of rollout (i, g)
-        if rc.candidate_sampling == "shared":  # shared candidate summaries: mean advantage of the group
-            a = adv_rows.reshape(I, G, S)
-            a = a.at[:, :, 1:].set(jnp.mean(a[:, :, 1:], axis=1, keepdims=True))
-            adv_rows = a.reshape(-1)
+        adv_rows = jnp.broadcast_to(adv[:, None, :], (I, S, G))  # prompt-major: row (i, s, g) gets A[i, g]
+        if rc.candidate_sampling == "shared":  # shared candidate summaries: their group's mean advantage (0)
+            adv_rows = adv_rows.at[:, 1:].set(jnp.mean(adv_rows[:, 1:], axis=2, keepdims=True))
+        adv_rows = adv_rows.reshape(-1)
         jax.block_until_ready(adv_rows)
         t_reward = time.perf_counter() - t2
         mask = jnp.asarray(out.mask)
         batch = {
-            "inputs": inputs,
-            "gen_tokens": jnp.asarray(out.tokens),
-            "gen_lengths": jnp.asarray(out.lengths),
+            "prompts": prompts,
+            "gen_tokens": tokens,
+            "gen_lengths": lengths,
             "mask": mask,
             "old_logp": old_logp,
             "ref_logp": ref_logp,
             "adv": adv_rows,
             "valid": jnp.asarray(valid),
-            "sampler_logp": jnp.asarray(out.logps),
         }
         t3 = time.perf_counter()
         m = {}
         for _ in range(rc.mu):
-            state.lora, state.opt_state, m = self._update(state.lora, state.opt_state, state.params, batch, shape, P)
+            state.lora, state.opt_state, m = self._update(state.lora, state.opt_state, state.params, batch, shape)
         jax.block_until_ready(state.lora)
         t_update = time.perf_counter() - t3
         state.step += 1
         lens = np.asarray(out.lengths)
+        n_tok = max(1, int(np.asarray(out.mask).sum()))
         metrics = {
             "reward": float(jnp.mean(total)),
             "reward_std": float(jnp.std(total)),
@@ -261,7 +251,7 @@ class RLTrainer:
             "summary_len": float(lens.mean()),
             "summary_len_max": int(lens.max()),
             "forced_ret": float(np.mean(out.forced_ret)),
-            "sampler_vs_trainer_logp": float(jnp.sum(jnp.abs(old_logp - out.logps) * mask) / max(1, int(mask.sum()))),
+            "sampler_vs_trainer_logp": float(jnp.sum(jnp.abs(old_logp - out.logps) * mask)) / n_tok,
             "time_rollout_s": t_rollout,
             "time_reforward_s": t_reforward,
             "time_reward_s": t_reward,

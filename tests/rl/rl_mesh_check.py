@@ -22,7 +22,8 @@ from elva_jax.train.lora import LoraConfig, init_lora, lora_axes  # noqa: E402
 from elva_jax.train.step import INPUT_AXES  # noqa: E402
 
 I, G, S, P, T = 2, 4, 2, 10, 5
-N = I * G * S
+D = I * S  # distinct prompts
+N = D * G  # sampled rows, prompt-major
 
 
 def make_batch(cfg, opts):
@@ -31,10 +32,12 @@ def make_batch(cfg, opts):
     gen = rng.integers(1, 400, (N, T)).astype(np.int32)
     gen[np.arange(N), lengths - 1] = 501  # [RET]
     mask = np.arange(T)[None] < lengths[:, None]
-    ids = np.concatenate([rng.integers(1, 400, (N, P)), np.where(mask, gen, 0)], 1).astype(np.int32)
-    am = np.concatenate([np.ones((N, P)), mask], 1).astype(np.int32)
+    gen = np.where(mask, gen, 0)
+    ids = rng.integers(1, 400, (D, P)).astype(np.int32)
+    am = np.ones((D, P), np.int32)
+    am[0, :3] = 0  # one left-padded prompt
     return {
-        "inputs": build_inputs(cfg, opts, ids, am),
+        "prompts": build_inputs(cfg, opts, ids, am),
         "gen_tokens": gen,
         "gen_lengths": lengths.astype(np.int32),
         "mask": mask,
@@ -42,7 +45,6 @@ def make_batch(cfg, opts):
         "ref_logp": rng.normal(-5, 0.3, (N, T)).astype(np.float32),
         "adv": rng.normal(0, 1, N).astype(np.float32),
         "valid": np.ones((I, S - 1), bool),
-        "sampler_logp": np.zeros((N, T), np.float32),
     }
 
 
@@ -51,10 +53,10 @@ def shardings(batch, mesh):
     out = {
         k: (row if np.ndim(v) == 2 and k != "valid" else NamedSharding(mesh, logical_spec(("batch",))))
         for k, v in batch.items()
-        if k not in ("inputs", "valid")
+        if k not in ("prompts", "valid")
     }
     out["valid"] = NamedSharding(mesh, logical_spec((None, None)))
-    out["inputs"] = {k: NamedSharding(mesh, logical_spec(INPUT_AXES[k])) for k in batch["inputs"]}
+    out["prompts"] = {k: NamedSharding(mesh, logical_spec(INPUT_AXES[k])) for k in batch["prompts"]}
     return out
 
 
@@ -80,7 +82,6 @@ def run(mesh_shape, devices):
                 reward_cfg=RewardConfig(),
                 lora_scale=lcfg.scale,
                 shape=(I, G, S),
-                prompt_len=P,
             )[0]
         )
     )

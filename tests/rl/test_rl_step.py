@@ -47,10 +47,10 @@ def test_rl_steps_update_lora_and_report_phases(data):
 @pytest.mark.slow
 def test_shared_candidate_sampling(data):
     tr, st = make_trainer(RLConfig(group_size=3, max_summary_tokens=4, candidate_sampling="shared"))
-    out, ids, am, pvs, grids, (I, G, S) = tr.rollouts(st, data[:2])
-    toks = np.asarray(out.tokens).reshape(I, G, S, -1)
-    # candidate summaries identical across the G rollouts, query summaries sampled per rollout
-    assert (toks[:, :, 1:] == toks[:, :1, 1:]).all()
+    out, prompts, (I, G, S) = tr.rollouts(st, data[:2])
+    toks = np.asarray(out.tokens).reshape(I, S, G, -1)  # prompt-major
+    # candidate summaries identical across the G rollouts (query summaries are sampled per rollout)
+    assert (toks[:, 1:] == toks[:, 1:, :1]).all()
     st, m = tr.step(st, data[:2])
     assert np.isfinite(m["loss"])
 
