@@ -67,14 +67,19 @@ def jax_step_time(dtype: str, remat: bool, reps: int) -> dict:
     from elva_jax.model.params import init_params
     from elva_jax.model.tiny import preset_config
     from elva_jax.train.observe import compiled_flops
-    from elva_jax.train.step import StepConfig, TrainState, contrastive_trainable_mask, train_step
+    from elva_jax.train.step import StepConfig, TrainState, split_lm_head, train_step
 
     cfg = preset_config("small")
     opts = ModelOptions(dtype=dtype, param_dtype="float32", remat=remat)
     params = init_params(cfg, jax.random.key(0))
-    tx = optax.masked(optax.adamw(1e-5), contrastive_trainable_mask(params))
+    tx = optax.adamw(1e-5)
     state = TrainState(
-        jnp.zeros((), jnp.int32), params, None, tx.init(params), jax.random.key(1), jnp.zeros((), jnp.int32)
+        jnp.zeros((), jnp.int32),
+        params,
+        None,
+        tx.init(split_lm_head(params)[0]),
+        jax.random.key(1),
+        jnp.zeros((), jnp.int32),
     )
     scfg = StepConfig(tau=0.05, embedding="last", full_finetune=True)
     batch = jax.device_put(make_batch(cfg, opts))

@@ -27,7 +27,7 @@ from elva_jax.train.config import RunConfig
 from elva_jax.train.lora import LoraConfig, init_lora, lora_axes
 from elva_jax.train.observe import MetricsLogger, Profiler, compiled_flops, device_peak_flops
 from elva_jax.train.optim import OptimConfig, make_optimizer
-from elva_jax.train.step import StepConfig, TrainState, batch_shardings, contrastive_trainable_mask, train_step
+from elva_jax.train.step import StepConfig, TrainState, batch_shardings, split_lm_head, train_step
 
 
 class Preempted(Exception):
@@ -81,16 +81,12 @@ def train(
     tx = make_optimizer(
         OptimConfig(o.lr, o.warmup_ratio, o.end_lr_ratio, o.weight_decay, o.b1, o.b2, o.eps, o.clip_norm), total_steps
     )
-    if full:
-        import optax
-
-        tx = optax.masked(tx, contrastive_trainable_mask(params))
     p_sh = tree_shardings(logical_axes(model_cfg), params, mesh)
     params = jax.device_put(params, p_sh)
     key = jax.random.key(cfg.train.seed)
     if full:
         lora = None
-        trainable = params
+        trainable = split_lm_head(params)[0]
     else:
         l_sh = tree_shardings(
             lora_axes(model_cfg, lcfg),

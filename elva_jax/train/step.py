@@ -39,7 +39,7 @@ class TrainState(NamedTuple):
     step: jnp.ndarray
     params: dict  # base model (frozen when training LoRA)
     lora: dict | None  # adapters (None for full fine-tuning)
-    opt_state: Any
+    opt_state: Any  # of the adapters, or (full fine-tuning) of split_lm_head(params)[0]
     rng: jax.Array
     skipped: jnp.ndarray  # updates skipped for non-finite loss/gradients
 
@@ -53,13 +53,20 @@ class StepConfig:
     full_finetune: bool = False
 
 
-def contrastive_trainable_mask(params: dict) -> dict:
-    """Full fine-tuning: every tensor but an untied LM head, which the embedding loss never reaches.
+def split_lm_head(params: dict) -> tuple[dict, dict | None]:
+    """(params without an untied LM head, the head or None).
 
-    Wrapping the optimizer in `optax.masked(tx, mask)` keeps AdamW from reading and writing the head
-    and its two moments every step (3 x vocab x hidden floats) and allocates no state for it.
+    Full fine-tuning differentiates and optimizes only the first part: the embedding loss never reaches
+    the head, and leaving it in would materialise a vocab x hidden zero gradient and make AdamW read and
+    write it and two moments every step (measured on the "small" model: ~90 ms of a 0.77 s step).
     """
-    return jax.tree_util.tree_map_with_path(lambda path, _: "lm_head" not in jax.tree_util.keystr(path), params)
+    text = dict(params["text"])
+    head = text.pop("lm_head", None)
+    return {**params, "text": text}, head
+
+
+def join_lm_head(params: dict, head: dict | None) -> dict:
+    return params if head is None else {**params, "text": {**params["text"], "lm_head": head}}
 
 
 def embed(params, lora, inputs, cfg: Qwen2VLConfig, opts: ModelOptions, scfg: StepConfig):
@@ -79,10 +86,14 @@ def _global_candidates(cs: jnp.ndarray, b: int) -> jnp.ndarray:
 
 
 def contrastive_loss_and_grads(trainable, frozen, batch, cfg, opts, scfg: StepConfig):
-    """(loss, metrics), grads wrt `trainable` for a batch of A micro-batches."""
+    """(loss, metrics), grads wrt `trainable` for a batch of A micro-batches.
+
+    LoRA: trainable = adapters, frozen = base params. Full fine-tuning: trainable = params without an
+    untied LM head, frozen = the head (or None); see `split_lm_head`.
+    """
 
     def pair(tr, mb):
-        params, lora = (tr, None) if scfg.full_finetune else (frozen, tr)
+        params, lora = (join_lm_head(tr, frozen), None) if scfg.full_finetune else (frozen, tr)
         return embed(params, lora, mb["query"], cfg, opts, scfg), embed(params, lora, mb["cand"], cfg, opts, scfg)
 
     A = batch["query"]["input_ids"].shape[0]
@@ -116,8 +127,11 @@ def contrastive_loss_and_grads(trainable, frozen, batch, cfg, opts, scfg: StepCo
 
 
 def train_step(state: TrainState, batch, *, cfg, opts, scfg: StepConfig, tx: optax.GradientTransformation):
-    trainable = state.params if scfg.full_finetune else state.lora
-    (loss, metrics), grads = contrastive_loss_and_grads(trainable, state.params, batch, cfg, opts, scfg)
+    if scfg.full_finetune:
+        trainable, frozen = split_lm_head(state.params)
+    else:
+        trainable, frozen = state.lora, state.params
+    (loss, metrics), grads = contrastive_loss_and_grads(trainable, frozen, batch, cfg, opts, scfg)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, trainable)
@@ -125,7 +139,7 @@ def train_step(state: TrainState, batch, *, cfg, opts, scfg: StepConfig, tx: opt
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_tr = keep(new_tr, trainable)
     new_opt = keep(new_opt, state.opt_state)
-    params, lora = (new_tr, state.lora) if scfg.full_finetune else (state.params, new_tr)
+    params, lora = (join_lm_head(new_tr, frozen), state.lora) if scfg.full_finetune else (state.params, new_tr)
     new_state = TrainState(
         step=state.step + 1,
         params=params,
