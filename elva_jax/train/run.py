@@ -85,37 +85,79 @@ def build_records(cfg: RunConfig, root: str):
     return contrastive_records(queries, pool, root, instructions=instructions, num_negatives=d.hard_negatives)
 
 
-def build_rl_instances(cfg: RunConfig, root: str) -> list[dict]:
-    """RL instances (query + positive + hard + random negatives) from the training queries."""
+def build_rl_instances(cfg: RunConfig, root: str, *, params=None, mcfg=None, tokenizer=None) -> list[dict]:
+    """RL instances: query + positive + negatives, from the training queries.
+
+    rl.negatives = "dataset": the first `num_hard_negatives` of each query's neg_cand_list plus
+    `num_random_negatives` seeded random pool candidates. "mined" (the paper's balanced sampling):
+    queries and pool are embedded with the current model (EOL embedding, cached under
+    {run.dir}/rl/negatives), hard negatives are the nearest candidates below the false-negative
+    threshold, random ones are drawn from the rest (`elva_jax.rl.negatives`). Short lists (small pools)
+    are filled by cycling, so every instance has the same number of candidates.
+    """
     from elva_jax.data import mbeir
-    from elva_jax.data.pipeline import contrastive_records
+    from elva_jax.data.pipeline import contrastive_records, corpus_records
     from elva_jax.rl.loop import add_random_negatives, select_instances
 
     d, r = cfg.data, cfg.rl
     if d.kind == "nli":
         raise configlib.ConfigError("the RL stage needs M-BEIR-format data (data.kind mbeir or bundled)")
-    if r.negatives == "mined":
-        raise configlib.ConfigError(
-            "rl.negatives=mined needs pool embeddings from the current model (python -m elva_jax.eval "
-            "--cache-only ...); use rl.negatives=dataset for neg_cand_list negatives"
-        )
     files = d.train_files or ((BUNDLED_TRAIN,) if d.kind == "bundled" else ())
     pool_file = d.pool_file or (BUNDLED_POOL if d.kind == "bundled" else "")
     queries = [q for f in files for q in mbeir.read_queries(os.path.join(root, f))]
     pool = mbeir.read_pool(os.path.join(root, pool_file))
     instr_path = os.path.join(root, d.instructions_file)
     instructions = mbeir.read_instructions(instr_path) if os.path.exists(instr_path) else None
-    recs = contrastive_records(queries, pool, root, instructions=instructions, num_negatives=r.num_hard_negatives)
-    recs = select_instances(recs, r.query_fraction, cfg.train.seed)
-    pool_sides = [
-        {
-            "text": c.txt,
-            "image": str(mbeir.resolve_image_path(root, c.img_path)) if c.img_path else None,
-            "instruction": None,
-        }
-        for c in pool.values()
-    ]
-    return add_random_negatives(recs, pool_sides, r.num_random_negatives, cfg.train.seed)
+    if r.negatives == "dataset":
+        recs = contrastive_records(queries, pool, root, instructions=instructions, num_negatives=r.num_hard_negatives)
+        recs = select_instances(recs, r.query_fraction, cfg.train.seed)
+        pool_sides = [corpus_records([c], root)[0]["item"] for c in pool.values()]
+        return add_random_negatives(recs, pool_sides, r.num_random_negatives, cfg.train.seed)
+    from elva_jax.eval.embed import EmbedConfig, Embedder
+    from elva_jax.rl.negatives import mine_cached
+    from elva_jax.train.loop import model_options
+
+    base = contrastive_records(queries, pool, root, instructions=instructions, num_negatives=0)
+    base = select_instances(base, r.query_fraction, cfg.train.seed)
+    by_id = {q.qid: q for q in queries}
+    chosen = [by_id[b["id"]] for b in base]
+    dids = list(pool)
+    index = {did: i for i, did in enumerate(dids)}
+    emb = Embedder(
+        params,
+        mcfg,
+        tokenizer,
+        EmbedConfig(mode="eol", seq_buckets=tuple(d.seq_buckets), patch_row_len=d.patch_row_len),
+        opts=model_options(cfg),
+        identity={"run": os.path.abspath(cfg.run.dir), "stage": "pre-rl"},
+    )
+    cache = os.path.join(cfg.run.dir, "rl", "negatives")
+    q_records = [{"id": b["id"], "item": b["query"]} for b in base]
+    q_emb = np.asarray(emb.embed(q_records, name="queries", cache_dir=cache))
+    p_emb = np.asarray(emb.embed(corpus_records(list(pool.values()), root), name="pool", cache_dir=cache))
+    positives = [{index[x] for x in q.pos_cand_list if x in index} for q in chosen]
+    negs, stats = mine_cached(
+        os.path.join(cache, "negatives.json"),
+        [b["id"] for b in base],
+        dids,
+        q_emb,
+        p_emb,
+        positives,
+        n_hard=r.num_hard_negatives,
+        n_random=r.num_random_negatives,
+        threshold=r.false_negative_threshold,
+        seed=cfg.train.seed,
+    )
+    print(f"[elva_jax] RL negatives: {stats}", flush=True)
+    n_neg = r.num_hard_negatives + r.num_random_negatives
+    out = []
+    for b in base:
+        ids = negs[b["id"]]
+        if not ids:
+            raise ValueError(f"query {b['id']!r}: no negatives left in the pool after filtering")
+        ids = [ids[i % len(ids)] for i in range(n_neg)]
+        out.append({**b, "cands": b["cands"] + [corpus_records([pool[x]], root)[0]["item"] for x in ids]})
+    return out
 
 
 def _evaluate(cfg: RunConfig, checkpoint: str, mode: str, out: str, compare_to: str = "") -> dict:
@@ -199,7 +241,7 @@ def run(cfg: RunConfig) -> dict:
     if "rl" in t.stages:
         from elva_jax.rl.loop import run_rl
 
-        instances = build_rl_instances(cfg, root)
+        instances = build_rl_instances(cfg, root, params=params, mcfg=mcfg, tokenizer=tokenizer)
         print(
             f"[elva_jax] RL: {len(instances)} instances of 1 positive + {len(instances[0]['cands']) - 1} negatives, "
             f"G={cfg.rl.group_size}",
