@@ -43,7 +43,9 @@ def _cfg(run_dir, **kw):
 
 @pytest.mark.slow
 def test_resume_gives_identical_losses(tmp_path):
-    full = train(_cfg(tmp_path / "a"), CFG, tiny_params(CFG), _iter(), 6, emb_token_id=EMB)
+    full = train(
+        _cfg(tmp_path / "a", **{"run.profile_steps": "[1,2]"}), CFG, tiny_params(CFG), _iter(), 6, emb_token_id=EMB
+    )
     assert len(full["losses"]) == 6 and full["compile_s"] > 0
     part1 = train(_cfg(tmp_path / "b"), CFG, tiny_params(CFG), _iter(), 6, emb_token_id=EMB, stop_after=3)
     assert part1["end_step"] == 3
@@ -57,6 +59,9 @@ def test_resume_gives_identical_losses(tmp_path):
     assert {"lr", "grad_norm", "examples_per_s", "tokens_per_s", "eta_s"} <= set(rec[0])
     assert any("compile_s" in r for r in lines)
     assert os.listdir(tmp_path / "a" / "tb")
+    # --profile wrote a trace readable by TensorBoard / XProf / Perfetto
+    traces = [f for _, _, fs in os.walk(tmp_path / "a" / "profile") for f in fs]
+    assert any(f.endswith(".xplane.pb") for f in traces) and any(f.endswith(".trace.json.gz") for f in traces)
 
 
 @pytest.mark.slow

@@ -48,8 +48,18 @@ def test_batch_not_divisible_is_reported(tmp_path):
 
 @pytest.mark.slow
 def test_rl_only_run_with_mined_negatives(tmp_path, capsys):
-    main([f"run.dir={tmp_path}", "train.stages=[rl]", "rl.steps=1", "rl.negatives=mined", "rl.query_fraction=0.1",
-          "rl.num_hard_negatives=2", "rl.num_random_negatives=2", "train.eval_modes=[]"])
+    main(
+        [
+            f"run.dir={tmp_path}",
+            "train.stages=[rl]",
+            "rl.steps=1",
+            "rl.negatives=mined",
+            "rl.query_fraction=0.1",
+            "rl.num_hard_negatives=2",
+            "rl.num_random_negatives=2",
+            "train.eval_modes=[]",
+        ]
+    )
     out = capsys.readouterr().out
     assert "RL negatives:" in out and "of 1 positive + 4 negatives" in out
     neg = json.load(open(tmp_path / "rl" / "negatives" / "negatives.json"))
