@@ -256,7 +256,8 @@ class Shapes:
 
     Contrastive: A micro-batches of b queries (L tokens) and b*(1+k) candidates; images packed one row
     of Lv patches per example (as `elva_jax.train.run` builds the pipeline) unless text-only.
-    RL: I instances x G rollouts x S = 1 + C sequences = N rows of prompt P + T generated slots.
+    RL: I instances x S = 1 + C sequences = D distinct prompts of P tokens, each sampled G times:
+    N = D x G rows of T generated slots (prompt-major, as `elva_jax.rl.trainer` lays them out).
     """
 
     A: int
@@ -273,8 +274,12 @@ class Shapes:
     rl_images: bool
 
     @property
+    def D(self) -> int:
+        return self.I * self.S
+
+    @property
     def N(self) -> int:
-        return self.I * self.G * self.S
+        return self.D * self.G
 
 
 def plan_shapes(
@@ -299,8 +304,8 @@ def plan_shapes(
     G = rl_group or rc.group_size
     C = rl_candidates or 1 + rc.num_hard_negatives + rc.num_random_negatives
     S = 1 + C
-    # smallest number of instances whose N = I*G*S rows split evenly over the batch shards
-    I = rl_instances or batch_shards // math.gcd(G * S, batch_shards)
+    # smallest number of instances whose D = I*S prompts (and so the N = D*G rows) split over the batch shards
+    I = rl_instances or batch_shards // math.gcd(S, batch_shards)
     b = B // t.micro_batches
     return Shapes(
         A=t.micro_batches,
@@ -351,7 +356,7 @@ def rl_batch(mcfg, shp: Shapes) -> dict:
     """The batch `rl_loss` takes (see `elva_jax.rl.trainer.RLTrainer.step`)."""
     N, T = shp.N, shp.T
     return {
-        "inputs": model_inputs(mcfg, N, shp.P + T, shp.rl_images, shp.Lv),
+        "prompts": model_inputs(mcfg, shp.D, shp.P, shp.rl_images, shp.Lv),
         "gen_tokens": _sds((N, T), jnp.int32),
         "gen_lengths": _sds((N,), jnp.int32),
         "mask": _sds((N, T), jnp.bool_),
@@ -359,7 +364,6 @@ def rl_batch(mcfg, shp: Shapes) -> dict:
         "ref_logp": _sds((N, T), jnp.float32),
         "adv": _sds((N,), jnp.float32),
         "valid": _sds((shp.I, shp.S - 1), jnp.bool_),
-        "sampler_logp": _sds((N, T), jnp.float32),
     }
 
 
@@ -369,9 +373,9 @@ def rl_batch_shardings(batch: dict, mesh) -> dict:
     from elva_jax.train.step import INPUT_AXES
 
     rows = lambda v: NamedSharding(mesh, logical_spec(("batch",) + (None,) * (len(v.shape) - 1)))  # noqa: E731
-    out = {k: rows(v) for k, v in batch.items() if k != "inputs"}
+    out = {k: rows(v) for k, v in batch.items() if k != "prompts"}
     out["valid"] = NamedSharding(mesh, PartitionSpec())
-    out["inputs"] = {k: NamedSharding(mesh, logical_spec(INPUT_AXES[k])) for k in batch["inputs"]}
+    out["prompts"] = {k: NamedSharding(mesh, logical_spec(INPUT_AXES[k])) for k in batch["prompts"]}
     return out
 
 
@@ -501,13 +505,14 @@ class Program:
 def train_program(setup: Setup) -> Program:
     """The contrastive train step as the loop jits it (donated state, replicated metrics)."""
     from elva_jax.parallel.sharding import replicated
-    from elva_jax.train.step import StepConfig, TrainState, batch_shardings, train_step
+    from elva_jax.train.step import StepConfig, TrainState, batch_shardings, split_lm_head, train_step
 
     run, mesh, shp = setup.run, setup.mesh, setup.shapes
     full = not run.lora.enabled
     rep = replicated(mesh)
     lora = None if full else setup.lora
-    opt = _opt_state(setup, setup.params if full else lora)
+    # full fine-tuning optimizes the params without an untied LM head (`split_lm_head`)
+    opt = _opt_state(setup, split_lm_head(setup.params)[0] if full else lora)
     key = jax.eval_shape(lambda: jax.random.key(0))
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     state = TrainState(
@@ -575,14 +580,13 @@ def rl_update_program(setup: Setup) -> Program:
             reward_cfg=RewardConfig(),
             lora_scale=setup.lcfg.scale,
             shape=(shp.I, shp.G, shp.S),
-            prompt_len=shp.P,
         )
         upd, opt_state = setup.tx.update(g, opt_state, lora)
         return optax.apply_updates(lora, upd), opt_state, {**m, "grad_norm": optax.tree.norm(g)}
 
     fn = jax.jit(update, donate_argnums=(0, 1))
     groups = {"params": setup.params, "lora": setup.lora, "optimizer": opt, "batch": batch}
-    note = f"I={shp.I} x G={shp.G} x S={shp.S} = {shp.N} rows of P={shp.P} + T={shp.T}" + (
+    note = f"I={shp.I} x S={shp.S} = {shp.D} prompts of P={shp.P} x G={shp.G} = {shp.N} rows of T={shp.T}" + (
         f", {shp.Lv} patches/row" if shp.rl_images else ", text only"
     )
     return Program("rl_update", fn, (setup.lora, opt, setup.params, batch), groups, note)
@@ -807,9 +811,16 @@ def suggest(res: Result, setup: Setup, target: Target) -> list[str]:
             )
     if res.name in ("rl_update", "decode"):
         out.append(
-            f"fewer RL rows per step: --rl-instances / --rl-candidates (now {shp.N} = {shp.I}x{shp.G}x{shp.S}), "
+            f"fewer RL rows per step: --rl-instances / --rl-candidates (now {shp.N} = {shp.I}x{shp.S}x{shp.G}), "
             f"or a shorter prompt (--seq {shp.P})"
         )
+        shards = data * fsdp
+        if shp.I > 1 and shp.S % shards:
+            c = -(-shp.S // shards) * shards - 1
+            out.append(
+                f"{shp.I} instances is the fewest whose I x S prompts split over data x fsdp = {shards}; with "
+                f"--rl-candidates {c} (S = {c + 1}) one instance splits"
+            )
     out.append(f"a larger slice: per-device state and batch shrink with more devices (now {len(target.devices)})")
     return out
 

@@ -62,15 +62,15 @@ def make_batch(cfg, opts, B=8, L=64, grid_hw=8, seed=0):
     return {"query": jax.tree.map(lambda x: x[None], q), "cand": jax.tree.map(lambda x: x[None], c)}
 
 
-def jax_step_time(dtype: str, remat: bool, reps: int) -> dict:
+def jax_step_time(dtype: str, remat: bool, reps: int, scan_unroll: int = 1) -> dict:
     from elva_jax.model.config import ModelOptions
     from elva_jax.model.params import init_params
     from elva_jax.model.tiny import preset_config
-    from elva_jax.train.observe import compiled_flops
+    from elva_jax.train.observe import lowered_flops, unrolled
     from elva_jax.train.step import StepConfig, TrainState, split_lm_head, train_step
 
     cfg = preset_config("small")
-    opts = ModelOptions(dtype=dtype, param_dtype="float32", remat=remat)
+    opts = ModelOptions(dtype=dtype, param_dtype="float32", remat=remat, scan_unroll=scan_unroll)
     params = init_params(cfg, jax.random.key(0))
     tx = optax.adamw(1e-5)
     state = TrainState(
@@ -87,7 +87,8 @@ def jax_step_time(dtype: str, remat: bool, reps: int) -> dict:
     t = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
-    flops = compiled_flops(compiled)
+    opts_u = unrolled(opts, cfg)  # XLA counts a scan body once: count FLOPs on the unrolled program
+    flops = lowered_flops(jax.jit(lambda s, b: train_step(s, b, cfg=cfg, opts=opts_u, scfg=scfg, tx=tx)), state, batch)
     state, m = compiled(state, batch)  # warm-up
     jax.block_until_ready(m["loss"])
     ts = []
@@ -137,6 +138,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reference", default=default_ref, help="path of torch_reference.py ('' to skip)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (8 = fully unrolled)")
     a = ap.parse_args(argv)
     peak = jax_matmul_peak()
     res = {
@@ -146,7 +148,7 @@ def main(argv=None) -> None:
         "peak_gflops_jax": round(peak / 1e9, 1),
     }
     ref = torch_step_time(a.reference, a.reps) if a.reference else None
-    got = jax_step_time(a.dtype, a.remat, a.reps)
+    got = jax_step_time(a.dtype, a.remat, a.reps, a.scan_unroll)
     res["elva_jax_step_s"] = round(got["step_s"], 4)
     res["compile_s"] = round(got["compile_s"], 2)
     if got["flops_per_step"]:

@@ -193,6 +193,8 @@ class ModelOptions:
     position_mode: "mrope" (Qwen2-VL's 3-D positions from `get_rope_index`) or "1d" (one position per
         token for every token, images included: what LamRA-trained checkpoints expect).
     remat: rematerialise each decoder/vision layer in the backward pass.
+    scan_unroll: layers per `lax.scan` iteration (1: smallest program, fastest compile; the layer
+        count: fully unrolled, no per-layer slicing of stacked weights; faster steps for small models).
     matmul_precision: passed to `jax.lax.dot_general` ("default" | "high" | "highest").
     """
 
@@ -200,6 +202,7 @@ class ModelOptions:
     param_dtype: str = "float32"
     position_mode: str = "mrope"
     remat: bool = False
+    scan_unroll: int = 1
     matmul_precision: str = "default"
 
     def __post_init__(self):

@@ -78,6 +78,6 @@ def decoder_forward(
 
     if opts.remat:
         step = jax.checkpoint(step, prevent_cse=False)
-    x, (new_cache, per_layer) = jax.lax.scan(step, x, (params["layers"], lora, cache))
+    x, (new_cache, per_layer) = jax.lax.scan(step, x, (params["layers"], lora, cache), unroll=opts.scan_unroll)
     x = rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
     return x, new_cache, per_layer

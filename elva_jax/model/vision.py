@@ -59,7 +59,7 @@ def vision_forward(
 
     if opts.remat:
         step = jax.checkpoint(step)
-    x, per_layer = jax.lax.scan(step, x, params["blocks"])
+    x, per_layer = jax.lax.scan(step, x, params["blocks"], unroll=opts.scan_unroll)
     # PatchMerger: LN, concat each m*m window (contiguous), MLP with exact GELU.
     mp = params["merger"]
     h = layer_norm(x, mp["ln_q"], cfg.layer_norm_eps)

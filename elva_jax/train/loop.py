@@ -25,7 +25,7 @@ from elva_jax.parallel.sharding import make_mesh, replicated, tree_shardings
 from elva_jax.train.checkpointing import Checkpointer, CheckpointNotFound, abstract_like
 from elva_jax.train.config import RunConfig
 from elva_jax.train.lora import LoraConfig, init_lora, lora_axes
-from elva_jax.train.observe import MetricsLogger, Profiler, compiled_flops, device_peak_flops
+from elva_jax.train.observe import MetricsLogger, Profiler, device_peak_flops, lowered_flops, unrolled
 from elva_jax.train.optim import OptimConfig, make_optimizer
 from elva_jax.train.step import StepConfig, TrainState, batch_shardings, split_lm_head, train_step
 
@@ -123,6 +123,8 @@ def train(
         donate_argnums=(0,),
         out_shardings=(state_sh, rep),
     )
+    opts_u = unrolled(opts, model_cfg)  # FLOPs are counted on the unrolled program (XLA counts a scan body once)
+    counting_fn = jax.jit(lambda s, b: train_step(s, b, cfg=model_cfg, opts=opts_u, scfg=scfg, tx=tx))
     stop = _StopFlag()
     old_handler = signal.signal(signal.SIGTERM, stop)
     logger = MetricsLogger(run_dir)
@@ -143,9 +145,9 @@ def train(
             batch = _to_global(host_batch, b_sh)
             if flops is None:
                 t0 = time.perf_counter()
-                compiled = step_fn.lower(state, batch).compile()
+                step_fn.lower(state, batch).compile()
                 summary["compile_s"] = time.perf_counter() - t0
-                flops = compiled_flops(compiled)
+                flops = lowered_flops(counting_fn, state, batch)
                 logger.log(step, {"compile_s": summary["compile_s"], "flops_per_step": flops})
                 print(
                     f"[elva_jax] compiled the train step in {summary['compile_s']:.1f}s"

@@ -36,16 +36,28 @@ def device_peak_flops(device=None) -> float | None:
     return None
 
 
-def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled jit function (XLA cost analysis), if available."""
+def lowered_flops(jitted, *args) -> float | None:
+    """FLOPs of one call from XLA's cost analysis of the lowered (not compiled) program.
+
+    XLA counts a while-loop body once, so pass a variant whose layer scans are unrolled
+    (`ModelOptions.scan_unroll` >= the layer count); otherwise a scanned model is undercounted by
+    about its number of layers.
+    """
     try:
-        ca = compiled.cost_analysis()
+        ca = jitted.lower(*args).cost_analysis()
     except Exception:  # noqa: BLE001 - some backends do not implement it
         return None
     if isinstance(ca, list | tuple):
         ca = ca[0] if ca else {}
     f = (ca or {}).get("flops")
     return float(f) if f else None
+
+
+def unrolled(opts, model_cfg):
+    """`opts` with every layer scan fully unrolled (for FLOP counting only)."""
+    import dataclasses
+
+    return dataclasses.replace(opts, scan_unroll=max(model_cfg.text.num_layers, model_cfg.vision.depth))
 
 
 class MetricsLogger:
