@@ -73,7 +73,9 @@ def token_logps(
         lse = jax.nn.logsumexp(logits, axis=-1)
         return jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse
 
-    out = jax.lax.map(one, (h.reshape(-1, chunk, *h.shape[1:]), t.reshape(-1, chunk, t.shape[1])))
+    # rematerialised: the backward pass recomputes each chunk's logits instead of keeping all of them
+    # (full-vocabulary fp32 logits for every generated token dominated the RL update's memory)
+    out = jax.lax.map(jax.checkpoint(one), (h.reshape(-1, chunk, *h.shape[1:]), t.reshape(-1, chunk, t.shape[1])))
     return out.reshape(-1, targets.shape[1])[:N]
 
 

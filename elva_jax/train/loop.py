@@ -102,7 +102,9 @@ def train(
     state = TrainState(
         jnp.zeros((), jnp.int32), params, lora, opt_state, jax.random.fold_in(key, 2), jnp.zeros((), jnp.int32)
     )
-    state = jax.device_put(state, jax.tree.map(lambda x: getattr(x, "sharding", rep), state))
+    # leaves not already laid out on the mesh (step, RNG, counters, optimizer scalars) are replicated on it
+    on_mesh = lambda x: isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh  # noqa: E731
+    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding if on_mesh(x) else rep, state))
     state_sh = jax.tree.map(lambda x: x.sharding, state)
 
     run_dir = cfg.run.dir

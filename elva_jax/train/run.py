@@ -212,8 +212,9 @@ def run(cfg: RunConfig) -> dict:
         batch_size=b,
         micro_batches=t.micro_batches,
         seq_buckets=tuple(d.seq_buckets),
-        patch_budget=(d.patch_rows or b, row_len),
-        cand_patch_budget=(d.patch_rows or n_cand, row_len),
+        # text-only data (NLI) carries no patch arrays, so the vision tower does not run on padding
+        patch_budget=None if d.kind == "nli" else (d.patch_rows or b, row_len),
+        cand_patch_budget=None if d.kind == "nli" else (d.patch_rows or n_cand, row_len),
         num_negatives=d.hard_negatives,
         seed=d.shuffle_seed,
         num_epochs=max(1, math.ceil(t.epochs)),

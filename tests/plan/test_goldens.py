@@ -46,7 +46,7 @@ def test_7b_specs_by_hand():
     rows = ["data", "fsdp"]
     assert _spec(d, "batch", "query/input_ids") == [None, rows, None]
     assert _spec(d, "batch", "cand/patches") == [None, rows, None, None]
-    assert _spec(d, "rl_batch", "inputs/positions") == [None, rows, None]
+    assert _spec(d, "rl_batch", "prompts/positions") == [None, rows, None]
     assert _spec(d, "kv_cache", "k") == [None, rows, None, "tensor", None]
     assert d["params"]["text/layers/q_proj/kernel"]["shape"] == [28, 3584, 3584]
 

@@ -83,3 +83,24 @@ def test_sigterm_saves_and_stops(tmp_path, capsys):
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [end]
     again = train(_cfg(tmp_path), CFG, tiny_params(CFG), _iter(), 6, emb_token_id=EMB)
     assert again["start_step"] == end and again["end_step"] == 6
+
+
+@pytest.mark.slow
+def test_loop_runs_on_an_eight_device_mesh(tmp_path):
+    import subprocess
+    import sys
+
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(here))
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, os.path.join(here, "loop_mesh_check.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["end_step"] == 2 and all(np.isfinite(r["losses"]))
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [1, 2]
