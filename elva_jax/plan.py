@@ -181,45 +181,11 @@ def resolve_target(topology: str, *, hbm_gib: float | None = None, peak_tflops: 
 # the run: config, model sizes, shapes
 
 
-# Qwen2-VL's published sizes (config.json of the hub checkpoints), for planning without the weights.
-QWEN2VL_SIZES = {
-    "2b": dict(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        mrope_section=[16, 24, 24],
-        tie_word_embeddings=True,
-        vision_depth=32,
-        vision_embed_dim=1280,
-        vision_num_heads=16,
-    ),
-    "7b": dict(
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        mrope_section=[16, 24, 24],
-        tie_word_embeddings=False,
-        vision_depth=32,
-        vision_embed_dim=1280,
-        vision_num_heads=16,
-    ),
-}
-
-
 def model_config(name: str):
-    """Qwen2VLConfig for '2b' / '7b' (real sizes) or a random preset ('tiny', 'small')."""
-    from elva_jax.model.config import Qwen2VLConfig
-    from elva_jax.model.tiny import config_dict, preset_config
+    """Qwen2VLConfig for '2b' / '7b' (Qwen2-VL's published sizes) or a random preset ('tiny', 'small')."""
+    from elva_jax.model.tiny import preset_config
 
-    if name in QWEN2VL_SIZES:
-        return Qwen2VLConfig.from_dict(config_dict(**QWEN2VL_SIZES[name]), source=f"Qwen2-VL-{name.upper()} sizes")
-    return preset_config(name)
+    return preset_config({"2b": "qwen2vl_2b", "7b": "qwen2vl_7b"}.get(name, name))
 
 
 def resolve_model(run, name: str = "auto"):

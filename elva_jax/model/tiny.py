@@ -33,6 +33,33 @@ PRESETS = {
         vision_embed_dim=32,
         vision_num_heads=2,
     ),
+    # Qwen2-VL's published sizes (the hub checkpoints' config.json): for planning, never for random runs
+    "qwen2vl_2b": dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        mrope_section=[16, 24, 24],
+        tie_word_embeddings=True,
+        vision_depth=32,
+        vision_embed_dim=1280,
+        vision_num_heads=16,
+    ),
+    "qwen2vl_7b": dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        mrope_section=[16, 24, 24],
+        tie_word_embeddings=False,
+        vision_depth=32,
+        vision_embed_dim=1280,
+        vision_num_heads=16,
+    ),
     # benchmarks.md's "small" model (about 183M parameters, untied)
     "small": dict(
         vocab_size=151669,

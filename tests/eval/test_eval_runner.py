@@ -23,7 +23,13 @@ from elva_jax.eval.metrics import recall_at_k
 from elva_jax.eval.runner import evaluate
 from elva_jax.model.tiny import write_random_checkpoint
 
-BASE = ["data.seq_buckets=[160]", "data.patch_row_len=64", "model.dtype=float32", "model.position_mode=mrope"]
+BASE = [
+    "data.seq_buckets=[160]",
+    "data.patch_row_len=64",
+    "model.dtype=float32",
+    "model.position_mode=mrope",
+    "eval.grain_masking=false",  # independent of the preset; tests that want it turn it on
+]
 
 
 @pytest.fixture(scope="module")
