@@ -425,12 +425,9 @@ def build_setup(run, mcfg, mesh, shapes: Shapes) -> Setup:
     from elva_jax.parallel.sharding import MeshError, tree_shardings
     from elva_jax.train.loop import model_options
     from elva_jax.train.lora import LoraConfig, init_lora, lora_axes
-    from elva_jax.train.optim import OptimConfig, make_optimizer
+    from elva_jax.train.optim import make_optimizer
 
-    o = run.optim
-    tx = make_optimizer(
-        OptimConfig(o.lr, o.warmup_ratio, o.end_lr_ratio, o.weight_decay, o.b1, o.b2, o.eps, o.clip_norm), 1000
-    )
+    tx = make_optimizer(run.optim, 1000)
     lcfg = LoraConfig(rank=run.lora.rank, alpha=run.lora.alpha, targets=tuple(run.lora.targets))
     pdt = jnp.dtype(run.model.param_dtype)
     p_abs = abstract_params(mcfg, pdt)

@@ -96,10 +96,5 @@ def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=LOGICAL_RULES):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_RULES) -> NamedSharding:
-    """Leading axis split over the batch axes, the rest replicated."""
-    return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (ndim - 1), rules))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())

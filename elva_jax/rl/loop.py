@@ -7,6 +7,7 @@ LoRA, optimizer state, step and RNG, so a resumed run continues with the same in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -23,7 +24,7 @@ from elva_jax.train.checkpointing import Checkpointer, abstract_like
 from elva_jax.train.config import RunConfig
 from elva_jax.train.lora import LoraConfig, init_lora
 from elva_jax.train.observe import MetricsLogger
-from elva_jax.train.optim import OptimConfig, make_optimizer
+from elva_jax.train.optim import make_optimizer, schedule
 
 
 def rl_configs(cfg: RunConfig) -> tuple[RLConfig, RewardConfig]:
@@ -96,10 +97,9 @@ def run_rl(
     rcfg, reward_cfg = rl_configs(cfg)
     lcfg = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
     n_steps = r.steps or max(1, len(instances) // r.instances_per_step)
-    o = cfg.optim
-    tx = make_optimizer(
-        OptimConfig(r.lr, o.warmup_ratio, o.end_lr_ratio, o.weight_decay, o.b1, o.b2, o.eps, o.clip_norm), n_steps
-    )
+    ocfg = dataclasses.replace(cfg.optim, lr=r.lr)  # the RL stage keeps the optimizer settings, with its own LR
+    tx = make_optimizer(ocfg, n_steps)
+    lr_at = schedule(ocfg, n_steps)
     key = jax.random.key(cfg.train.seed + 17)
     lora = init_lora(mcfg, lcfg, jax.random.fold_in(key, 1), dtype=cfg.model.param_dtype)
     trainer = RLTrainer(
@@ -149,7 +149,7 @@ def run_rl(
         while state.step < n_steps:
             idx = next(it)
             state, m = trainer.step(state, [instances[int(i)] for i in idx])
-            m["lr"] = float(tx_lr(r.lr, o, n_steps, state.step - 1))
+            m["lr"] = float(lr_at(state.step - 1))
             logger.log(state.step, m)
             history.append(m)
             print(
@@ -175,9 +175,3 @@ def run_rl(
         "history": history,
         "wall_s": time.perf_counter() - t_start,
     }
-
-
-def tx_lr(lr: float, o, total: int, step: int) -> float:
-    from elva_jax.train.optim import schedule
-
-    return float(schedule(OptimConfig(lr, o.warmup_ratio, o.end_lr_ratio), total)(step))

@@ -168,7 +168,7 @@ def rl_loss(
     """GRPO loss (+ optional auxiliary soft-ranking loss) and metrics for one batch of rollouts.
 
     Rows are prompt-major: the D = I * S distinct prompts (`prompts`, [D, P]) each with G samples
-    (gen_tokens, gen_lengths, mask, old_logp, ref_logp, sampler_logp: [D * G, ...]); adv [D * G] is the
+    (gen_tokens, gen_lengths, mask, old_logp, ref_logp: [D * G, ...]); adv [D * G] is the
     advantage of the rollout each row belongs to; valid [I, C]. The forward shares each prompt's
     prefill across its G samples (`teacher_forced_shared`).
     """
@@ -176,7 +176,7 @@ def rl_loss(
     logp, emb = teacher_forced_shared(
         params, lora, lora_scale, batch["prompts"], batch["gen_tokens"], batch["gen_lengths"], G, cfg, opts, rcfg
     )
-    per_tok, stats = grpo.grpo_token_loss(
+    loss, m = grpo.grpo_loss(
         logp,
         batch["old_logp"],
         batch["ref_logp"],
@@ -186,12 +186,10 @@ def rl_loss(
         eps_high=rcfg.eps_high,
         beta=rcfg.beta,
         kl_estimator=rcfg.kl_estimator,
+        loss_type=rcfg.loss_type,
+        max_completion_length=batch["mask"].shape[1],
     )
-    loss_sum, denom = grpo.aggregate(
-        per_tok, batch["mask"], rcfg.loss_type, max_completion_length=batch["mask"].shape[1]
-    )
-    loss = loss_sum / jnp.maximum(denom, 1e-9)
-    metrics = {"grpo_loss": loss, **dict(stats)}
+    metrics = {**m, "grpo_loss": m["loss"]}
     if rcfg.aux_soft_rank_weight:
         sims = rollout_similarities(prompt_major_to_rollouts(emb, I, G, S), I, G, S)
         aux = soft_ranking_loss(sims, reward_cfg, jnp.repeat(batch["valid"][:, None, :], G, axis=1))

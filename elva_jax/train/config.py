@@ -11,6 +11,7 @@ from dataclasses import field
 
 from elva_jax.eval.config import EvalSection
 from elva_jax.model.decoder import LORA_TARGETS
+from elva_jax.train.optim import OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,18 +38,6 @@ class MeshSection:
     data: int = -1  # -1: all devices not used by the other axes
     fsdp: int = 1
     tensor: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimSection:
-    lr: float = 1e-4
-    warmup_ratio: float = 0.03
-    end_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    clip_norm: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +126,7 @@ class RunConfig:
     model: ModelSection = ModelSection()
     lora: LoraSection = LoraSection()
     mesh: MeshSection = MeshSection()
-    optim: OptimSection = OptimSection()
+    optim: OptimConfig = OptimConfig()
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
     run: RunSection = RunSection()

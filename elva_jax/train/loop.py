@@ -26,12 +26,8 @@ from elva_jax.train.checkpointing import Checkpointer, CheckpointNotFound, abstr
 from elva_jax.train.config import RunConfig
 from elva_jax.train.lora import LoraConfig, init_lora, lora_axes
 from elva_jax.train.observe import MetricsLogger, Profiler, device_peak_flops, lowered_flops, unrolled
-from elva_jax.train.optim import OptimConfig, make_optimizer
+from elva_jax.train.optim import make_optimizer, schedule
 from elva_jax.train.step import StepConfig, TrainState, batch_shardings, split_lm_head, train_step
-
-
-class Preempted(Exception):
-    pass
 
 
 @dataclasses.dataclass
@@ -77,10 +73,8 @@ def train(
         lora_scale=lcfg.scale,
         full_finetune=full,
     )
-    o = cfg.optim
-    tx = make_optimizer(
-        OptimConfig(o.lr, o.warmup_ratio, o.end_lr_ratio, o.weight_decay, o.b1, o.b2, o.eps, o.clip_norm), total_steps
-    )
+    tx = make_optimizer(cfg.optim, total_steps)
+    lr_at = schedule(cfg.optim, total_steps)
     p_sh = tree_shardings(logical_axes(model_cfg), params, mesh)
     params = jax.device_put(params, p_sh)
     key = jax.random.key(cfg.train.seed)
@@ -172,7 +166,7 @@ def train(
                 "loss": loss,
                 "acc": float(m["acc"]),
                 "grad_norm": float(m["grad_norm"]),
-                "lr": float(tx_lr(o, total_steps, step - 1)),
+                "lr": float(lr_at(step - 1)),
                 "step_s": dt,
                 "examples_per_s": n_ex / dt,
                 "tokens_per_s": n_tok / dt,
@@ -212,12 +206,3 @@ def train(
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump({k: v for k, v in summary.items() if k != "state"}, f, indent=2)
     return summary
-
-
-def tx_lr(o, total_steps: int, step: int) -> float:
-    from elva_jax.train.optim import schedule
-
-    return float(schedule(OptimConfig(o.lr, o.warmup_ratio, o.end_lr_ratio), total_steps)(step))
-
-
-__all__ = ["train", "model_options", "Preempted", "NamedSharding"]

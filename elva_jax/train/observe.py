@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 
 import jax
 
@@ -115,15 +114,3 @@ class Profiler:
                 jax.block_until_ready(block_on)
             jax.profiler.stop_trace()
             self.active = False
-
-
-class Throughput:
-    """Wall-clock rates over the steps since the last report; the first (compiling) step is reported apart."""
-
-    def __init__(self):
-        self.t = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt

@@ -67,13 +67,11 @@ def load_model(cfg: RunConfig):
     return mcfg, init_params(mcfg, jax.random.key(cfg.train.seed), dtype=cfg.model.param_dtype)
 
 
-def build_records(cfg: RunConfig, root: str):
-    from elva_jax.data import mbeir, nli
-    from elva_jax.data.pipeline import contrastive_records, nli_records
+def read_mbeir_training(cfg: RunConfig, root: str):
+    """(training queries, candidate pool, instructions or None) of an M-BEIR-format root."""
+    from elva_jax.data import mbeir
 
     d = cfg.data
-    if d.kind == "nli":
-        return nli_records(nli.read_nli_csv(root), num_negatives=d.hard_negatives)
     files = d.train_files or ((BUNDLED_TRAIN,) if d.kind == "bundled" else ())
     pool_file = d.pool_file or (BUNDLED_POOL if d.kind == "bundled" else "")
     if not files or not pool_file:
@@ -82,6 +80,17 @@ def build_records(cfg: RunConfig, root: str):
     pool = mbeir.read_pool(os.path.join(root, pool_file))
     instr_path = os.path.join(root, d.instructions_file)
     instructions = mbeir.read_instructions(instr_path) if os.path.exists(instr_path) else None
+    return queries, pool, instructions
+
+
+def build_records(cfg: RunConfig, root: str):
+    from elva_jax.data import nli
+    from elva_jax.data.pipeline import contrastive_records, nli_records
+
+    d = cfg.data
+    if d.kind == "nli":
+        return nli_records(nli.read_nli_csv(root), num_negatives=d.hard_negatives)
+    queries, pool, instructions = read_mbeir_training(cfg, root)
     return contrastive_records(queries, pool, root, instructions=instructions, num_negatives=d.hard_negatives)
 
 
@@ -95,19 +104,13 @@ def build_rl_instances(cfg: RunConfig, root: str, *, params=None, mcfg=None, tok
     threshold, random ones are drawn from the rest (`elva_jax.rl.negatives`). Short lists (small pools)
     are filled by cycling, so every instance has the same number of candidates.
     """
-    from elva_jax.data import mbeir
     from elva_jax.data.pipeline import contrastive_records, corpus_records
     from elva_jax.rl.loop import add_random_negatives, select_instances
 
     d, r = cfg.data, cfg.rl
     if d.kind == "nli":
         raise configlib.ConfigError("the RL stage needs M-BEIR-format data (data.kind mbeir or bundled)")
-    files = d.train_files or ((BUNDLED_TRAIN,) if d.kind == "bundled" else ())
-    pool_file = d.pool_file or (BUNDLED_POOL if d.kind == "bundled" else "")
-    queries = [q for f in files for q in mbeir.read_queries(os.path.join(root, f))]
-    pool = mbeir.read_pool(os.path.join(root, pool_file))
-    instr_path = os.path.join(root, d.instructions_file)
-    instructions = mbeir.read_instructions(instr_path) if os.path.exists(instr_path) else None
+    queries, pool, instructions = read_mbeir_training(cfg, root)
     if r.negatives == "dataset":
         recs = contrastive_records(queries, pool, root, instructions=instructions, num_negatives=r.num_hard_negatives)
         recs = select_instances(recs, r.query_fraction, cfg.train.seed)
