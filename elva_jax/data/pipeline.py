@@ -1,10 +1,26 @@
 """Grain input pipelines with static shapes, image-failure policies and checkpointable iterators.
 
-Flow: records (plain dicts) -> ``MapDataset.source`` -> seeded ``shuffle`` -> ``repeat`` -> per-host
-slice ``[process_index::process_count]`` (hosts see disjoint slices that together partition the data)
--> ``to_iter_dataset`` -> ``map`` (load images, tokenize) -> ``filter`` (records dropped by the skip
-policy) -> ``batch(drop_remainder=True)`` (pad to a sequence bucket, pack images into a fixed patch
-budget) -> optional ``mp_prefetch``.
+Training flow (``kind="contrastive"``, also NLI and RL records), elastic over the host count:
+records (plain dicts) -> ``MapDataset.source`` -> seeded ``shuffle`` -> ``repeat`` -> encode (load
+images, tokenize; random access, so a record dropped by the skip policy is replaced by a substitute,
+below) -> per-host slice ``[start + process_index :: process_count]`` -> ``to_iter_dataset`` ->
+``batch`` (pad to a sequence bucket, pack images into a fixed patch budget) -> optional
+``mp_prefetch``.
+
+Global batch g holds the records at global indices [g*G, (g+1)*G), G = records per host batch x
+process count; host h takes indices h, h+H, ... of it. The iterator's state is the global index of
+the next batch (``{"global_next_index": ...}``), identical on every host, so a run saved on H hosts
+resumes on any H' that divides the same global batch, each step seeing the same records. Grain's own
+``ElasticIterator`` follows the same scheme but batches with a plain stack and rejects ``filter``;
+this pipeline needs its collation and its skip policy, so it implements the scheme itself.
+
+Skip policy under this scheme: a record whose image is missing or unreadable is replaced by the
+record at index i + G (the same slot of the next global batch; then i + 2G, ...), so batches keep
+their size, the set of records of a step depends on neither the host nor the host count, and the
+substitute is seen twice in the epoch (never twice in one batch). Skips are counted and capped.
+
+Corpus flow (``kind="corpus"``, evaluation): one host, no resume; records dropped by the skip policy
+are filtered out (reported through the iterator's stats) rather than substituted.
 
 Batches are numpy dicts in the layout of :func:`elva_jax.model.inputs.build_inputs` with a leading
 micro-batch axis A: contrastive / NLI batches are ``{"query": inputs, "cand": inputs}`` whose cand rows
@@ -21,10 +37,12 @@ table entry for (dataset, query modality, candidate modality).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grain
 import numpy as np
 
 from elva_jax.data.errors import ImageError
@@ -273,8 +291,8 @@ class _EncodeRecord:
         enc, trunc = self.encoder.encode(side, pv, grid, max(self.cfg.seq_buckets))
         return enc, trunc, None
 
-    def __call__(self, record: dict) -> dict:
-        self.seen += 1
+    def encode_one(self, record: dict) -> tuple[dict | None, int, str | None]:
+        """(encoded record or None, rows truncated, the bad image path when the skip policy drops it)."""
         out: dict[str, Any] = {"id": record["id"]}
         truncated = 0
         for key in self.group_keys:
@@ -283,21 +301,63 @@ class _EncodeRecord:
             for side in sides:
                 enc, trunc, bad = self._encode_side(side)
                 if enc is None:
-                    self.skipped += 1
-                    pol = self.cfg.image_policy
-                    if self.seen >= pol.min_seen and self.skipped > pol.max_skip_fraction * self.seen:
-                        raise SkippedFractionError(
-                            f"{self.skipped}/{self.seen} records skipped for bad images "
-                            f"(> {pol.max_skip_fraction:.2%}); last: {bad}"
-                        )
-                    self.pending.append(bad)
-                    return {"_skip": bad}
+                    return None, 0, bad
                 truncated += trunc
                 encs.append(enc)
             out[key] = encs
+        return out, truncated, None
+
+    def __call__(self, record: dict) -> dict:
+        """Filter-path map: the record with ``_stats`` = (truncated, skipped paths not yet reported), or a
+        ``{"_skip": path}`` marker that the filter drops."""
+        self.seen += 1
+        out, truncated, bad = self.encode_one(record)
+        if out is None:
+            self.skipped += 1
+            pol = self.cfg.image_policy
+            if self.seen >= pol.min_seen and self.skipped > pol.max_skip_fraction * self.seen:
+                raise SkippedFractionError(
+                    f"{self.skipped}/{self.seen} records skipped for bad images "
+                    f"(> {pol.max_skip_fraction:.2%}); last: {bad}"
+                )
+            self.pending.append(bad)
+            return {"_skip": bad}
         out["_stats"] = (truncated, self.pending)
         self.pending = []
         return out
+
+
+class _EncodedWithSubstitutes(grain.MapDataset):
+    """Random-access encoding for the elastic flow: index i -> record i encoded, with ``_stats`` =
+    (truncated, skipped paths). When the skip policy drops record i, the record at i + stride (then
+    i + 2*stride, ..., wrapping at the end) takes its place; stride is the global batch size, so the
+    substitute comes from a later global batch. Gives up after ``max_tries`` unreadable records."""
+
+    def __init__(self, parent: grain.MapDataset, encode: _EncodeRecord, stride: int, max_tries: int = 8):
+        super().__init__(parent)
+        self._encode, self._stride, self._max_tries = encode, stride, max_tries
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        n = len(self._parent)
+        bad_paths: list[str] = []
+        for t in range(self._max_tries):
+            out, truncated, bad = self._encode.encode_one(self._parent[(index + t * self._stride) % n])
+            if out is not None:
+                out["_stats"] = (truncated, bad_paths)
+                return out
+            bad_paths.append(bad)
+        raise SkippedFractionError(
+            f"record {index} and its {self._max_tries - 1} substitutes (every {self._stride}th record after "
+            f"it) all have unreadable images: {bad_paths}"
+        )
+
+    def __str__(self) -> str:
+        return f"EncodedWithSubstitutes(stride={self._stride})"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,20 +448,35 @@ def _not_skipped(rec: dict) -> bool:
 
 
 class PipelineIterator:
-    """Wraps a grain DatasetIterator: yields batches without ``_meta``, aggregates PipelineStats,
-    keeps ``last_ids`` and exposes ``get_state()/set_state()`` (grain's state, resumes exactly) and
-    ``grain_iterator`` (for ``grain.checkpoint.CheckpointSave``)."""
+    """Iterates batches (without ``_meta``), aggregates PipelineStats and keeps ``last_ids``.
 
-    def __init__(self, grain_iter, cfg: PipelineConfig):
-        self.grain_iterator, self.cfg = grain_iter, cfg
+    ``get_state()`` / ``set_state()`` give a JSON-able position. Elastic (training) iterators:
+    ``{"global_next_index", "global_batch", "num_records", "seed"}``, the same on every host and valid
+    for any host count (restoring checks that the records and seed are the ones it was saved with).
+    Corpus iterators: Grain's own per-host state.
+    """
+
+    def __init__(self, cfg: PipelineConfig, *, make_iter, elastic: bool, global_batch: int, num_records: int):
+        self.cfg = cfg
         self.stats = PipelineStats()
         self.last_ids: list[str] = []  # record ids of the last batch (row order, micro-batch major)
+        self._make_iter, self._elastic = make_iter, elastic
+        self._global_batch, self._num_records = global_batch, num_records
+        self._position = 0  # elastic: global index of the next batch's first record
+        self._iter = None
+
+    @property
+    def grain_iterator(self):
+        if self._iter is None:
+            self._iter = iter(self._make_iter(self._position))
+        return self._iter
 
     def __iter__(self) -> Iterator[dict]:
         return self
 
     def __next__(self) -> dict:
         batch = next(self.grain_iterator)
+        self._position += self._global_batch
         meta = batch.pop("_meta")
         s = self.stats
         s.batches += 1
@@ -420,11 +495,39 @@ class PipelineIterator:
             )
         return batch
 
-    def get_state(self):
-        return self.grain_iterator.get_state()
+    def get_state(self) -> dict:
+        if not self._elastic:
+            return self.grain_iterator.get_state()
+        return {
+            "global_next_index": self._position,
+            "global_batch": self._global_batch,
+            "num_records": self._num_records,
+            "seed": self.cfg.seed,
+        }
 
-    def set_state(self, state) -> None:
-        self.grain_iterator.set_state(state)
+    def set_state(self, state: dict) -> None:
+        if not self._elastic:
+            self.grain_iterator.set_state(state)
+            return
+        if "global_next_index" not in state:
+            raise ValueError(f"data iterator state {state!r} is not an elastic pipeline state")
+        saved = (state.get("num_records"), state.get("seed"))
+        if saved != (self._num_records, self.cfg.seed):
+            raise ValueError(
+                f"the data iterator was saved over {saved[0]} records with shuffle seed {saved[1]}, but this "
+                f"run has {self._num_records} records with seed {self.cfg.seed}: resuming would not continue "
+                f"the same order (restore with the same data and data.shuffle_seed, or start a fresh run)"
+            )
+        if state["global_next_index"] % self._global_batch:
+            print(
+                f"[elva_jax] data: resuming at record {state['global_next_index']} with a global batch of "
+                f"{self._global_batch} (saved with {state.get('global_batch')}): batches now start mid-way",
+                flush=True,
+            )
+        self._position = int(state["global_next_index"])
+        if self._iter is not None and hasattr(self._iter, "close"):
+            self._iter.close()
+        self._iter = None
 
 
 def make_pipeline(
@@ -437,13 +540,11 @@ def make_pipeline(
 ) -> PipelineIterator:
     """Build the pipeline over ``records`` and return a checkpointable iterator.
 
-    kind: "contrastive" (also NLI and RL records: {"query", "cands"}) or "corpus" ({"item"}).
-    encoder: an object with ``encode(side, pixel_values, image_grid_thw, max_len) -> (row, truncated)``
-    (e.g. :class:`elva_jax.data.tokenize.PromptEncoder`). Each record must have exactly
+    kind: "contrastive" (also NLI and RL records: {"query", "cands"}; the elastic flow) or "corpus"
+    ({"item"}). encoder: an object with ``encode(side, pixel_values, image_grid_thw, max_len) -> (row,
+    truncated)`` (e.g. :class:`elva_jax.data.tokenize.PromptEncoder`). Each record must have exactly
     1 + cfg.num_negatives candidates.
     """
-    import grain
-
     if kind not in ("contrastive", "corpus"):
         raise ValueError(f"kind must be 'contrastive' or 'corpus', got {kind!r}")
     if kind == "contrastive":
@@ -462,15 +563,34 @@ def make_pipeline(
         ds = ds.shuffle(seed=cfg.seed)
     if cfg.num_epochs != 1:
         ds = ds.repeat(cfg.num_epochs)
-    ds = ds[pi::pc]
     keys = ("query", "cands") if kind == "contrastive" else ("item",)
     encode = _EncodeRecord(encoder, cfg, keys)
-    it = ds.to_iter_dataset().map(encode)
-    it = it.filter(_not_skipped)
-    it = it.batch(cfg.records_per_batch, drop_remainder=cfg.drop_remainder, batch_fn=_Collate(cfg, model_cfg, kind))
-    if cfg.mp_workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.mp_workers))
-    return PipelineIterator(iter(it), cfg)
+    collate = _Collate(cfg, model_cfg, kind)
+    G = cfg.records_per_batch * pc  # records per global batch
+
+    def finish(it):
+        it = it.batch(cfg.records_per_batch, drop_remainder=cfg.drop_remainder, batch_fn=collate)
+        if cfg.mp_workers > 0:
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.mp_workers))
+        return it
+
+    if kind == "corpus":
+
+        def make_iter(_start):
+            return finish(ds[pi::pc].to_iter_dataset().map(encode).filter(_not_skipped))
+
+        return PipelineIterator(cfg, make_iter=make_iter, elastic=False, global_batch=G, num_records=len(records))
+
+    encoded = _EncodedWithSubstitutes(ds, encode, stride=G)
+
+    def make_iter(start: int):
+        n = len(encoded)
+        part = encoded[start:]
+        if n < sys.maxsize and cfg.drop_remainder:  # every host gets the same number of full batches
+            part = encoded[start : start + (n - start) // G * G]
+        return finish(part[pi::pc].to_iter_dataset())
+
+    return PipelineIterator(cfg, make_iter=make_iter, elastic=True, global_batch=G, num_records=len(records))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -478,26 +598,25 @@ def make_pipeline(
 
 
 def save_checkpoint(directory: str | Path, step: int, iterator: PipelineIterator, **items) -> None:
-    """Save the data iterator (``grain.checkpoint.CheckpointSave``) with any other Orbax items
-    (``items``: name -> ``ocp.args.*Save``, e.g. ``state=ocp.args.StandardSave(tree)``) at ``step``."""
-    import grain
+    """Save the data iterator's position (a JSON item) with any other Orbax items (``items``: name ->
+    ``ocp.args.*Save``, e.g. ``state=ocp.args.StandardSave(tree)``) at ``step``."""
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(Path(directory).absolute()) as mngr:
-        args = ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(iterator.grain_iterator), **items)
+        args = ocp.args.Composite(data_iter=ocp.args.JsonSave(iterator.get_state()), **items)
         mngr.save(step, args=args)
         mngr.wait_until_finished()
 
 
 def restore_checkpoint(directory: str | Path, iterator: PipelineIterator, step: int | None = None, **items):
-    """Restore ``iterator`` in place (``grain.checkpoint.CheckpointRestore``) and the other ``items``
-    (name -> ``ocp.args.*Restore``) from ``step`` (default: latest); returns the Orbax Composite result."""
-    import grain
+    """Restore ``iterator``'s position in place and the other ``items`` (name -> ``ocp.args.*Restore``)
+    from ``step`` (default: latest); returns the Orbax Composite result."""
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(Path(directory).absolute()) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {directory}")
-        args = ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(iterator.grain_iterator), **items)
-        return mngr.restore(step, args=args)
+        out = mngr.restore(step, args=ocp.args.Composite(data_iter=ocp.args.JsonRestore(), **items))
+        iterator.set_state(out["data_iter"])
+        return out

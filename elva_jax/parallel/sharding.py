@@ -98,3 +98,52 @@ def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=LOGICAL_RULES):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def fitting_sharding(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules=LOGICAL_RULES):
+    """NamedSharding of the logical ``axes``, or replicated when a split does not divide its dimension
+    (per-step data whose row count depends on the step's contents: correct either way, sharded when it can)."""
+    spec = logical_spec(axes, rules)
+    try:
+        _check_divisible("", shape, spec, mesh)
+    except MeshError:
+        return replicated(mesh)
+    return NamedSharding(mesh, spec)
+
+
+def place(tree, shardings):
+    """``jax.device_put(tree, shardings)`` that also works when the shardings span several processes.
+
+    Every process must hold the same values (the same seed, the same file). One process: plain
+    device_put. Several: each leaf already laid out as asked is kept, others are rebuilt with
+    ``jax.make_array_from_callback`` from the host copy (device_put refuses non-addressable devices).
+    PRNG key arrays go through their raw key data.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, s):
+        if getattr(x, "sharding", None) == s:
+            return x
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: a reshard
+            return jax.device_put(x, s)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            impl = jax.random.key_impl(x)
+            data = one(jax.random.key_data(x), NamedSharding(s.mesh, PartitionSpec(*s.spec, None)))
+            return jax.random.wrap_key_data(data, impl=impl)
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def host_copy(tree):
+    """Numpy copy of a pytree of (possibly multi-process) arrays, the whole value on every process.
+
+    Every process must call it (with several processes it is a collective: ``process_allgather``).
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)

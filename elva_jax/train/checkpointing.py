@@ -1,7 +1,9 @@
 """Orbax checkpoints of the whole training state plus the Grain iterator, with corrupt-step fallback.
 
 One checkpoint = {"state": the TrainState pytree (params or LoRA only, optimizer state, step, RNG,
-skip counter), "data_iter": the Grain iterator position, "meta": JSON (config hash, metrics)}.
+skip counter), "data_iter": the data iterator's position as JSON (``get_state()``; the training
+pipeline's position is the same on every host and valid for any host count, see
+`elva_jax.data.pipeline`), "meta": JSON (config hash, metrics)}.
 Saves are asynchronous; the last `keep` steps are kept. `restore_latest` restores into the
 shardings of the abstract target (any mesh), and when the newest step cannot be read (truncated by a
 preemption, corrupt) it reports that and falls back to the previous one.
@@ -22,26 +24,13 @@ class CheckpointNotFound(FileNotFoundError):
     pass
 
 
-def _grain_args():
-    import grain
-
-    return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
-
-
-def _grain_iter(it):
-    """The Grain iterator itself (pipeline wrappers expose it as `grain_iterator`)."""
-    return getattr(it, "grain_iterator", it)
-
-
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, with_data_iter: bool = True):
         self.directory = os.path.abspath(directory)
         self.with_data_iter = with_data_iter
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        if with_data_iter:
-            import grain
-
-            handlers["data_iter"] = grain.checkpoint.CheckpointHandler()
+        if with_data_iter:  # written by the primary process only: the position must not depend on the host
+            handlers["data_iter"] = ocp.JsonCheckpointHandler()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
@@ -51,8 +40,7 @@ class Checkpointer:
     def save(self, step: int, state, data_iter=None, meta: dict | None = None, force: bool = False) -> bool:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
         if self.with_data_iter:
-            save_cls, _ = _grain_args()
-            items["data_iter"] = save_cls(_grain_iter(data_iter))
+            items["data_iter"] = ocp.args.JsonSave(data_iter.get_state())
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def wait(self) -> None:
@@ -64,9 +52,10 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, data_iter=None):
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         if self.with_data_iter:
-            _, restore_cls = _grain_args()
-            items["data_iter"] = restore_cls(_grain_iter(data_iter))
+            items["data_iter"] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if self.with_data_iter:
+            data_iter.set_state(out["data_iter"])
         return out["state"], out["meta"]
 
     def restore_latest(self, abstract_state, data_iter=None):

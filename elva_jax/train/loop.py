@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 
 from elva_jax.model.config import ModelOptions, Qwen2VLConfig
 from elva_jax.model.params import logical_axes
-from elva_jax.parallel.sharding import make_mesh, replicated, tree_shardings
+from elva_jax.parallel.sharding import make_mesh, place, replicated, tree_shardings
 from elva_jax.train.checkpointing import Checkpointer, CheckpointNotFound, abstract_like
 from elva_jax.train.config import RunConfig
 from elva_jax.train.lora import LoraConfig, init_lora, lora_axes
@@ -76,7 +76,7 @@ def train(
     tx = make_optimizer(cfg.optim, total_steps)
     lr_at = schedule(cfg.optim, total_steps)
     p_sh = tree_shardings(logical_axes(model_cfg), params, mesh)
-    params = jax.device_put(params, p_sh)
+    params = place(params, p_sh)
     key = jax.random.key(cfg.train.seed)
     if full:
         lora = None
@@ -98,7 +98,7 @@ def train(
     )
     # leaves not already laid out on the mesh (step, RNG, counters, optimizer scalars) are replicated on it
     on_mesh = lambda x: isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh  # noqa: E731
-    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding if on_mesh(x) else rep, state))
+    state = place(state, jax.tree.map(lambda x: x.sharding if on_mesh(x) else rep, state))
     state_sh = jax.tree.map(lambda x: x.sharding, state)
 
     run_dir = cfg.run.dir
@@ -203,6 +203,7 @@ def train(
         logger.close()
         signal.signal(signal.SIGTERM, old_handler)
     summary.update(end_step=step, state=state, skipped=int(state.skipped))
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump({k: v for k, v in summary.items() if k != "state"}, f, indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "state"}, f, indent=2)
     return summary

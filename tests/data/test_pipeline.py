@@ -112,19 +112,64 @@ def test_resume_from_state_and_orbax(records, encoder, model_cfg, tmp_path):
     assert restored_it.last_ids == expect_ids
 
 
+def _steps(records, encoder, model_cfg, cfg, n_hosts, n_steps=None, state=None):
+    """Per global step: the record ids of every host's batch (hosts run in turn, as separate processes
+    would); also returns each host's final state."""
+    its = [
+        P.make_pipeline(records, encoder, model_cfg, dataclasses.replace(cfg, process_index=h, process_count=n_hosts))
+        for h in range(n_hosts)
+    ]
+    if state is not None:
+        for it in its:
+            it.set_state(state)
+    steps = []
+    while n_steps is None or len(steps) < n_steps:
+        try:
+            hosts = []
+            for it in its:
+                next(it)
+                hosts.append(list(it.last_ids))
+        except StopIteration:
+            assert not hosts, "hosts ran out of batches at different steps"
+            break
+        steps.append(hosts)
+    return steps, [it.get_state() for it in its]
+
+
 def test_host_slices_partition(records, encoder, model_cfg):
-    n_hosts = 3
-    cfg = dataclasses.replace(BASE, batch_size=1, micro_batches=1, process_count=n_hosts)
-    seen = []
-    for h in range(n_hosts):
-        it = P.make_pipeline(records, encoder, model_cfg, dataclasses.replace(cfg, process_index=h))
-        seen.append([i for _ in it for i in it.last_ids])
-    sets = [set(s) for s in seen]
-    assert sum(len(s) for s in seen) == len(records)
-    for i in range(n_hosts):
-        for j in range(i + 1, n_hosts):
-            assert not sets[i] & sets[j]
-    assert set().union(*sets) == {r["id"] for r in records}
+    """Hosts read disjoint slices; every step's union is the one-host global batch; all hosts end together."""
+    G = 6
+    cfg = dataclasses.replace(BASE, micro_batches=1, batch_size=G)
+    one, _ = _steps(records, encoder, model_cfg, cfg, 1)
+    assert len(one) == len(records) // G
+    for n_hosts in (2, 3):
+        many, states = _steps(records, encoder, model_cfg, dataclasses.replace(cfg, batch_size=G // n_hosts), n_hosts)
+        assert len(many) == len(one)
+        for ref, hosts in zip(one, many, strict=True):
+            assert all(len(h) == G // n_hosts for h in hosts)
+            assert sorted(i for h in hosts for i in h) == sorted(ref[0])
+        assert all(s == states[0] for s in states)  # the position does not depend on the host
+    seen = [i for step in one for i in step[0]]
+    assert len(set(seen)) == len(seen) == len(records) // G * G
+
+
+def test_resume_with_a_different_host_count(records, encoder, model_cfg):
+    """Saved on 2 hosts after 3 steps, resumed on 3 hosts (and on 1): the steps continue exactly where
+    the uninterrupted one-host run goes, with the same records per global step."""
+    G = 6
+    cfg = dataclasses.replace(BASE, micro_batches=1, batch_size=G, num_epochs=2)
+    ref, _ = _steps(records, encoder, model_cfg, cfg, 1, n_steps=8)
+    first, states = _steps(records, encoder, model_cfg, dataclasses.replace(cfg, batch_size=3), 2, n_steps=3)
+    assert states[0] == states[1] and states[0]["global_next_index"] == 3 * G
+    for n_hosts in (3, 1):
+        rest, _ = _steps(
+            records, encoder, model_cfg, dataclasses.replace(cfg, batch_size=G // n_hosts), n_hosts, 5, states[0]
+        )
+        got = [sorted(i for h in step for i in h) for step in first + rest]
+        assert got == [sorted(step[0]) for step in ref]
+    other = dataclasses.replace(cfg, seed=5, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="shuffle seed"):
+        P.make_pipeline(records, encoder, model_cfg, other).set_state(states[0])
 
 
 def test_static_shapes(records, encoder, model_cfg):
@@ -219,15 +264,24 @@ def test_missing_image_fail_names_path(records, data, encoder, model_cfg, tmp_pa
 
 def test_missing_image_skip_counts_then_fails(records, data, encoder, model_cfg, tmp_path):
     recs, missing = _with_missing(records, data, tmp_path, 2)
-    skip = P.ImagePolicy(mode="skip", max_skip_fraction=0.25, min_seen=10)
+    skip = P.ImagePolicy(mode="skip", max_skip_fraction=0.25, min_seen=40)
     cfg = dataclasses.replace(BASE, shuffle=False, batch_size=1, micro_batches=1, image_policy=skip)
     it = P.make_pipeline(recs, encoder, model_cfg, cfg)
     ids = [i for _ in it for i in it.last_ids]
     bad = {r["id"] for r in recs if {r["query"]["image"], *(c["image"] for c in r["cands"])} & set(missing)}
     assert len(bad) >= 2
-    assert it.stats.skipped == len(bad) and set(ids) == {r["id"] for r in recs} - bad
-    assert set(it.stats.skipped_paths) == set(missing)
-    assert it.stats.seen == len(recs)
+    # every slot is filled: each bad record's slot holds a substitute, seen once more than usual
+    assert len(ids) == len(recs) and set(ids) == {r["id"] for r in recs} - bad
+    assert len(ids) - len(set(ids)) == len(bad)
+    assert it.stats.skipped >= len(bad) and set(it.stats.skipped_paths) == set(missing)
+    assert it.stats.seen == len(recs) + it.stats.skipped
+
+    # substitutes come from later global batches, so a step's records do not depend on the host count
+    cfg6 = dataclasses.replace(cfg, batch_size=6, num_epochs=1)
+    one, _ = _steps(recs, encoder, model_cfg, cfg6, 1)
+    two, _ = _steps(recs, encoder, model_cfg, dataclasses.replace(cfg6, batch_size=3), 2)
+    assert [sorted(s[0]) for s in one] == [sorted(s[0] + s[1]) for s in two]
+    assert all(len(set(s[0])) == 6 for s in one)
 
     strict = dataclasses.replace(cfg, image_policy=dataclasses.replace(skip, max_skip_fraction=0.001, min_seen=1))
     with pytest.raises(P.SkippedFractionError):
