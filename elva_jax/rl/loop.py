@@ -1,8 +1,10 @@
 """The ELVA RL stage as a resumable run: instances -> RL steps -> checkpoints and logs.
 
 The policy is the stage-2 model plus a fresh LoRA; the reference policy is the same base with LoRA
-off. Instances are consumed through a Grain iterator (seeded shuffle) whose position is saved with the
-LoRA, optimizer state, step and RNG, so a resumed run continues with the same instances.
+off. Step s trains on batch s of a seeded endless shuffle of the instances, so the step saved with
+the LoRA, optimizer state and RNG is also the data position: a resumed run (on any number of hosts)
+continues with the same instances. The base, the LoRA and its optimizer state live on the run's mesh
+(`mesh.*`), laid out by the same logical rules as the contrastive stage.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import time
 import grain
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
 from elva_jax.model.config import Qwen2VLConfig
+from elva_jax.model.params import logical_axes
+from elva_jax.parallel.sharding import make_mesh, place, replicated, tree_shardings
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import RLConfig
 from elva_jax.rl.trainer import RLState, RLTrainer
 from elva_jax.train.checkpointing import Checkpointer, abstract_like
 from elva_jax.train.config import RunConfig
-from elva_jax.train.lora import LoraConfig, init_lora
+from elva_jax.train.lora import LoraConfig, init_lora, lora_axes
 from elva_jax.train.observe import MetricsLogger
 from elva_jax.train.optim import make_optimizer, schedule
 
@@ -48,6 +53,7 @@ def rl_configs(cfg: RunConfig) -> tuple[RLConfig, RewardConfig]:
         max_summary_tokens=r.max_summary_tokens,
         candidate_sampling=r.candidate_sampling,
         aux_soft_rank_weight=r.aux_soft_rank_weight,
+        micro_instances=r.micro_instances,
     )
     reward = RewardConfig(
         alpha=r.alpha, epsilon=r.epsilon, gamma=r.gamma, delta=r.delta, soft_temperature=r.soft_temperature
@@ -88,6 +94,17 @@ def select_instances(records: list[dict], fraction: float, seed: int) -> list[di
     return out
 
 
+def place_rl_state(state: RLState, mcfg: Qwen2VLConfig, lcfg: LoraConfig, tx, mesh) -> RLState:
+    """Lay the base params and LoRA out on ``mesh`` by the logical rules, build the optimizer state
+    there, and replicate the RNG key (every process must hold the same values)."""
+    params = place(state.params, tree_shardings(logical_axes(mcfg), state.params, mesh))
+    lora = place(state.lora, tree_shardings(lora_axes(mcfg, lcfg), state.lora, mesh))
+    opt_state = jax.jit(tx.init)(lora)  # moments follow the LoRA layout; counters are replicated
+    on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh  # noqa: E731
+    opt_state = place(opt_state, jax.tree.map(lambda x: x.sharding if on_mesh(x) else replicated(mesh), opt_state))
+    return RLState(state.step, params, lora, opt_state, place(state.key, replicated(mesh)))
+
+
 def run_rl(
     cfg: RunConfig, mcfg: Qwen2VLConfig, params: dict, instances: list[dict], tokenizer, opts, *, run_dir: str
 ) -> dict:
@@ -101,6 +118,7 @@ def run_rl(
     tx = make_optimizer(ocfg, n_steps)
     lr_at = schedule(ocfg, n_steps)
     key = jax.random.key(cfg.train.seed + 17)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     lora = init_lora(mcfg, lcfg, jax.random.fold_in(key, 1), dtype=cfg.model.param_dtype)
     trainer = RLTrainer(
         mcfg,
@@ -117,13 +135,19 @@ def run_rl(
         patch_row_len=cfg.data.patch_row_len,
         min_pixels=cfg.data.min_pixels,
         max_pixels=cfg.data.max_pixels,
+        mesh=mesh,
     )
-    state = RLState(0, params, lora, tx.init(lora), jax.random.fold_in(key, 2))
-    ds = grain.MapDataset.source(np.arange(len(instances))).shuffle(seed=cfg.train.seed).repeat(None)
-    it = iter(ds.batch(r.instances_per_step, drop_remainder=True).to_iter_dataset())
+    state = place_rl_state(RLState(0, params, lora, None, jax.random.fold_in(key, 2)), mcfg, lcfg, tx, mesh)
+    # step s trains on batch s of a seeded endless shuffle: the position is the step itself, so a resume
+    # (on any number of hosts, each running the same RL program) needs no data state
+    order = grain.MapDataset.source(np.arange(len(instances))).shuffle(seed=cfg.train.seed).repeat(None)
+    batches = order.batch(r.instances_per_step, drop_remainder=True)
     os.makedirs(run_dir, exist_ok=True)
     ckpt = Checkpointer(
-        os.path.join(run_dir, "checkpoints"), keep=cfg.run.keep_checkpoints, async_save=cfg.run.async_checkpoint
+        os.path.join(run_dir, "checkpoints"),
+        keep=cfg.run.keep_checkpoints,
+        async_save=cfg.run.async_checkpoint,
+        with_data_iter=False,
     )
 
     def saveable(st: RLState):
@@ -135,19 +159,24 @@ def run_rl(
         }
 
     if cfg.run.resume and ckpt.steps():
-        step0, saved, _ = ckpt.restore_latest(abstract_like(saveable(state)), it)
+        step0, saved, _ = ckpt.restore_latest(abstract_like(saveable(state)))
         state = RLState(
-            int(saved["step"]), params, saved["lora"], saved["opt_state"], jax.random.wrap_key_data(saved["key"])
+            int(saved["step"]),
+            state.params,
+            saved["lora"],
+            saved["opt_state"],
+            jax.random.wrap_key_data(saved["key"]),
         )
         print(f"[elva_jax] RL: resumed from step {step0}", flush=True)
     stop = {"flag": False}
+    step_start = state.step
     old = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
     logger = MetricsLogger(run_dir)
     history = []
     t_start = time.perf_counter()
     try:
         while state.step < n_steps:
-            idx = next(it)
+            idx = batches[state.step]
             state, m = trainer.step(state, [instances[int(i)] for i in idx])
             m["lr"] = float(lr_at(state.step - 1))
             logger.log(state.step, m)
@@ -159,10 +188,12 @@ def run_rl(
                 f"{m['time_reforward_s']:.2f}s reward {m['time_reward_s']:.3f}s update {m['time_update_s']:.2f}s",
                 flush=True,
             )
+            if cfg.run.stop_after_steps and state.step - step_start >= cfg.run.stop_after_steps:
+                stop["flag"] = True
             if state.step % cfg.run.checkpoint_every == 0 or state.step == n_steps or stop["flag"]:
-                ckpt.save(state.step, saveable(state), it, {"reward": m["reward"]}, force=True)
+                ckpt.save(state.step, saveable(state), None, {"reward": m["reward"]}, force=True)
             if stop["flag"]:
-                print(f"[elva_jax] SIGTERM: saved RL step {state.step} and stopping", flush=True)
+                print(f"[elva_jax] saved RL step {state.step} and stopping", flush=True)
                 break
     finally:
         ckpt.close()
@@ -170,6 +201,8 @@ def run_rl(
         signal.signal(signal.SIGTERM, old)
     return {
         "steps": state.step,
+        "total": n_steps,
+        "stopped": state.step < n_steps,
         "lora": state.lora,
         "lcfg": lcfg,
         "history": history,

@@ -49,6 +49,7 @@ class RLConfig:
     candidate_sampling: str = "per_rollout"  # per_rollout (paper) | shared (cheaper, see README)
     aux_soft_rank_weight: float = 0.0  # optional differentiable ranking loss through the embeddings
     logp_chunk: int = 16  # rows per chunk when computing log-probs over the vocabulary
+    micro_instances: int = 0  # instances per gradient micro-batch of the update (0: all at once); exact
 
 
 def token_logps(
@@ -164,8 +165,15 @@ def rl_loss(
     reward_cfg: RewardConfig,
     lora_scale: float,
     shape: tuple[int, int, int],
+    denominator=None,
+    aux_fraction: float = 1.0,
 ):
     """GRPO loss (+ optional auxiliary soft-ranking loss) and metrics for one batch of rollouts.
+
+    For a micro-batch of a larger batch: ``denominator`` is the whole batch's GRPO denominator
+    (``grpo.aggregate``), so the GRPO term is this micro-batch's loss sum over it, and the
+    auxiliary term is weighted by ``aux_fraction`` (this micro-batch's share of the instances);
+    the micro-batch losses then sum to the whole batch's loss exactly.
 
     Rows are prompt-major: the D = I * S distinct prompts (`prompts`, [D, P]) each with G samples
     (gen_tokens, gen_lengths, mask, old_logp, ref_logp: [D * G, ...]); adv [D * G] is the
@@ -189,11 +197,66 @@ def rl_loss(
         loss_type=rcfg.loss_type,
         max_completion_length=batch["mask"].shape[1],
     )
-    metrics = {**m, "grpo_loss": m["loss"]}
+    if denominator is not None:  # loss_sum / denominator of the whole batch (the mask is not a parameter)
+        loss = loss * (m["denominator"] / jnp.maximum(denominator, 1e-9))
+    metrics = {**m, "grpo_loss": loss}
     if rcfg.aux_soft_rank_weight:
         sims = rollout_similarities(prompt_major_to_rollouts(emb, I, G, S), I, G, S)
         aux = soft_ranking_loss(sims, reward_cfg, jnp.repeat(batch["valid"][:, None, :], G, axis=1))
-        loss = loss + rcfg.aux_soft_rank_weight * aux
+        loss = loss + rcfg.aux_soft_rank_weight * aux_fraction * aux
         metrics["aux_soft_rank_loss"] = aux
     metrics["loss"] = loss
     return loss, metrics
+
+
+def split_instances(batch: dict, shape: tuple[int, int, int], micro_instances: int) -> dict:
+    """A prompt-major RL batch -> M = I / micro_instances micro-batches stacked on a new leading axis.
+
+    Micro-batch j holds instances [j*m, (j+1)*m): their S prompts ([D, ...] arrays; ``positions``
+    [3, D, P] split on axis 1), their S*G sampled rows and their ``valid`` rows.
+    """
+    I, G, S = shape
+    m = micro_instances or I
+    if I % m:
+        raise ValueError(f"{I} instances per step do not split into micro-batches of {m}")
+    M = I // m
+
+    def rows(x, axis=0):
+        x = jnp.moveaxis(x, axis, 0)
+        x = x.reshape(M, x.shape[0] // M, *x.shape[1:])
+        return jnp.moveaxis(x, 1, axis + 1)
+
+    out = {k: rows(v) for k, v in batch.items() if k != "prompts"}
+    out["prompts"] = {k: rows(v, 1 if k == "positions" else 0) for k, v in batch["prompts"].items()}
+    return out
+
+
+def rl_loss_and_grad(lora, params, micro: dict, *, rcfg: RLConfig, shape: tuple[int, int, int], **loss_kw):
+    """(loss, metrics, LoRA gradient) of a batch given as M micro-batches (`split_instances`).
+
+    Gradients are summed over a ``lax.scan`` of the micro-batches (one micro-batch's activations live
+    at a time); each micro-batch's GRPO term is divided by the whole batch's denominator and its
+    auxiliary term weighted 1/M, so the result equals the one-pass gradient exactly (up to float
+    summation order). Metrics: the summed loss terms; token statistics averaged over micro-batches.
+    """
+    I, G, S = shape
+    M = micro["mask"].shape[0]
+    mask = micro["mask"].reshape(-1, micro["mask"].shape[-1])
+    _, denom = grpo.aggregate(
+        jnp.zeros(mask.shape, jnp.float32), mask, rcfg.loss_type, max_completion_length=mask.shape[-1]
+    )
+    grad_fn = jax.value_and_grad(rl_loss, has_aux=True)
+
+    def body(acc, mb):
+        (loss, m), g = grad_fn(
+            lora, params, mb, rcfg=rcfg, shape=(I // M, G, S), denominator=denom, aux_fraction=1.0 / M, **loss_kw
+        )
+        return jax.tree.map(jnp.add, acc, g), m
+
+    grads, ms = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, lora), micro)
+    summed = ("loss", "grpo_loss", "loss_sum", "denominator")
+    metrics = {k: (jnp.sum(v) if k in summed else jnp.mean(v)) for k, v in ms.items()}
+    metrics["denominator"] = denom
+    if "aux_soft_rank_loss" in metrics:
+        metrics["aux_soft_rank_loss"] = jnp.mean(ms["aux_soft_rank_loss"])
+    return metrics["loss"], metrics, grads

@@ -22,16 +22,19 @@ import optax
 from elva_jax.data.image_processing import load_image, preprocess_image
 from elva_jax.model.config import ModelOptions, Qwen2VLConfig
 from elva_jax.model.inputs import build_inputs, pack_images
+from elva_jax.parallel.sharding import fitting_sharding, place, replicated
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import (
     RLConfig,
     prompt_major_to_rollouts,
     rewards_and_advantages,
-    rl_loss,
+    rl_loss_and_grad,
     rollout_similarities,
+    split_instances,
     teacher_forced_shared,
 )
 from elva_jax.rl.sampler import SamplerConfig, generate
+from elva_jax.train.step import INPUT_AXES
 
 
 @dataclasses.dataclass
@@ -81,8 +84,41 @@ def _inputs(cfg, opts, ids, am, pvs, grids, row_len: int):
     return out
 
 
+def constrain_micro_batches(micro: dict, mesh) -> dict:
+    """Inside jit: rows of each micro-batch over the batch axes, the micro-batch axis whole (so the
+    scan slices one micro-batch without gathering rows across devices). No-op without a mesh."""
+    if mesh is None:
+        return micro
+    wsc = jax.lax.with_sharding_constraint
+
+    def rows(x, axes):
+        return wsc(x, fitting_sharding(x.shape, (None, *axes), mesh))
+
+    per_row = [k for k in micro if k not in ("prompts", "valid")]
+    out = {k: rows(micro[k], ("batch",) + (None,) * (micro[k].ndim - 2)) for k in per_row}
+    out["valid"] = rows(micro["valid"], (None, None))
+    out["prompts"] = {k: rows(v, INPUT_AXES[k]) for k, v in micro["prompts"].items()}
+    return out
+
+
+def rl_update(lora, opt_state, params, batch: dict, *, shape, tx, rcfg: RLConfig, mesh=None, **loss_kw):
+    """One GRPO update of the LoRA (pure; jit it): the batch split into ``rcfg.micro_instances``
+    micro-batches, the exact accumulated gradient (`rl_loss_and_grad`), then the optimizer.
+    ``loss_kw``: cfg, opts, reward_cfg, lora_scale. Returns (lora, opt_state, metrics)."""
+    micro = constrain_micro_batches(split_instances(batch, shape, rcfg.micro_instances), mesh)
+    _, m, g = rl_loss_and_grad(lora, params, micro, rcfg=rcfg, shape=shape, **loss_kw)
+    upd, opt_state = tx.update(g, opt_state, lora)
+    return optax.apply_updates(lora, upd), opt_state, {**m, "grad_norm": optax.tree.norm(g)}
+
+
 class RLTrainer:
-    """Holds the jitted pieces for fixed shapes; `step(state, instances)` runs one RL step."""
+    """Holds the jitted pieces for fixed shapes; `step(state, instances)` runs one RL step.
+
+    With a ``mesh``, the state must already be laid out on it (see `elva_jax.rl.loop.place_rl_state`);
+    each step's inputs are placed with their rows over the batch axes (replicated where the row
+    count does not divide them), and sampled tokens, log-probs and embeddings come back replicated so
+    every process computes the same rewards. Every process builds the same step inputs.
+    """
 
     def __init__(
         self,
@@ -101,14 +137,21 @@ class RLTrainer:
         patch_row_len: int = 1200,
         min_pixels: int = 3136,
         max_pixels: int = 235200,
+        mesh=None,
     ):
+        self.mesh = mesh
+        rep = {} if mesh is None else {"out_shardings": replicated(mesh)}
         self.cfg, self.opts, self.rcfg, self.reward_cfg, self.tx = cfg, opts, rcfg, reward_cfg, tx
         self.encoder, self.lora_scale = encoder, lora_scale
         self.ret_id, self.eos_id, self.pad_id = ret_id, eos_id, pad_id
         self.buckets, self.row_len = tuple(sorted(prompt_buckets)), patch_row_len
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.scfg = SamplerConfig(
-            max_new_tokens=rcfg.max_summary_tokens, temperature=rcfg.temperature, top_k=rcfg.top_k, top_p=rcfg.top_p
+            max_new_tokens=rcfg.max_summary_tokens,
+            temperature=rcfg.temperature,
+            top_k=rcfg.top_k,
+            top_p=rcfg.top_p,
+            mesh=mesh,
         )
         self._gen = jax.jit(
             lambda p, lo, x, k, g: generate(
@@ -126,38 +169,74 @@ class RLTrainer:
                 lora_scale=lora_scale,
             ),
             static_argnums=(4,),
+            **rep,
         )
         self._tf = jax.jit(
             lambda p, lo, x, t, n, g: teacher_forced_shared(p, lo, lora_scale, x, t, n, g, cfg, opts, rcfg),
             static_argnums=(5,),
+            **rep,
         )
 
         def update(lora, opt_state, params, batch, shape):
-            (loss, m), g = jax.value_and_grad(rl_loss, has_aux=True)(
+            return rl_update(
                 lora,
+                opt_state,
                 params,
                 batch,
+                shape=shape,
+                tx=tx,
+                mesh=mesh,
                 cfg=cfg,
                 opts=opts,
                 rcfg=rcfg,
                 reward_cfg=reward_cfg,
                 lora_scale=lora_scale,
-                shape=shape,
             )
-            upd, opt_state = tx.update(g, opt_state, lora)
-            return optax.apply_updates(lora, upd), opt_state, {**m, "grad_norm": optax.tree.norm(g)}
 
-        self._update = jax.jit(update, static_argnums=(4,), donate_argnums=(0, 1))
+        self._update_fn = update
+        self._update = None if mesh is not None else jax.jit(update, static_argnums=(4,), donate_argnums=(0, 1))
+
+    def _update_for(self, state: RLState):
+        """The jitted update; on a mesh its LoRA / optimizer outputs keep the state's layout, so the
+        next step's inputs have the same shardings (one compile per shape)."""
+        if self._update is None:
+            keep = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+            self._update = jax.jit(
+                self._update_fn,
+                static_argnums=(4,),
+                donate_argnums=(0, 1),
+                out_shardings=(keep(state.lora), keep(state.opt_state), replicated(self.mesh)),
+            )
+        return self._update
+
+    def _put(self, tree, prompts: bool = False):
+        """Host or global arrays -> arrays on the mesh (rows over the batch axes where they divide)."""
+        if self.mesh is None:
+            return tree
+
+        def axes(name, x):
+            if prompts:
+                return INPUT_AXES[name]
+            return ("batch",) + (None,) * (np.ndim(x) - 1) if np.ndim(x) else ()
+
+        if isinstance(tree, dict):
+            sh = {k: fitting_sharding(np.shape(v), axes(k, v), self.mesh) for k, v in tree.items()}
+        else:
+            sh = fitting_sharding(np.shape(tree), axes(None, tree), self.mesh)
+        return place(tree, sh)
 
     def rollouts(self, state: RLState, instances: list[dict]):
-        """Sample every sequence of every rollout.
+        """Sample every sequence of every rollout, ``rl.micro_instances`` instances per sampler call.
 
         Returns (samples as host arrays, prompt-major [instance, sequence, sample]; the D = I * S prompt
-        inputs; (I, G, S)).
+        inputs; (I, G, S); the prompt inputs of each instance chunk, for the chunked re-forward).
         """
         rc = self.rcfg
         I, C, G = len(instances), len(instances[0]["cands"]), rc.group_size
         S = 1 + C
+        m = rc.micro_instances or I
+        if I % m:
+            raise ValueError(f"{I} instances per step do not split into micro-batches of {m} (rl.micro_instances)")
         sides = [s for inst in instances for s in [inst["query"], *inst["cands"]]]  # [I*S]
         ids, am, pvs, grids = encode_prompts(
             sides,
@@ -167,74 +246,94 @@ class RLTrainer:
             buckets=self.buckets,
             pad_id=self.pad_id,
         )
-        prompts = _inputs(self.cfg, self.opts, ids, am, pvs, grids, self.row_len)
+
+        def sub(rows):  # patches are packed, not one row per sequence: rebuild from the raw rows
+            x = _inputs(
+                self.cfg, self.opts, ids[rows], am[rows], [pvs[r] for r in rows], [grids[r] for r in rows], self.row_len
+            )
+            return self._put(x, prompts=True)
+
+        prompts = sub(np.arange(I * S))
+        n_chunks = I // m
+        chunks = [prompts] if n_chunks == 1 else [sub(np.arange(c * m * S, (c + 1) * m * S)) for c in range(n_chunks)]
         key, k1, k2 = jax.random.split(state.key, 3)
         state.key = key
-        if rc.candidate_sampling == "per_rollout":
-            out = jax.tree.map(np.asarray, self._gen(state.params, state.lora, prompts, k1, G))
-        elif rc.candidate_sampling == "shared":
-            qi = np.arange(I) * S
-            ci = np.array([i * S + 1 + c for i in range(I) for c in range(C)])
-
-            def sub(rows):  # patches are packed, not one row per sequence: rebuild from the raw rows
-                return _inputs(
-                    self.cfg,
-                    self.opts,
-                    ids[rows],
-                    am[rows],
-                    [pvs[r] for r in rows],
-                    [grids[r] for r in rows],
-                    self.row_len,
+        outs = []
+        for c in range(n_chunks):
+            kc1, kc2 = (k1, k2) if n_chunks == 1 else (jax.random.fold_in(k1, c), jax.random.fold_in(k2, c))
+            if rc.candidate_sampling == "per_rollout":
+                outs.append(jax.tree.map(np.asarray, self._gen(state.params, state.lora, chunks[c], kc1, G)))
+            elif rc.candidate_sampling == "shared":
+                base = c * m * S
+                qi = base + np.arange(m) * S
+                ci = np.array([base + i * S + 1 + j for i in range(m) for j in range(C)])
+                q_out = jax.tree.map(np.asarray, self._gen(state.params, state.lora, sub(qi), kc1, G))
+                c_out = jax.tree.map(np.asarray, self._gen(state.params, state.lora, sub(ci), kc2, 1))
+                qa = jax.tree.map(lambda x: x.reshape(m, 1, G, *x.shape[1:]), q_out)
+                ca = jax.tree.map(
+                    lambda x: np.broadcast_to(x.reshape(m, C, 1, *x.shape[1:]), (m, C, G, *x.shape[1:])), c_out
                 )
+                outs.append(
+                    jax.tree.map(lambda a, b: np.concatenate([a, b], 1).reshape(m * S * G, *a.shape[3:]), qa, ca)
+                )
+            else:
+                raise ValueError(f"candidate_sampling must be per_rollout or shared, got {rc.candidate_sampling!r}")
+        out = outs[0] if n_chunks == 1 else jax.tree.map(lambda *xs: np.concatenate(xs, 0), *outs)
+        return out, prompts, (I, G, S), chunks
 
-            q_out = jax.tree.map(np.asarray, self._gen(state.params, state.lora, sub(qi), k1, G))
-            c_out = jax.tree.map(np.asarray, self._gen(state.params, state.lora, sub(ci), k2, 1))
-            qa = jax.tree.map(lambda x: x.reshape(I, 1, G, *x.shape[1:]), q_out)
-            ca = jax.tree.map(
-                lambda x: np.broadcast_to(x.reshape(I, C, 1, *x.shape[1:]), (I, C, G, *x.shape[1:])), c_out
-            )
-            out = jax.tree.map(lambda a, b: np.concatenate([a, b], 1).reshape(I * S * G, *a.shape[3:]), qa, ca)
-        else:
-            raise ValueError(f"candidate_sampling must be per_rollout or shared, got {rc.candidate_sampling!r}")
-        return out, prompts, (I, G, S)
+    def reforward(self, state: RLState, chunks: list[dict], tokens: np.ndarray, lengths: np.ndarray, G: int):
+        """(policy log-probs, reference log-probs or None, [RET] embeddings) of the sampled rows, one
+        instance chunk at a time (rows are prompt-major, so chunk c is a contiguous block)."""
+        n = len(tokens) // len(chunks)
+        olds, refs, embs = [], [], []
+        for c, x in enumerate(chunks):
+            t, ln = self._put(tokens[c * n : (c + 1) * n]), self._put(lengths[c * n : (c + 1) * n])
+            old, emb = self._tf(state.params, state.lora, x, t, ln, G)
+            olds.append(old)
+            embs.append(emb)
+            if self.rcfg.beta:
+                refs.append(self._tf(state.params, None, x, t, ln, G)[0])
+        cat = (lambda xs: xs[0]) if len(chunks) == 1 else (lambda xs: jnp.concatenate(xs, 0))  # noqa: E731
+        return cat(olds), (cat(refs) if refs else None), cat(embs)
 
     def step(self, state: RLState, instances: list[dict], valid: np.ndarray | None = None) -> tuple[RLState, dict]:
         rc = self.rcfg
         t0 = time.perf_counter()
-        out, prompts, shape = self.rollouts(state, instances)
+        out, prompts, shape, chunks = self.rollouts(state, instances)
         I, G, S = shape
         t_rollout = time.perf_counter() - t0
         t1 = time.perf_counter()
-        tokens, lengths = jnp.asarray(out.tokens), jnp.asarray(out.lengths)
-        old_logp, emb = self._tf(state.params, state.lora, prompts, tokens, lengths, G)
-        ref_logp = self._tf(state.params, None, prompts, tokens, lengths, G)[0] if rc.beta else jnp.zeros_like(old_logp)
+        old_logp, ref_logp, emb = self.reforward(state, chunks, out.tokens, out.lengths, G)
+        ref_logp = jnp.zeros_like(old_logp) if ref_logp is None else ref_logp
+        tokens, lengths = out.tokens, out.lengths
         jax.block_until_ready((old_logp, ref_logp))
         t_reforward = time.perf_counter() - t1
         t2 = time.perf_counter()
         valid = np.ones((I, S - 1), bool) if valid is None else valid
+        valid = place(valid, replicated(self.mesh)) if self.mesh is not None else jnp.asarray(valid)
         sims = rollout_similarities(prompt_major_to_rollouts(emb, I, G, S), I, G, S)
-        total, parts, adv, zero_var = rewards_and_advantages(sims, jnp.asarray(valid)[:, None, :], rc, self.reward_cfg)
+        total, parts, adv, zero_var = rewards_and_advantages(sims, valid[:, None, :], rc, self.reward_cfg)
         adv_rows = jnp.broadcast_to(adv[:, None, :], (I, S, G))  # prompt-major: row (i, s, g) gets A[i, g]
         if rc.candidate_sampling == "shared":  # shared candidate summaries: their group's mean advantage (0)
             adv_rows = adv_rows.at[:, 1:].set(jnp.mean(adv_rows[:, 1:], axis=2, keepdims=True))
         adv_rows = adv_rows.reshape(-1)
         jax.block_until_ready(adv_rows)
         t_reward = time.perf_counter() - t2
-        mask = jnp.asarray(out.mask)
-        batch = {
-            "prompts": prompts,
+        rows = {
             "gen_tokens": tokens,
             "gen_lengths": lengths,
-            "mask": mask,
+            "mask": out.mask,
             "old_logp": old_logp,
             "ref_logp": ref_logp,
             "adv": adv_rows,
-            "valid": jnp.asarray(valid),
         }
+        rows = self._put(rows) if self.mesh is not None else {k: jnp.asarray(v) for k, v in rows.items()}
+        batch = {"prompts": prompts, **rows, "valid": valid}
         t3 = time.perf_counter()
         m = {}
         for _ in range(rc.mu):
-            state.lora, state.opt_state, m = self._update(state.lora, state.opt_state, state.params, batch, shape)
+            update = self._update_for(state)
+            state.lora, state.opt_state, m = update(state.lora, state.opt_state, state.params, batch, shape)
         jax.block_until_ready(state.lora)
         t_update = time.perf_counter() - t3
         state.step += 1
@@ -251,7 +350,7 @@ class RLTrainer:
             "summary_len": float(lens.mean()),
             "summary_len_max": int(lens.max()),
             "forced_ret": float(np.mean(out.forced_ret)),
-            "sampler_vs_trainer_logp": float(jnp.sum(jnp.abs(old_logp - out.logps) * mask)) / n_tok,
+            "sampler_vs_trainer_logp": float(np.sum(np.abs(np.asarray(old_logp) - out.logps) * out.mask)) / n_tok,
             "time_rollout_s": t_rollout,
             "time_reforward_s": t_reforward,
             "time_reward_s": t_reward,

@@ -67,6 +67,9 @@ class RLSection:
 
     group_size: int = 8
     instances_per_step: int = 1
+    # instances per gradient micro-batch of the update (0: all instances_per_step at once); the
+    # gradient is exactly the one-pass gradient, with one micro-batch's activations in memory
+    micro_instances: int = 0
     query_fraction: float = 0.01  # share of each training set used as RL instances (paper: ~1 %)
     negatives: str = field(default="mined", metadata={"choices": ("mined", "dataset")})
     num_hard_negatives: int = 50
@@ -119,6 +122,9 @@ class RunSection:
     async_checkpoint: bool = True
     profile_steps: tuple[int, ...] = ()  # (first, last) step window traced with jax.profiler
     resume: bool = True
+    # end this invocation after this many steps of the running stage (a checkpoint is saved; the LR
+    # schedule still spans the whole run; the same command continues): time-boxed queue jobs. 0 = off
+    stop_after_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,3 +143,8 @@ class RunConfig:
         bad = [s for s in self.train.stages if s not in ("contrastive", "rl")]
         if bad:
             raise ValueError(f"train.stages: unknown stage(s) {bad}; choose from ['contrastive', 'rl']")
+        r = self.rl
+        if r.micro_instances and r.instances_per_step % r.micro_instances:
+            raise ValueError(
+                f"rl.micro_instances {r.micro_instances} does not divide rl.instances_per_step {r.instances_per_step}"
+            )

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from elva_jax import configlib
+from elva_jax.parallel.sharding import host_copy
 from elva_jax.train.config import RunConfig
 
 BUNDLED_TRAIN = "query/train/mbeir_multigrain_union_train.jsonl"
@@ -52,6 +53,10 @@ def bundled_root(cfg: RunConfig) -> str:
 
         if jax.process_index() == 0:
             generate(root, seed=0)
+        if jax.process_count() > 1:  # the other processes read what process 0 wrote
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("elva_jax bundled data")
     return root
 
 
@@ -190,8 +195,9 @@ def run(cfg: RunConfig) -> dict:
     maybe_init_distributed()
     t0 = time.perf_counter()
     os.makedirs(cfg.run.dir, exist_ok=True)
-    with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(configlib.to_dict(cfg), f, sort_keys=False)
+    if jax.process_index() == 0:
+        with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(configlib.to_dict(cfg), f, sort_keys=False)
     root = bundled_root(cfg) if cfg.data.kind == "bundled" else cfg.data.root
     records = build_records(cfg, root)
     mcfg, params = load_model(cfg)
@@ -237,11 +243,21 @@ def run(cfg: RunConfig) -> dict:
             f"({t.micro_batches} micro-batches) on {jax.device_count()} device(s)",
             flush=True,
         )
-        cs = train(cfg, mcfg, params, it, total, emb_token_id=tokenizer.emb_token_id)
+        cs = train(
+            cfg,
+            mcfg,
+            params,
+            it,
+            total,
+            emb_token_id=tokenizer.emb_token_id,
+            stop_after=cfg.run.stop_after_steps or None,
+        )
         state = cs.pop("state")
         params = state.params if state.lora is None else merge_lora(state.params, state.lora, lora_cfg)
         cs["pipeline"] = {"truncated": it.stats.truncated, "skipped": it.stats.skipped, "images": it.stats.images}
         summary.update(cs, steps=total)
+        if cs["end_step"] < total:  # preempted or time-boxed: the later stages wait for the rerun
+            return _stopped(cfg, summary, "contrastive", cs["end_step"], total, t0)
     if "rl" in t.stages:
         from elva_jax.rl.loop import run_rl
 
@@ -251,19 +267,25 @@ def run(cfg: RunConfig) -> dict:
             f"G={cfg.rl.group_size}",
             flush=True,
         )
-        if "ret" in t.eval_modes and jax.process_index() == 0:  # the "before RL" side of the comparison
+        if "ret" in t.eval_modes:  # the "before RL" side of the comparison
+            host = host_copy(params)  # a collective: every process takes part
+        if "ret" in t.eval_modes and jax.process_index() == 0:
             pre = os.path.join(cfg.run.dir, "export_before_rl")
-            save_params(pre, jax.device_get(params), mcfg)
+            save_params(pre, host, mcfg)
+            del host
             summary["eval_before_rl"] = _evaluate(cfg, pre, "ret", os.path.join(cfg.run.dir, "eval", "before_rl-ret"))
         rs = run_rl(
             cfg,
             mcfg,
-            jax.device_get(params),
+            params,
             instances,
             tokenizer,
             model_options(cfg),
             run_dir=os.path.join(cfg.run.dir, "rl"),
         )
+        if rs["stopped"]:
+            summary["rl"] = {"steps": rs["steps"]}
+            return _stopped(cfg, summary, "RL", rs["steps"], rs["total"], t0)
         params = merge_lora(params, rs["lora"], rs["lcfg"])
         summary["rl"] = {
             "steps": rs["steps"],
@@ -277,8 +299,10 @@ def run(cfg: RunConfig) -> dict:
             else {},
         }
     export_dir = os.path.join(cfg.run.dir, "export")
+    host = host_copy(params)  # a collective: every process takes part
     if jax.process_index() == 0:
-        save_params(export_dir, jax.device_get(params), mcfg)
+        save_params(export_dir, host, mcfg)
+    del host
     if jax.process_index() == 0:
         for mode in t.eval_modes:
             before = summary.get("eval_before_rl", {}).get("files", {}).get("json", "") if mode == "ret" else ""
@@ -286,8 +310,18 @@ def run(cfg: RunConfig) -> dict:
                 cfg, export_dir, mode, os.path.join(cfg.run.dir, "eval", f"final-{mode}"), compare_to=before
             )
     summary.update(export=export_dir, wall_s=time.perf_counter() - t0)
-    with open(os.path.join(cfg.run.dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(cfg.run.dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _stopped(cfg: RunConfig, summary: dict, stage: str, step: int, total: int, t0: float) -> dict:
+    """End a run whose stage stopped early (SIGTERM or run.stop_after_steps) at a saved checkpoint."""
+    summary.update(stopped={"stage": stage, "step": step, "total": total}, wall_s=time.perf_counter() - t0)
+    if jax.process_index() == 0:
+        with open(os.path.join(cfg.run.dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary
 
 
@@ -308,6 +342,13 @@ def main(argv=None) -> None:
     except configlib.ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     s = run(cfg)
+    if "stopped" in s:
+        st = s["stopped"]
+        print(
+            f"[elva_jax] stopped the {st['stage']} stage at step {st['step']}/{st['total']} with a checkpoint in "
+            f"{cfg.run.dir}; run the same command to continue"
+        )
+        return
     if "losses" in s:
         print(f"[elva_jax] contrastive: {s['end_step']} steps, final loss {s['losses'][-1]:.4f}")
     if "rl" in s and s["rl"]["reward"]:

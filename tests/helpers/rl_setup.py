@@ -28,7 +28,8 @@ def instances(root, n_neg=3):
     return contrastive_records(qs, pool, root, num_negatives=n_neg)
 
 
-def make_trainer(rcfg: RLConfig | None = None, *, cache_dtype=None, seed=0):
+def make_trainer(rcfg: RLConfig | None = None, *, cache_dtype=None, seed=0, mesh=None):
+    """(trainer, state); with a mesh the state is laid out on it as the RL stage does."""
     tok = Tokenizer.from_dir()
     cfg = preset_config("tiny")
     opts = ModelOptions()
@@ -50,9 +51,15 @@ def make_trainer(rcfg: RLConfig | None = None, *, cache_dtype=None, seed=0):
         pad_id=tok.pad_token_id,
         prompt_buckets=(256, 384),
         patch_row_len=64,
+        mesh=mesh,
     )
     if cache_dtype:
         import dataclasses
 
         tr.scfg = dataclasses.replace(tr.scfg, cache_dtype=cache_dtype)
-    return tr, RLState(0, params, lora, tx.init(lora), jax.random.key(seed + 2))
+    state = RLState(0, params, lora, tx.init(lora), jax.random.key(seed + 2))
+    if mesh is not None:
+        from elva_jax.rl.loop import place_rl_state
+
+        state = place_rl_state(state, cfg, lcfg, tx, mesh)
+    return tr, state

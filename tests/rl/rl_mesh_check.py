@@ -1,4 +1,5 @@
-"""Subprocess with 8 fake CPU devices: the RL loss and LoRA gradients on a (2,2,2) mesh vs one device."""
+"""Subprocess with 8 fake CPU devices: the RL loss and LoRA gradients on a (2,2,2) mesh vs one device,
+then a whole RL trainer step (sampling, re-forward, rewards, update) on that mesh vs one device."""
 
 from __future__ import annotations
 
@@ -89,10 +90,33 @@ def run(mesh_shape, devices):
     return float(loss), [np.asarray(x) for x in jax.tree.leaves(g)]
 
 
+def trainer_step(mesh, root):
+    """Two RL trainer steps from the same state; (metrics of each step, LoRA after them as numpy)."""
+    from helpers.rl_setup import instances, make_trainer
+
+    insts = instances(root)[:2]
+    tr, st = make_trainer(mesh=mesh)
+    ms = []
+    for _ in range(2):
+        st, m = tr.step(st, insts)
+        ms.append(m)
+    return ms, [np.asarray(x) for x in jax.tree.leaves(st.lora)]
+
+
 if __name__ == "__main__":
+    import sys
+
     devs = jax.devices()
     l1, g1 = run((1, 1, 1), devs[:1])
     l8, g8 = run((2, 2, 2), devs)
     scale = max(float(np.abs(a).max()) for a in g1)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(g1, g8))
-    print(json.dumps({"loss_1": l1, "loss_8": l8, "grad_scale": scale, "max_grad_diff": diff}))
+    m1, lora1 = trainer_step(None, sys.argv[1])
+    m8, lora8 = trainer_step(make_mesh(2, 2, 2, devices=devs), sys.argv[1])
+    keys = ("reward", "loss", "kl_mean", "summary_len", "tokens_sampled")
+    out = {"loss_1": l1, "loss_8": l8, "grad_scale": scale, "max_grad_diff": diff}
+    out["trainer_1"] = [{k: m[k] for k in keys} for m in m1]
+    out["trainer_8"] = [{k: m[k] for k in keys} for m in m8]
+    out["trainer_lora_moved"] = max(float(np.abs(a).max()) for a in lora1)
+    out["trainer_lora_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(lora1, lora8))
+    print(json.dumps(out))

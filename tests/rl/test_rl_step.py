@@ -45,9 +45,22 @@ def test_rl_steps_update_lora_and_report_phases(data):
 
 
 @pytest.mark.slow
+def test_rollouts_and_reforward_in_instance_chunks(data):
+    """rl.micro_instances=1: sampling, re-forward and update run one instance at a time; the re-forward's
+    log-probs still line up with the sampler's row for row (fp32 cache), and the LoRA moves."""
+    tr, st = make_trainer(RLConfig(group_size=3, max_summary_tokens=4, micro_instances=1), cache_dtype="float32")
+    before = jax.tree.map(np.asarray, st.lora)
+    st, m = tr.step(st, data[4:7])
+    assert m["sampler_vs_trainer_logp"] < 1e-4 and np.isfinite(m["loss"]) and m["tokens_sampled"] > 0
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(st.lora), jax.tree.leaves(before)))
+    assert moved > 0
+
+
+@pytest.mark.slow
 def test_shared_candidate_sampling(data):
-    tr, st = make_trainer(RLConfig(group_size=3, max_summary_tokens=4, candidate_sampling="shared"))
-    out, prompts, (I, G, S) = tr.rollouts(st, data[:2])
+    # in instance chunks of one: the shared candidate summaries are per chunk, still shared across G
+    tr, st = make_trainer(RLConfig(group_size=3, max_summary_tokens=4, candidate_sampling="shared", micro_instances=1))
+    out, prompts, (I, G, S), _ = tr.rollouts(st, data[:2])
     toks = np.asarray(out.tokens).reshape(I, S, G, -1)  # prompt-major
     # candidate summaries identical across the G rollouts (query summaries are sampled per rollout)
     assert (toks[:, 1:] == toks[:, 1:, :1]).all()
@@ -56,7 +69,7 @@ def test_shared_candidate_sampling(data):
 
 
 @pytest.mark.slow
-def test_rl_update_on_eight_devices_equals_one():
+def test_rl_update_on_eight_devices_equals_one(tmp_path):
     import json
     import os
     import subprocess
@@ -66,9 +79,19 @@ def test_rl_update_on_eight_devices_equals_one():
     env = dict(os.environ, PYTHONPATH=os.path.dirname(here))
     env.pop("XLA_FLAGS", None)
     out = subprocess.run(
-        [sys.executable, os.path.join(here, "rl_mesh_check.py")], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, os.path.join(here, "rl_mesh_check.py"), str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert abs(r["loss_1"] - r["loss_8"]) <= 1e-5 * abs(r["loss_1"])
     assert r["max_grad_diff"] <= 1e-5 * r["grad_scale"]
+    # the whole trainer step on the mesh: same samples (token count, lengths), rewards, loss and update
+    for a, b in zip(r["trainer_1"], r["trainer_8"], strict=True):
+        assert a["tokens_sampled"] == b["tokens_sampled"] and a["summary_len"] == b["summary_len"]
+        for k in ("reward", "loss", "kl_mean"):
+            assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (k, a, b)
+    assert r["trainer_lora_diff"] <= 1e-4 * r["trainer_lora_moved"]
