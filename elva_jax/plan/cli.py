@@ -1,0 +1,129 @@
+"""`python -m elva_jax.plan`: arguments, exit status, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+
+from elva_jax.plan.measure import plan
+from elva_jax.plan.programs import PROGRAMS
+from elva_jax.plan.setup import load_run
+from elva_jax.plan.targets import EXIT_NOT_FIT, PlanError, resolve_target
+
+
+def _parse_mesh(text: str) -> list[str]:
+    out = []
+    for part in filter(None, text.split(",")):
+        k, _, v = part.partition("=")
+        if k.strip() not in ("data", "fsdp", "tensor") or not v.strip().lstrip("-").isdigit():
+            raise PlanError(f"--mesh {text!r}: expected data=..,fsdp=..,tensor=.. (integers, one may be -1)")
+        out.append(f"mesh.{k.strip()}={int(v)}")
+    return out
+
+
+def stage_programs(run) -> tuple[str, ...]:
+    """The programs the run's stages compile (a contrastive-only preset also gets the RL programs at the
+    paper's RL sizes, as a preview of its stage 3)."""
+    stages = run.train.stages
+    out = ("train",) if "contrastive" in stages else ()
+    return out + ("rl_update", "decode") if "rl" in stages or out else out
+
+
+def main(argv=None) -> int:
+    from elva_jax import plan as package  # its docstring is the help text
+
+    doc = package.__doc__
+    ap = argparse.ArgumentParser(
+        prog="python -m elva_jax.plan",
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n\n", 1)[1],
+    )
+    ap.add_argument("--config", help="run config (configs/*.yaml)")
+    ap.add_argument("--topology", help="cpu:N | local | v5e:2x2 | v5p:2x2x2 | v5p:4x4x4 | v6e:4x4 | ...")
+    ap.add_argument("--mesh", default="", help="data=..,fsdp=..,tensor=.. (overrides the config's mesh)")
+    ap.add_argument("--batch", type=int, help="global batch (default train.global_batch)")
+    ap.add_argument(
+        "--seq",
+        type=int,
+        help="sequence / prompt length (default max(data.seq_buckets); RL runs: max(rl.prompt_buckets))",
+    )
+    ap.add_argument("--model", default="auto", help="auto | 2b | 7b | tiny | small")
+    ap.add_argument(
+        "--programs",
+        default="",
+        help="comma list of " + ",".join(PROGRAMS) + " (default: the run's stages: contrastive -> train, "
+        "rl -> rl_update,decode)",
+    )
+    ap.add_argument("--text-only", action="store_true", help="no image patch arrays in the batches")
+    ap.add_argument(
+        "--rl-instances",
+        type=int,
+        default=0,
+        help="RL instances per step (0: rl.instances_per_step for RL runs, else the fewest that split)",
+    )
+    ap.add_argument(
+        "--rl-candidates",
+        type=int,
+        default=0,
+        help="candidates per instance (0: 1 + rl.num_hard_negatives + rl.num_random_negatives)",
+    )
+    ap.add_argument("--rl-group", type=int, default=0, help="rollouts per instance G (0: rl.group_size)")
+    ap.add_argument("--hbm-gib", type=float, help="HBM per device to plan against (default: the chip's)")
+    ap.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s per device (default: the chip's)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step-time estimate")
+    ap.add_argument("--json", help="also write the report as JSON here")
+    ap.add_argument("--dump-goldens", metavar="DIR", help="write the golden sharding dumps to DIR and exit")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value run-config overrides, e.g. model.remat=false")
+    a = ap.parse_args(argv)
+    if a.dump_goldens:
+        from elva_jax.parallel.goldens import dump_goldens
+
+        for p in dump_goldens(a.dump_goldens):
+            print(f"wrote {p}")
+        return 0
+    if not a.config or not a.topology:
+        ap.error("--config and --topology are required (or --dump-goldens DIR)")
+    try:
+        if a.topology.split(":")[0].lower() != "local":
+            # fake CPU devices / a described TPU slice: never start an accelerator backend here, and let
+            # several plans load libtpu at once (it only compiles; no chip is claimed)
+            jax.config.update("jax_platforms", "cpu")
+            os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        target = resolve_target(a.topology, hbm_gib=a.hbm_gib, peak_tflops=a.peak_tflops)
+        run = load_run(a.config, _parse_mesh(a.mesh) + list(a.overrides))
+        programs = tuple(p.strip() for p in a.programs.split(",") if p.strip()) or stage_programs(run)
+        bad = [p for p in programs if p not in PROGRAMS]
+        if bad:
+            raise PlanError(f"unknown programs {bad}; choose from {list(PROGRAMS)}")
+        print(f"plan    {a.config}")
+        report = plan(
+            run,
+            target,
+            model=a.model,
+            batch=a.batch,
+            seq=a.seq,
+            text_only=a.text_only,
+            rl_instances=a.rl_instances,
+            rl_candidates=a.rl_candidates,
+            rl_group=a.rl_group,
+            programs=programs,
+            mfu=a.mfu,
+        )
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    report["config"] = a.config
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if not report["fits"]:
+        sys.stdout.flush()
+        print(f"error: the plan does not fit {a.topology} (see the suggestions above)", file=sys.stderr)
+        return EXIT_NOT_FIT
+    return 0

@@ -1,0 +1,171 @@
+"""The three programs a run compiles, built as the training code jits them: the contrastive train step,
+the RL update and one iteration of the sampler's decode loop."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from elva_jax.plan.setup import (
+    Setup,
+    _sds,
+    cache_shardings,
+    check_split,
+    contrastive_batch,
+    kv_cache,
+    opt_state,
+    rl_batch,
+    rl_batch_shardings,
+    with_shardings,
+)
+from elva_jax.plan.targets import PlanError
+
+
+@dataclasses.dataclass
+class Program:
+    name: str
+    fn: object  # jitted
+    args: tuple
+    groups: dict  # label -> abstract pytree (for the per-device byte breakdown)
+    note: str = ""
+
+
+def train_program(setup: Setup) -> Program:
+    """The contrastive train step as the loop jits it (donated state, replicated metrics)."""
+    from elva_jax.parallel.sharding import replicated
+    from elva_jax.train.step import StepConfig, TrainState, batch_shardings, split_lm_head, train_step
+
+    run, mesh, shp = setup.run, setup.mesh, setup.shapes
+    full = not run.lora.enabled
+    rep = replicated(mesh)
+    lora = None if full else setup.lora
+    # full fine-tuning optimizes the params without an untied LM head (`split_lm_head`)
+    opt = opt_state(setup, split_lm_head(setup.params)[0] if full else lora)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    state = TrainState(
+        scalar, setup.params, lora, opt, jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep), scalar
+    )
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if shp.b % shards:
+        B = shp.A * shp.b
+        ok = [a for a in range(1, B + 1) if B % a == 0 and (B // a) % shards == 0]
+        raise PlanError(
+            f"the micro-batch of {shp.b} rows (global batch {B} / train.micro_batches={shp.A}) cannot be split over "
+            f"data x fsdp = {shards} devices; use train.micro_batches in {ok[:8]} or a global batch that is a "
+            f"multiple of {shards * shp.A}"
+            if ok
+            else f"the global batch {B} cannot be split over data x fsdp = {shards} devices; use a multiple of {shards}"
+        )
+    batch = contrastive_batch(setup.mcfg, shp)
+    b_sh = batch_shardings(batch, mesh)
+    check_split(batch, b_sh, "batch")
+    batch = with_shardings(batch, b_sh)
+    # the <emb> id only selects which row is the embedding: any value compiles the same program
+    scfg = StepConfig(
+        tau=run.train.tau,
+        embedding=run.train.embedding,
+        emb_token_id=-1,
+        lora_scale=setup.lcfg.scale,
+        full_finetune=full,
+    )
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    fn = jax.jit(
+        lambda s, b: train_step(s, b, cfg=setup.mcfg, opts=setup.opts, scfg=scfg, tx=setup.tx),
+        donate_argnums=(0,),
+        out_shardings=(state_sh, rep),
+    )
+    groups = {"params": setup.params, "lora": lora, "optimizer": opt, "batch": batch}
+    note = f"A={shp.A} x b={shp.b} queries + {shp.n_cand} cands, L={shp.L}" + (
+        f", {shp.Lv} patches/row" if shp.images else ", text only"
+    )
+    return Program("train", fn, (state, batch), groups, note)
+
+
+def _rl_configs(setup: Setup):
+    """The run's RL and reward configs (as the RL loop builds them), at the planned G and summary length."""
+    from elva_jax.rl.loop import rl_configs
+
+    rcfg, reward_cfg = rl_configs(setup.run)
+    shp = setup.shapes
+    return dataclasses.replace(rcfg, group_size=shp.G, max_summary_tokens=shp.T - 1), reward_cfg
+
+
+def rl_update_program(setup: Setup) -> Program:
+    """The RL trainer's update (`elva_jax.rl.trainer.rl_update`: micro-batched value_and_grad of
+    `rl_loss` wrt LoRA + the optimizer), on the run's mesh."""
+    from elva_jax.rl.trainer import rl_update
+
+    shp, mesh = setup.shapes, setup.mesh
+    rcfg, reward_cfg = _rl_configs(setup)
+    opt = opt_state(setup, setup.lora)
+    batch = rl_batch(setup.mcfg, shp)
+    b_sh = rl_batch_shardings(batch, mesh)
+    check_split(batch, b_sh, "rl_batch")
+    batch = with_shardings(batch, b_sh)
+
+    def update(lora, opt_state, params, batch):
+        return rl_update(
+            lora,
+            opt_state,
+            params,
+            batch,
+            shape=(shp.I, shp.G, shp.S),
+            tx=setup.tx,
+            rcfg=rcfg,
+            mesh=mesh,
+            cfg=setup.mcfg,
+            opts=setup.opts,
+            reward_cfg=reward_cfg,
+            lora_scale=setup.lcfg.scale,
+        )
+
+    fn = jax.jit(update, donate_argnums=(0, 1))
+    groups = {"params": setup.params, "lora": setup.lora, "optimizer": opt, "batch": batch}
+    note = f"I={shp.I} x S={shp.S} = {shp.D} prompts of P={shp.P} x G={shp.G} = {shp.N} rows of T={shp.T}" + (
+        f", {shp.Lv} patches/row" if shp.rl_images else ", text only"
+    )
+    return Program("rl_update", fn, (setup.lora, opt, setup.params, batch), groups, note)
+
+
+def decode_program(setup: Setup) -> Program:
+    """One iteration of the sampler's decode loop: sample a token from the logits, then `decode_step`."""
+    from elva_jax.model import qwen2vl
+    from elva_jax.parallel.sharding import logical_spec, replicated
+    from elva_jax.rl.sampler import SamplerConfig, sample_token
+
+    shp, mesh, mcfg = setup.shapes, setup.mesh, setup.mcfg
+    rc, _ = _rl_configs(setup)
+    scfg = SamplerConfig(
+        max_new_tokens=shp.T - 1, temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p, mesh=mesh
+    )
+    # the trainer samples rl.micro_instances instances per call (all of them when 0)
+    m = rc.micro_instances if rc.micro_instances and shp.I % rc.micro_instances == 0 else shp.I
+    rows = shp.N // shp.I * m
+    cache = kv_cache(mcfg, rows, shp.P + shp.T, jnp.dtype(scfg.cache_dtype))
+    c_sh = cache_shardings(cache, mesh)
+    logits = _sds((rows, mcfg.text.vocab_size), jnp.float32)
+    l_sh = NamedSharding(mesh, logical_spec(("batch", "vocab")))
+    check_split((cache, logits), (c_sh, l_sh), "decode")
+    cache, logits = with_shardings(cache, c_sh), with_shardings(logits, l_sh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(mesh))
+
+    def step(params, lora, logits, cache, key):
+        key, sub = jax.random.split(key)
+        tok, lp = sample_token(sub, logits, scfg)
+        _, logits, cache = qwen2vl.decode_step(
+            params, tok, cache, mcfg, setup.opts, lora=lora, lora_scale=setup.lcfg.scale
+        )
+        return tok, lp, logits, cache, key
+
+    fn = jax.jit(step, donate_argnums=(2, 3))
+    groups = {"params": setup.params, "lora": setup.lora, "kv_cache": cache, "logits": logits}
+    note = f"{rows} rows ({m} of {shp.I} instances per sampler call), cache {shp.P + shp.T} slots ({scfg.cache_dtype})"
+    return Program("decode", fn, (setup.params, setup.lora, logits, cache, key), groups, note)
+
+
+PROGRAMS = {"train": train_program, "rl_update": rl_update_program, "decode": decode_program}

@@ -1,0 +1,287 @@
+"""The run a plan describes: config, model sizes, static shapes, and the abstract (sharded, never
+allocated) params, LoRA, optimizer state and batches the three programs take."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from elva_jax.plan.targets import PlanError
+
+
+def model_config(name: str):
+    """Qwen2VLConfig for '2b' / '7b' (Qwen2-VL's published sizes) or a random preset ('tiny', 'small')."""
+    from elva_jax.model.tiny import preset_config
+
+    return preset_config({"2b": "qwen2vl_2b", "7b": "qwen2vl_7b"}.get(name, name))
+
+
+def resolve_model(run, name: str = "auto"):
+    """(Qwen2VLConfig, description): --model, else the checkpoint's config.json, else the size named in
+    the checkpoint path (".../Qwen2-VL-7B-Instruct", "runs/qwen2vl_2b_nli/export"), else the random preset."""
+    from elva_jax.model.config import Qwen2VLConfig
+
+    if name != "auto":
+        return model_config(name), f"{name} (--model)"
+    ckpt = run.model.checkpoint
+    if ckpt and os.path.exists(os.path.join(ckpt, "config.json")):
+        return Qwen2VLConfig.from_file(ckpt), f"config.json of {ckpt}"
+    if ckpt:
+        m = re.search(r"(?<![0-9.])(2|7)b(?![a-z0-9])", ckpt.lower())
+        if m:
+            return model_config(m.group(1) + "b"), f"Qwen2-VL-{m.group(1)}B sizes (checkpoint {ckpt} not read)"
+        raise PlanError(f"cannot tell the model size from checkpoint {ckpt!r}; pass --model 2b|7b|tiny|small")
+    return model_config(run.model.random_preset), f"random preset {run.model.random_preset!r}"
+
+
+def load_run(config: str, overrides: list[str] | None = None):
+    from elva_jax import configlib
+    from elva_jax.train.config import RunConfig
+
+    try:
+        return configlib.load(RunConfig, config, list(overrides or []))
+    except configlib.ConfigError as e:
+        raise PlanError(f"config error: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """Static shapes of the three programs.
+
+    Contrastive: A micro-batches of b queries (L tokens) and b*(1+k) candidates; images packed one row
+    of Lv patches per example (as `elva_jax.train.run` builds the pipeline) unless text-only.
+    RL: I instances x S = 1 + C sequences = D distinct prompts of P tokens, each sampled G times:
+    N = D x G rows of T generated slots (prompt-major, as `elva_jax.rl.trainer` lays them out).
+    """
+
+    A: int
+    b: int
+    n_cand: int
+    L: int
+    images: bool
+    Lv: int
+    I: int
+    G: int
+    S: int
+    P: int
+    T: int
+    rl_images: bool
+
+    @property
+    def D(self) -> int:
+        return self.I * self.S
+
+    @property
+    def N(self) -> int:
+        return self.D * self.G
+
+
+def plan_shapes(
+    run,
+    batch_shards: int,
+    *,
+    batch: int | None = None,
+    seq: int | None = None,
+    text_only: bool = False,
+    rl_instances: int = 0,
+    rl_candidates: int = 0,
+    rl_group: int = 0,
+) -> Shapes:
+    t, d, r = run.train, run.data, run.rl
+    B = batch or t.global_batch
+    if B % t.micro_batches:
+        raise PlanError(f"global batch {B} is not divisible by train.micro_batches={t.micro_batches}")
+    L = seq or max(d.seq_buckets)
+    # an RL run pads its prompts to rl.prompt_buckets: the largest bucket is the program that must fit
+    P = seq or (max(r.prompt_buckets) if "rl" in t.stages else L)
+    G = rl_group or r.group_size
+    C = rl_candidates or 1 + r.num_hard_negatives + r.num_random_negatives
+    S = 1 + C
+    # an RL run updates on rl.instances_per_step instances at once; otherwise plan the smallest number of
+    # instances whose D = I*S prompts (and so the N = D*G rows) split over the batch shards
+    I = rl_instances or (r.instances_per_step if "rl" in t.stages else batch_shards // math.gcd(S, batch_shards))
+    b = B // t.micro_batches
+    return Shapes(
+        A=t.micro_batches,
+        b=b,
+        n_cand=b * (1 + d.hard_negatives),
+        L=L,
+        # text-only data (NLI) carries no patch arrays (as `elva_jax.train.run` builds its pipeline)
+        images=not text_only and d.kind != "nli",
+        Lv=d.patch_row_len,
+        I=I,
+        G=G,
+        S=S,
+        P=P,
+        T=r.max_summary_tokens + 1,
+        rl_images=not text_only and d.kind != "nli",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# abstract inputs with shardings
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def model_inputs(mcfg, rows: int, length: int, images: bool, Lv: int, lead: tuple[int, ...] = ()) -> dict:
+    """Abstract `qwen2vl.forward` inputs (`elva_jax.model.inputs` layout) for `rows` x `length` tokens."""
+    x = {
+        "input_ids": _sds(lead + (rows, length), jnp.int32),
+        "attention_mask": _sds(lead + (rows, length), jnp.int32),
+        "positions": _sds(lead + (3, rows, length), jnp.int32),
+    }
+    if images:
+        x["patches"] = _sds(lead + (rows, Lv, mcfg.vision.patch_dim), jnp.float32)
+        x["vision_segment_ids"] = _sds(lead + (rows, Lv), jnp.int32)
+        x["vision_pos"] = _sds(lead + (rows, Lv, 2), jnp.int32)
+    return x
+
+
+def contrastive_batch(mcfg, shp: Shapes) -> dict:
+    return {
+        "query": model_inputs(mcfg, shp.b, shp.L, shp.images, shp.Lv, (shp.A,)),
+        "cand": model_inputs(mcfg, shp.n_cand, shp.L, shp.images, shp.Lv, (shp.A,)),
+    }
+
+
+def rl_batch(mcfg, shp: Shapes) -> dict:
+    """The batch `rl_loss` takes (see `elva_jax.rl.trainer.RLTrainer.step`)."""
+    N, T = shp.N, shp.T
+    return {
+        "prompts": model_inputs(mcfg, shp.D, shp.P, shp.rl_images, shp.Lv),
+        "gen_tokens": _sds((N, T), jnp.int32),
+        "gen_lengths": _sds((N,), jnp.int32),
+        "mask": _sds((N, T), jnp.bool_),
+        "old_logp": _sds((N, T), jnp.float32),
+        "ref_logp": _sds((N, T), jnp.float32),
+        "adv": _sds((N,), jnp.float32),
+        "valid": _sds((shp.I, shp.S - 1), jnp.bool_),
+    }
+
+
+def rl_batch_shardings(batch: dict, mesh) -> dict:
+    """Rows of every per-sequence array over the batch axes; `valid` [I, C] replicated."""
+    from elva_jax.parallel.sharding import logical_spec
+    from elva_jax.train.step import INPUT_AXES
+
+    rows = lambda v: NamedSharding(mesh, logical_spec(("batch",) + (None,) * (len(v.shape) - 1)))  # noqa: E731
+    out = {k: rows(v) for k, v in batch.items() if k != "prompts"}
+    out["valid"] = NamedSharding(mesh, PartitionSpec())
+    out["prompts"] = {k: NamedSharding(mesh, logical_spec(INPUT_AXES[k])) for k in batch["prompts"]}
+    return out
+
+
+# KV cache (`qwen2vl.KVCache`): rows over the batch axes, KV heads over tensor
+CACHE_AXES = dict(
+    k=("layers", "batch", None, "kv_heads", None),
+    v=("layers", "batch", None, "kv_heads", None),
+    valid=("batch", None),
+    index=(),
+    next_pos=("batch",),
+)
+
+
+def kv_cache(mcfg, rows: int, length: int, dtype=jnp.bfloat16):
+    from elva_jax.model.qwen2vl import KVCache
+
+    t = mcfg.text
+    kv = _sds((t.num_layers, rows, length, t.num_kv_heads, t.head_dim), dtype)
+    return KVCache(
+        k=kv, v=kv, valid=_sds((rows, length), jnp.bool_), index=_sds((), jnp.int32), next_pos=_sds((rows,), jnp.int32)
+    )
+
+
+def cache_shardings(cache, mesh):
+    from elva_jax.model.qwen2vl import KVCache
+    from elva_jax.parallel.sharding import tree_shardings
+
+    return tree_shardings(KVCache(**CACHE_AXES), cache, mesh)
+
+
+def check_split(tree, shardings, what: str) -> None:
+    """PlanError naming the array when a sharded dimension does not divide by its mesh axes."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    for (path, x), s in zip(flat, jax.tree.leaves(shardings)):
+        spec = tuple(s.spec) + (None,) * (len(x.shape) - len(s.spec))
+        for dim, (size, ax) in enumerate(zip(x.shape, spec)):
+            if ax is None:
+                continue
+            axes = (ax,) if isinstance(ax, str) else tuple(ax)
+            parts = math.prod(s.mesh.shape[a] for a in axes)
+            if size % parts:
+                name = jax.tree_util.keystr(path)
+                raise PlanError(
+                    f"{what}{name}: dimension {dim} of size {size} cannot be split {parts} ways over mesh axes "
+                    f"{'x'.join(axes)}; choose sizes that are multiples of {parts} (--batch, train.micro_batches, "
+                    f"--rl-instances) or a mesh whose {'x'.join(axes)} divides {size}"
+                )
+
+
+def with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of an abstract pytree whose leaves carry shardings."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * x.dtype.itemsize
+    return total
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the three programs share: configs, optimizer and the sharded abstract state."""
+
+    run: object
+    mcfg: object
+    opts: object
+    lcfg: object
+    tx: object
+    shapes: Shapes
+    mesh: object
+    params: dict
+    lora: dict
+
+
+def build_setup(run, mcfg, mesh, shapes: Shapes) -> Setup:
+    """Abstract params / LoRA (sharded by the logical-axis table); no array is allocated."""
+    from elva_jax.model.params import abstract_params, logical_axes
+    from elva_jax.parallel.sharding import MeshError, tree_shardings
+    from elva_jax.train.loop import model_options
+    from elva_jax.train.lora import LoraConfig, init_lora, lora_axes
+    from elva_jax.train.optim import make_optimizer
+
+    tx = make_optimizer(run.optim, 1000)
+    lcfg = LoraConfig(rank=run.lora.rank, alpha=run.lora.alpha, targets=tuple(run.lora.targets))
+    pdt = jnp.dtype(run.model.param_dtype)
+    p_abs = abstract_params(mcfg, pdt)
+    l_abs = jax.eval_shape(lambda: init_lora(mcfg, lcfg, jax.random.key(0), pdt))
+    try:
+        params = with_shardings(p_abs, tree_shardings(logical_axes(mcfg), p_abs, mesh))
+        lora = with_shardings(l_abs, tree_shardings(lora_axes(mcfg, lcfg), l_abs, mesh))
+    except MeshError as e:
+        raise PlanError(f"{e}") from None
+    return Setup(run, mcfg, model_options(run), lcfg, tx, shapes, mesh, params, lora)
+
+
+def opt_state(setup: Setup, trainable):
+    """Abstract optimizer state with the shardings the training loop gets (`jit(tx.init)` propagation)."""
+    from elva_jax.parallel.sharding import replicated
+
+    out = jax.eval_shape(setup.tx.init, trainable)
+    sh = jax.jit(setup.tx.init).lower(trainable).compile().output_shardings
+    # leaves that depend on no input (Adam's step count) come back on one device: replicate them
+    on_mesh = lambda s: isinstance(s, NamedSharding) and s.mesh == setup.mesh  # noqa: E731
+    sh = jax.tree.map(lambda s: s if on_mesh(s) else replicated(setup.mesh), sh)
+    return with_shardings(out, sh)
