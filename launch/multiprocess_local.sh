@@ -28,7 +28,8 @@ while [ "$left" -gt 0 ]; do
     if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
       status=$rc
       echo "[multiprocess_local] process $i exited with status $rc; stopping the others" >&2
-      kill "${pids[@]}" 2>/dev/null
+      kill "${pids[@]}" 2>/dev/null  # SIGTERM first: they may be waiting in a collective, so then SIGKILL
+      (sleep 20; kill -KILL "${pids[@]}" 2>/dev/null) &
     fi
   done
 done

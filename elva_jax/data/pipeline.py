@@ -53,6 +53,7 @@ from elva_jax.model.config import Qwen2VLConfig
 from elva_jax.model.inputs import pack_images, position_ids
 
 __all__ = [
+    "DataStateMismatch",
     "ImagePolicy",
     "PipelineConfig",
     "PipelineIterator",
@@ -73,6 +74,10 @@ PATCH_DIM = 1176
 
 # ----------------------------------------------------------------------------------------------------
 # configuration, policy, counters
+
+
+class DataStateMismatch(ValueError):
+    """A saved data position that does not belong to this run's records / shuffle seed."""
 
 
 class SkippedFractionError(RuntimeError):
@@ -510,10 +515,10 @@ class PipelineIterator:
             self.grain_iterator.set_state(state)
             return
         if "global_next_index" not in state:
-            raise ValueError(f"data iterator state {state!r} is not an elastic pipeline state")
+            raise DataStateMismatch(f"data iterator state {state!r} is not an elastic pipeline state")
         saved = (state.get("num_records"), state.get("seed"))
         if saved != (self._num_records, self.cfg.seed):
-            raise ValueError(
+            raise DataStateMismatch(
                 f"the data iterator was saved over {saved[0]} records with shuffle seed {saved[1]}, but this "
                 f"run has {self._num_records} records with seed {self.cfg.seed}: resuming would not continue "
                 f"the same order (restore with the same data and data.shuffle_seed, or start a fresh run)"

@@ -146,4 +146,19 @@ def host_copy(tree):
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
 
-    return multihost_utils.process_allgather(tree, tiled=True)
+    def one(x):  # only arrays spread over processes are gathered; host-local ones are copied as they are
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (a collective with several processes): a
+    stop request that one host sees must stop all of them at the same step."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))

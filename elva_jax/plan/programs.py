@@ -107,7 +107,17 @@ def rl_update_program(setup: Setup) -> Program:
     check_split(batch, b_sh, "rl_batch")
     batch = with_shardings(batch, b_sh)
 
+    M = shp.I // rcfg.micro_instances if rcfg.micro_instances else 1
+
     def update(lora, opt_state, params, batch):
+        if M > 1:  # the trainer passes each chunk's inputs stacked; here one patch row per prompt
+
+            def stack(x, ax):
+                x = jnp.moveaxis(x, ax, 0)
+                return jnp.moveaxis(x.reshape(M, -1, *x.shape[1:]), 1, ax + 1)
+
+            prompts = {k: stack(v, 1 if k == "positions" else 0) for k, v in batch["prompts"].items()}
+            batch = {**batch, "prompts": prompts}
         return rl_update(
             lora,
             opt_state,

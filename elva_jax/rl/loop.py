@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 
 from elva_jax.model.config import Qwen2VLConfig
 from elva_jax.model.params import logical_axes
-from elva_jax.parallel.sharding import make_mesh, place, replicated, tree_shardings
+from elva_jax.parallel.sharding import any_process, make_mesh, place, replicated, tree_shardings
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import RLConfig
 from elva_jax.rl.trainer import RLState, RLTrainer
@@ -190,6 +190,7 @@ def run_rl(
             )
             if cfg.run.stop_after_steps and state.step - step_start >= cfg.run.stop_after_steps:
                 stop["flag"] = True
+            stop["flag"] = any_process(stop["flag"])  # a SIGTERM seen by one host stops all at this step
             if state.step % cfg.run.checkpoint_every == 0 or state.step == n_steps or stop["flag"]:
                 ckpt.save(state.step, saveable(state), None, {"reward": m["reward"]}, force=True)
             if stop["flag"]:

@@ -212,8 +212,11 @@ def rl_loss(
 def split_instances(batch: dict, shape: tuple[int, int, int], micro_instances: int) -> dict:
     """A prompt-major RL batch -> M = I / micro_instances micro-batches stacked on a new leading axis.
 
-    Micro-batch j holds instances [j*m, (j+1)*m): their S prompts ([D, ...] arrays; ``positions``
-    [3, D, P] split on axis 1), their S*G sampled rows and their ``valid`` rows.
+    Micro-batch j holds instances [j*m, (j+1)*m): their S*G sampled rows and their ``valid`` rows.
+    ``batch["prompts"]`` must already be per micro-batch when M > 1 (each chunk's model inputs built
+    from its own prompts and stacked, ``positions`` [M, 3, m*S, P]): images are packed into patch
+    rows across prompts, so the prompt arrays cannot be cut by rows. With M = 1 they are the flat
+    inputs and get a leading axis of 1.
     """
     I, G, S = shape
     m = micro_instances or I
@@ -221,13 +224,21 @@ def split_instances(batch: dict, shape: tuple[int, int, int], micro_instances: i
         raise ValueError(f"{I} instances per step do not split into micro-batches of {m}")
     M = I // m
 
-    def rows(x, axis=0):
-        x = jnp.moveaxis(x, axis, 0)
-        x = x.reshape(M, x.shape[0] // M, *x.shape[1:])
-        return jnp.moveaxis(x, 1, axis + 1)
+    def rows(x):
+        return x.reshape(M, x.shape[0] // M, *x.shape[1:])
 
     out = {k: rows(v) for k, v in batch.items() if k != "prompts"}
-    out["prompts"] = {k: rows(v, 1 if k == "positions" else 0) for k, v in batch["prompts"].items()}
+    prompts = batch["prompts"]
+    if M == 1:
+        out["prompts"] = {k: v[None] for k, v in prompts.items()}
+    else:
+        pos = prompts["positions"]
+        if pos.ndim != 4 or pos.shape[0] != M or pos.shape[2] != m * S:
+            raise ValueError(
+                f"with {M} micro-batches the prompts must be stacked per micro-batch (positions [M, 3, m*S, P] "
+                f"= [{M}, 3, {m * S}, P]), got positions {tuple(pos.shape)}"
+            )
+        out["prompts"] = prompts
     return out
 
 
@@ -254,9 +265,15 @@ def rl_loss_and_grad(lora, params, micro: dict, *, rcfg: RLConfig, shape: tuple[
         return jax.tree.map(jnp.add, acc, g), m
 
     grads, ms = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, lora), micro)
-    summed = ("loss", "grpo_loss", "loss_sum", "denominator")
-    metrics = {k: (jnp.sum(v) if k in summed else jnp.mean(v)) for k, v in ms.items()}
+    summed = ("loss", "grpo_loss", "loss_sum", "denominator", "num_tokens")
+    n_tok = ms.get("num_tokens")
+    metrics = {}
+    for k, v in ms.items():
+        if k in summed:
+            metrics[k] = jnp.sum(v)
+        elif n_tok is not None and k != "aux_soft_rank_loss":  # token statistics: weighted by tokens
+            metrics[k] = jnp.sum(v * n_tok) / jnp.maximum(jnp.sum(n_tok), 1)
+        else:
+            metrics[k] = jnp.mean(v)
     metrics["denominator"] = denom
-    if "aux_soft_rank_loss" in metrics:
-        metrics["aux_soft_rank_loss"] = jnp.mean(ms["aux_soft_rank_loss"])
     return metrics["loss"], metrics, grads

@@ -328,6 +328,8 @@ class RLTrainer:
             "adv": adv_rows,
         }
         rows = self._put(rows) if self.mesh is not None else {k: jnp.asarray(v) for k, v in rows.items()}
+        if len(chunks) > 1:  # per-chunk inputs (images are packed per chunk), stacked: [M, ...]
+            prompts = jax.tree.map(lambda *xs: jnp.stack(xs), *chunks)
         batch = {"prompts": prompts, **rows, "valid": valid}
         t3 = time.perf_counter()
         m = {}

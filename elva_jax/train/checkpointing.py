@@ -17,6 +17,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from elva_jax.data.pipeline import DataStateMismatch
+
 log = logging.getLogger(__name__)
 
 
@@ -67,6 +69,8 @@ class Checkpointer:
             try:
                 state, meta = self.restore(step, abstract_state, data_iter)
                 return step, state, meta
+            except DataStateMismatch:  # readable, but another run's data: never fall back or start over
+                raise
             except Exception as e:  # noqa: BLE001 - any read failure means: try the previous step
                 log.warning(
                     "checkpoint step %d in %s is unreadable (%s: %s); trying the previous one",

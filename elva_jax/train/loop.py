@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 
 from elva_jax.model.config import ModelOptions, Qwen2VLConfig
 from elva_jax.model.params import logical_axes
-from elva_jax.parallel.sharding import make_mesh, place, replicated, tree_shardings
+from elva_jax.parallel.sharding import any_process, make_mesh, place, replicated, tree_shardings
 from elva_jax.train.checkpointing import Checkpointer, CheckpointNotFound, abstract_like
 from elva_jax.train.config import RunConfig
 from elva_jax.train.lora import LoraConfig, init_lora, lora_axes
@@ -41,6 +41,33 @@ class _StopFlag:
 def model_options(cfg: RunConfig) -> ModelOptions:
     m = cfg.model
     return ModelOptions(dtype=m.dtype, param_dtype=m.param_dtype, position_mode=m.position_mode, remat=m.remat)
+
+
+SEQ_KEYS = ("input_ids", "attention_mask", "positions")  # arrays whose last axis is the padded length
+
+
+def pad_to_length(group: dict, length: int) -> dict:
+    """Right-pad a group's token arrays (input_ids, attention_mask, positions) to ``length``; the new
+    slots are masked out (attention_mask 0, token and position 0). Other arrays are unchanged."""
+    out = dict(group)
+    for k in SEQ_KEYS:
+        if k in group and group[k].shape[-1] < length:
+            pad = [(0, 0)] * (group[k].ndim - 1) + [(0, length - group[k].shape[-1])]
+            out[k] = np.pad(group[k], pad)
+    return out
+
+
+def agree_lengths(host_batch: dict) -> dict:
+    """With several processes each host picks its own sequence bucket; a global array needs one. Pad
+    every host's groups to the longest bucket any host chose this step (a tiny collective)."""
+    if jax.process_count() == 1:
+        return host_batch
+    from jax.experimental import multihost_utils
+
+    groups = sorted(host_batch)
+    mine = np.array([host_batch[g]["input_ids"].shape[-1] for g in groups], np.int32)
+    longest = np.max(multihost_utils.process_allgather(mine), axis=0)
+    return {g: pad_to_length(host_batch[g], int(n)) for g, n in zip(groups, longest, strict=True)}
 
 
 def _to_global(batch, shardings):
@@ -137,6 +164,7 @@ def train(
                 host_batch = next(data_iter)
             except StopIteration:
                 break
+            host_batch = agree_lengths(host_batch)
             b_sh = b_sh or batch_shardings(host_batch, mesh)
             batch = _to_global(host_batch, b_sh)
             if flops is None:
@@ -188,7 +216,7 @@ def train(
                 raise FloatingPointError(f"{int(state.skipped)} non-finite updates (max {cfg.train.max_nonfinite})")
             if step % cfg.run.checkpoint_every == 0:
                 ckpt.save(step, state, data_iter, {"loss": loss})
-            if stop.requested:
+            if any_process(stop.requested):
                 ckpt.save(step, state, data_iter, {"loss": loss, "preempted": True}, force=True)
                 ckpt.wait()
                 print(f"[elva_jax] SIGTERM: saved step {step} and stopping", flush=True)

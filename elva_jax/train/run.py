@@ -48,15 +48,14 @@ def maybe_init_distributed() -> None:
 
 def bundled_root(cfg: RunConfig) -> str:
     root = cfg.data.root or os.path.join(cfg.run.dir, "bundled_data")
-    if not os.path.exists(os.path.join(root, "meta", "summary.json")):
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(root, "meta", "summary.json")):
         from elva_jax.data.multigrain import generate
 
-        if jax.process_index() == 0:
-            generate(root, seed=0)
-        if jax.process_count() > 1:  # the other processes read what process 0 wrote
-            from jax.experimental import multihost_utils
+        generate(root, seed=0)
+    if jax.process_count() > 1:  # every process meets here; the others then read what process 0 wrote
+        from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices("elva_jax bundled data")
+        multihost_utils.sync_global_devices("elva_jax bundled data")
     return root
 
 
@@ -272,8 +271,9 @@ def run(cfg: RunConfig) -> dict:
         if "ret" in t.eval_modes and jax.process_index() == 0:
             pre = os.path.join(cfg.run.dir, "export_before_rl")
             save_params(pre, host, mcfg)
-            del host
             summary["eval_before_rl"] = _evaluate(cfg, pre, "ret", os.path.join(cfg.run.dir, "eval", "before_rl-ret"))
+        if "ret" in t.eval_modes:
+            del host
         rs = run_rl(
             cfg,
             mcfg,

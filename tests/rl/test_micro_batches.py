@@ -37,28 +37,39 @@ def _batch(seed=0):
     am[1, :2] = 0
     valid = np.ones((I, S - 1), bool)
     valid[2, 0] = False
-    return {
-        "prompts": build_inputs(CFG, OPTS, ids, am),
-        "gen_tokens": np.where(mask, gen, 0),
-        "gen_lengths": lengths.astype(np.int32),
-        "mask": mask,
-        "old_logp": rng.normal(-5, 0.3, (N, T)).astype(np.float32),
-        "ref_logp": rng.normal(-5, 0.3, (N, T)).astype(np.float32),
-        "adv": rng.normal(0, 1, N).astype(np.float32),
-        "valid": valid,
-    }
+    return (
+        ids,
+        am,
+        {
+            "prompts": build_inputs(CFG, OPTS, ids, am),
+            "gen_tokens": np.where(mask, gen, 0),
+            "gen_lengths": lengths.astype(np.int32),
+            "mask": mask,
+            "old_logp": rng.normal(-5, 0.3, (N, T)).astype(np.float32),
+            "ref_logp": rng.normal(-5, 0.3, (N, T)).astype(np.float32),
+            "adv": rng.normal(0, 1, N).astype(np.float32),
+            "valid": valid,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def setup():
     params = tiny_params(CFG)
     lora = jax.tree.map(lambda x: x + 0.05, init_lora(CFG, LCFG, jax.random.key(1)))
-    return params, lora, _batch()
+    return (params, lora, *_batch())
+
+
+def _per_chunk_prompts(ids, am, m):
+    """Each chunk's model inputs built from its own prompts, stacked (as the trainer passes them)."""
+    n = m * S
+    chunks = [build_inputs(CFG, OPTS, ids[c * n : (c + 1) * n], am[c * n : (c + 1) * n]) for c in range(I // m)]
+    return {k: np.stack([c[k] for c in chunks]) for k in chunks[0]}
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
 def test_micro_batched_gradient_equals_one_pass(setup, loss_type):
-    params, lora, batch = setup
+    params, lora, ids, am, batch = setup
     rcfg = RLConfig(group_size=G, beta=0.2, aux_soft_rank_weight=0.5, loss_type=loss_type)
     kw = dict(cfg=CFG, opts=OPTS, reward_cfg=RewardConfig(), lora_scale=LCFG.scale)
     (l1, _), g1 = jax.jit(
@@ -67,7 +78,7 @@ def test_micro_batched_gradient_equals_one_pass(setup, loss_type):
     scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g1))
     assert scale > 0
     for m in (1, 2):
-        micro = split_instances(batch, (I, G, S), m)
+        micro = split_instances({**batch, "prompts": _per_chunk_prompts(ids, am, m)}, (I, G, S), m)
         assert micro["mask"].shape == (I // m, m * S * G, T) and micro["prompts"]["positions"].shape[:3] == (
             I // m,
             3,
@@ -82,6 +93,9 @@ def test_micro_batched_gradient_equals_one_pass(setup, loss_type):
         assert np.isfinite(float(metrics["kl_mean"]))
 
 
-def test_micro_instances_must_divide():
+def test_micro_instances_must_divide_and_prompts_come_per_chunk():
+    _, _, batch = _batch()
     with pytest.raises(ValueError, match="do not split"):
-        split_instances(_batch(), (I, G, S), 3)
+        split_instances(batch, (I, G, S), 3)
+    with pytest.raises(ValueError, match="stacked per micro-batch"):  # flat prompts cannot be cut by rows
+        split_instances(batch, (I, G, S), 2)

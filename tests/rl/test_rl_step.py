@@ -48,10 +48,16 @@ def test_rl_steps_update_lora_and_report_phases(data):
 def test_rollouts_and_reforward_in_instance_chunks(data):
     """rl.micro_instances=1: sampling, re-forward and update run one instance at a time; the re-forward's
     log-probs still line up with the sampler's row for row (fp32 cache), and the LoRA moves."""
-    tr, st = make_trainer(RLConfig(group_size=3, max_summary_tokens=4, micro_instances=1), cache_dtype="float32")
+    rc = RLConfig(group_size=3, max_summary_tokens=4, micro_instances=1, eps_low=0.01, eps_high=0.01)
+    tr, st = make_trainer(rc, cache_dtype="float32")
     before = jax.tree.map(np.asarray, st.lora)
-    st, m = tr.step(st, data[4:7])
+    insts = data[4:7]
+    assert any(s["image"] for i in insts for s in [i["query"], *i["cands"]])  # packed images in the chunks
+    st, m = tr.step(st, insts)
     assert m["sampler_vs_trainer_logp"] < 1e-4 and np.isfinite(m["loss"]) and m["tokens_sampled"] > 0
+    # mu=1: the update's forward is the re-forward's, so every ratio is 1 and nothing is clipped (with
+    # prompts cut by rows, each chunk saw other instances' image patches and 10 % of tokens clipped)
+    assert m["clip"] == 0.0
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(st.lora), jax.tree.leaves(before)))
     assert moved > 0
 

@@ -67,3 +67,41 @@ def test_corrupt_latest_falls_back(tmp_path, capsys):
     assert step == 1 and float(state["w"][0, 0]) == 1.0
     assert "step 2 is unreadable" in capsys.readouterr().out
     ck.close()
+
+
+class _Positioned:
+    """A minimal data iterator with the pipeline's state contract (set_state refuses another run's data)."""
+
+    def __init__(self, seed):
+        self.seed, self.pos = seed, 0
+
+    def get_state(self):
+        return {"global_next_index": self.pos, "seed": self.seed}
+
+    def set_state(self, state):
+        from elva_jax.data.pipeline import DataStateMismatch
+
+        if state["seed"] != self.seed:
+            raise DataStateMismatch(f"saved with seed {state['seed']}, this run has {self.seed}")
+        self.pos = state["global_next_index"]
+
+
+def test_another_runs_data_state_is_an_error_not_a_fresh_start(tmp_path):
+    """A readable checkpoint whose data position belongs to other data must stop the resume, not be
+    taken for a corrupt step (which would fall back through every step and then start from scratch)."""
+    import pytest
+
+    from elva_jax.data.pipeline import DataStateMismatch
+
+    ck = Checkpointer(str(tmp_path), keep=3, async_save=False)
+    it = _Positioned(0)
+    it.pos = 8
+    ck.save(1, _state(1.0), it)
+    ck.save(2, _state(2.0), it)
+    ck.wait()
+    with pytest.raises(DataStateMismatch, match="seed 0"):
+        ck.restore_latest(abstract_like(_state(0.0)), _Positioned(5))
+    ok = _Positioned(0)
+    step, _, _ = ck.restore_latest(abstract_like(_state(0.0)), ok)
+    assert step == 2 and ok.pos == 8
+    ck.close()

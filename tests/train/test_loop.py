@@ -104,3 +104,22 @@ def test_loop_runs_on_an_eight_device_mesh(tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["end_step"] == 2 and all(np.isfinite(r["losses"]))
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [1, 2]
+
+
+def test_pad_to_length_masks_the_new_slots():
+    """Hand-checked: hosts that chose a shorter bucket are padded to the agreed one, new slots masked."""
+    from elva_jax.train.loop import pad_to_length
+
+    g = {
+        "input_ids": np.array([[[5, 6, 7]]]),
+        "attention_mask": np.array([[[1, 1, 0]]]),
+        "positions": np.arange(9).reshape(1, 3, 1, 3),
+        "patches": np.ones((1, 2, 4)),
+    }
+    p = pad_to_length(g, 5)
+    np.testing.assert_array_equal(p["input_ids"], [[[5, 6, 7, 0, 0]]])
+    np.testing.assert_array_equal(p["attention_mask"], [[[1, 1, 0, 0, 0]]])
+    assert p["positions"].shape == (1, 3, 1, 5) and (p["positions"][..., 3:] == 0).all()
+    np.testing.assert_array_equal(p["positions"][..., :3], g["positions"])
+    assert p["patches"] is g["patches"]
+    assert pad_to_length(g, 3)["input_ids"] is g["input_ids"]
