@@ -24,7 +24,7 @@ def main(argv=None) -> None:
     from elva_jax.data import mbeir
     from elva_jax.data.multigrain import generate as generate_data
     from elva_jax.data.pipeline import contrastive_records
-    from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+    from elva_jax.data.tokenize import Tokenizer
     from elva_jax.model.config import ModelOptions
     from elva_jax.model.hf_checkpoint import resize_vocab
     from elva_jax.model.params import init_params
@@ -62,17 +62,14 @@ def main(argv=None) -> None:
     lora = init_lora(cfg, lcfg, jax.random.key(1))
     tx = optax.adamw(1e-5)
     rcfg = RLConfig(group_size=8, max_summary_tokens=16)
-    tr = RLTrainer(
+    tr = RLTrainer.from_tokenizer(
         cfg,
         ModelOptions(),
         rcfg,
         RewardConfig(),
         tx,
-        PromptEncoder(tok, "ret", generation=True),
+        tok,
         lora_scale=lcfg.scale,
-        ret_id=tok.ret_token_id,
-        eos_id=tok.ids("<|im_end|>")[0],
-        pad_id=tok.pad_token_id,
         prompt_buckets=(256, 384),
         patch_row_len=64,
     )

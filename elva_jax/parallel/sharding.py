@@ -100,6 +100,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def mesh_or_replicated(tree, mesh: Mesh):
+    """Shardings for ``tree`` (arrays or shardings): each leaf's own NamedSharding when it is on ``mesh``,
+    else replicated on it. Leaves that depend on no sharded input (step counters, RNG keys, Adam's count)
+    come out of ``jit`` on one device; this puts them on the mesh so a step's inputs keep one layout."""
+
+    def one(x):
+        s = getattr(x, "sharding", x)
+        return s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated(mesh)
+
+    return jax.tree.map(one, tree)
+
+
 def fitting_sharding(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules=LOGICAL_RULES):
     """NamedSharding of the logical ``axes``, or replicated when a split does not divide its dimension
     (per-step data whose row count depends on the step's contents: correct either way, sharded when it can)."""

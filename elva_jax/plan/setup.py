@@ -277,11 +277,9 @@ def build_setup(run, mcfg, mesh, shapes: Shapes) -> Setup:
 
 def opt_state(setup: Setup, trainable):
     """Abstract optimizer state with the shardings the training loop gets (`jit(tx.init)` propagation)."""
-    from elva_jax.parallel.sharding import replicated
+    from elva_jax.parallel.sharding import mesh_or_replicated
 
     out = jax.eval_shape(setup.tx.init, trainable)
     sh = jax.jit(setup.tx.init).lower(trainable).compile().output_shardings
     # leaves that depend on no input (Adam's step count) come back on one device: replicate them
-    on_mesh = lambda s: isinstance(s, NamedSharding) and s.mesh == setup.mesh  # noqa: E731
-    sh = jax.tree.map(lambda s: s if on_mesh(s) else replicated(setup.mesh), sh)
-    return with_shardings(out, sh)
+    return with_shardings(out, mesh_or_replicated(sh, setup.mesh))

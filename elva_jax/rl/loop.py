@@ -17,11 +17,10 @@ import time
 import grain
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from elva_jax.model.config import Qwen2VLConfig
 from elva_jax.model.params import logical_axes
-from elva_jax.parallel.sharding import any_process, make_mesh, place, replicated, tree_shardings
+from elva_jax.parallel.sharding import any_process, make_mesh, mesh_or_replicated, place, replicated, tree_shardings
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import RLConfig
 from elva_jax.rl.trainer import RLState, RLTrainer
@@ -100,16 +99,13 @@ def place_rl_state(state: RLState, mcfg: Qwen2VLConfig, lcfg: LoraConfig, tx, me
     params = place(state.params, tree_shardings(logical_axes(mcfg), state.params, mesh))
     lora = place(state.lora, tree_shardings(lora_axes(mcfg, lcfg), state.lora, mesh))
     opt_state = jax.jit(tx.init)(lora)  # moments follow the LoRA layout; counters are replicated
-    on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh  # noqa: E731
-    opt_state = place(opt_state, jax.tree.map(lambda x: x.sharding if on_mesh(x) else replicated(mesh), opt_state))
+    opt_state = place(opt_state, mesh_or_replicated(opt_state, mesh))
     return RLState(state.step, params, lora, opt_state, place(state.key, replicated(mesh)))
 
 
 def run_rl(
     cfg: RunConfig, mcfg: Qwen2VLConfig, params: dict, instances: list[dict], tokenizer, opts, *, run_dir: str
 ) -> dict:
-    from elva_jax.data.tokenize import PromptEncoder
-
     r = cfg.rl
     rcfg, reward_cfg = rl_configs(cfg)
     lcfg = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
@@ -120,17 +116,14 @@ def run_rl(
     key = jax.random.key(cfg.train.seed + 17)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     lora = init_lora(mcfg, lcfg, jax.random.fold_in(key, 1), dtype=cfg.model.param_dtype)
-    trainer = RLTrainer(
+    trainer = RLTrainer.from_tokenizer(
         mcfg,
         opts,
         rcfg,
         reward_cfg,
         tx,
-        PromptEncoder(tokenizer, "ret", generation=True),
+        tokenizer,
         lora_scale=lcfg.scale,
-        ret_id=tokenizer.ret_token_id,
-        eos_id=tokenizer.ids("<|im_end|>")[0],
-        pad_id=tokenizer.pad_token_id,
         prompt_buckets=tuple(r.prompt_buckets),
         patch_row_len=cfg.data.patch_row_len,
         min_pixels=cfg.data.min_pixels,

@@ -209,6 +209,25 @@ class RLTrainer:
             )
         return self._update
 
+    @classmethod
+    def from_tokenizer(cls, cfg, opts, rcfg, reward_cfg, tx, tokenizer, **kw) -> RLTrainer:
+        """The trainer with the ELVA generation prompt encoder and the [RET] / <|im_end|> / pad ids of
+        ``tokenizer`` (`elva_jax.data.tokenize.Tokenizer`); ``kw`` as for the constructor."""
+        from elva_jax.data.tokenize import PromptEncoder
+
+        return cls(
+            cfg,
+            opts,
+            rcfg,
+            reward_cfg,
+            tx,
+            PromptEncoder(tokenizer, "ret", generation=True),
+            ret_id=tokenizer.ret_token_id,
+            eos_id=tokenizer.ids("<|im_end|>")[0],
+            pad_id=tokenizer.pad_token_id,
+            **kw,
+        )
+
     def _put(self, tree, prompts: bool = False):
         """Host or global arrays -> arrays on the mesh (rows over the batch axes where they divide)."""
         if self.mesh is None:
@@ -228,8 +247,9 @@ class RLTrainer:
     def rollouts(self, state: RLState, instances: list[dict]):
         """Sample every sequence of every rollout, ``rl.micro_instances`` instances per sampler call.
 
-        Returns (samples as host arrays, prompt-major [instance, sequence, sample]; the D = I * S prompt
-        inputs; (I, G, S); the prompt inputs of each instance chunk, for the chunked re-forward).
+        Returns (samples as host arrays, prompt-major [instance, sequence, sample]; the prompt inputs
+        of the update (the D = I * S prompts, or per chunk stacked [M, ...]); (I, G, S); the prompt
+        inputs of each instance chunk, for the chunked re-forward).
         """
         rc = self.rcfg
         I, C, G = len(instances), len(instances[0]["cands"]), rc.group_size
@@ -253,9 +273,8 @@ class RLTrainer:
             )
             return self._put(x, prompts=True)
 
-        prompts = sub(np.arange(I * S))
         n_chunks = I // m
-        chunks = [prompts] if n_chunks == 1 else [sub(np.arange(c * m * S, (c + 1) * m * S)) for c in range(n_chunks)]
+        chunks = [sub(np.arange(c * m * S, (c + 1) * m * S)) for c in range(n_chunks)]
         key, k1, k2 = jax.random.split(state.key, 3)
         state.key = key
         outs = []
@@ -279,6 +298,9 @@ class RLTrainer:
             else:
                 raise ValueError(f"candidate_sampling must be per_rollout or shared, got {rc.candidate_sampling!r}")
         out = outs[0] if n_chunks == 1 else jax.tree.map(lambda *xs: np.concatenate(xs, 0), *outs)
+        # the update's prompts: the inputs as they are, or (several chunks; images are packed per chunk)
+        # each chunk's inputs stacked [M, ...]
+        prompts = chunks[0] if n_chunks == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *chunks)
         return out, prompts, (I, G, S), chunks
 
     def reforward(self, state: RLState, chunks: list[dict], tokens: np.ndarray, lengths: np.ndarray, G: int):
@@ -328,8 +350,6 @@ class RLTrainer:
             "adv": adv_rows,
         }
         rows = self._put(rows) if self.mesh is not None else {k: jnp.asarray(v) for k, v in rows.items()}
-        if len(chunks) > 1:  # per-chunk inputs (images are packed per chunk), stacked: [M, ...]
-            prompts = jax.tree.map(lambda *xs: jnp.stack(xs), *chunks)
         batch = {"prompts": prompts, **rows, "valid": valid}
         t3 = time.perf_counter()
         m = {}

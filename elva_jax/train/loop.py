@@ -17,11 +17,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from elva_jax.model.config import ModelOptions, Qwen2VLConfig
 from elva_jax.model.params import logical_axes
-from elva_jax.parallel.sharding import any_process, make_mesh, place, replicated, tree_shardings
+from elva_jax.parallel.sharding import any_process, make_mesh, mesh_or_replicated, place, replicated, tree_shardings
 from elva_jax.train.checkpointing import Checkpointer, CheckpointNotFound, abstract_like
 from elva_jax.train.config import RunConfig
 from elva_jax.train.lora import LoraConfig, init_lora, lora_axes
@@ -123,9 +122,7 @@ def train(
     state = TrainState(
         jnp.zeros((), jnp.int32), params, lora, opt_state, jax.random.fold_in(key, 2), jnp.zeros((), jnp.int32)
     )
-    # leaves not already laid out on the mesh (step, RNG, counters, optimizer scalars) are replicated on it
-    on_mesh = lambda x: isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh  # noqa: E731
-    state = place(state, jax.tree.map(lambda x: x.sharding if on_mesh(x) else rep, state))
+    state = place(state, mesh_or_replicated(state, mesh))
     state_sh = jax.tree.map(lambda x: x.sharding, state)
 
     run_dir = cfg.run.dir

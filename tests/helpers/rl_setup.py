@@ -10,7 +10,7 @@ import optax
 from elva_jax.data import mbeir
 from elva_jax.data.multigrain import generate as generate_data
 from elva_jax.data.pipeline import contrastive_records
-from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+from elva_jax.data.tokenize import Tokenizer
 from elva_jax.model.config import ModelOptions
 from elva_jax.model.params import init_params
 from elva_jax.model.tiny import preset_config
@@ -38,17 +38,14 @@ def make_trainer(rcfg: RLConfig | None = None, *, cache_dtype=None, seed=0, mesh
     lora = jax.tree.map(lambda x: x + 0.01, init_lora(cfg, lcfg, jax.random.key(seed + 1)))
     tx = optax.adamw(1e-3)
     rcfg = rcfg or RLConfig(group_size=4, max_summary_tokens=6)
-    tr = RLTrainer(
+    tr = RLTrainer.from_tokenizer(
         cfg,
         opts,
         rcfg,
         RewardConfig(),
         tx,
-        PromptEncoder(tok, "ret", generation=True),
+        tok,
         lora_scale=lcfg.scale,
-        ret_id=tok.ret_token_id,
-        eos_id=151645,
-        pad_id=tok.pad_token_id,
         prompt_buckets=(256, 384),
         patch_row_len=64,
         mesh=mesh,

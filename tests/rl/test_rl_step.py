@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from helpers.device_check import run_check
 from helpers.rl_setup import instances, make_trainer
 
 from elva_jax.rl.rollout import RLConfig
@@ -76,23 +77,9 @@ def test_shared_candidate_sampling(data):
 
 @pytest.mark.slow
 def test_rl_update_on_eight_devices_equals_one(tmp_path):
-    import json
     import os
-    import subprocess
-    import sys
 
-    here = os.path.dirname(__file__)
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(here))
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run(
-        [sys.executable, os.path.join(here, "rl_mesh_check.py"), str(tmp_path / "data")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_check(os.path.join(os.path.dirname(__file__), "rl_mesh_check.py"), str(tmp_path / "data"), timeout=900)
     assert abs(r["loss_1"] - r["loss_8"]) <= 1e-5 * abs(r["loss_1"])
     assert r["max_grad_diff"] <= 1e-5 * r["grad_scale"]
     # the whole trainer step on the mesh: same samples (token count, lengths), rewards, loss and update

@@ -10,6 +10,7 @@ import grain
 import numpy as np
 import pytest
 from helpers.contrastive import EMB, contrastive_batch, tiny_cfg, tiny_params
+from helpers.device_check import run_check
 
 from elva_jax import configlib
 from elva_jax.model.config import ModelOptions
@@ -87,21 +88,8 @@ def test_sigterm_saves_and_stops(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_loop_runs_on_an_eight_device_mesh(tmp_path):
-    import subprocess
-    import sys
 
-    here = os.path.dirname(__file__)
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(here))
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run(
-        [sys.executable, os.path.join(here, "loop_mesh_check.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_check(os.path.join(os.path.dirname(__file__), "loop_mesh_check.py"), str(tmp_path), timeout=600)
     assert r["end_step"] == 2 and all(np.isfinite(r["losses"]))
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [1, 2]
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.contrastive import EMB, contrastive_batch, tiny_cfg, tiny_params
+from helpers.device_check import run_check
 
 from elva_jax.model.config import ModelOptions
 from elva_jax.train.lora import LoraConfig, init_lora
@@ -102,17 +100,7 @@ def test_nonfinite_update_is_skipped(model):
 
 @pytest.mark.slow
 def test_eight_devices_equal_one():
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run(
-        [sys.executable, os.path.join(os.path.dirname(__file__), "mesh_check.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_check(os.path.join(os.path.dirname(__file__), "mesh_check.py"), timeout=600)
     assert abs(r["loss_1"] - r["loss_8"]) <= 1e-5 * abs(r["loss_1"])
     assert r["max_param_diff"] <= 1e-6
 

@@ -1,0 +1,20 @@
+"""Run a check script in a fresh process (it sets its own fake-device count) and read its JSON result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_check(script: str, *args: str, timeout: int = 600) -> dict:
+    """`python <script> <args>` with tests/ importable and no inherited XLA_FLAGS; the last stdout line
+    parsed as JSON. Fails the test with the script's stderr when it exits non-zero."""
+    env = dict(os.environ, PYTHONPATH=TESTS)
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
