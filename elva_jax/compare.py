@@ -260,7 +260,7 @@ def run(
         raise SystemExit("elva_jax.compare needs the PyTorch reference: pip install 'elva_jax[reference]'") from None
     import jax
 
-    from elva_jax.model import qwen2vl
+    from elva_jax.model import backbone
     from elva_jax.model.config import ModelOptions
     from elva_jax.model.embedding import eol_embedding, last_token_embedding, ret_embedding
     from elva_jax.model.hf_checkpoint import load_params
@@ -290,7 +290,7 @@ def run(
 
     j_ids, j_am = data["input_ids"].astype(np.int64), data["attention_mask"].astype(np.int64)
     inputs = build_inputs(cfg, opts, j_ids, j_am, data.get("pixel_values"), data.get("image_grid_thw"))
-    fn = jax.jit(lambda p, x: qwen2vl.forward(p, x, cfg, opts, with_logits=True, return_layers=per_layer))
+    fn = jax.jit(lambda p, x: backbone.forward(p, x, cfg, opts, with_logits=True, return_layers=per_layer))
     got = fn(params, inputs)
     mask = am.astype(bool)
     ref_emb = _ref_embedding(ref_hidden, ids, am, embedding, token_id)
@@ -344,9 +344,9 @@ def main(argv=None) -> int:
     g.add_argument("--max-pixels", type=int, help="image max pixels (default: LamRA's 300*28*28)")
     g.add_argument("--pad-side", choices=["left", "right"], default="left")
     a = ap.parse_args(argv)
-    from elva_jax.model.config import Qwen2VLConfig
+    from elva_jax.model.config import ModelConfig
 
-    cfg = Qwen2VLConfig.from_file(a.hf_dir)
+    cfg = ModelConfig.from_file(a.hf_dir)
     if a.text or a.image:
         if a.inputs:
             raise SystemExit("--inputs and --text/--image are exclusive")

@@ -49,7 +49,7 @@ from elva_jax.data.errors import ImageError
 from elva_jax.data.image_processing import load_image, preprocess_images
 from elva_jax.data.mbeir import Candidate, Query, dataset_id_of, instruction_key, resolve_image_path
 from elva_jax.data.prompts import choose_instruction
-from elva_jax.model.config import Qwen2VLConfig
+from elva_jax.model.config import ModelConfig
 from elva_jax.model.inputs import pack_images, position_ids
 
 __all__ = [
@@ -379,7 +379,7 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
 def collate_group(
     micro: Sequence[Sequence[dict]],
     cfg: PipelineConfig,
-    model_cfg: Qwen2VLConfig,
+    model_cfg: ModelConfig,
     budget: tuple[int, int] | None,
 ) -> dict[str, np.ndarray]:
     """A micro-batches of encoded rows -> build_inputs-layout arrays with leading axis A, all padded to
@@ -403,9 +403,7 @@ def collate_group(
                 else np.zeros((0, PATCH_DIM), np.float32)
             )
             R, Lv = budget
-            out.update(
-                pack_images(pv, grids, rows=R, row_len=Lv, spatial_merge_size=model_cfg.vision.spatial_merge_size)
-            )
+            out.update(pack_images(pv, grids, rows=R, row_len=Lv, cfg=model_cfg))
         out["positions"] = position_ids(ids, am, grids if img_rows else None, model_cfg, cfg.position_mode)
         outs.append(out)
     return {k: np.stack([o[k] for o in outs]) for k in outs[0]}
@@ -414,7 +412,7 @@ def collate_group(
 class _Collate:
     """grain batch_fn: flat list of A*b encoded records -> the final batch (plus a ``_meta`` entry)."""
 
-    def __init__(self, cfg: PipelineConfig, model_cfg: Qwen2VLConfig, kind: str):
+    def __init__(self, cfg: PipelineConfig, model_cfg: ModelConfig, kind: str):
         self.cfg, self.model_cfg, self.kind = cfg, model_cfg, kind
 
     def __call__(self, recs: Sequence[dict]) -> dict:
@@ -538,7 +536,7 @@ class PipelineIterator:
 def make_pipeline(
     records: Sequence[dict],
     encoder,
-    model_cfg: Qwen2VLConfig,
+    model_cfg: ModelConfig,
     cfg: PipelineConfig = PipelineConfig(),
     *,
     kind: str = "contrastive",

@@ -53,8 +53,8 @@ import numpy as np
 from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
 from elva_jax.data.tokenize import PromptEncoder, Tokenizer
 from elva_jax.eval.config import CACHE_POLICIES
-from elva_jax.model import qwen2vl
-from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+from elva_jax.model import backbone
+from elva_jax.model.config import ModelOptions, ModelConfig
 from elva_jax.model.embedding import eol_embedding, l2_normalize
 from elva_jax.rl.sampler import SamplerConfig, generate
 
@@ -206,7 +206,7 @@ def _left_align(batch: dict) -> dict:
     return out
 
 
-def ret_embed(params, prompts: dict, key, cfg: Qwen2VLConfig, opts: ModelOptions, scfg: SamplerConfig, ids: dict):
+def ret_embed(params, prompts: dict, key, cfg: ModelConfig, opts: ModelOptions, scfg: SamplerConfig, ids: dict):
     """Generate a summary + [RET] per left-padded prompt row, then teacher-force prompt + summary + [RET].
 
     Returns (embeddings [B, D] fp32 L2-normalised at [RET], tokens [B, T], lengths [B] incl. [RET]).
@@ -233,7 +233,7 @@ def ret_embed(params, prompts: dict, key, cfg: Qwen2VLConfig, opts: ModelOptions
     inputs["input_ids"] = jnp.concatenate([prompts["input_ids"], jnp.where(gen_am > 0, s.tokens, ids["pad"])], 1)
     inputs["attention_mask"] = jnp.concatenate([am, gen_am], 1)
     inputs["positions"] = jnp.concatenate([prompts["positions"], gen_pos.astype(prompts["positions"].dtype)], 2)
-    h = qwen2vl.forward(params, inputs, cfg, opts).hidden
+    h = backbone.forward(params, inputs, cfg, opts).hidden
     ret_pos = P + s.lengths - 1
     emb = l2_normalize(jnp.take_along_axis(h, ret_pos[:, None, None], axis=1)[:, 0])
     return emb, s.tokens, s.lengths
@@ -250,7 +250,7 @@ class Embedder:
     def __init__(
         self,
         params: dict,
-        model_cfg: Qwen2VLConfig,
+        model_cfg: ModelConfig,
         tokenizer: Tokenizer,
         ecfg: EmbedConfig,
         *,
@@ -280,7 +280,7 @@ class Embedder:
             emb_id = tokenizer.emb_token_id
 
             def fn(p, x):
-                h = qwen2vl.forward(p, x, model_cfg, opts).hidden
+                h = backbone.forward(p, x, model_cfg, opts).hidden
                 return eol_embedding(h, x["input_ids"], emb_id, x["attention_mask"])
 
             self._eol = jax.jit(fn)

@@ -1,8 +1,9 @@
-"""Qwen2-VL architecture description, read from a transformers `config.json`.
+"""The architecture description every backbone family shares, read from a transformers `config.json`.
 
-Both layouts seen in the wild are accepted: transformers 5.x (nested `text_config` with
-`rope_parameters`) and the flat 4.x hub layout (`rope_scaling.mrope_section`, top-level `rope_theta`).
-Every size comes from the file; nothing is hard-coded for a model size.
+`ModelConfig` holds the text decoder (`TextConfig`), the vision tower (`VisionConfig`, or a family's
+subclass of it), special-token ids and the `model_type` that selects the family; each family's
+parser (`elva_jax.model.families`) fills it. Every size comes from the file; nothing is hard-coded
+for a model size. `ModelOptions` says how the model runs (dtypes, positions, remat).
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ import json
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
-
 
 class UnsupportedArchitectureError(ValueError):
-    """The checkpoint is not a Qwen2-VL model this package implements."""
+    """The checkpoint is not a model family (or a variant of one) this package implements."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +63,9 @@ class TextConfig:
     mrope_section: tuple[int, ...]
     hidden_act: str = "silu"
     head_dim_override: int | None = None
+    attention_bias: bool = True  # q/k/v projections carry biases (Qwen2 / Qwen2.5: yes; Qwen3: no)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    mrope_interleaved: bool = False  # M-RoPE frequencies interleaved t,h,w,t,h,w... (Qwen3-VL)
 
     @property
     def head_dim(self) -> int:
@@ -71,7 +73,7 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen2VLConfig:
+class ModelConfig:
     text: TextConfig
     vision: VisionConfig
     tie_word_embeddings: bool
@@ -79,9 +81,10 @@ class Qwen2VLConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    model_type: str = "qwen2_vl"  # selects the family (vision tower, param table, positions) in `families`
     raw: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
-    def with_vocab_size(self, vocab_size: int) -> Qwen2VLConfig:
+    def with_vocab_size(self, vocab_size: int) -> ModelConfig:
         raw = json.loads(json.dumps(self.raw))
         if "text_config" in raw:
             raw["text_config"]["vocab_size"] = vocab_size
@@ -89,89 +92,16 @@ class Qwen2VLConfig:
         return dataclasses.replace(self, text=dataclasses.replace(self.text, vocab_size=vocab_size), raw=raw)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> Qwen2VLConfig:
-        mt = d.get("model_type")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            archs = d.get("architectures")
-            raise UnsupportedArchitectureError(
-                f"{source}: model_type={mt!r} (architectures={archs}) is not supported; "
-                f"elva_jax implements {SUPPORTED_MODEL_TYPES} (Qwen2-VL)."
-            )
-        t = dict(d.get("text_config") or {})
-        flat = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
-        # 4.x hub configs keep the text fields at the top level; 5.x nests them.
-        for k, v in flat.items():
-            t.setdefault(k, v)
-        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-        theta = rope.get("rope_theta", t.get("rope_theta", 1000000.0))
-        section = rope.get("mrope_section")
-        if section is None:
-            raise UnsupportedArchitectureError(f"{source}: text config has no mrope_section")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "mrope"):
-            raise UnsupportedArchitectureError(f"{source}: rope_type {rope_type!r} is not supported")
-        if t.get("use_sliding_window"):
-            raise UnsupportedArchitectureError(f"{source}: sliding-window attention is not supported")
-        try:
-            text = TextConfig(
-                vocab_size=int(t["vocab_size"]),
-                hidden_size=int(t["hidden_size"]),
-                intermediate_size=int(t["intermediate_size"]),
-                num_layers=int(t["num_hidden_layers"]),
-                num_heads=int(t["num_attention_heads"]),
-                num_kv_heads=int(t.get("num_key_value_heads") or t["num_attention_heads"]),
-                rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(theta),
-                mrope_section=tuple(int(s) for s in section),
-                hidden_act=t.get("hidden_act", "silu"),
-                head_dim_override=t.get("head_dim"),
-            )
-        except KeyError as e:
-            raise UnsupportedArchitectureError(f"{source}: text config is missing {e}") from None
-        v = dict(d.get("vision_config") or {})
-        vrope = v.get("rope_parameters") or {}
-        try:
-            vision = VisionConfig(
-                depth=int(v["depth"]),
-                embed_dim=int(v["embed_dim"]),
-                num_heads=int(v["num_heads"]),
-                mlp_ratio=float(v.get("mlp_ratio", 4)),
-                out_hidden_size=int(v.get("hidden_size", text.hidden_size)),
-                in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
-                patch_size=int(v.get("patch_size", v.get("spatial_patch_size", 14))),
-                spatial_merge_size=int(v.get("spatial_merge_size", 2)),
-                temporal_patch_size=int(v.get("temporal_patch_size", 2)),
-                rope_theta=float(vrope.get("rope_theta", 10000.0)),
-                hidden_act=v.get("hidden_act", "quick_gelu"),
-            )
-        except KeyError as e:
-            raise UnsupportedArchitectureError(f"{source}: vision config is missing {e}") from None
-        if text.hidden_act != "silu" or vision.hidden_act != "quick_gelu":
-            raise UnsupportedArchitectureError(
-                f"{source}: activations {text.hidden_act}/{vision.hidden_act} are not supported"
-            )
-        if 2 * sum(text.mrope_section) != text.head_dim:
-            raise UnsupportedArchitectureError(
-                f"{source}: mrope_section {text.mrope_section} does not cover head_dim {text.head_dim}"
-            )
-        if vision.out_hidden_size != text.hidden_size:
-            raise UnsupportedArchitectureError(
-                f"{source}: vision merger outputs {vision.out_hidden_size}, LLM hidden is {text.hidden_size}"
-            )
-        tie = bool(d.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False))
-        return cls(
-            text=text,
-            vision=vision,
-            tie_word_embeddings=tie,
-            image_token_id=int(d.get("image_token_id", 151655)),
-            video_token_id=int(d.get("video_token_id", 151656)),
-            vision_start_token_id=int(d.get("vision_start_token_id", 151652)),
-            vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
-            raw=d,
+    def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> ModelConfig:
+        """Parse a config.json dict with the parser of its `model_type`'s family (see `families`)."""
+        from elva_jax.model.families import family_for_type
+
+        return family_for_type(d.get("model_type"), source=source, architectures=d.get("architectures")).parse_config(
+            d, source
         )
 
     @classmethod
-    def from_file(cls, path: str) -> Qwen2VLConfig:
+    def from_file(cls, path: str) -> ModelConfig:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):

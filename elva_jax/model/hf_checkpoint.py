@@ -1,4 +1,4 @@
-"""Import / export transformers Qwen2-VL checkpoints (config.json + safetensors, single or sharded).
+"""Import / export transformers Qwen-VL checkpoints (any supported family) (config.json + safetensors, single or sharded).
 
 Import reads tensor by tensor through a memory map, so with a `shardings` pytree every device shard is
 read straight from disk (`jax.make_array_from_callback`): a 7B never needs a full host copy.
@@ -22,8 +22,9 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
-from elva_jax.model.config import Qwen2VLConfig
-from elva_jax.model.params import ALTERNATE_PREFIXES, ParamSpec, get_path, param_specs, set_path
+from elva_jax.model.config import ModelConfig
+from elva_jax.model.families import family_of
+from elva_jax.model.params import ParamSpec, get_path, param_specs, set_path
 
 _DTYPES = {
     "F32": np.float32,
@@ -90,16 +91,16 @@ class SafetensorsDir:
         return raw.view(dt).reshape(meta["shape"])
 
 
-def _resolve(st: SafetensorsDir, name: str) -> str | None:
+def _resolve(st: SafetensorsDir, name: str, prefixes) -> str | None:
     if name in st:
         return name
-    for disk, alt in ALTERNATE_PREFIXES:
+    for disk, alt in prefixes:
         if name.startswith(disk) and alt + name[len(disk) :] in st:
             return alt + name[len(disk) :]
     return None
 
 
-def _to_jax_layout(x: np.ndarray, spec: ParamSpec, cfg: Qwen2VLConfig) -> np.ndarray:
+def _to_jax_layout(x: np.ndarray, spec: ParamSpec, cfg: ModelConfig) -> np.ndarray:
     if spec.layout == "linear":
         return x.T
     if spec.layout == "patch":
@@ -107,7 +108,7 @@ def _to_jax_layout(x: np.ndarray, spec: ParamSpec, cfg: Qwen2VLConfig) -> np.nda
     return x
 
 
-def _from_jax_layout(x: np.ndarray, spec: ParamSpec, cfg: Qwen2VLConfig) -> np.ndarray:
+def _from_jax_layout(x: np.ndarray, spec: ParamSpec, cfg: ModelConfig) -> np.ndarray:
     if spec.layout == "linear":
         return np.ascontiguousarray(x.T)
     if spec.layout == "patch":
@@ -120,18 +121,18 @@ def _from_jax_layout(x: np.ndarray, spec: ParamSpec, cfg: Qwen2VLConfig) -> np.n
 
 def load_params(
     path: str,
-    cfg: Qwen2VLConfig | None = None,
+    cfg: ModelConfig | None = None,
     *,
     dtype=jnp.float32,
     shardings: dict | None = None,
-) -> tuple[Qwen2VLConfig, dict]:
-    """Read a transformers Qwen2-VL directory into (config, params pytree).
+) -> tuple[ModelConfig, dict]:
+    """Read a transformers checkpoint directory of a supported family into (config, params pytree).
 
     dtype: the params' storage dtype (cast per tensor). shardings: optional pytree of
     `jax.sharding.Sharding` with the params' structure; each shard is then read from disk on its own.
     Raises CheckpointError naming the tensor for a missing tensor or a shape mismatch.
     """
-    cfg = cfg or Qwen2VLConfig.from_file(path)
+    cfg = cfg or ModelConfig.from_file(path)
     st = SafetensorsDir(path)
     params: dict = {}
     used: set[str] = set()
@@ -141,7 +142,7 @@ def load_params(
         names = [spec.hf_name.format(i=i) for i in range(n_layers)]
         resolved = []
         for nm in names:
-            r = _resolve(st, nm)
+            r = _resolve(st, nm, family_of(cfg).alternate_prefixes)
             if r is None:
                 raise CheckpointError(f"{path}: tensor {nm!r} is missing (needed for {'/'.join(spec.path)})")
             got = tuple(st[r].shape)
@@ -181,12 +182,12 @@ def load_params(
 def save_params(
     path: str,
     params: dict,
-    cfg: Qwen2VLConfig,
+    cfg: ModelConfig,
     *,
     max_shard_bytes: int = 4 << 30,
     extra_files_from: str | None = None,
 ) -> None:
-    """Write params as a transformers Qwen2-VL directory (config.json + safetensors [+ index]).
+    """Write params as a transformers directory of the config's family (config.json + safetensors [+ index]).
 
     Tensors keep the params' dtype. extra_files_from: copy tokenizer / processor files from there.
     """
@@ -238,7 +239,7 @@ def save_params(
                 shutil.copy(os.path.join(extra_files_from, fn), os.path.join(path, fn))
 
 
-def resize_vocab(params: dict, cfg: Qwen2VLConfig, new_size: int) -> tuple[dict, Qwen2VLConfig]:
+def resize_vocab(params: dict, cfg: ModelConfig, new_size: int) -> tuple[dict, ModelConfig]:
     """Resize the token table (and an untied LM head) to `new_size` rows, as transformers'
     `resize_token_embeddings(new_size)` does: shrinking keeps the first rows; growing copies the old
     rows and fills the new ones with the mean of the old rows (computed in fp32).

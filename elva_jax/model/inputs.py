@@ -1,7 +1,7 @@
 """Host-side (numpy) assembly of model inputs with static shapes.
 
 From transformers-style arrays (input_ids, attention_mask, pixel_values [N, 1176] concatenated over
-images in batch order, image_grid_thw [n_images, 3]) build the dict that `qwen2vl.forward` takes:
+images in batch order, image_grid_thw [n_images, 3]) build the dict that `backbone.forward` takes:
 position ids for the chosen mode, and image patches packed whole into R rows of Lv patches
 (a fixed patch budget, so a run compiles a handful of programs).
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from elva_jax.model.config import ModelOptions, Qwen2VLConfig
-from elva_jax.model.rope import linear_position_ids, mm_token_types, mrope_position_ids, vision_position_ids
+from elva_jax.model.config import ModelOptions, ModelConfig
+from elva_jax.model.families import family_of
 
 
 def pack_images(
@@ -20,15 +20,16 @@ def pack_images(
     *,
     rows: int | None = None,
     row_len: int | None = None,
-    spatial_merge_size: int = 2,
+    cfg: ModelConfig,
 ) -> dict[str, np.ndarray]:
     """Pack images (in order) into `rows` x `row_len` patch slots; each image stays whole in one row.
 
     Greedy first-fit in order (so the merged features keep the image order when read row-major after
     dropping padding). Defaults: one row exactly as long as all patches (rounded to the merge unit).
-    Returns patches [R, Lv, P], vision_segment_ids [R, Lv] (1.. per image in its row, 0 pad),
-    vision_pos [R, Lv, 2].
+    Returns patches [R, Lv, P], vision_segment_ids [R, Lv] (1.. per image in its row, 0 pad) and the
+    family's per-patch inputs (`Family.patch_inputs`, e.g. vision_pos [R, Lv, 2]) packed the same way.
     """
+    spatial_merge_size = cfg.vision.spatial_merge_size
     grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
     sizes = [int(np.prod(g)) for g in grids]
     if sum(sizes) != len(pixel_values):
@@ -40,11 +41,11 @@ def pack_images(
     if row_len % unit:
         raise ValueError(f"row_len {row_len} must be a multiple of {unit}")
     rows = rows or 1
-    pos = vision_position_ids(grids, spatial_merge_size)
+    extra = family_of(cfg).patch_inputs(grids, cfg)
     P = pixel_values.shape[1]
     out_p = np.zeros((rows, row_len, P), pixel_values.dtype)
     out_s = np.zeros((rows, row_len), np.int32)
-    out_pos = np.zeros((rows, row_len, 2), np.int32)
+    out_x = {k: np.zeros((rows, row_len, *v.shape[1:]), v.dtype) for k, v in extra.items()}
     r, used, seg, start = 0, 0, 0, 0
     for i, n in enumerate(sizes):
         if n > row_len:
@@ -56,27 +57,20 @@ def pack_images(
         seg += 1
         out_p[r, used : used + n] = pixel_values[start : start + n]
         out_s[r, used : used + n] = seg
-        out_pos[r, used : used + n] = pos[start : start + n]
+        for k, v in extra.items():
+            out_x[k][r, used : used + n] = v[start : start + n]
         used += n
         start += n
-    return {"patches": out_p, "vision_segment_ids": out_s, "vision_pos": out_pos}
+    return {"patches": out_p, "vision_segment_ids": out_s, **out_x}
 
 
-def position_ids(input_ids, attention_mask, image_grid_thw, cfg: Qwen2VLConfig, mode: str) -> np.ndarray:
-    if mode == "1d":
-        return linear_position_ids(attention_mask)
-    types = mm_token_types(np.asarray(input_ids), cfg.image_token_id, cfg.video_token_id)
-    return mrope_position_ids(
-        np.asarray(input_ids),
-        np.asarray(attention_mask),
-        types,
-        image_grid_thw,
-        cfg.vision.spatial_merge_size,
-    )
+def position_ids(input_ids, attention_mask, image_grid_thw, cfg: ModelConfig, mode: str) -> np.ndarray:
+    """[3, B, L] int32 position ids by the family's rule (`Family.position_ids`)."""
+    return family_of(cfg).position_ids(input_ids, attention_mask, image_grid_thw, cfg, mode)
 
 
 def build_inputs(
-    cfg: Qwen2VLConfig,
+    cfg: ModelConfig,
     opts: ModelOptions,
     input_ids: np.ndarray,
     attention_mask: np.ndarray | None = None,
@@ -86,7 +80,7 @@ def build_inputs(
     rows: int | None = None,
     row_len: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Model input dict (numpy) for `qwen2vl.forward` / `prefill`; validates image-token counts."""
+    """Model input dict (numpy) for `backbone.forward` / `prefill`; validates image-token counts."""
     input_ids = np.asarray(input_ids, np.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}")
@@ -108,7 +102,7 @@ def build_inputs(
                 grids,
                 rows=rows,
                 row_len=row_len,
-                spatial_merge_size=cfg.vision.spatial_merge_size,
+                cfg=cfg,
             )
         )
     elif n_img_tok:

@@ -103,6 +103,17 @@ def vision_position_ids(image_grid_thw: np.ndarray, spatial_merge_size: int) -> 
     return np.concatenate(out).astype(np.int32)
 
 
+def mrope_positions_for(input_ids, attention_mask, image_grid_thw, cfg, mode: str) -> np.ndarray:
+    """[3, B, L] int32 position ids of a batch: Qwen2-VL's `get_rope_index` rule ("mrope") or LamRA's
+    running 1-D positions ("1d"). cfg: a `ModelConfig` (image/video token ids, merge size)."""
+    if mode == "1d":
+        return linear_position_ids(attention_mask)
+    types = mm_token_types(np.asarray(input_ids), cfg.image_token_id, cfg.video_token_id)
+    return mrope_position_ids(
+        np.asarray(input_ids), np.asarray(attention_mask), types, image_grid_thw, cfg.vision.spatial_merge_size
+    )
+
+
 # ---------------------------------------------------------------- device side
 
 

@@ -12,7 +12,7 @@ import argparse
 
 import jax
 
-from elva_jax.model.config import Qwen2VLConfig
+from elva_jax.model.config import ModelConfig
 from elva_jax.model.hf_checkpoint import save_params
 from elva_jax.model.params import count_params, init_params
 
@@ -135,13 +135,13 @@ def config_dict(
     }
 
 
-def preset_config(name: str) -> Qwen2VLConfig:
+def preset_config(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
-    return Qwen2VLConfig.from_dict(config_dict(**PRESETS[name]), source=f"preset:{name}")
+    return ModelConfig.from_dict(config_dict(**PRESETS[name]), source=f"preset:{name}")
 
 
-def write_random_checkpoint(path: str, preset: str = "tiny", seed: int = 0, dtype: str = "float32") -> Qwen2VLConfig:
+def write_random_checkpoint(path: str, preset: str = "tiny", seed: int = 0, dtype: str = "float32") -> ModelConfig:
     cfg = preset_config(preset)
     params = init_params(cfg, jax.random.key(seed), dtype=dtype)
     save_params(path, params, cfg)

@@ -143,7 +143,7 @@ def rl_update_program(setup: Setup) -> Program:
 
 def decode_program(setup: Setup) -> Program:
     """One iteration of the sampler's decode loop: sample a token from the logits, then `decode_step`."""
-    from elva_jax.model import qwen2vl
+    from elva_jax.model import backbone
     from elva_jax.parallel.sharding import logical_spec, replicated
     from elva_jax.rl.sampler import SamplerConfig, sample_token
 
@@ -167,7 +167,7 @@ def decode_program(setup: Setup) -> Program:
     def step(params, lora, logits, cache, key):
         key, sub = jax.random.split(key)
         tok, lp = sample_token(sub, logits, scfg)
-        _, logits, cache = qwen2vl.decode_step(
+        _, logits, cache = backbone.decode_step(
             params, tok, cache, mcfg, setup.opts, lora=lora, lora_scale=setup.lcfg.scale
         )
         return tok, lp, logits, cache, key

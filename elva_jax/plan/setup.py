@@ -16,22 +16,22 @@ from elva_jax.plan.targets import PlanError
 
 
 def model_config(name: str):
-    """Qwen2VLConfig for '2b' / '7b' (Qwen2-VL's published sizes) or a random preset ('tiny', 'small')."""
+    """ModelConfig for '2b' / '7b' (Qwen2-VL's published sizes) or a random preset ('tiny', 'small')."""
     from elva_jax.model.tiny import preset_config
 
     return preset_config({"2b": "qwen2vl_2b", "7b": "qwen2vl_7b"}.get(name, name))
 
 
 def resolve_model(run, name: str = "auto"):
-    """(Qwen2VLConfig, description): --model, else the checkpoint's config.json, else the size named in
+    """(ModelConfig, description): --model, else the checkpoint's config.json, else the size named in
     the checkpoint path (".../Qwen2-VL-7B-Instruct", "runs/qwen2vl_2b_nli/export"), else the random preset."""
-    from elva_jax.model.config import Qwen2VLConfig
+    from elva_jax.model.config import ModelConfig
 
     if name != "auto":
         return model_config(name), f"{name} (--model)"
     ckpt = run.model.checkpoint
     if ckpt and os.path.exists(os.path.join(ckpt, "config.json")):
-        return Qwen2VLConfig.from_file(ckpt), f"config.json of {ckpt}"
+        return ModelConfig.from_file(ckpt), f"config.json of {ckpt}"
     if ckpt:
         m = re.search(r"(?<![0-9.])(2|7)b(?![a-z0-9])", ckpt.lower())
         if m:
@@ -133,7 +133,7 @@ def _sds(shape, dtype):
 
 
 def model_inputs(mcfg, rows: int, length: int, images: bool, Lv: int, lead: tuple[int, ...] = ()) -> dict:
-    """Abstract `qwen2vl.forward` inputs (`elva_jax.model.inputs` layout) for `rows` x `length` tokens."""
+    """Abstract `backbone.forward` inputs (`elva_jax.model.inputs` layout) for `rows` x `length` tokens."""
     x = {
         "input_ids": _sds(lead + (rows, length), jnp.int32),
         "attention_mask": _sds(lead + (rows, length), jnp.int32),
@@ -180,7 +180,7 @@ def rl_batch_shardings(batch: dict, mesh) -> dict:
     return out
 
 
-# KV cache (`qwen2vl.KVCache`): rows over the batch axes, KV heads over tensor
+# KV cache (`backbone.KVCache`): rows over the batch axes, KV heads over tensor
 CACHE_AXES = dict(
     k=("layers", "batch", None, "kv_heads", None),
     v=("layers", "batch", None, "kv_heads", None),
@@ -191,7 +191,7 @@ CACHE_AXES = dict(
 
 
 def kv_cache(mcfg, rows: int, length: int, dtype=jnp.bfloat16):
-    from elva_jax.model.qwen2vl import KVCache
+    from elva_jax.model.backbone import KVCache
 
     t = mcfg.text
     kv = _sds((t.num_layers, rows, length, t.num_kv_heads, t.head_dim), dtype)
@@ -201,7 +201,7 @@ def kv_cache(mcfg, rows: int, length: int, dtype=jnp.bfloat16):
 
 
 def cache_shardings(cache, mesh):
-    from elva_jax.model.qwen2vl import KVCache
+    from elva_jax.model.backbone import KVCache
     from elva_jax.parallel.sharding import tree_shardings
 
     return tree_shardings(KVCache(**CACHE_AXES), cache, mesh)

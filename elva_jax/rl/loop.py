@@ -18,7 +18,7 @@ import grain
 import jax
 import numpy as np
 
-from elva_jax.model.config import Qwen2VLConfig
+from elva_jax.model.config import ModelConfig
 from elva_jax.model.params import logical_axes
 from elva_jax.parallel.sharding import any_process, make_mesh, mesh_or_replicated, place, replicated, tree_shardings
 from elva_jax.rl.rewards import RewardConfig
@@ -93,7 +93,7 @@ def select_instances(records: list[dict], fraction: float, seed: int) -> list[di
     return out
 
 
-def place_rl_state(state: RLState, mcfg: Qwen2VLConfig, lcfg: LoraConfig, tx, mesh) -> RLState:
+def place_rl_state(state: RLState, mcfg: ModelConfig, lcfg: LoraConfig, tx, mesh) -> RLState:
     """Lay the base params and LoRA out on ``mesh`` by the logical rules, build the optimizer state
     there, and replicate the RNG key (every process must hold the same values)."""
     params = place(state.params, tree_shardings(logical_axes(mcfg), state.params, mesh))
@@ -104,7 +104,7 @@ def place_rl_state(state: RLState, mcfg: Qwen2VLConfig, lcfg: LoraConfig, tx, me
 
 
 def run_rl(
-    cfg: RunConfig, mcfg: Qwen2VLConfig, params: dict, instances: list[dict], tokenizer, opts, *, run_dir: str
+    cfg: RunConfig, mcfg: ModelConfig, params: dict, instances: list[dict], tokenizer, opts, *, run_dir: str
 ) -> dict:
     r = cfg.rl
     rcfg, reward_cfg = rl_configs(cfg)

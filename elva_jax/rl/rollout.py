@@ -17,8 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from elva_jax.model import qwen2vl
-from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+from elva_jax.model import backbone
+from elva_jax.model.config import ModelOptions, ModelConfig
 from elva_jax.model.embedding import l2_normalize
 from elva_jax.rl import grpo
 from elva_jax.rl.rewards import RewardConfig, reward_from_config, soft_ranking_loss
@@ -56,7 +56,7 @@ def token_logps(
     params,
     hidden_pred: jnp.ndarray,
     targets: jnp.ndarray,
-    cfg: Qwen2VLConfig,
+    cfg: ModelConfig,
     opts: ModelOptions,
     temperature: float,
     chunk: int,
@@ -70,7 +70,7 @@ def token_logps(
 
     def one(xs):
         hc, tc = xs
-        logits = qwen2vl.lm_head(params, hc, cfg, opts) / temperature
+        logits = backbone.lm_head(params, hc, cfg, opts) / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
         return jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse
 
@@ -88,7 +88,7 @@ def teacher_forced(
     gen_tokens,
     gen_lengths,
     prompt_len: int,
-    cfg: Qwen2VLConfig,
+    cfg: ModelConfig,
     opts: ModelOptions,
     rcfg: RLConfig,
 ):
@@ -97,7 +97,7 @@ def teacher_forced(
     inputs: model inputs over prompt + generated slots [N, P + T]; gen_tokens [N, T]; gen_lengths [N]
     (tokens up to and including [RET]).
     """
-    h = qwen2vl.forward(params, inputs, cfg, opts, lora=lora, lora_scale=lora_scale).hidden
+    h = backbone.forward(params, inputs, cfg, opts, lora=lora, lora_scale=lora_scale).hidden
     T = gen_tokens.shape[1]
     pred = jax.lax.dynamic_slice_in_dim(h, prompt_len - 1, T, axis=1)  # h[t] predicts token t+1
     logps = token_logps(params, pred, gen_tokens, cfg, opts, rcfg.temperature, rcfg.logp_chunk)
@@ -114,7 +114,7 @@ def teacher_forced_shared(
     gen_tokens,
     gen_lengths,
     num_samples: int,
-    cfg: Qwen2VLConfig,
+    cfg: ModelConfig,
     opts: ModelOptions,
     rcfg: RLConfig,
 ):
@@ -126,10 +126,10 @@ def teacher_forced_shared(
     """
     D, P = prompts["input_ids"].shape
     T = gen_tokens.shape[1]
-    cache = qwen2vl.init_cache(cfg, D, P + T, dtype=jnp.dtype(opts.dtype))
-    out, cache = qwen2vl.prefill(params, prompts, cache, cfg, opts, lora=lora, lora_scale=lora_scale, logits="none")
+    cache = backbone.init_cache(cfg, D, P + T, dtype=jnp.dtype(opts.dtype))
+    out, cache = backbone.prefill(params, prompts, cache, cfg, opts, lora=lora, lora_scale=lora_scale, logits="none")
     cache = repeat_rows(cache, num_samples)
-    h = qwen2vl.extend(params, gen_tokens, gen_lengths, cache, cfg, opts, lora=lora, lora_scale=lora_scale)
+    h = backbone.extend(params, gen_tokens, gen_lengths, cache, cfg, opts, lora=lora, lora_scale=lora_scale)
     pred = jnp.concatenate([jnp.repeat(out.hidden[:, -1:], num_samples, axis=0), h[:, :-1]], axis=1)
     logps = token_logps(params, pred, gen_tokens, cfg, opts, rcfg.temperature, rcfg.logp_chunk)
     emb = l2_normalize(jnp.take_along_axis(h, (gen_lengths - 1)[:, None, None], axis=1)[:, 0])

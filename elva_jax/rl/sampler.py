@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from elva_jax.model import qwen2vl
-from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+from elva_jax.model import backbone
+from elva_jax.model.config import ModelOptions, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +89,8 @@ def repeat_rows(tree, g: int):
 
     KV caches carry the batch on axis 1 (k, v: [layers, B, ...]); valid/next_pos on axis 0.
     """
-    if isinstance(tree, qwen2vl.KVCache):
-        return qwen2vl.KVCache(
+    if isinstance(tree, backbone.KVCache):
+        return backbone.KVCache(
             k=jnp.repeat(tree.k, g, axis=1),
             v=jnp.repeat(tree.v, g, axis=1),
             valid=jnp.repeat(tree.valid, g, axis=0),
@@ -104,7 +104,7 @@ def generate(
     params: dict,
     prompts: dict,
     key: jax.Array,
-    cfg: Qwen2VLConfig,
+    cfg: ModelConfig,
     opts: ModelOptions,
     scfg: SamplerConfig,
     *,
@@ -121,8 +121,8 @@ def generate(
     """
     P, L = prompts["input_ids"].shape
     T = scfg.max_new_tokens + 1  # room for a forced [RET]
-    cache = qwen2vl.init_cache(cfg, P, L + T, dtype=jnp.dtype(scfg.cache_dtype))
-    out, cache = qwen2vl.prefill(params, prompts, cache, cfg, opts, lora=lora, lora_scale=lora_scale, logits="last")
+    cache = backbone.init_cache(cfg, P, L + T, dtype=jnp.dtype(scfg.cache_dtype))
+    out, cache = backbone.prefill(params, prompts, cache, cfg, opts, lora=lora, lora_scale=lora_scale, logits="last")
     logits = jnp.repeat(out.logits, num_samples, axis=0)
     cache = repeat_rows(cache, num_samples)
     N = P * num_samples
@@ -141,7 +141,7 @@ def generate(
         logps = logps.at[:, t].set(jnp.where(done, 0.0, lp))
         mask = mask.at[:, t].set(~done)
         done = done | jnp.isin(tok, stops)
-        _, logits, cache = qwen2vl.decode_step(params, tok, cache, cfg, opts, lora=lora, lora_scale=lora_scale)
+        _, logits, cache = backbone.decode_step(params, tok, cache, cfg, opts, lora=lora, lora_scale=lora_scale)
         return t + 1, logits, cache, done, toks, logps, mask, key
 
     init = (

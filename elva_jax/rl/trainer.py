@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from elva_jax.data.image_processing import load_image, preprocess_image
-from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+from elva_jax.model.config import ModelOptions, ModelConfig
 from elva_jax.model.inputs import build_inputs, pack_images
 from elva_jax.parallel.sharding import fitting_sharding, place, replicated
 from elva_jax.rl.rewards import RewardConfig
@@ -80,7 +80,7 @@ def _inputs(cfg, opts, ids, am, pvs, grids, row_len: int):
     pv = np.concatenate([pvs[i] for i in with_img]) if with_img else np.zeros((0, 1176), np.float32)
     g = np.concatenate([grids[i] for i in with_img]) if with_img else np.zeros((0, 3), np.int64)
     out = build_inputs(cfg, opts, ids, am, pv if with_img else None, g if with_img else None)
-    out.update(pack_images(pv, g, rows=len(ids), row_len=row_len, spatial_merge_size=cfg.vision.spatial_merge_size))
+    out.update(pack_images(pv, g, rows=len(ids), row_len=row_len, cfg=cfg))
     return out
 
 
@@ -122,7 +122,7 @@ class RLTrainer:
 
     def __init__(
         self,
-        cfg: Qwen2VLConfig,
+        cfg: ModelConfig,
         opts: ModelOptions,
         rcfg: RLConfig,
         reward_cfg: RewardConfig,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+from elva_jax.model.config import ModelOptions, ModelConfig
 from elva_jax.model.params import logical_axes
 from elva_jax.parallel.sharding import any_process, make_mesh, mesh_or_replicated, place, replicated, tree_shardings
 from elva_jax.train.checkpointing import Checkpointer, CheckpointNotFound, abstract_like
@@ -78,7 +78,7 @@ def _to_global(batch, shardings):
 
 def train(
     cfg: RunConfig,
-    model_cfg: Qwen2VLConfig,
+    model_cfg: ModelConfig,
     params: dict,
     data_iter,
     total_steps: int,

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from elva_jax.model.config import Qwen2VLConfig
+from elva_jax.model.config import ModelConfig
 from elva_jax.model.decoder import LORA_TARGETS
 from elva_jax.model.params import get_path, param_specs
 
@@ -36,11 +36,11 @@ class LoraConfig:
             raise ValueError("LoRA rank must be positive")
 
 
-def _kernel_specs(cfg: Qwen2VLConfig):
+def _kernel_specs(cfg: ModelConfig):
     return {s.path[2]: s for s in param_specs(cfg) if s.path[:2] == ("text", "layers") and s.path[3] == "kernel"}
 
 
-def init_lora(cfg: Qwen2VLConfig, lcfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+def init_lora(cfg: ModelConfig, lcfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> dict:
     specs = _kernel_specs(cfg)
     out = {}
     for k, t in zip(jax.random.split(key, len(lcfg.targets)), lcfg.targets):
@@ -53,7 +53,7 @@ def init_lora(cfg: Qwen2VLConfig, lcfg: LoraConfig, key: jax.Array, dtype=jnp.fl
     return out
 
 
-def lora_axes(cfg: Qwen2VLConfig, lcfg: LoraConfig) -> dict:
+def lora_axes(cfg: ModelConfig, lcfg: LoraConfig) -> dict:
     """Logical axes of the adapters: A follows the kernel's input axis, B its output axis."""
     specs = _kernel_specs(cfg)
     return {

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from elva_jax.model import qwen2vl
-from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+from elva_jax.model import backbone
+from elva_jax.model.config import ModelOptions, ModelConfig
 from elva_jax.model.embedding import eol_embedding, last_token_embedding
 from elva_jax.train.losses import info_nce
 
@@ -69,8 +69,8 @@ def join_lm_head(params: dict, head: dict | None) -> dict:
     return params if head is None else {**params, "text": {**params["text"], "lm_head": head}}
 
 
-def embed(params, lora, inputs, cfg: Qwen2VLConfig, opts: ModelOptions, scfg: StepConfig):
-    h = qwen2vl.forward(params, inputs, cfg, opts, lora=lora, lora_scale=scfg.lora_scale).hidden
+def embed(params, lora, inputs, cfg: ModelConfig, opts: ModelOptions, scfg: StepConfig):
+    h = backbone.forward(params, inputs, cfg, opts, lora=lora, lora_scale=scfg.lora_scale).hidden
     if scfg.embedding == "eol":
         return eol_embedding(h, inputs["input_ids"], scfg.emb_token_id, inputs["attention_mask"])
     return last_token_embedding(h, inputs["attention_mask"])

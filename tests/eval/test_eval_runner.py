@@ -137,7 +137,7 @@ def test_ret_embedding_equals_unpadded_generate_and_forward(env):
 
     from elva_jax.data.image_processing import load_image, preprocess_image
     from elva_jax.data.tokenize import PromptEncoder, Tokenizer
-    from elva_jax.model import qwen2vl
+    from elva_jax.model import backbone
     from elva_jax.model.config import ModelOptions
     from elva_jax.model.embedding import l2_normalize
     from elva_jax.model.hf_checkpoint import load_params
@@ -163,7 +163,7 @@ def test_ret_embedding_equals_unpadded_generate_and_forward(env):
             stop_ids=(tok.ret_token_id, 151645), ret_id=tok.ret_token_id, pad_id=tok.pad_token_id,
         )
     )  # fmt: skip
-    fwd = jax.jit(lambda p, x: qwen2vl.forward(p, x, cfg, opts).hidden[:, -1])
+    fwd = jax.jit(lambda p, x: backbone.forward(p, x, cfg, opts).hidden[:, -1])
     for i, r in enumerate(recs):
         pv = grid = None
         if r["item"]["image"]:

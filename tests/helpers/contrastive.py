@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+from elva_jax.model.config import ModelOptions, ModelConfig
 from elva_jax.model.inputs import build_inputs
 from elva_jax.model.params import init_params
 from elva_jax.model.tiny import config_dict
@@ -13,7 +13,7 @@ from elva_jax.model.tiny import config_dict
 EMB = 500
 
 
-def tiny_cfg(vocab=512, hidden=32, layers=2, heads=4, kv=2, tie=True) -> Qwen2VLConfig:
+def tiny_cfg(vocab=512, hidden=32, layers=2, heads=4, kv=2, tie=True) -> ModelConfig:
     d = config_dict(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -28,7 +28,7 @@ def tiny_cfg(vocab=512, hidden=32, layers=2, heads=4, kv=2, tie=True) -> Qwen2VL
         vision_num_heads=2,
     )
     d.update(image_token_id=505, video_token_id=506, vision_start_token_id=507, vision_end_token_id=508)
-    return Qwen2VLConfig.from_dict(d)
+    return ModelConfig.from_dict(d)
 
 
 def tiny_params(cfg, seed=0):

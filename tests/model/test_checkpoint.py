@@ -13,7 +13,7 @@ import pytest
 import safetensors.numpy
 from helpers.hf_oracle import hf_forward, make_batch, make_hf_model, rel_err, transformers
 
-from elva_jax.model import qwen2vl
+from elva_jax.model import backbone
 from elva_jax.model.config import ModelOptions, UnsupportedArchitectureError
 from elva_jax.model.hf_checkpoint import CheckpointError, load_params, resize_vocab, save_params
 from elva_jax.model.inputs import build_inputs
@@ -49,7 +49,7 @@ def test_transformers_loads_our_export(hf_factory, tmp_path, tie):
     reloaded = transformers.Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / "exp")).eval()
     ids, am, pv, g = make_batch([[(1, 4, 4)], []], "left", np.random.default_rng(2))
     ref_h, ref_logits, _ = hf_forward(reloaded, ids, am, pv, g)
-    out = qwen2vl.forward(params, build_inputs(cfg, FP32, ids, am, pv, g), cfg, FP32, with_logits=True)
+    out = backbone.forward(params, build_inputs(cfg, FP32, ids, am, pv, g), cfg, FP32, with_logits=True)
     m = am.astype(bool)
     assert rel_err(out.logits, ref_logits, m) <= 1e-5
 

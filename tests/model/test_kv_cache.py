@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers.hf_oracle import IMG, make_batch
 
-from elva_jax.model import qwen2vl
+from elva_jax.model import backbone
 from elva_jax.model.config import ModelOptions
 from elva_jax.model.hf_checkpoint import load_params
 from elva_jax.model.inputs import build_inputs
@@ -28,15 +28,15 @@ def test_cached_decode_equals_full_forward(hf_factory, rows, mode):
     # full forward over prompt + continuation
     full_ids = np.concatenate([ids, new], 1)
     full_am = np.concatenate([am, np.ones_like(new)], 1)
-    full = qwen2vl.forward(params, build_inputs(cfg, opts, full_ids, full_am, pv, g), cfg, opts, with_logits=True)
+    full = backbone.forward(params, build_inputs(cfg, opts, full_ids, full_am, pv, g), cfg, opts, with_logits=True)
     # prefill the prompt into a longer cache, then feed the continuation one token at a time
-    cache = qwen2vl.init_cache(cfg, B, P + 8, dtype=jnp.float32)
-    out, cache = jax.jit(lambda p, x, c: qwen2vl.prefill(p, x, c, cfg, opts))(
+    cache = backbone.init_cache(cfg, B, P + 8, dtype=jnp.float32)
+    out, cache = jax.jit(lambda p, x, c: backbone.prefill(p, x, c, cfg, opts))(
         params, build_inputs(cfg, opts, ids, am, pv, g), cache
     )
     m = am.astype(bool)
     np.testing.assert_allclose(np.asarray(out.logits)[m], np.asarray(full.logits)[:, :P][m], rtol=1e-5, atol=1e-5)
-    step = jax.jit(lambda p, t, c: qwen2vl.decode_step(p, t, c, cfg, opts))
+    step = jax.jit(lambda p, t, c: backbone.decode_step(p, t, c, cfg, opts))
     for i in range(new.shape[1]):
         h, logits, cache = step(params, jnp.asarray(new[:, i], jnp.int32), cache)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(full.logits)[:, P + i], rtol=1e-5, atol=1e-5)
@@ -62,12 +62,12 @@ def test_decode_matches_transformers_greedy(hf_factory):
             pad_token_id=0,
         )[:, ids.shape[1] :].numpy()
     B, P = ids.shape
-    cache = qwen2vl.init_cache(cfg, B, P + 8, dtype=jnp.float32)
-    out, cache = qwen2vl.prefill(params, build_inputs(cfg, FP32, ids, am, pv, g), cache, cfg, FP32)
+    cache = backbone.init_cache(cfg, B, P + 8, dtype=jnp.float32)
+    out, cache = backbone.prefill(params, build_inputs(cfg, FP32, ids, am, pv, g), cache, cfg, FP32)
     tok = jnp.argmax(out.logits[:, -1], -1)
     got = [np.asarray(tok)]
     for _ in range(5):
-        _, logits, cache = qwen2vl.decode_step(params, tok.astype(jnp.int32), cache, cfg, FP32)
+        _, logits, cache = backbone.decode_step(params, tok.astype(jnp.int32), cache, cfg, FP32)
         tok = jnp.argmax(logits, -1)
         got.append(np.asarray(tok))
     np.testing.assert_array_equal(np.stack(got, 1), ref)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers.hf_oracle import hf_forward, make_batch, rel_err
 
-from elva_jax.model import qwen2vl
+from elva_jax.model import backbone
 from elva_jax.model.config import ModelOptions
 from elva_jax.model.embedding import last_token_embedding
 from elva_jax.model.hf_checkpoint import load_params
@@ -33,7 +33,7 @@ BATCHES = {
 
 def _jax_forward(params, cfg, opts, ids, am, pv, g, return_layers=False):
     inp = build_inputs(cfg, opts, ids, am, pv, g)
-    fn = jax.jit(lambda p, x: qwen2vl.forward(p, x, cfg, opts, with_logits=True, return_layers=return_layers))
+    fn = jax.jit(lambda p, x: backbone.forward(p, x, cfg, opts, with_logits=True, return_layers=return_layers))
     return fn(params, inp)
 
 
@@ -108,6 +108,6 @@ def test_patch_budget_padding_does_not_change_results(hf_factory):
     ids, am, pv, g = make_batch([[(1, 4, 6), (1, 2, 2)], [(1, 4, 4)]], "left", np.random.default_rng(9))
     tight = _jax_forward(params, cfg, FP32, ids, am, pv, g)
     inp = build_inputs(cfg, FP32, ids, am, pv, g, rows=3, row_len=32)
-    padded = jax.jit(lambda p, x: qwen2vl.forward(p, x, cfg, FP32))(params, inp)
+    padded = jax.jit(lambda p, x: backbone.forward(p, x, cfg, FP32))(params, inp)
     m = am.astype(bool)
     assert rel_err(padded.hidden, np.asarray(tight.hidden), m) <= 1e-6

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers.contrastive import tiny_cfg, tiny_params
 
-from elva_jax.model import qwen2vl
+from elva_jax.model import backbone
 from elva_jax.model.config import ModelOptions
 from elva_jax.model.inputs import build_inputs
 from elva_jax.rl.sampler import SamplerConfig, filter_logits, generate, sample_token
@@ -54,7 +54,7 @@ def _uncached(params, cfg, ids, am, pv, g, key, scfg, G):
     for t in range(scfg.max_new_tokens):
         cur = np.concatenate([ids, toks[:, :t]], 1)
         cam = np.concatenate([am, np.ones((N, t), np.int32)], 1)
-        out = qwen2vl.forward(params, build_inputs(cfg, OPTS, cur, cam, pv, g), cfg, OPTS, with_logits=True)
+        out = backbone.forward(params, build_inputs(cfg, OPTS, cur, cam, pv, g), cfg, OPTS, with_logits=True)
         key, sub = jax.random.split(key)
         tok, _ = sample_token(sub, out.logits[:, -1], scfg)
         tok = np.where(done, PAD, np.asarray(tok))

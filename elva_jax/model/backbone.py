@@ -1,9 +1,11 @@
-"""Qwen2-VL forward passes as pure functions of (params, inputs).
+"""The backbone seam's forward passes: pure functions of (params, inputs, cfg) for every family.
 
 `inputs` is a dict of arrays (all static shapes, see `elva_jax.model.inputs`):
   input_ids [B, L] int32, attention_mask [B, L] (1 = token), positions [3, B, L] int32, and, when the
-  batch has images, patches [R, Lv, 1176], vision_segment_ids [R, Lv], vision_pos [R, Lv, 2].
-Image features replace the `<|image_pad|>` embeddings in row-major batch order.
+  batch has images, patches [R, Lv, patch_dim], vision_segment_ids [R, Lv] and the family's per-patch
+  inputs (e.g. vision_pos [R, Lv, 2]). The family's vision tower (`families.family_of(cfg)`) turns
+  them into visual tokens, which replace the `<|image_pad|>` embeddings in row-major batch order;
+  a family with DeepStack also returns per-layer visual features added after the first decoder layers.
 
 Three entry points: `forward` (full sequence), `prefill` (fills a KV cache) and `decode_step`
 (one token per row against the cache); the latter two give the same logits as `forward`.
@@ -16,10 +18,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from elva_jax.model.config import ModelOptions, Qwen2VLConfig
+from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.decoder import decoder_forward
 from elva_jax.model.layers import precision
-from elva_jax.model.vision import vision_forward
+from elva_jax.model.families import family_of
 
 
 class Output(NamedTuple):
@@ -36,32 +38,29 @@ class KVCache(NamedTuple):
     next_pos: jnp.ndarray  # [B] int32: position id of the next token of each row
 
 
-def embed_inputs(params: dict, inputs: dict, cfg: Qwen2VLConfig, opts: ModelOptions) -> jnp.ndarray:
-    """Token embeddings [B, L, D] with vision features scattered into the `<|image_pad|>` slots."""
+def embed_inputs(params: dict, inputs: dict, cfg: ModelConfig, opts: ModelOptions):
+    """(token embeddings [B, L, D] with visual tokens scattered into the `<|image_pad|>` slots,
+    DeepStack features [k, B, L, D] at those slots (zeros elsewhere) or None)."""
     dtype = jnp.dtype(opts.dtype)
     ids = inputs["input_ids"]
     x = jnp.take(params["text"]["embed_tokens"]["embedding"], ids, axis=0).astype(dtype)
     if "patches" not in inputs:
-        return x
-    feats, valid = vision_forward(
-        params["vision"],
-        inputs["patches"],
-        inputs["vision_segment_ids"],
-        inputs["vision_pos"],
-        cfg.vision,
-        opts,
-    )
+        return x, None
+    feats, valid, deep = family_of(cfg).vision_forward(params["vision"], inputs, cfg, opts)
     n = feats.shape[0]
     # compact the real features to the front, in order (padding slots may sit between packed rows)
     (order,) = jnp.nonzero(valid, size=n, fill_value=0)
-    feats = feats[order].astype(dtype)
     is_img = ids == cfg.image_token_id
     idx = jnp.cumsum(is_img.reshape(-1)).reshape(ids.shape) - 1
     idx = jnp.clip(idx, 0, n - 1)
-    return jnp.where(is_img[..., None], feats[idx], x)
+    x = jnp.where(is_img[..., None], feats[order].astype(dtype)[idx], x)
+    if deep is None:
+        return x, None
+    deep = deep[:, order].astype(dtype)[:, idx]  # [k, B, L, D]
+    return x, jnp.where(is_img[None, ..., None], deep, 0)
 
 
-def lm_head(params: dict, hidden: jnp.ndarray, cfg: Qwen2VLConfig, opts: ModelOptions) -> jnp.ndarray:
+def lm_head(params: dict, hidden: jnp.ndarray, cfg: ModelConfig, opts: ModelOptions) -> jnp.ndarray:
     """Logits [..., V] in fp32 (tied to the token table when the config says so)."""
     dtype = jnp.dtype(opts.dtype)
     prec = precision(opts.matmul_precision)
@@ -85,7 +84,7 @@ def causal_mask(attention_mask: jnp.ndarray) -> jnp.ndarray:
 def forward(
     params: dict,
     inputs: dict,
-    cfg: Qwen2VLConfig,
+    cfg: ModelConfig,
     opts: ModelOptions,
     *,
     lora: dict | None = None,
@@ -94,7 +93,7 @@ def forward(
     return_layers: bool = False,
 ) -> Output:
     """Full forward over [B, L] tokens (left or right padding)."""
-    x = embed_inputs(params, inputs, cfg, opts)
+    x, deep = embed_inputs(params, inputs, cfg, opts)
     mask = causal_mask(inputs["attention_mask"])
     h, _, layers = decoder_forward(
         params["text"],
@@ -106,12 +105,13 @@ def forward(
         lora=lora,
         lora_scale=lora_scale,
         return_layers=return_layers,
+        **({} if deep is None else {"deepstack": deep}),
     )
     logits = lm_head(params, h, cfg, opts) if with_logits else None
     return Output(h, logits, layers)
 
 
-def init_cache(cfg: Qwen2VLConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
     t = cfg.text
     shape = (t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim)
     return KVCache(
@@ -127,7 +127,7 @@ def prefill(
     params: dict,
     inputs: dict,
     cache: KVCache,
-    cfg: Qwen2VLConfig,
+    cfg: ModelConfig,
     opts: ModelOptions,
     *,
     lora: dict | None = None,
@@ -140,7 +140,7 @@ def prefill(
     `next_pos` = 1 + the row's largest position id). logits: "all" [B, P, V]; "last" [B, V] (what a
     sampler needs: it predicts the first new token); "none".
     """
-    x = embed_inputs(params, inputs, cfg, opts)
+    x, deep = embed_inputs(params, inputs, cfg, opts)
     am = inputs["attention_mask"].astype(bool)
     B, P = am.shape
     S = cache.valid.shape[1]
@@ -159,6 +159,7 @@ def prefill(
         lora_scale=lora_scale,
         cache=(cache.k, cache.v),
         cache_index=0,
+        **({} if deep is None else {"deepstack": deep}),
     )
     pos_max = jnp.max(jnp.where(am[None], inputs["positions"], -1), axis=(0, 2))
     new = KVCache(k, v, valid, jnp.asarray(P, jnp.int32), (pos_max + 1).astype(jnp.int32))
@@ -175,7 +176,7 @@ def extend(
     tokens: jnp.ndarray,
     lengths: jnp.ndarray,
     cache: KVCache,
-    cfg: Qwen2VLConfig,
+    cfg: ModelConfig,
     opts: ModelOptions,
     *,
     lora: dict | None = None,
@@ -215,7 +216,7 @@ def decode_step(
     params: dict,
     tokens: jnp.ndarray,
     cache: KVCache,
-    cfg: Qwen2VLConfig,
+    cfg: ModelConfig,
     opts: ModelOptions,
     *,
     lora: dict | None = None,

@@ -1,0 +1,259 @@
+"""Qwen2-VL (transformers `qwen2_vl`): 14-pixel patches, a LayerNorm / quick-GELU vision tower with 2-D
+RoPE and a PatchMerger, and a Qwen2 decoder (q/k/v biases) with M-RoPE.
+
+The family's table of tensors, its config parser, its vision tower and its host inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from elva_jax.model.config import ModelConfig, UnsupportedArchitectureError, VisionConfig
+from elva_jax.model.families import Family
+from elva_jax.model.families.common import parse_text, special_tokens, tie_embeddings
+from elva_jax.model.params import ParamSpec
+from elva_jax.model.rope import mrope_positions_for, vision_position_ids
+from elva_jax.model.vision import vision_forward as _vision_tower
+
+# `hf_name` is the on-disk name transformers writes (the hub layout). A state dict saved from the
+# in-memory 5.x module tree uses these prefixes instead; import accepts both.
+ALTERNATE_PREFIXES = (
+    ("model.", "model.language_model."),
+    ("visual.", "model.visual."),
+)
+
+
+def parse_config(d: dict[str, Any], source: str) -> ModelConfig:
+    text = parse_text(d, source, attention_bias=True)
+    v = dict(d.get("vision_config") or {})
+    vrope = v.get("rope_parameters") or {}
+    try:
+        vision = VisionConfig(
+            depth=int(v["depth"]),
+            embed_dim=int(v["embed_dim"]),
+            num_heads=int(v["num_heads"]),
+            mlp_ratio=float(v.get("mlp_ratio", 4)),
+            out_hidden_size=int(v.get("hidden_size", text.hidden_size)),
+            in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
+            patch_size=int(v.get("patch_size", v.get("spatial_patch_size", 14))),
+            spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+            temporal_patch_size=int(v.get("temporal_patch_size", 2)),
+            rope_theta=float(vrope.get("rope_theta", 10000.0)),
+            hidden_act=v.get("hidden_act", "quick_gelu"),
+        )
+    except KeyError as e:
+        raise UnsupportedArchitectureError(f"{source}: vision config is missing {e}") from None
+    if vision.hidden_act != "quick_gelu":
+        raise UnsupportedArchitectureError(f"{source}: vision activation {vision.hidden_act} is not supported")
+    if vision.out_hidden_size != text.hidden_size:
+        raise UnsupportedArchitectureError(
+            f"{source}: vision merger outputs {vision.out_hidden_size}, LLM hidden is {text.hidden_size}"
+        )
+    return ModelConfig(
+        text=text,
+        vision=vision,
+        tie_word_embeddings=tie_embeddings(d),
+        model_type="qwen2_vl",
+        raw=d,
+        **special_tokens(d),
+    )
+
+
+def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
+    t, v = cfg.text, cfg.vision
+    L, D, V, F = t.num_layers, t.hidden_size, t.vocab_size, t.intermediate_size
+    Hq, Hkv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    Lv, Dv, Fv = v.depth, v.embed_dim, v.mlp_dim
+    Dm = Dv * v.merge_unit
+    tl, vl = "model.layers.{i}.", "visual.blocks.{i}."
+    S = ParamSpec
+    specs = [
+        S(
+            ("vision", "patch_embed", "kernel"),
+            (v.patch_dim, Dv),
+            ("patch", "vis_embed"),
+            "visual.patch_embed.proj.weight",
+            "patch",
+        ),
+    ]
+    for name, hf in (("norm1", "norm1"), ("norm2", "norm2")):
+        specs += [
+            S(
+                ("vision", "blocks", name, "scale"),
+                (Lv, Dv),
+                ("layers", "vis_embed"),
+                vl + hf + ".weight",
+                init="ones",
+            ),
+            S(
+                ("vision", "blocks", name, "bias"),
+                (Lv, Dv),
+                ("layers", "vis_embed"),
+                vl + hf + ".bias",
+                init="zeros",
+            ),
+        ]
+    for name, hf, din, dout, ain, aout in (
+        ("qkv", "attn.qkv", Dv, 3 * Dv, "vis_embed", "vis_qkv"),
+        ("proj", "attn.proj", Dv, Dv, "vis_qkv", "vis_embed"),
+        ("fc1", "mlp.fc1", Dv, Fv, "vis_embed", "vis_mlp"),
+        ("fc2", "mlp.fc2", Fv, Dv, "vis_mlp", "vis_embed"),
+    ):
+        specs += [
+            S(
+                ("vision", "blocks", name, "kernel"),
+                (Lv, din, dout),
+                ("layers", ain, aout),
+                vl + hf + ".weight",
+                "linear",
+            ),
+            S(
+                ("vision", "blocks", name, "bias"),
+                (Lv, dout),
+                ("layers", aout),
+                vl + hf + ".bias",
+                init="zeros",
+            ),
+        ]
+    specs += [
+        S(
+            ("vision", "merger", "ln_q", "scale"),
+            (Dv,),
+            ("vis_embed",),
+            "visual.merger.ln_q.weight",
+            init="ones",
+        ),
+        S(
+            ("vision", "merger", "ln_q", "bias"),
+            (Dv,),
+            ("vis_embed",),
+            "visual.merger.ln_q.bias",
+            init="zeros",
+        ),
+        S(
+            ("vision", "merger", "fc1", "kernel"),
+            (Dm, Dm),
+            ("merge", "vis_mlp"),
+            "visual.merger.mlp.0.weight",
+            "linear",
+        ),
+        S(
+            ("vision", "merger", "fc1", "bias"),
+            (Dm,),
+            ("vis_mlp",),
+            "visual.merger.mlp.0.bias",
+            init="zeros",
+        ),
+        S(
+            ("vision", "merger", "fc2", "kernel"),
+            (Dm, D),
+            ("vis_mlp", "embed"),
+            "visual.merger.mlp.2.weight",
+            "linear",
+        ),
+        S(
+            ("vision", "merger", "fc2", "bias"),
+            (D,),
+            ("embed",),
+            "visual.merger.mlp.2.bias",
+            init="zeros",
+        ),
+        S(
+            ("text", "embed_tokens", "embedding"),
+            (V, D),
+            ("vocab", "embed"),
+            "model.embed_tokens.weight",
+        ),
+        S(
+            ("text", "layers", "input_norm", "scale"),
+            (L, D),
+            ("layers", "embed"),
+            tl + "input_layernorm.weight",
+            init="ones",
+        ),
+        S(
+            ("text", "layers", "post_attn_norm", "scale"),
+            (L, D),
+            ("layers", "embed"),
+            tl + "post_attention_layernorm.weight",
+            init="ones",
+        ),
+    ]
+    for name, dout, aout in (
+        ("q_proj", Hq, "heads"),
+        ("k_proj", Hkv, "kv_heads"),
+        ("v_proj", Hkv, "kv_heads"),
+    ):
+        specs += [
+            S(
+                ("text", "layers", name, "kernel"),
+                (L, D, dout),
+                ("layers", "embed", aout),
+                tl + f"self_attn.{name}.weight",
+                "linear",
+            ),
+            S(
+                ("text", "layers", name, "bias"),
+                (L, dout),
+                ("layers", aout),
+                tl + f"self_attn.{name}.bias",
+                init="zeros",
+            ),
+        ]
+    specs += [
+        S(
+            ("text", "layers", "o_proj", "kernel"),
+            (L, Hq, D),
+            ("layers", "heads", "embed"),
+            tl + "self_attn.o_proj.weight",
+            "linear",
+        ),
+        S(
+            ("text", "layers", "gate_proj", "kernel"),
+            (L, D, F),
+            ("layers", "embed", "mlp"),
+            tl + "mlp.gate_proj.weight",
+            "linear",
+        ),
+        S(
+            ("text", "layers", "up_proj", "kernel"),
+            (L, D, F),
+            ("layers", "embed", "mlp"),
+            tl + "mlp.up_proj.weight",
+            "linear",
+        ),
+        S(
+            ("text", "layers", "down_proj", "kernel"),
+            (L, F, D),
+            ("layers", "mlp", "embed"),
+            tl + "mlp.down_proj.weight",
+            "linear",
+        ),
+        S(("text", "norm", "scale"), (D,), ("embed",), "model.norm.weight", init="ones"),
+    ]
+    if not cfg.tie_word_embeddings:
+        specs.append(S(("text", "lm_head", "kernel"), (D, V), ("embed", "vocab"), "lm_head.weight", "linear"))
+    return specs
+
+
+def vision_forward(params: dict, inputs: dict, cfg: ModelConfig, opts):
+    feats, valid = _vision_tower(
+        params, inputs["patches"], inputs["vision_segment_ids"], inputs["vision_pos"], cfg.vision, opts
+    )
+    return feats, valid, None
+
+
+def patch_inputs(grids, cfg: ModelConfig) -> dict:
+    return {"vision_pos": vision_position_ids(grids, cfg.vision.spatial_merge_size)}
+
+
+FAMILY = Family(
+    model_type="qwen2_vl",
+    description="Qwen2-VL",
+    parse_config=parse_config,
+    param_specs=param_specs,
+    vision_forward=vision_forward,
+    patch_inputs=patch_inputs,
+    position_ids=mrope_positions_for,
+    alternate_prefixes=ALTERNATE_PREFIXES,
+)
