@@ -54,7 +54,7 @@ from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
 from elva_jax.data.tokenize import PromptEncoder, Tokenizer
 from elva_jax.eval.config import CACHE_POLICIES
 from elva_jax.model import backbone
-from elva_jax.model.config import ModelOptions, ModelConfig
+from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.embedding import eol_embedding, l2_normalize
 from elva_jax.rl.sampler import SamplerConfig, generate
 

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.decoder import decoder_forward
-from elva_jax.model.layers import precision
 from elva_jax.model.families import family_of
+from elva_jax.model.layers import precision
 
 
 class Output(NamedTuple):

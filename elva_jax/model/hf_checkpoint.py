@@ -1,4 +1,4 @@
-"""Import / export transformers Qwen-VL checkpoints (any supported family) (config.json + safetensors, single or sharded).
+"""Import / export transformers checkpoints of any supported family (config.json + safetensors).
 
 Import reads tensor by tensor through a memory map, so with a `shardings` pytree every device shard is
 read straight from disk (`jax.make_array_from_callback`): a 7B never needs a full host copy.

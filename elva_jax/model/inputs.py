@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from elva_jax.model.config import ModelOptions, ModelConfig
+from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.families import family_of
 
 

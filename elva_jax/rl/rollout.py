@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from elva_jax.model import backbone
-from elva_jax.model.config import ModelOptions, ModelConfig
+from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.embedding import l2_normalize
 from elva_jax.rl import grpo
 from elva_jax.rl.rewards import RewardConfig, reward_from_config, soft_ranking_loss

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from elva_jax.model import backbone
-from elva_jax.model.config import ModelOptions, ModelConfig
+from elva_jax.model.config import ModelConfig, ModelOptions
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from elva_jax.data.image_processing import load_image, preprocess_image
-from elva_jax.model.config import ModelOptions, ModelConfig
+from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.inputs import build_inputs, pack_images
 from elva_jax.parallel.sharding import fitting_sharding, place, replicated
 from elva_jax.rl.rewards import RewardConfig

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elva_jax.model.config import ModelOptions, ModelConfig
+from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.params import logical_axes
 from elva_jax.parallel.sharding import any_process, make_mesh, mesh_or_replicated, place, replicated, tree_shardings
 from elva_jax.train.checkpointing import Checkpointer, CheckpointNotFound, abstract_like

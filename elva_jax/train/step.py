@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from elva_jax.model import backbone
-from elva_jax.model.config import ModelOptions, ModelConfig
+from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.embedding import eol_embedding, last_token_embedding
 from elva_jax.train.losses import info_nce
 

@@ -202,9 +202,9 @@ def test_truncation_is_counted(data, encoder, model_cfg):
 
 
 def test_padding_does_not_change_embeddings(records, encoder, model_cfg):
+    from elva_jax.model.backbone import forward
     from elva_jax.model.embedding import eol_embedding
     from elva_jax.model.params import init_params
-    from elva_jax.model.backbone import forward
 
     opts = ModelOptions()
     params = init_params(model_cfg, jax.random.key(0))

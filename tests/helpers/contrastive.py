@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from elva_jax.model.config import ModelOptions, ModelConfig
+from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.inputs import build_inputs
 from elva_jax.model.params import init_params
 from elva_jax.model.tiny import config_dict
