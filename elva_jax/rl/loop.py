@@ -10,6 +10,8 @@ continues with the same instances. The base, the LoRA and its optimizer state li
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import signal
 import time
@@ -75,6 +77,10 @@ def add_random_negatives(records: list[dict], pool_sides: list[dict], n_random: 
                 break
         out.append({**r, "cands": r["cands"] + picks})
     return out
+
+
+def _digest(data: str | bytes) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:16]
 
 
 def select_instances(records: list[dict], fraction: float, seed: int) -> list[dict]:
@@ -170,7 +176,15 @@ def run_rl(
     try:
         while state.step < n_steps:
             idx = batches[state.step]
-            state, m = trainer.step(state, [instances[int(i)] for i in idx])
+            batch = [instances[int(i)] for i in idx]
+            # what the step depends on besides the weights: its instances and its sampling key (logged,
+            # so a resumed run can be checked against an uninterrupted one without comparing samples)
+            inputs_digest = {
+                "instances_digest": _digest(json.dumps([str(x.get("id", i)) for x, i in zip(batch, idx)])),
+                "key_digest": _digest(np.asarray(jax.random.key_data(state.key)).tobytes()),
+            }
+            state, m = trainer.step(state, batch)
+            m.update(inputs_digest)
             m["lr"] = float(lr_at(state.step - 1))
             logger.log(state.step, m)
             history.append(m)

@@ -140,6 +140,7 @@ class RLTrainer:
         mesh=None,
     ):
         self.mesh = mesh
+        self.last_samples = None
         rep = {} if mesh is None else {"out_shardings": replicated(mesh)}
         self.cfg, self.opts, self.rcfg, self.reward_cfg, self.tx = cfg, opts, rcfg, reward_cfg, tx
         self.encoder, self.lora_scale = encoder, lora_scale
@@ -244,8 +245,11 @@ class RLTrainer:
             sh = fitting_sharding(np.shape(tree), axes(None, tree), self.mesh)
         return place(tree, sh)
 
-    def rollouts(self, state: RLState, instances: list[dict]):
+    def rollouts(self, state: RLState, instances: list[dict], samples=None):
         """Sample every sequence of every rollout, ``rl.micro_instances`` instances per sampler call.
+
+        ``samples``: given samples (`Samples` of host arrays, prompt-major, as this method returns) to
+        use instead of sampling (the step is then a function of them alone; the key still advances).
 
         Returns (samples as host arrays, prompt-major [instance, sequence, sample]; the prompt inputs
         of the update (the D = I * S prompts, or per chunk stacked [M, ...]); (I, G, S); the prompt
@@ -278,6 +282,10 @@ class RLTrainer:
         key, k1, k2 = jax.random.split(state.key, 3)
         state.key = key
         outs = []
+        if samples is not None:
+            if np.shape(samples.tokens)[0] != I * S * G:
+                raise ValueError(f"given samples have {np.shape(samples.tokens)[0]} rows, the step needs {I * S * G}")
+            return jax.tree.map(np.asarray, samples), self._update_prompts(chunks), (I, G, S), chunks
         for c in range(n_chunks):
             kc1, kc2 = (k1, k2) if n_chunks == 1 else (jax.random.fold_in(k1, c), jax.random.fold_in(k2, c))
             if rc.candidate_sampling == "per_rollout":
@@ -298,10 +306,13 @@ class RLTrainer:
             else:
                 raise ValueError(f"candidate_sampling must be per_rollout or shared, got {rc.candidate_sampling!r}")
         out = outs[0] if n_chunks == 1 else jax.tree.map(lambda *xs: np.concatenate(xs, 0), *outs)
-        # the update's prompts: the inputs as they are, or (several chunks; images are packed per chunk)
-        # each chunk's inputs stacked [M, ...]
-        prompts = chunks[0] if n_chunks == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *chunks)
-        return out, prompts, (I, G, S), chunks
+        return out, self._update_prompts(chunks), (I, G, S), chunks
+
+    @staticmethod
+    def _update_prompts(chunks):
+        """The update's prompts: the inputs as they are, or (several chunks; images are packed per
+        chunk) each chunk's inputs stacked [M, ...]."""
+        return chunks[0] if len(chunks) == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *chunks)
 
     def reforward(self, state: RLState, chunks: list[dict], tokens: np.ndarray, lengths: np.ndarray, G: int):
         """(policy log-probs, reference log-probs or None, [RET] embeddings) of the sampled rows, one
@@ -318,10 +329,15 @@ class RLTrainer:
         cat = (lambda xs: xs[0]) if len(chunks) == 1 else (lambda xs: jnp.concatenate(xs, 0))  # noqa: E731
         return cat(olds), (cat(refs) if refs else None), cat(embs)
 
-    def step(self, state: RLState, instances: list[dict], valid: np.ndarray | None = None) -> tuple[RLState, dict]:
+    def step(
+        self, state: RLState, instances: list[dict], valid: np.ndarray | None = None, samples=None
+    ) -> tuple[RLState, dict]:
+        """One RL step. ``samples``: replay given samples instead of sampling (see `rollouts`). The
+        step's samples (host arrays) stay in ``self.last_samples``, so another run can replay them."""
         rc = self.rcfg
         t0 = time.perf_counter()
-        out, prompts, shape, chunks = self.rollouts(state, instances)
+        out, prompts, shape, chunks = self.rollouts(state, instances, samples)
+        self.last_samples = out
         I, G, S = shape
         t_rollout = time.perf_counter() - t0
         t1 = time.perf_counter()

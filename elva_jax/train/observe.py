@@ -79,12 +79,14 @@ class MetricsLogger:
     def log(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: float(v) for k, v in scalars.items() if v is not None}
+        # numbers as floats; strings (e.g. digests of a step's inputs) go to the JSONL only
+        clean = {k: (v if isinstance(v, str) else float(v)) for k, v in scalars.items() if v is not None}
         self._f.write(json.dumps({"step": step, **clean}) + "\n")
         self._f.flush()
         if self._tb is not None:
             for k, v in clean.items():
-                self._tb.add_scalar(k, v, step)
+                if not isinstance(v, str):
+                    self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self.enabled:

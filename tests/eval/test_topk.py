@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.device_check import without_device_count
 
 from elva_jax.eval import recall_at_k, recall_from_topk, streaming_topk
 
@@ -170,7 +171,8 @@ _SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_equals_unsharded_on_8_fake_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    flags = without_device_count(os.environ.get("XLA_FLAGS", ""))
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=8".strip(), JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "SHARDED_OK" in out.stdout

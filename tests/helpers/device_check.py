@@ -10,11 +10,17 @@ import sys
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def without_device_count(flags: str) -> str:
+    """XLA_FLAGS less --xla_force_host_platform_device_count (a check sets its own device count)."""
+    return " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
+
+
 def run_check(script: str, *args: str, timeout: int = 600) -> dict:
-    """`python <script> <args>` with tests/ importable and no inherited XLA_FLAGS; the last stdout line
-    parsed as JSON. Fails the test with the script's stderr when it exits non-zero."""
+    """`python <script> <args>` with tests/ importable and no inherited fake-device count (other XLA
+    flags, such as --xla_cpu_max_isa, are kept); the last stdout line parsed as JSON. Fails the test
+    with the script's stderr when it exits non-zero."""
     env = dict(os.environ, PYTHONPATH=TESTS)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = without_device_count(env.get("XLA_FLAGS", ""))
     out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

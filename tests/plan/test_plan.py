@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers.device_check import without_device_count
 
 from elva_jax import plan
 
@@ -22,7 +23,7 @@ HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 def run_plan(*args, timeout=300):
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = without_device_count(env.get("XLA_FLAGS", ""))
     env.pop("JAX_PLATFORMS", None)
     return subprocess.run(
         [sys.executable, "-m", "elva_jax.plan", *args], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -1,5 +1,6 @@
-"""Subprocess with 8 fake CPU devices: the RL loss and LoRA gradients on a (2,2,2) mesh vs one device,
-then a whole RL trainer step (sampling, re-forward, rewards, update) on that mesh vs one device."""
+"""Subprocess with 8 fake CPU devices: the RL loss and LoRA gradients on a (2,2,2) mesh vs one device;
+two whole RL trainer steps (re-forward, rewards, update) on that mesh replaying the one-device run's
+samples; and the mesh's own sampling against the one-device samples (agreement up to near-ties)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402
 from helpers.contrastive import tiny_cfg, tiny_params  # noqa: E402
+from helpers.draws import first_differences  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from elva_jax.model.config import ModelOptions  # noqa: E402
@@ -90,17 +92,57 @@ def run(mesh_shape, devices):
     return float(loss), [np.asarray(x) for x in jax.tree.leaves(g)]
 
 
-def trainer_step(mesh, root):
-    """Two RL trainer steps from the same state; (metrics of each step, LoRA after them as numpy)."""
+def trainer_steps(mesh, root, replay=None):
+    """Two RL trainer steps from the same state (fp32 KV cache); ``replay``: each step's samples to use
+    instead of sampling. Returns (metrics of each step, samples of each step, LoRA after them)."""
     from helpers.rl_setup import instances, make_trainer
 
     insts = instances(root)[:2]
-    tr, st = make_trainer(mesh=mesh)
-    ms = []
-    for _ in range(2):
-        st, m = tr.step(st, insts)
+    tr, st = make_trainer(mesh=mesh, cache_dtype="float32")
+    ms, samples = [], []
+    for i in range(2):
+        st, m = tr.step(st, insts, samples=None if replay is None else replay[i])
         ms.append(m)
-    return ms, [np.asarray(x) for x in jax.tree.leaves(st.lora)]
+        samples.append(tr.last_samples)
+    return ms, samples, [np.asarray(x) for x in jax.tree.leaves(st.lora)]
+
+
+def sampling_agreement(mesh, root, ref_samples):
+    """The first step's own sampling on ``mesh`` against the one-device samples ``ref_samples``.
+
+    Both draw with the same key, so each row uses the same uniform u and the same inverse-CDF rule over
+    the vocabulary in id order. Logits that differ in the last bits (another reduction order) move the
+    CDF by ~1e-7, so a row can only change where u sits that close to a boundary between two tokens:
+    at its first differing position the two tokens are then neighbours in id order. A real mesh bug
+    (wrong rows, wrong logits) picks unrelated tokens. Also: the mesh sampler's log-probs of its own
+    tokens equal the one-device teacher-forced log-probs of the same tokens (same distribution).
+    """
+    from helpers.rl_setup import instances, make_trainer
+
+    insts = instances(root)[:2]
+    tr, st = make_trainer(mesh=mesh, cache_dtype="float32")
+    out, _, (_, G, _), _ = tr.rollouts(st, insts)
+    tr1, st1 = make_trainer(cache_dtype="float32")
+    _, _, _, chunks1 = tr1.rollouts(st1, insts, samples=out)
+    tf_logp = np.asarray(tr1.reforward(st1, chunks1, out.tokens, out.lengths, G)[0])
+    a, b = np.asarray(ref_samples.tokens), np.asarray(out.tokens)
+    m = np.asarray(ref_samples.mask) | np.asarray(out.mask)
+    rows_equal = (a == b).all(1)
+    neighbours, far = 0, []
+    for r, t in first_differences(a, b):
+        if abs(int(a[r, t]) - int(b[r, t])) == 1:
+            neighbours += 1
+        else:
+            far.append((r, t, int(a[r, t]), int(b[r, t])))
+    mask8 = np.asarray(out.mask)
+    return {
+        "rows": len(a),
+        "rows_equal": int(rows_equal.sum()),
+        "token_agreement": float(((a == b) & m).sum() / max(1, m.sum())),
+        "diverged_at_neighbour": neighbours,
+        "diverged_far": far,
+        "sampler_vs_1dev_logp": float(np.abs(tf_logp - np.asarray(out.logps))[mask8].max()),
+    }
 
 
 if __name__ == "__main__":
@@ -111,12 +153,15 @@ if __name__ == "__main__":
     l8, g8 = run((2, 2, 2), devs)
     scale = max(float(np.abs(a).max()) for a in g1)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(g1, g8))
-    m1, lora1 = trainer_step(None, sys.argv[1])
-    m8, lora8 = trainer_step(make_mesh(2, 2, 2, devices=devs), sys.argv[1])
+    mesh = make_mesh(2, 2, 2, devices=devs)
+    m1, s1, lora1 = trainer_steps(None, sys.argv[1])
+    # the mesh step given the one-device run's samples: a function of the same inputs
+    m8, _, lora8 = trainer_steps(mesh, sys.argv[1], replay=s1)
     keys = ("reward", "loss", "kl_mean", "summary_len", "tokens_sampled")
     out = {"loss_1": l1, "loss_8": l8, "grad_scale": scale, "max_grad_diff": diff}
     out["trainer_1"] = [{k: m[k] for k in keys} for m in m1]
     out["trainer_8"] = [{k: m[k] for k in keys} for m in m8]
     out["trainer_lora_moved"] = max(float(np.abs(a).max()) for a in lora1)
     out["trainer_lora_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(lora1, lora8))
+    out["sampling"] = sampling_agreement(mesh, sys.argv[1], s1[0])
     print(json.dumps(out))

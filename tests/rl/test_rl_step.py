@@ -77,14 +77,33 @@ def test_shared_candidate_sampling(data):
 
 @pytest.mark.slow
 def test_rl_update_on_eight_devices_equals_one(tmp_path):
+    """The RL loss and gradient, and two whole trainer steps, on a (2,2,2) mesh vs one device.
+
+    Sampled tokens are not compared across device counts: the next-token distribution of a tiny
+    random model is nearly flat over 151k tokens, so logits that differ in the last bits (another
+    reduction order, another CPU kind) move an inverse-CDF draw to the neighbouring token now and
+    then, and the rest of that row differs. What is guaranteed, and checked: given the same samples
+    the mesh step gives the same rewards, loss and update; the mesh sampler draws from the same
+    distribution (its log-probs equal the one-device teacher-forced ones); and its tokens agree with
+    the one-device draw except where a row sits on a CDF boundary (then the two tokens are neighbours).
+    """
     import os
 
     r = run_check(os.path.join(os.path.dirname(__file__), "rl_mesh_check.py"), str(tmp_path / "data"), timeout=900)
     assert abs(r["loss_1"] - r["loss_8"]) <= 1e-5 * abs(r["loss_1"])
     assert r["max_grad_diff"] <= 1e-5 * r["grad_scale"]
-    # the whole trainer step on the mesh: same samples (token count, lengths), rewards, loss and update
+    # the whole trainer step on the mesh, replaying the one-device samples: same rewards, loss, update
     for a, b in zip(r["trainer_1"], r["trainer_8"], strict=True):
         assert a["tokens_sampled"] == b["tokens_sampled"] and a["summary_len"] == b["summary_len"]
-        for k in ("reward", "loss", "kl_mean"):
-            assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (k, a, b)
-    assert r["trainer_lora_diff"] <= 1e-4 * r["trainer_lora_moved"]
+        # rewards ~0.2; KL ~5e-4; the GRPO loss ~1e-4 is a cancellation (advantages sum to zero), so its
+        # reduction-order noise is absolute (measured 1.6e-7 and 3.7e-7)
+        assert abs(a["reward"] - b["reward"]) <= 1e-4, (a, b)
+        assert abs(a["kl_mean"] - b["kl_mean"]) <= 1e-3 * abs(a["kl_mean"]) + 1e-7, (a, b)
+        assert abs(a["loss"] - b["loss"]) <= 2e-6, (a, b)
+    # measured 5e-5 of the LoRA's scale; rows' advantages misassigned on the mesh gave 3e-2
+    assert r["trainer_lora_diff"] <= 1e-3 * r["trainer_lora_moved"]
+    # the mesh's own sampling: the same distribution, the same draws up to near-ties at CDF boundaries
+    s = r["sampling"]
+    assert s["sampler_vs_1dev_logp"] < 1e-4, s
+    assert s["diverged_far"] == [], s
+    assert s["token_agreement"] >= 0.75, s  # measured 0.95 (37 of 40 rows identical, 3 neighbour flips)

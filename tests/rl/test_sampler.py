@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.contrastive import tiny_cfg, tiny_params
+from helpers.draws import assert_same_draws
 
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelOptions
@@ -85,9 +86,12 @@ def test_cached_sampling_equals_uncached(model):
     ref = _uncached(params, cfg, ids, am, pv, g, key, scfg, 3)
     n = scfg.max_new_tokens
     mask = np.asarray(got.mask)[:, :n]
-    np.testing.assert_array_equal(np.where(mask, np.asarray(got.tokens)[:, :n], PAD), np.where(mask, ref, PAD))
+    toks = np.where(mask, np.asarray(got.tokens)[:, :n], PAD)
+    # the same draws, up to a CDF boundary moved by the cache's other reduction order
+    assert_same_draws(toks, np.where(mask, ref, PAD))
     # where the sampler recorded nothing, the reference has padding or the EOS that [RET] replaced
-    assert np.isin(ref[~mask], [PAD, EOS]).all()
+    same = (toks == np.where(mask, ref, PAD)).all(1)
+    assert np.isin(ref[same][~mask[same]], [PAD, EOS]).all()
     assert mask.sum() > 0
 
 
@@ -102,8 +106,9 @@ def test_prefix_sharing_equals_repeated_prompts(model):
     )
     rep = build_inputs(cfg, OPTS, np.repeat(ids, 4, 0), np.repeat(am, 4, 0))
     unshared = jax.jit(lambda p, x, k: generate(p, x, k, cfg, OPTS, scfg, num_samples=1, **kw))(params, rep, key)
-    np.testing.assert_array_equal(shared.tokens, unshared.tokens)
-    np.testing.assert_allclose(shared.logps, unshared.logps, rtol=1e-6, atol=1e-6)
+    assert_same_draws(shared.tokens, unshared.tokens)
+    same = (np.asarray(shared.tokens) == np.asarray(unshared.tokens)).all(1)
+    np.testing.assert_allclose(np.asarray(shared.logps)[same], np.asarray(unshared.logps)[same], rtol=1e-6, atol=1e-6)
 
 
 def test_every_row_ends_in_one_ret_and_logps_are_full_vocab(model):
