@@ -1,3 +1,3 @@
-"""elva_jax: ELVA (ranking-driven universal multimodal retrieval) on Qwen2-VL in JAX."""
+"""elva_jax: ELVA (ranking-driven universal multimodal retrieval) on Qwen-VL backbones in JAX."""
 
 __version__ = "0.1.0"

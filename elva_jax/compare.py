@@ -6,7 +6,7 @@
                                [--template eol|ret|raw] [--instruction STR] [--tokenizer DIR]
 
 FILE.npz holds transformers' conventions: input_ids [B, L], attention_mask [B, L], optional
-pixel_values [n_patches, 1176] and image_grid_thw [n_images, 3] (mm_token_type_ids is derived).
+pixel_values [n_patches, patch_dim] and image_grid_thw [n_images, 3] (mm_token_type_ids is derived).
 Without --inputs, a seeded random batch (text rows and image rows, left padded) is made for the
 checkpoint's vocabulary. The reference always runs in float32 (so --dtype bfloat16 measures elva_jax's
 bf16 error against the exact model). Errors are ||jax - ref|| / ||ref|| over non-padding positions.
@@ -18,7 +18,7 @@ With --text / --image, row i is made of the i-th --text (if any; "" means none) 
 (if any), so one text and one image form one row and extra --text flags add text rows. elva_jax's
 inputs come from its own path (elva_jax.data.prompts -> elva_jax.data.tokenize -> image_processing);
 the reference's from transformers' pieces: the tokenizer's ``apply_chat_template`` with the Qwen2-VL
-template string, ``Qwen2VLImageProcessorPil`` with the same pixel limits, and an independent
+template string, the family's PIL image processor with the same pixel limits and patch geometry, and an independent
 ``<|image_pad|>`` expansion. Both sides' token ids must agree (else exit 1, no model is run). The
 ``embedding`` is the template's own: eol = LamRA's (before the last ``<emb>``), ret = the last
 ``[RET]`` (assistant turn ``{--summary} [RET]``), raw = the last real token. The tokenizer (``--tokenizer``,
@@ -35,6 +35,8 @@ import json
 import sys
 
 import numpy as np
+
+from elva_jax.model.families import family_of
 
 
 def _random_inputs(cfg, seed: int) -> dict[str, np.ndarray]:
@@ -105,20 +107,27 @@ def _pad(rows: list[np.ndarray], pad_id: int, side: str) -> tuple[np.ndarray, np
     return ids, am
 
 
+def _hf_class(path: str):
+    """A transformers class from its dotted path (the family's oracle classes)."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def _text_image_inputs(a, cfg) -> tuple[dict, dict, dict]:
     """(elva_jax inputs, reference inputs, info) for the --text / --image rows."""
     from elva_jax.data.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS
-    from elva_jax.data.prompts import IMAGE_PLACEHOLDER, QWEN2VL_CHAT_TEMPLATE
+    from elva_jax.data.prompts import IMAGE_PLACEHOLDER, QWEN_VL_CHAT_TEMPLATE
     from elva_jax.data.tokenize import Tokenizer, collate, default_tokenizer_dir, encode_example, has_tokenizer_files
 
     tok_dir = a.tokenizer or (a.hf_dir if has_tokenizer_files(a.hf_dir) else str(default_tokenizer_dir()))
     rows = _rows(a.text or [], a.image or [])
-    merge = cfg.vision.spatial_merge_size
     lo = LAMRA_MIN_PIXELS if a.min_pixels is None else a.min_pixels
     hi = LAMRA_MAX_PIXELS if a.max_pixels is None else a.max_pixels
 
     # elva_jax: prompts -> Tokenizer -> image_processing
-    tok = Tokenizer.from_dir(tok_dir, merge_size=merge)
+    tok = Tokenizer.from_dir(tok_dir, geometry=cfg.vision.geometry)
     if tok.vocab_size > cfg.text.vocab_size:
         raise SystemExit(
             f"the tokenizer in {tok_dir} has {tok.vocab_size} ids (with <emb> {tok.emb_token_id}, "
@@ -151,11 +160,19 @@ def _text_image_inputs(a, cfg) -> tuple[dict, dict, dict]:
     from PIL import Image
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     hf_tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     hf_tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<emb>", "[RET]")], special_tokens=True)
-    proc = Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi)
+    geo = cfg.vision.geometry
+    proc = _hf_class(family_of(cfg).hf_image_processor)(
+        min_pixels=lo,
+        max_pixels=hi,
+        patch_size=geo.patch_size,
+        merge_size=geo.merge_size,
+        temporal_patch_size=geo.temporal_patch_size,
+        image_mean=list(geo.image_mean),
+        image_std=list(geo.image_std),
+    )
     image_pad = hf_tok.convert_tokens_to_ids("<|image_pad|>")
     seqs, pvs, grids = [], [], []
     for t, im in rows:
@@ -165,7 +182,7 @@ def _text_image_inputs(a, cfg) -> tuple[dict, dict, dict]:
         else:
             text = hf_tok.apply_chat_template(
                 [dict(m) for m in prompt.messages],
-                chat_template=QWEN2VL_CHAT_TEMPLATE,
+                chat_template=QWEN_VL_CHAT_TEMPLATE,
                 tokenize=False,
                 add_generation_prompt=prompt.add_generation_prompt,
             )
@@ -180,7 +197,7 @@ def _text_image_inputs(a, cfg) -> tuple[dict, dict, dict]:
         expanded, k = [], 0
         for i in ids:
             if i == image_pad:
-                expanded += [image_pad] * (int(np.prod(row_grids[k])) // merge**2)
+                expanded += [image_pad] * (int(np.prod(row_grids[k])) // geo.merge_size**2)
                 k += 1
             else:
                 expanded.append(i)
@@ -273,7 +290,7 @@ def run(
     ids, am = ref_data["input_ids"].astype(np.int64), ref_data["attention_mask"].astype(np.int64)
     pv, grid = ref_data.get("pixel_values"), ref_data.get("image_grid_thw")
 
-    ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ref = _hf_class(family_of(cfg).hf_model_class).from_pretrained(hf_dir, dtype=torch.float32).eval()
     kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am), output_hidden_states=True)
     if pv is not None:
         kw.update(

@@ -27,13 +27,13 @@ def main(argv=None) -> None:
     from elva_jax.data.tokenize import Tokenizer
     from elva_jax.model.config import ModelOptions
     from elva_jax.model.hf_checkpoint import resize_vocab
+    from elva_jax.model.lora import LoraConfig, init_lora
     from elva_jax.model.params import init_params
     from elva_jax.model.tiny import preset_config
     from elva_jax.rl.loop import add_random_negatives
     from elva_jax.rl.rewards import RewardConfig
     from elva_jax.rl.rollout import RLConfig
     from elva_jax.rl.trainer import RLState, RLTrainer
-    from elva_jax.train.lora import LoraConfig, init_lora
 
     ap = argparse.ArgumentParser(prog="python -m elva_jax.bench.rl_step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=3)

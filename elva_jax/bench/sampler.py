@@ -17,15 +17,15 @@ import time
 import jax
 import numpy as np
 
-from elva_jax.bench.train_step import torch_module
+from elva_jax.bench.train_step import _reference_model, torch_module
 
 
 def jax_tokens_per_s(B: int, L: int, new: int, reps: int, dtype: str) -> dict:
     from elva_jax.model.config import ModelOptions
     from elva_jax.model.inputs import build_inputs
     from elva_jax.model.params import init_params
+    from elva_jax.model.sampler import SamplerConfig, generate
     from elva_jax.model.tiny import preset_config
-    from elva_jax.rl.sampler import SamplerConfig, generate
 
     cfg = preset_config("small")
     opts = ModelOptions(dtype=dtype, param_dtype=dtype)
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     res = {"workload": "W2", "device": jax.devices()[0].device_kind, "dtype": a.dtype}
     mod = torch_module(a.reference) if a.reference else None
     if mod is not None:
-        model = mod.Qwen2VLForConditionalGeneration(mod.small_config()).eval()
+        model = _reference_model(mod).eval()
         ref = statistics.median(mod.generate_tps(model) for _ in range(a.reps))
         res["torch_tokens_per_s"] = round(ref, 1)
     got = jax_tokens_per_s(16, 32, 32, a.reps, a.dtype)

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import jax
 
-    from elva_jax.eval.topk import streaming_topk
+    from elva_jax.retrieval.topk import streaming_topk
 
     rng = np.random.default_rng(args.seed)
     cands = _unit_rows(rng, args.n_cand, args.dim)

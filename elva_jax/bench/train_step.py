@@ -55,7 +55,7 @@ def make_batch(cfg, opts, B=8, L=64, grid_hw=8, seed=0):
         ],
         1,
     )
-    pv = rng.standard_normal((B * grid_hw * grid_hw, 1176)).astype(np.float32)
+    pv = rng.standard_normal((B * grid_hw * grid_hw, cfg.vision.patch_dim)).astype(np.float32)
     grid = np.array([[1, grid_hw, grid_hw]] * B)
     q = build_inputs(cfg, opts, ids, None)
     c = build_inputs(cfg, opts, ids_img, None, pv, grid, rows=B, row_len=grid_hw * grid_hw)
@@ -66,7 +66,7 @@ def jax_step_time(dtype: str, remat: bool, reps: int, scan_unroll: int = 1) -> d
     from elva_jax.model.config import ModelOptions
     from elva_jax.model.params import init_params
     from elva_jax.model.tiny import preset_config
-    from elva_jax.train.observe import lowered_flops, unrolled
+    from elva_jax.runtime.observe import lowered_flops, unrolled
     from elva_jax.train.step import StepConfig, TrainState, split_lm_head, train_step
 
     cfg = preset_config("small")
@@ -106,6 +106,13 @@ def default_reference() -> str:
     return os.path.normpath(os.path.join(here, "..", "..", "..", "shared", "bench", "torch_reference.py"))
 
 
+def _reference_model(mod):
+    """The reference module's "small" model, built by transformers' auto class from its config."""
+    import transformers
+
+    return transformers.AutoModelForImageTextToText.from_config(mod.small_config())
+
+
 def torch_module(ref_path: str):
     """The PyTorch reference script as a module, or None when it is not there."""
     if not os.path.exists(ref_path):
@@ -122,7 +129,7 @@ def torch_step_time(ref_path: str, reps: int) -> dict | None:
         return None
     import torch
 
-    model = mod.Qwen2VLForConditionalGeneration(mod.small_config())
+    model = _reference_model(mod)
     model.train()
     return {
         "step_s": mod.train_step_time(model, reps=reps),

@@ -1,6 +1,7 @@
 """Qwen2-VL image preprocessing in numpy + PIL, numerically identical to transformers' PIL processor.
 
-Oracle: ``transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil``.
+Oracle: transformers' PIL image processor of the family (Qwen2-VL's for the default geometry).
+Sizes and normalisation come from the model's `PatchGeometry` (`cfg.vision.geometry`).
 Per image:
 
 1. to RGB: modes with alpha (or a ``transparency`` palette entry) are alpha-composited onto white,
@@ -12,7 +13,7 @@ Per image:
 4. the still image is repeated to ``temporal_patch_size`` frames and cut into ``patch_size`` squares;
    patches are ordered (block_row, block_col, row_in_block, col_in_block), so every
    ``merge_size x merge_size`` window is contiguous, and each one is flattened channel-major to
-   ``C * T * P * P = 3 * 2 * 14 * 14 = 1176`` values (C, T, row, col).
+   ``C * T * P * P`` values (C, T, row, col): the geometry's ``patch_dim``.
 
 Steps 3 depend only on (channel, uint8 value), so they run as a 256-entry lookup table with exactly the
 reference's float64 -> float32 rounding; the output equals transformers' bit for bit.
@@ -20,6 +21,7 @@ reference's float64 -> float32 rounding; the output equals transformers' bit for
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,15 +30,14 @@ import numpy as np
 from PIL import Image
 
 from elva_jax.data.errors import ImageError
+from elva_jax.model.config import DEFAULT_GEOMETRY, PatchGeometry
 
 __all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
     "LAMRA_MAX_PIXELS",
     "LAMRA_MIN_PIXELS",
     "MAX_ASPECT_RATIO",
-    "QWEN2VL_MAX_PIXELS",
-    "QWEN2VL_MIN_PIXELS",
+    "PROCESSOR_MAX_PIXELS",
+    "PROCESSOR_MIN_PIXELS",
     "load_image",
     "num_image_tokens",
     "preprocess_image",
@@ -49,11 +50,8 @@ __all__ = [
 LAMRA_MIN_PIXELS = 4 * 28 * 28
 LAMRA_MAX_PIXELS = 300 * 28 * 28
 #: transformers' Qwen2-VL defaults (``size = {"shortest_edge": 56*56, "longest_edge": 28*28*1280}``).
-QWEN2VL_MIN_PIXELS = 56 * 56
-QWEN2VL_MAX_PIXELS = 28 * 28 * 1280
-#: OpenAI CLIP normalisation (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROCESSOR_MIN_PIXELS = 56 * 56
+PROCESSOR_MAX_PIXELS = 28 * 28 * 1280
 MAX_ASPECT_RATIO = 200
 
 
@@ -149,15 +147,13 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageError(f"cannot read image {path}: {e}") from e
 
 
-def _normalisation_table() -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """float32 [3, 256]: ``(float32(v * (1/255) in float64) - mean_c) / std_c`` computed in float32."""
     scaled = (np.arange(256, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
-    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None]
-    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None]
-    return (scaled[None, :] - mean) / std
-
-
-_TABLE = _normalisation_table()
+    m = np.asarray(mean, dtype=np.float32)[:, None]
+    s = np.asarray(std, dtype=np.float32)[:, None]
+    return (scaled[None, :] - m) / s
 
 
 def preprocess_image(
@@ -165,9 +161,7 @@ def preprocess_image(
     *,
     min_pixels: int = LAMRA_MIN_PIXELS,
     max_pixels: int = LAMRA_MAX_PIXELS,
-    patch_size: int = 14,
-    merge_size: int = 2,
-    temporal_patch_size: int = 2,
+    geometry: PatchGeometry = DEFAULT_GEOMETRY,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One still image -> (patches float32 [gh * gw, 3 * T * P * P], grid_thw int64 [3] = (1, gh, gw)).
 
@@ -177,13 +171,15 @@ def preprocess_image(
     Raises:
       ImageError: aspect ratio > 200, an empty side, or an unsupported input.
     """
+    patch_size, merge_size, temporal_patch_size = geometry.patch_size, geometry.merge_size, geometry.temporal_patch_size
     rgb = to_rgb_array(image)
     height, width = rgb.shape[:2]
-    factor = patch_size * merge_size
+    factor = geometry.factor
     new_h, new_w = smart_resize(height, width, factor, min_pixels, max_pixels)
     resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), resample=Image.Resampling.BICUBIC), dtype=np.uint8)
     # [3, H, W] float32, rescale + normalise via the exact per-value table.
-    pixels = _TABLE[np.arange(3)[:, None, None], resized.transpose(2, 0, 1)]
+    table = _normalisation_table(tuple(geometry.image_mean), tuple(geometry.image_std))
+    pixels = table[np.arange(3)[:, None, None], resized.transpose(2, 0, 1)]
     grid_h, grid_w = new_h // patch_size, new_w // patch_size
     blocks = pixels.reshape(
         3, grid_h // merge_size, merge_size, patch_size, grid_w // merge_size, merge_size, patch_size
@@ -200,29 +196,20 @@ def preprocess_images(
     *,
     min_pixels: int = LAMRA_MIN_PIXELS,
     max_pixels: int = LAMRA_MAX_PIXELS,
-    patch_size: int = 14,
-    merge_size: int = 2,
-    temporal_patch_size: int = 2,
+    geometry: PatchGeometry = DEFAULT_GEOMETRY,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Several images -> (patches float32 [sum_i gh_i gw_i, 1176] concatenated in order, grid_thw int64
-    [n_images, 3]); an empty list gives shapes [0, 1176] and [0, 3]."""
-    kwargs = dict(
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        patch_size=patch_size,
-        merge_size=merge_size,
-        temporal_patch_size=temporal_patch_size,
-    )
+    """Several images -> (patches float32 [sum_i gh_i gw_i, patch_dim] concatenated in order, grid_thw
+    int64 [n_images, 3]); an empty list gives shapes [0, patch_dim] and [0, 3]."""
+    kwargs = dict(min_pixels=min_pixels, max_pixels=max_pixels, geometry=geometry)
     results = [preprocess_image(image, **kwargs) for image in images]
     if not results:
-        dim = 3 * temporal_patch_size * patch_size * patch_size
-        return np.zeros((0, dim), np.float32), np.zeros((0, 3), np.int64)
+        return np.zeros((0, geometry.patch_dim), np.float32), np.zeros((0, 3), np.int64)
     patches = np.concatenate([p for p, _ in results], axis=0)
     grids = np.stack([g for _, g in results], axis=0)
     return patches, grids
 
 
-def num_image_tokens(grid_thw: np.ndarray | Sequence[int], merge_size: int = 2) -> int:
+def num_image_tokens(grid_thw: np.ndarray | Sequence[int], merge_size: int = DEFAULT_GEOMETRY.merge_size) -> int:
     """``<|image_pad|>`` tokens for one image: ``t * h * w / merge_size**2``."""
     t, h, w = (int(v) for v in grid_thw)
     return t * h * w // (merge_size * merge_size)

@@ -46,10 +46,10 @@ import grain
 import numpy as np
 
 from elva_jax.data.errors import ImageError
-from elva_jax.data.image_processing import load_image, preprocess_images
+from elva_jax.data.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS, load_image, preprocess_images
 from elva_jax.data.mbeir import Candidate, Query, dataset_id_of, instruction_key, resolve_image_path
 from elva_jax.data.prompts import choose_instruction
-from elva_jax.model.config import ModelConfig
+from elva_jax.model.config import DEFAULT_GEOMETRY, ModelConfig, PatchGeometry
 from elva_jax.model.inputs import pack_images, position_ids
 
 __all__ = [
@@ -68,8 +68,6 @@ __all__ = [
     "rl_records",
     "save_checkpoint",
 ]
-
-PATCH_DIM = 1176
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,6 +125,10 @@ class PipelineConfig:
     drop_remainder: bool = True
     pad_token_id: int = 151643
     position_mode: str = "mrope"
+    # image preprocessing: pixel limits (the run's data.min_pixels / max_pixels) and the model's patches
+    min_pixels: int = LAMRA_MIN_PIXELS
+    max_pixels: int = LAMRA_MAX_PIXELS
+    geometry: PatchGeometry = DEFAULT_GEOMETRY
 
     @property
     def records_per_batch(self) -> int:
@@ -280,7 +282,10 @@ class _EncodeRecord:
         try:
             if not Path(path).is_file():
                 raise ImageError(f"image file not found: {path}")
-            return preprocess_images([load_image(path)])
+            c = self.cfg
+            return preprocess_images(
+                [load_image(path)], min_pixels=c.min_pixels, max_pixels=c.max_pixels, geometry=c.geometry
+            )
         except ImageError as e:
             if self.cfg.image_policy.mode == "fail":
                 raise ImageError(f"{e} (image policy 'fail'; path {path})") from e
@@ -400,7 +405,7 @@ def collate_group(
             pv = (
                 np.concatenate([r["pixel_values"] for r in img_rows])
                 if img_rows
-                else np.zeros((0, PATCH_DIM), np.float32)
+                else np.zeros((0, model_cfg.vision.patch_dim), np.float32)
             )
             R, Lv = budget
             out.update(pack_images(pv, grids, rows=R, row_len=Lv, cfg=model_cfg))

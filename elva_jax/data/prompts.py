@@ -8,7 +8,7 @@ concatenates text items, so the split changes nothing in the rendered string; it
 :mod:`elva_jax.data.tokenize` which characters it may cut.
 
 Rendering is pure Python (:func:`render_chat`) and equals
-``tokenizer.apply_chat_template(messages, chat_template=QWEN2VL_CHAT_TEMPLATE, tokenize=False)``
+``tokenizer.apply_chat_template(messages, chat_template=QWEN_VL_CHAT_TEMPLATE, tokenize=False)``
 (tested), so the data path needs neither jinja2 nor transformers.
 
 LamRA (stages 1-2, embedding = hidden state just before ``<emb>``)::
@@ -45,7 +45,7 @@ __all__ = [
     "LAMRA_IMAGE_SUFFIX",
     "LAMRA_IMAGE_TEXT_SUFFIX",
     "LAMRA_TEXT_SUFFIX",
-    "QWEN2VL_CHAT_TEMPLATE",
+    "QWEN_VL_CHAT_TEMPLATE",
     "RET_TOKEN",
     "Prompt",
     "choose_instruction",
@@ -81,7 +81,7 @@ ELVA_SUFFIX = "\n" + ELVA_INSTRUCTION
 #: when the first message is not a system message; images / videos render as vision placeholders
 #: ("Picture k: " / "Video k: " prefixes with ``add_vision_id``); ``add_generation_prompt`` opens an
 #: assistant turn. :func:`render_chat` is the same function in Python.
-QWEN2VL_CHAT_TEMPLATE = (
+QWEN_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
@@ -204,7 +204,7 @@ def render_content(content: str | Sequence[dict], add_vision_id: bool = False, c
 
 
 def render_chat(messages: Sequence[dict], *, add_generation_prompt: bool = False, add_vision_id: bool = False) -> str:
-    """Python rendering of :data:`QWEN2VL_CHAT_TEMPLATE` (same string as transformers gives)."""
+    """Python rendering of :data:`QWEN_VL_CHAT_TEMPLATE` (same string as transformers gives)."""
     out, counts = [], [0, 0]
     for i, m in enumerate(messages):
         if i == 0 and m["role"] != "system":

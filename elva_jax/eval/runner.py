@@ -7,7 +7,7 @@ section (:class:`EvalSection`), so ``eval.mode=ret`` or ``data.root=/data/M-BEIR
 Per task: queries (with deterministic instructions, see :mod:`elva_jax.eval.tasks`) and the pool
 (local, or the union "global" pool) are embedded by :class:`elva_jax.eval.embed.Embedder` (cache under
 ``{cache_dir}/{fingerprint[:12]}/``; identical pools are embedded once per run); exact top-k with
-k = max(eval.topk (50), K) (or the whole pool when smaller) by :func:`elva_jax.eval.topk.streaming_topk`;
+k = max(eval.topk (50), K) (or the whole pool when smaller) by :func:`elva_jax.retrieval.topk.streaming_topk`;
 Recall@K with the task's K, R@1/5/10/50 (a k above the pool size counts the whole pool) and MRR
 truncated at k. Averages of R@K are per group (mbeir, bundled, mrbench, zeroshot) and over all tasks.
 
@@ -33,10 +33,9 @@ import numpy as np
 
 from elva_jax import configlib
 from elva_jax.eval import tasks as T
-from elva_jax.eval.config import EvalSection
 from elva_jax.eval.embed import EmbedConfig, Embedder, records_digest
-from elva_jax.eval.metrics import mrr_from_topk, recall_from_topk
-from elva_jax.train.config import RunConfig
+from elva_jax.retrieval.metrics import mrr_from_topk, recall_from_topk
+from elva_jax.schema import EvalSection, RunConfig
 
 __all__ = ["EvalConfig", "EvalSection", "evaluate", "load_config", "resolve_checkpoint", "write_reports"]
 
@@ -115,7 +114,7 @@ def _load_model(cfg: EvalConfig, model_dir: Path):
 
     mcfg, params = load_params(str(model_dir), dtype=cfg.model.param_dtype)
     tok_dir = cfg.model.tokenizer or (str(model_dir) if has_tokenizer_files(model_dir) else None)
-    tok = Tokenizer.from_dir(tok_dir, merge_size=mcfg.vision.spatial_merge_size)
+    tok = Tokenizer.from_dir(tok_dir, geometry=mcfg.vision.geometry)
     if tok.vocab_size > mcfg.text.vocab_size:
         params, mcfg = resize_vocab(params, mcfg, tok.vocab_size)
     return mcfg, params, tok
@@ -244,8 +243,8 @@ def evaluate(
     """
     import jax
 
-    from elva_jax.eval.topk import streaming_topk
     from elva_jax.model.config import ModelOptions
+    from elva_jax.retrieval.topk import streaming_topk
 
     t_start = time.perf_counter()
     cfg = load_config(cfg, overrides)

@@ -18,6 +18,39 @@ class UnsupportedArchitectureError(ValueError):
     """The checkpoint is not a model family (or a variant of one) this package implements."""
 
 
+#: OpenAI CLIP normalisation (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD): Qwen2-VL, Qwen2.5-VL
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchGeometry:
+    """How the family's image processor turns pixels into patches: sizes and normalisation.
+
+    A patch is ``in_channels * temporal_patch_size * patch_size**2`` values; images are resized to
+    multiples of ``factor = patch_size * merge_size``; ``merge_size**2`` patches make one visual token.
+    """
+
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+
+#: Qwen2-VL's processor (the default where no model config is at hand, e.g. data-only tools)
+DEFAULT_GEOMETRY = PatchGeometry()
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     depth: int
@@ -32,6 +65,19 @@ class VisionConfig:
     rope_theta: float = 10000.0
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-6
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+
+    @property
+    def geometry(self) -> PatchGeometry:
+        return PatchGeometry(
+            self.patch_size,
+            self.spatial_merge_size,
+            self.temporal_patch_size,
+            self.in_channels,
+            self.image_mean,
+            self.image_std,
+        )
 
     @property
     def head_dim(self) -> int:

@@ -13,6 +13,22 @@ import numpy as np
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.families import family_of
 
+# logical axes of the model-input arrays (rows first); a family's per-patch inputs default to
+# ("batch", None, ...) like the patches they sit beside
+INPUT_AXES = {
+    "input_ids": ("batch", None),
+    "attention_mask": ("batch", None),
+    "positions": (None, "batch", None),
+    "patches": ("batch", None, None),
+    "vision_segment_ids": ("batch", None),
+    "vision_pos": ("batch", None, None),
+}
+
+
+def input_axes(name: str, ndim: int) -> tuple:
+    """Logical axes of model input ``name`` with ``ndim`` dimensions (without a micro-batch axis)."""
+    return INPUT_AXES.get(name, ("batch",) + (None,) * (ndim - 1))
+
 
 def pack_images(
     pixel_values: np.ndarray,

@@ -122,14 +122,33 @@ def rotate_half(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
-def mrope_cos_sin(positions: jnp.ndarray, head_dim: int, theta: float, section: tuple[int, ...]):
+def mrope_axis_of(head_dim: int, section: tuple[int, ...], interleaved: bool = False) -> np.ndarray:
+    """[head_dim/2] int: the position axis (0 t, 1 h, 2 w) each rotary frequency reads.
+
+    Blocked (Qwen2-VL): the first section[0] frequencies use t, the next section[1] h, then w.
+    Interleaved (Qwen3-VL's `apply_interleaved_mrope`): frequency j uses h when j % 3 == 1 and
+    j < 3 * section[1], w when j % 3 == 2 and j < 3 * section[2], t otherwise.
+    """
+    if not interleaved:
+        return np.concatenate([np.full(s, i % 3) for i, s in enumerate(section)])
+    j = np.arange(head_dim // 2)
+    axis = np.zeros(head_dim // 2, np.int64)
+    axis[(j % 3 == 1) & (j < 3 * section[1])] = 1
+    axis[(j % 3 == 2) & (j < 3 * section[2])] = 2
+    return axis
+
+
+def mrope_cos_sin(
+    positions: jnp.ndarray, head_dim: int, theta: float, section: tuple[int, ...], interleaved: bool = False
+):
     """cos, sin [B, L, head_dim] fp32 from positions [3, B, L].
 
     inv_freq_j = theta^(-2j/head_dim), j < head_dim/2; frequency j takes its position from axis
-    a(j) in (t, h, w) by `section` (e.g. [16, 24, 24]); the half is then repeated (rotate_half layout).
+    a(j) in (t, h, w) by `section` (e.g. [16, 24, 24]), blocked or interleaved (`mrope_axis_of`);
+    the half is then repeated (rotate_half layout).
     """
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    axis_of = np.concatenate([np.full(s, i % 3) for i, s in enumerate(section)])
+    axis_of = mrope_axis_of(head_dim, section, interleaved)
     # positions of the axis each frequency uses: [B, L, head_dim/2]
     p = jnp.moveaxis(positions.astype(jnp.float32), 0, -1)[..., axis_of]
     freqs = p * jnp.asarray(inv, jnp.float32)

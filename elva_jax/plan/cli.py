@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="key.sub=value run-config overrides, e.g. model.remat=false")
     a = ap.parse_args(argv)
     if a.dump_goldens:
-        from elva_jax.parallel.goldens import dump_goldens
+        from elva_jax.plan.goldens import dump_goldens
 
         for p in dump_goldens(a.dump_goldens):
             print(f"wrote {p}")

@@ -144,8 +144,8 @@ def rl_update_program(setup: Setup) -> Program:
 def decode_program(setup: Setup) -> Program:
     """One iteration of the sampler's decode loop: sample a token from the logits, then `decode_step`."""
     from elva_jax.model import backbone
+    from elva_jax.model.sampler import SamplerConfig, sample_token
     from elva_jax.parallel.sharding import logical_spec, replicated
-    from elva_jax.rl.sampler import SamplerConfig, sample_token
 
     shp, mesh, mcfg = setup.shapes, setup.mesh, setup.mcfg
     rc, _ = _rl_configs(setup)

@@ -50,9 +50,9 @@ def _state_bytes_on(setup: Setup, mesh_shape: tuple[int, int, int], full: bool) 
     """Per-device bytes of params + trainable + 2 Adam moments on another mesh shape (None: cannot split)."""
     from jax.sharding import AbstractMesh
 
+    from elva_jax.model.lora import lora_axes
     from elva_jax.model.params import logical_axes
     from elva_jax.parallel.sharding import MESH_AXES, MeshError, tree_shardings
-    from elva_jax.train.lora import lora_axes
 
     m = AbstractMesh(mesh_shape, MESH_AXES)
     try:

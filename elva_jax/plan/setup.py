@@ -42,7 +42,7 @@ def resolve_model(run, name: str = "auto"):
 
 def load_run(config: str, overrides: list[str] | None = None):
     from elva_jax import configlib
-    from elva_jax.train.config import RunConfig
+    from elva_jax.schema import RunConfig
 
     try:
         return configlib.load(RunConfig, config, list(overrides or []))
@@ -55,7 +55,7 @@ class Shapes:
     """Static shapes of the three programs.
 
     Contrastive: A micro-batches of b queries (L tokens) and b*(1+k) candidates; images packed one row
-    of Lv patches per example (as `elva_jax.train.run` builds the pipeline) unless text-only.
+    of Lv patches per example (as `elva_jax.run.stages` builds the pipeline) unless text-only.
     RL: I instances x S = 1 + C sequences = D distinct prompts of P tokens, each sampled G times:
     N = D x G rows of T generated slots (prompt-major, as `elva_jax.rl.trainer` lays them out).
     """
@@ -112,7 +112,7 @@ def plan_shapes(
         b=b,
         n_cand=b * (1 + d.hard_negatives),
         L=L,
-        # text-only data (NLI) carries no patch arrays (as `elva_jax.train.run` builds its pipeline)
+        # text-only data (NLI) carries no patch arrays (as `elva_jax.run.stages` builds its pipeline)
         images=not text_only and d.kind != "nli",
         Lv=d.patch_row_len,
         I=I,
@@ -170,13 +170,15 @@ def rl_batch(mcfg, shp: Shapes) -> dict:
 
 def rl_batch_shardings(batch: dict, mesh) -> dict:
     """Rows of every per-sequence array over the batch axes; `valid` [I, C] replicated."""
+    from elva_jax.model.inputs import input_axes
     from elva_jax.parallel.sharding import logical_spec
-    from elva_jax.train.step import INPUT_AXES
 
     rows = lambda v: NamedSharding(mesh, logical_spec(("batch",) + (None,) * (len(v.shape) - 1)))  # noqa: E731
     out = {k: rows(v) for k, v in batch.items() if k != "prompts"}
     out["valid"] = NamedSharding(mesh, PartitionSpec())
-    out["prompts"] = {k: NamedSharding(mesh, logical_spec(INPUT_AXES[k])) for k in batch["prompts"]}
+    out["prompts"] = {
+        k: NamedSharding(mesh, logical_spec(input_axes(k, len(v.shape)))) for k, v in batch["prompts"].items()
+    }
     return out
 
 
@@ -256,11 +258,11 @@ class Setup:
 
 def build_setup(run, mcfg, mesh, shapes: Shapes) -> Setup:
     """Abstract params / LoRA (sharded by the logical-axis table); no array is allocated."""
+    from elva_jax.model.lora import LoraConfig, init_lora, lora_axes
     from elva_jax.model.params import abstract_params, logical_axes
     from elva_jax.parallel.sharding import MeshError, tree_shardings
+    from elva_jax.runtime.optim import make_optimizer
     from elva_jax.train.loop import model_options
-    from elva_jax.train.lora import LoraConfig, init_lora, lora_axes
-    from elva_jax.train.optim import make_optimizer
 
     tx = make_optimizer(run.optim, 1000)
     lcfg = LoraConfig(rank=run.lora.rank, alpha=run.lora.alpha, targets=tuple(run.lora.targets))

@@ -21,16 +21,16 @@ import jax
 import numpy as np
 
 from elva_jax.model.config import ModelConfig
+from elva_jax.model.lora import LoraConfig, init_lora, lora_axes
 from elva_jax.model.params import logical_axes
 from elva_jax.parallel.sharding import any_process, make_mesh, mesh_or_replicated, place, replicated, tree_shardings
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import RLConfig
 from elva_jax.rl.trainer import RLState, RLTrainer
-from elva_jax.train.checkpointing import Checkpointer, abstract_like
-from elva_jax.train.config import RunConfig
-from elva_jax.train.lora import LoraConfig, init_lora, lora_axes
-from elva_jax.train.observe import MetricsLogger
-from elva_jax.train.optim import make_optimizer, schedule
+from elva_jax.runtime.checkpointing import Checkpointer, abstract_like
+from elva_jax.runtime.observe import MetricsLogger
+from elva_jax.runtime.optim import make_optimizer, schedule
+from elva_jax.schema import RunConfig
 
 
 def rl_configs(cfg: RunConfig) -> tuple[RLConfig, RewardConfig]:

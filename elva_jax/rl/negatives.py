@@ -34,7 +34,7 @@ def mine(
     (default n_hard + max |positives| + 64); candidates above the threshold beyond it cannot be seen, so
     the number of nearest candidates above the threshold is reported (`threshold_hits_at_cutoff`).
     """
-    from elva_jax.eval.topk import streaming_topk
+    from elva_jax.retrieval.topk import streaming_topk
 
     Q, C = len(query_emb), len(pool_emb)
     max_pos = max((len(p) for p in positives), default=0)

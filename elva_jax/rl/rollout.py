@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.embedding import l2_normalize
+from elva_jax.model.sampler import repeat_rows
 from elva_jax.rl import grpo
 from elva_jax.rl.rewards import RewardConfig, reward_from_config, soft_ranking_loss
-from elva_jax.rl.sampler import repeat_rows
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,8 @@ import optax
 
 from elva_jax.data.image_processing import load_image, preprocess_image
 from elva_jax.model.config import ModelConfig, ModelOptions
-from elva_jax.model.inputs import build_inputs, pack_images
+from elva_jax.model.inputs import build_inputs, input_axes, pack_images
+from elva_jax.model.sampler import SamplerConfig, generate
 from elva_jax.parallel.sharding import fitting_sharding, place, replicated
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import (
@@ -33,8 +34,6 @@ from elva_jax.rl.rollout import (
     split_instances,
     teacher_forced_shared,
 )
-from elva_jax.rl.sampler import SamplerConfig, generate
-from elva_jax.train.step import INPUT_AXES
 
 
 @dataclasses.dataclass
@@ -77,7 +76,7 @@ def _inputs(cfg, opts, ids, am, pvs, grids, row_len: int):
     bucket has the same structure and shapes (one compiled program per bucket).
     """
     with_img = [i for i, p in enumerate(pvs) if p is not None]
-    pv = np.concatenate([pvs[i] for i in with_img]) if with_img else np.zeros((0, 1176), np.float32)
+    pv = np.concatenate([pvs[i] for i in with_img]) if with_img else np.zeros((0, cfg.vision.patch_dim), np.float32)
     g = np.concatenate([grids[i] for i in with_img]) if with_img else np.zeros((0, 3), np.int64)
     out = build_inputs(cfg, opts, ids, am, pv if with_img else None, g if with_img else None)
     out.update(pack_images(pv, g, rows=len(ids), row_len=row_len, cfg=cfg))
@@ -97,7 +96,7 @@ def constrain_micro_batches(micro: dict, mesh) -> dict:
     per_row = [k for k in micro if k not in ("prompts", "valid")]
     out = {k: rows(micro[k], ("batch",) + (None,) * (micro[k].ndim - 2)) for k in per_row}
     out["valid"] = rows(micro["valid"], (None, None))
-    out["prompts"] = {k: rows(v, INPUT_AXES[k]) for k, v in micro["prompts"].items()}
+    out["prompts"] = {k: rows(v, input_axes(k, v.ndim - 1)) for k, v in micro["prompts"].items()}
     return out
 
 
@@ -236,7 +235,7 @@ class RLTrainer:
 
         def axes(name, x):
             if prompts:
-                return INPUT_AXES[name]
+                return input_axes(name, np.ndim(x))
             return ("batch",) + (None,) * (np.ndim(x) - 1) if np.ndim(x) else ()
 
         if isinstance(tree, dict):

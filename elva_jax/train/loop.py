@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from elva_jax.model.config import ModelConfig, ModelOptions
+from elva_jax.model.lora import LoraConfig, init_lora, lora_axes
 from elva_jax.model.params import logical_axes
 from elva_jax.parallel.sharding import any_process, make_mesh, mesh_or_replicated, place, replicated, tree_shardings
-from elva_jax.train.checkpointing import Checkpointer, CheckpointNotFound, abstract_like
-from elva_jax.train.config import RunConfig
-from elva_jax.train.lora import LoraConfig, init_lora, lora_axes
-from elva_jax.train.observe import MetricsLogger, Profiler, device_peak_flops, lowered_flops, unrolled
-from elva_jax.train.optim import make_optimizer, schedule
+from elva_jax.runtime.checkpointing import Checkpointer, CheckpointNotFound, abstract_like
+from elva_jax.runtime.observe import MetricsLogger, Profiler, device_peak_flops, lowered_flops, unrolled
+from elva_jax.runtime.optim import make_optimizer, schedule
+from elva_jax.schema import RunConfig
 from elva_jax.train.step import StepConfig, TrainState, batch_shardings, split_lm_head, train_step
 
 

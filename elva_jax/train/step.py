@@ -22,17 +22,8 @@ import optax
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.embedding import eol_embedding, last_token_embedding
+from elva_jax.model.inputs import input_axes
 from elva_jax.train.losses import info_nce
-
-# logical axes of each model-input array (without the micro-batch axis)
-INPUT_AXES = {
-    "input_ids": ("batch", None),
-    "attention_mask": ("batch", None),
-    "positions": (None, "batch", None),
-    "patches": ("batch", None, None),
-    "vision_segment_ids": ("batch", None),
-    "vision_pos": ("batch", None, None),
-}
 
 
 class TrainState(NamedTuple):
@@ -158,6 +149,9 @@ def batch_shardings(batch: dict, mesh) -> dict:
     from elva_jax.parallel.sharding import logical_spec
 
     return {
-        group: {name: NamedSharding(mesh, logical_spec((None,) + INPUT_AXES[name])) for name in arrays}
+        group: {
+            name: NamedSharding(mesh, logical_spec((None,) + input_axes(name, x.ndim - 1)))
+            for name, x in arrays.items()
+        }
         for group, arrays in batch.items()
     }

@@ -10,8 +10,8 @@ from elva_jax.data.errors import ImageError
 from elva_jax.data.image_processing import (
     LAMRA_MAX_PIXELS,
     LAMRA_MIN_PIXELS,
-    QWEN2VL_MAX_PIXELS,
-    QWEN2VL_MIN_PIXELS,
+    PROCESSOR_MAX_PIXELS,
+    PROCESSOR_MIN_PIXELS,
     num_image_tokens,
     preprocess_image,
     preprocess_images,
@@ -44,7 +44,7 @@ def lamra_ref():
 
 @pytest.fixture(scope="module")
 def default_ref():
-    return qwen2vl.Qwen2VLImageProcessorPil(min_pixels=QWEN2VL_MIN_PIXELS, max_pixels=QWEN2VL_MAX_PIXELS)
+    return qwen2vl.Qwen2VLImageProcessorPil(min_pixels=PROCESSOR_MIN_PIXELS, max_pixels=PROCESSOR_MAX_PIXELS)
 
 
 def _content(rng: np.random.Generator, h: int, w: int, channels: int, kind: str) -> np.ndarray:
@@ -104,7 +104,7 @@ def test_default_limits_parity(default_ref):
     rng = np.random.default_rng(0)
     for h, w in [(600, 800), (20, 20), (31, 1500)]:
         image = Image.fromarray(_content(rng, h, w, 3, "smooth"))
-        _check(default_ref, image, min_pixels=QWEN2VL_MIN_PIXELS, max_pixels=QWEN2VL_MAX_PIXELS)
+        _check(default_ref, image, min_pixels=PROCESSOR_MIN_PIXELS, max_pixels=PROCESSOR_MAX_PIXELS)
 
 
 def test_batch_parity(lamra_ref):
@@ -124,7 +124,7 @@ def test_smart_resize_matches_reference():
     for h, w in sizes:
         if max(h, w) / min(h, w) > 200:
             continue
-        for lo, hi in [(LAMRA_MIN_PIXELS, LAMRA_MAX_PIXELS), (QWEN2VL_MIN_PIXELS, QWEN2VL_MAX_PIXELS)]:
+        for lo, hi in [(LAMRA_MIN_PIXELS, LAMRA_MAX_PIXELS), (PROCESSOR_MIN_PIXELS, PROCESSOR_MAX_PIXELS)]:
             assert smart_resize(h, w, 28, lo, hi) == ref_smart_resize(h, w, 28, lo, hi), (h, w, lo, hi)
 
 

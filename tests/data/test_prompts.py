@@ -152,7 +152,7 @@ def test_render_equals_transformers_apply_chat_template(hf_tokenizer, name):
     for vision_id in (False, True):
         want = hf_tokenizer.apply_chat_template(
             [dict(m) for m in prompt.messages],
-            chat_template=P.QWEN2VL_CHAT_TEMPLATE,
+            chat_template=P.QWEN_VL_CHAT_TEMPLATE,
             tokenize=False,
             add_generation_prompt=prompt.add_generation_prompt,
             add_vision_id=vision_id,
@@ -174,7 +174,7 @@ def test_render_other_message_shapes(hf_tokenizer):
         for vision_id in (False, True):
             want = hf_tokenizer.apply_chat_template(
                 msgs,
-                chat_template=P.QWEN2VL_CHAT_TEMPLATE,
+                chat_template=P.QWEN_VL_CHAT_TEMPLATE,
                 tokenize=False,
                 add_generation_prompt=gen,
                 add_vision_id=vision_id,

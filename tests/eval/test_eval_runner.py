@@ -19,9 +19,9 @@ from elva_jax.data.errors import DataFormatError
 from elva_jax.data.multigrain import generate as generate_data
 from elva_jax.eval import tasks as T
 from elva_jax.eval.embed import CacheError, EmbedConfig, Embedder, PartedArray
-from elva_jax.eval.metrics import recall_at_k
 from elva_jax.eval.runner import evaluate
 from elva_jax.model.tiny import write_random_checkpoint
+from elva_jax.retrieval.metrics import recall_at_k
 
 BASE = [
     "data.seq_buckets=[160]",
@@ -142,7 +142,7 @@ def test_ret_embedding_equals_unpadded_generate_and_forward(env):
     from elva_jax.model.embedding import l2_normalize
     from elva_jax.model.hf_checkpoint import load_params
     from elva_jax.model.inputs import build_inputs
-    from elva_jax.rl.sampler import generate
+    from elva_jax.model.sampler import generate
 
     cfg, params = load_params(str(env / "ckpt"))
     tok = Tokenizer.from_dir()

@@ -1,7 +1,7 @@
 """Comparing sampled or greedy tokens from two computations whose logits may differ in the last bits.
 
 Another reduction order (a device mesh, a batch of another size, a KV cache, another CPU kind) changes
-logits by ~1e-7 relative. An inverse-CDF draw (`elva_jax.rl.sampler`) then moves only where its
+logits by ~1e-7 relative. An inverse-CDF draw (`elva_jax.model.sampler`) then moves only where its
 uniform sits that close to a boundary between two tokens, and a greedy argmax only where the top two
 logits are that close. From the first differing token on, a row continues from another prefix.
 These helpers accept exactly those differences and nothing else, so a real bug (wrong rows, wrong

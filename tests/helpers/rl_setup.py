@@ -12,12 +12,12 @@ from elva_jax.data.multigrain import generate as generate_data
 from elva_jax.data.pipeline import contrastive_records
 from elva_jax.data.tokenize import Tokenizer
 from elva_jax.model.config import ModelOptions
+from elva_jax.model.lora import LoraConfig, init_lora
 from elva_jax.model.params import init_params
 from elva_jax.model.tiny import preset_config
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import RLConfig
 from elva_jax.rl.trainer import RLState, RLTrainer
-from elva_jax.train.lora import LoraConfig, init_lora
 
 
 def instances(root, n_neg=3):

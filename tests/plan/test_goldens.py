@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from elva_jax.parallel.goldens import GOLDEN_CONFIGS, GOLDEN_MESHES, diff, golden_name, sharding_dump
+from elva_jax.plan.goldens import GOLDEN_CONFIGS, GOLDEN_MESHES, diff, golden_name, sharding_dump
 
 GOLDENS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "goldens")
 UPDATE = "if the change is intended: python -m elva_jax.plan --dump-goldens tests/goldens"

@@ -16,13 +16,12 @@ from helpers.draws import first_differences  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from elva_jax.model.config import ModelOptions  # noqa: E402
-from elva_jax.model.inputs import build_inputs  # noqa: E402
+from elva_jax.model.inputs import build_inputs, input_axes  # noqa: E402
+from elva_jax.model.lora import LoraConfig, init_lora, lora_axes  # noqa: E402
 from elva_jax.model.params import logical_axes  # noqa: E402
 from elva_jax.parallel.sharding import logical_spec, make_mesh, tree_shardings  # noqa: E402
 from elva_jax.rl.rewards import RewardConfig  # noqa: E402
 from elva_jax.rl.rollout import RLConfig, rl_loss  # noqa: E402
-from elva_jax.train.lora import LoraConfig, init_lora, lora_axes  # noqa: E402
-from elva_jax.train.step import INPUT_AXES  # noqa: E402
 
 I, G, S, P, T = 2, 4, 2, 10, 5
 D = I * S  # distinct prompts
@@ -59,7 +58,9 @@ def shardings(batch, mesh):
         if k not in ("prompts", "valid")
     }
     out["valid"] = NamedSharding(mesh, logical_spec((None, None)))
-    out["prompts"] = {k: NamedSharding(mesh, logical_spec(INPUT_AXES[k])) for k in batch["prompts"]}
+    out["prompts"] = {
+        k: NamedSharding(mesh, logical_spec(input_axes(k, np.ndim(v)))) for k, v in batch["prompts"].items()
+    }
     return out
 
 

@@ -14,9 +14,9 @@ from helpers.contrastive import tiny_cfg, tiny_params
 
 from elva_jax.model.config import ModelOptions
 from elva_jax.model.inputs import build_inputs
+from elva_jax.model.lora import LoraConfig, init_lora
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import RLConfig, rl_loss, rl_loss_and_grad, split_instances
-from elva_jax.train.lora import LoraConfig, init_lora
 
 I, G, S, P, T = 4, 2, 3, 8, 5
 D, N = I * S, I * S * G

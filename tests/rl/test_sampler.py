@@ -12,7 +12,7 @@ from helpers.draws import assert_same_draws
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelOptions
 from elva_jax.model.inputs import build_inputs
-from elva_jax.rl.sampler import SamplerConfig, filter_logits, generate, sample_token
+from elva_jax.model.sampler import SamplerConfig, filter_logits, generate, sample_token
 
 OPTS = ModelOptions(matmul_precision="highest")
 RET, EOS, PAD = 501, 502, 0
@@ -152,7 +152,7 @@ def test_filter_logits_by_hand():
 
 def test_inverse_cdf_sampling_matches_the_distribution():
     """Empirical frequencies of 200k draws vs softmax probabilities (chi-square-style bound), -inf never drawn."""
-    from elva_jax.rl.sampler import categorical_inverse_cdf
+    from elva_jax.model.sampler import categorical_inverse_cdf
 
     logits = jnp.array([1.0, 0.0, -1.0, 2.0, -jnp.inf, 0.5])
     p = np.asarray(jax.nn.softmax(logits))

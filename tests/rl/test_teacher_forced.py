@@ -9,8 +9,8 @@ from helpers.contrastive import tiny_cfg, tiny_params
 
 from elva_jax.model.config import ModelOptions
 from elva_jax.model.inputs import build_inputs
+from elva_jax.model.lora import LoraConfig, init_lora
 from elva_jax.rl.rollout import RLConfig, teacher_forced, teacher_forced_shared
-from elva_jax.train.lora import LoraConfig, init_lora
 
 OPTS = ModelOptions(matmul_precision="highest")
 

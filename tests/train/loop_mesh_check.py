@@ -15,7 +15,7 @@ from helpers.contrastive import EMB, contrastive_batch, tiny_cfg, tiny_params  #
 
 from elva_jax import configlib  # noqa: E402
 from elva_jax.model.config import ModelOptions  # noqa: E402
-from elva_jax.train.config import RunConfig  # noqa: E402
+from elva_jax.schema import RunConfig  # noqa: E402
 from elva_jax.train.loop import train  # noqa: E402
 
 if __name__ == "__main__":

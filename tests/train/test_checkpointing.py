@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elva_jax.train.checkpointing import Checkpointer, abstract_like
+from elva_jax.runtime.checkpointing import Checkpointer, abstract_like
 
 
 def _iter():

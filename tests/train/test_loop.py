@@ -14,7 +14,7 @@ from helpers.device_check import run_check
 
 from elva_jax import configlib
 from elva_jax.model.config import ModelOptions
-from elva_jax.train.config import RunConfig
+from elva_jax.schema import RunConfig
 from elva_jax.train.loop import train
 
 OPTS = ModelOptions()

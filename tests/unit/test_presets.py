@@ -8,7 +8,7 @@ import os
 import pytest
 
 from elva_jax import configlib
-from elva_jax.train.config import RunConfig
+from elva_jax.schema import RunConfig
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.yaml")))
 

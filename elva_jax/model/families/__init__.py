@@ -31,6 +31,8 @@ class Family:
         order) that `inputs.pack_images` packs beside the patches (e.g. "vision_pos").
     position_ids(input_ids, attention_mask, image_grid_thw, cfg, mode) -> [3, B, L] int32 (host).
     alternate_prefixes: (on-disk prefix, alternative prefix) pairs accepted on import.
+    hf_model_class / hf_image_processor: dotted paths of the transformers classes that are the family's
+        PyTorch oracle (model) and image processor (used by `elva_jax.compare`).
     """
 
     model_type: str
@@ -41,11 +43,15 @@ class Family:
     patch_inputs: Callable[[Any, ModelConfig], dict]
     position_ids: Callable[..., Any]
     alternate_prefixes: tuple[tuple[str, str], ...] = ()
+    hf_model_class: str = ""
+    hf_image_processor: str = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil"
 
 
 # model_type -> module defining FAMILY (imported on first use)
 _REGISTRY = {
     "qwen2_vl": "elva_jax.model.families.qwen2_vl",
+    "qwen3_vl": "elva_jax.model.families.qwen3_vl",
+    "qwen2_5_vl": "elva_jax.model.families.qwen2_5_vl",
 }
 
 

@@ -256,4 +256,5 @@ FAMILY = Family(
     patch_inputs=patch_inputs,
     position_ids=mrope_positions_for,
     alternate_prefixes=ALTERNATE_PREFIXES,
+    hf_model_class="transformers.Qwen2VLForConditionalGeneration",
 )

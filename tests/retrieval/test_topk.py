@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers.device_check import without_device_count
 
-from elva_jax.eval import recall_at_k, recall_from_topk, streaming_topk
+from elva_jax.retrieval import recall_at_k, recall_from_topk, streaming_topk
 
 
 def _int_data(seed, n_q, n_c, dim=6):
@@ -149,7 +149,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
     """
     import jax, numpy as np
     from jax.sharding import Mesh
-    from elva_jax.eval import streaming_topk
+    from elva_jax.retrieval import streaming_topk
     assert len(jax.devices()) == 8, jax.devices()
     rng = np.random.default_rng(0)
     q = rng.integers(-2, 3, (19, 6)).astype(np.float32)

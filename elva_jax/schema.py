@@ -1,4 +1,6 @@
-"""The run configuration schema (every field named, typed and documented; YAML presets in configs/).
+"""The run configuration schema, the single source of every setting of every stage (each field named,
+typed and documented; YAML presets in configs/). Stages read their section; pure functions that take
+a smaller config (`RewardConfig`, `SamplerConfig`, ...) get it from a section with `project`.
 
 Values the paper or LamRA fix are defaults or preset values; values they leave open are named
 fields with a stated default.
@@ -9,9 +11,57 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import field
 
-from elva_jax.eval.config import EvalSection
 from elva_jax.model.decoder import LORA_TARGETS
-from elva_jax.train.optim import OptimConfig
+
+CACHE_POLICIES = ("use", "repair", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """What ``python -m elva_jax.eval`` evaluates and how (every field is an ``eval.*`` override)."""
+
+    benchmark: str = field(default="bundled", metadata={"choices": ("bundled", "mbeir", "mrbench", "zeroshot")})
+    mode: str = field(default="eol", metadata={"choices": ("eol", "ret")})
+    pool: str = field(default="local", metadata={"choices": ("local", "global")})
+    out: str = ""  # "" -> {run dir}/eval/{benchmark}-{mode}-{pool}
+    data_root: str = ""  # "" -> data.root (bundled: the run's bundled_data, generated if absent)
+    image_root: str = ""  # MRBench: the M-BEIR root its image paths are relative to ("" = data root)
+    mrbench_dir: str = ""  # "" -> {data root}/mrbench
+    zeroshot_tasks: tuple[str, ...] = ()  # "name:query.jsonl:pool.jsonl:qrels.txt[:K]" (relative to data root)
+    tasks: tuple[str, ...] = ()  # evaluate only these task names; () = all of the benchmark
+    max_queries: int = 0  # > 0: first N queries per task (quick checks; recorded)
+    batch_size: int = 8
+    part_size: int = 1024  # records per embedding cache part
+    cache: str = field(default="use", metadata={"choices": CACHE_POLICIES})
+    cache_dir: str = ""  # "" -> {out}/cache
+    topk: int = 50
+    recall_ks: tuple[int, ...] = (1, 5, 10, 50)
+    chunk_size: int = 65536  # candidates per streaming top-k step
+    instructions: bool = True
+    instruction_seed: int | None = None  # None: crc32(qid) rule
+    instruction_index: int | None = None  # fixed prompt index (overrides the seed)
+    summary_tokens: int = 32  # "ret": max generated summary tokens before a forced [RET]
+    sampling: str = field(default="greedy", metadata={"choices": ("greedy", "sample")})
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    grain_masking: bool = False
+    grains_file: str = ""  # "" -> {bundled root}/meta/query_grains.jsonl; else a jsonl of {qid, phrases}
+    grain_max_queries: int = 100
+    compare_to: str = ""  # a previous results.json: before/after columns and bars
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    warmup_ratio: float = 0.03
+    end_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = None  # None: no clipping (LamRA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +175,14 @@ class RunSection:
     # end this invocation after this many steps of the running stage (a checkpoint is saved; the LR
     # schedule still spans the whole run; the same command continues): time-boxed queue jobs. 0 = off
     stop_after_steps: int = 0
+
+
+def project(cls, section, **extra):
+    """``cls(**fields)`` with every field of the dataclass ``cls`` that ``section`` also has taken from
+    it (plus ``extra``): a smaller config read off the run schema without copying fields by hand."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    vals = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names}
+    return cls(**{**vals, **extra})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import optax
 
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-4
-    warmup_ratio: float = 0.03
-    end_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    clip_norm: float | None = None  # None: no clipping (LamRA)
+from elva_jax.schema import OptimConfig
 
 
 def schedule(ocfg: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from elva_jax.eval import (
+from elva_jax.retrieval import (
     mrr_from_topk,
     ranks_of_first_relevant,
     recall_at_k,

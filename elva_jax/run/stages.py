@@ -17,7 +17,7 @@ import yaml
 
 from elva_jax import configlib
 from elva_jax.parallel.sharding import host_copy
-from elva_jax.train.config import RunConfig
+from elva_jax.schema import RunConfig
 
 BUNDLED_TRAIN = "query/train/mbeir_multigrain_union_train.jsonl"
 BUNDLED_POOL = "cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl"
@@ -188,8 +188,8 @@ def run(cfg: RunConfig) -> dict:
     from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
     from elva_jax.data.tokenize import PromptEncoder, Tokenizer
     from elva_jax.model.hf_checkpoint import resize_vocab, save_params
+    from elva_jax.model.lora import LoraConfig, merge_lora
     from elva_jax.train.loop import model_options, train
-    from elva_jax.train.lora import LoraConfig, merge_lora
 
     maybe_init_distributed()
     t0 = time.perf_counter()
@@ -201,7 +201,7 @@ def run(cfg: RunConfig) -> dict:
     records = build_records(cfg, root)
     mcfg, params = load_model(cfg)
     tok_dir = cfg.model.tokenizer or (cfg.model.checkpoint if _has_tokenizer(cfg.model.checkpoint) else None)
-    tokenizer = Tokenizer.from_dir(tok_dir, merge_size=mcfg.vision.spatial_merge_size)
+    tokenizer = Tokenizer.from_dir(tok_dir, geometry=mcfg.vision.geometry)
     encoder = PromptEncoder(tokenizer, "eol")
     need = tokenizer.vocab_size
     if need > mcfg.text.vocab_size:  # the reference resizes the token table to the tokenizer length
@@ -228,6 +228,9 @@ def run(cfg: RunConfig) -> dict:
         num_epochs=max(1, math.ceil(t.epochs)),
         image_policy=ImagePolicy(d.image_policy, d.max_skip_fraction),
         position_mode=cfg.model.position_mode,
+        min_pixels=d.min_pixels,
+        max_pixels=d.max_pixels,
+        geometry=mcfg.vision.geometry,
     )
     summary: dict = {"records": len(records)}
     lora_cfg = LoraConfig(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))

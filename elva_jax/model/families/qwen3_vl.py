@@ -1,0 +1,302 @@
+"""Qwen3-VL, dense (transformers `qwen3_vl`): 16-pixel patches with a biased patch embedding and an
+interpolated learned position table, a LayerNorm / GELU(tanh) vision tower with 2-D RoPE, a merger and
+DeepStack mergers; a Qwen3 decoder (no q/k/v bias, per-head q/k RMSNorm, explicit head_dim) with
+interleaved M-RoPE and DeepStack features added after its first layers.
+
+The family's table of tensors, its config parser, its vision tower and its host inputs. Position ids
+for images follow the same rule as Qwen2-VL (`rope.mrope_positions_for`); Qwen3-VL's video rule
+(one timestamped grid per frame) is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from elva_jax.model.config import ModelConfig, UnsupportedArchitectureError
+from elva_jax.model.families import Family
+from elva_jax.model.families.common import parse_text, special_tokens, text_fields, tie_embeddings
+from elva_jax.model.params import ParamSpec
+from elva_jax.model.rope import mrope_positions_for, vision_position_ids
+from elva_jax.model.vision_qwen3 import Qwen3VisionConfig, pos_embed_taps
+from elva_jax.model.vision_qwen3 import vision_forward as _vision_tower
+
+VISION_ACTS = ("gelu_pytorch_tanh",)
+# transformers' Qwen3VLTextConfig defaults where a config.json leaves a field out
+TEXT_DEFAULTS = {"head_dim": 128, "rope_theta": 500000.0}
+
+
+def _with_text_defaults(d: dict[str, Any]) -> dict[str, Any]:
+    d = json.loads(json.dumps(d))
+    t = d["text_config"] if isinstance(d.get("text_config"), dict) else d
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    t.setdefault("head_dim", TEXT_DEFAULTS["head_dim"])
+    if "rope_theta" not in rope and "rope_theta" not in t and "rope_theta" not in d:
+        t["rope_theta"] = TEXT_DEFAULTS["rope_theta"]
+    return d
+
+
+def parse_config(d: dict[str, Any], source: str) -> ModelConfig:
+    if d.get("model_type", "qwen3_vl") != "qwen3_vl":
+        raise UnsupportedArchitectureError(f"{source}: model_type {d.get('model_type')!r} is not qwen3_vl")
+    t = text_fields(d)
+    if t.get("num_experts") or str(t.get("model_type", "")).endswith("moe_text"):
+        raise UnsupportedArchitectureError(f"{source}: Qwen3-VL MoE (qwen3_vl_moe) is not supported, only dense")
+    text = parse_text(
+        _with_text_defaults(d),
+        source,
+        attention_bias=bool(t.get("attention_bias", False)),
+        qk_norm=True,
+        mrope_interleaved=True,  # transformers' Qwen3-VL always interleaves, whatever the flag says
+    )
+    v = dict(d.get("vision_config") or {})
+    vrope = v.get("rope_parameters") or {}
+    try:
+        patch = v.get("patch_size", 16)
+        temporal = v.get("temporal_patch_size", 2)
+        if not isinstance(patch, int) or not isinstance(temporal, int):
+            raise UnsupportedArchitectureError(f"{source}: non-square patch sizes {patch}, {temporal}")
+        dim = int(v["hidden_size"])
+        inter = int(v["intermediate_size"])
+        vision = Qwen3VisionConfig(
+            depth=int(v["depth"]),
+            embed_dim=dim,
+            num_heads=int(v["num_heads"]),
+            mlp_ratio=inter / dim,
+            out_hidden_size=int(v["out_hidden_size"]),
+            in_channels=int(v.get("in_channels", 3)),
+            patch_size=patch,
+            spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+            temporal_patch_size=temporal,
+            rope_theta=float(vrope.get("rope_theta", 10000.0)),
+            hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
+            intermediate_size=inter,
+            num_position_embeddings=int(v.get("num_position_embeddings", 2304)),
+            deepstack_visual_indexes=tuple(int(i) for i in v.get("deepstack_visual_indexes", (8, 16, 24))),
+            # Qwen3-VL's processor normalises with mean = std = 0.5 (not CLIP's statistics)
+            image_mean=(0.5, 0.5, 0.5),
+            image_std=(0.5, 0.5, 0.5),
+        )
+    except KeyError as e:
+        raise UnsupportedArchitectureError(f"{source}: vision config is missing {e}") from None
+    if vision.hidden_act not in VISION_ACTS:
+        raise UnsupportedArchitectureError(
+            f"{source}: vision activation {vision.hidden_act!r} is not supported (only {VISION_ACTS})"
+        )
+    if vision.out_hidden_size != text.hidden_size:
+        raise UnsupportedArchitectureError(
+            f"{source}: vision merger outputs {vision.out_hidden_size}, LLM hidden is {text.hidden_size}"
+        )
+    bad = [i for i in vision.deepstack_visual_indexes if not 0 <= i < vision.depth]
+    if bad:
+        raise UnsupportedArchitectureError(
+            f"{source}: deepstack_visual_indexes {bad} outside the {vision.depth} blocks"
+        )
+    if vision.num_grid_per_side < 1:
+        raise UnsupportedArchitectureError(f"{source}: num_position_embeddings {vision.num_position_embeddings}")
+    return ModelConfig(
+        text=text,
+        vision=vision,
+        tie_word_embeddings=tie_embeddings(d),
+        model_type="qwen3_vl",
+        raw=d,
+        **special_tokens(d),
+    )
+
+
+def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
+    t, v = cfg.text, cfg.vision
+    L, D, V, F = t.num_layers, t.hidden_size, t.vocab_size, t.intermediate_size
+    Hq, Hkv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    Lv, Dv, Fv = v.depth, v.embed_dim, v.mlp_dim
+    Dm = Dv * v.merge_unit
+    K = len(v.deepstack_visual_indexes)
+    tl, vl, dl = (
+        "model.language_model.layers.{i}.",
+        "model.visual.blocks.{i}.",
+        "model.visual.deepstack_merger_list.{i}.",
+    )
+    S = ParamSpec
+    specs = [
+        S(
+            ("vision", "patch_embed", "kernel"),
+            (v.patch_dim, Dv),
+            ("patch", "vis_embed"),
+            "model.visual.patch_embed.proj.weight",
+            "patch",
+        ),
+        S(("vision", "patch_embed", "bias"), (Dv,), ("vis_embed",), "model.visual.patch_embed.proj.bias", init="zeros"),
+        S(
+            ("vision", "pos_embed", "embedding"),
+            (v.num_position_embeddings, Dv),
+            (None, "vis_embed"),
+            "model.visual.pos_embed.weight",
+        ),
+    ]
+    for name in ("norm1", "norm2"):
+        specs += [
+            S(
+                ("vision", "blocks", name, "scale"),
+                (Lv, Dv),
+                ("layers", "vis_embed"),
+                vl + name + ".weight",
+                init="ones",
+            ),
+            S(("vision", "blocks", name, "bias"), (Lv, Dv), ("layers", "vis_embed"), vl + name + ".bias", init="zeros"),
+        ]
+    for name, hf, din, dout, ain, aout in (
+        ("qkv", "attn.qkv", Dv, 3 * Dv, "vis_embed", "vis_qkv"),
+        ("proj", "attn.proj", Dv, Dv, "vis_qkv", "vis_embed"),
+        ("fc1", "mlp.linear_fc1", Dv, Fv, "vis_embed", "vis_mlp"),
+        ("fc2", "mlp.linear_fc2", Fv, Dv, "vis_mlp", "vis_embed"),
+    ):
+        specs += [
+            S(
+                ("vision", "blocks", name, "kernel"),
+                (Lv, din, dout),
+                ("layers", ain, aout),
+                vl + hf + ".weight",
+                "linear",
+            ),
+            S(("vision", "blocks", name, "bias"), (Lv, dout), ("layers", aout), vl + hf + ".bias", init="zeros"),
+        ]
+    # the final merger normalises each patch (Dv); the DeepStack mergers each window (Dm)
+    mergers = [("merger", (), "model.visual.merger.", Dv, "vis_embed")]
+    if K:
+        mergers.append(("deepstack", (K,), dl, Dm, "merge"))
+    for name, lead, hf, dn, an in mergers:
+        la = ("layers",) * len(lead)
+        specs += [
+            S(("vision", name, "norm", "scale"), lead + (dn,), la + (an,), hf + "norm.weight", init="ones"),
+            S(("vision", name, "norm", "bias"), lead + (dn,), la + (an,), hf + "norm.bias", init="zeros"),
+            S(
+                ("vision", name, "fc1", "kernel"),
+                lead + (Dm, Dm),
+                la + ("merge", "vis_mlp"),
+                hf + "linear_fc1.weight",
+                "linear",
+            ),
+            S(("vision", name, "fc1", "bias"), lead + (Dm,), la + ("vis_mlp",), hf + "linear_fc1.bias", init="zeros"),
+            S(
+                ("vision", name, "fc2", "kernel"),
+                lead + (Dm, D),
+                la + ("vis_mlp", "embed"),
+                hf + "linear_fc2.weight",
+                "linear",
+            ),
+            S(("vision", name, "fc2", "bias"), lead + (D,), la + ("embed",), hf + "linear_fc2.bias", init="zeros"),
+        ]
+    specs += [
+        S(
+            ("text", "embed_tokens", "embedding"),
+            (V, D),
+            ("vocab", "embed"),
+            "model.language_model.embed_tokens.weight",
+        ),
+        S(
+            ("text", "layers", "input_norm", "scale"),
+            (L, D),
+            ("layers", "embed"),
+            tl + "input_layernorm.weight",
+            init="ones",
+        ),
+        S(
+            ("text", "layers", "post_attn_norm", "scale"),
+            (L, D),
+            ("layers", "embed"),
+            tl + "post_attention_layernorm.weight",
+            init="ones",
+        ),
+        S(
+            ("text", "layers", "q_norm", "scale"),
+            (L, t.head_dim),
+            ("layers", None),
+            tl + "self_attn.q_norm.weight",
+            init="ones",
+        ),
+        S(
+            ("text", "layers", "k_norm", "scale"),
+            (L, t.head_dim),
+            ("layers", None),
+            tl + "self_attn.k_norm.weight",
+            init="ones",
+        ),
+    ]
+    for name, din, dout, ain, aout in (
+        ("q_proj", D, Hq, "embed", "heads"),
+        ("k_proj", D, Hkv, "embed", "kv_heads"),
+        ("v_proj", D, Hkv, "embed", "kv_heads"),
+        ("o_proj", Hq, D, "heads", "embed"),
+    ):
+        specs.append(
+            S(
+                ("text", "layers", name, "kernel"),
+                (L, din, dout),
+                ("layers", ain, aout),
+                tl + f"self_attn.{name}.weight",
+                "linear",
+            )
+        )
+        if t.attention_bias:  # Qwen3's attention_bias puts a bias on all four projections
+            specs.append(
+                S(
+                    ("text", "layers", name, "bias"),
+                    (L, dout),
+                    ("layers", aout),
+                    tl + f"self_attn.{name}.bias",
+                    init="zeros",
+                )
+            )
+    for name, din, dout, ain, aout in (
+        ("gate_proj", D, F, "embed", "mlp"),
+        ("up_proj", D, F, "embed", "mlp"),
+        ("down_proj", F, D, "mlp", "embed"),
+    ):
+        specs.append(
+            S(
+                ("text", "layers", name, "kernel"),
+                (L, din, dout),
+                ("layers", ain, aout),
+                tl + f"mlp.{name}.weight",
+                "linear",
+            )
+        )
+    specs.append(S(("text", "norm", "scale"), (D,), ("embed",), "model.language_model.norm.weight", init="ones"))
+    if not cfg.tie_word_embeddings:
+        specs.append(S(("text", "lm_head", "kernel"), (D, V), ("embed", "vocab"), "lm_head.weight", "linear"))
+    return specs
+
+
+def vision_forward(params: dict, inputs: dict, cfg: ModelConfig, opts):
+    return _vision_tower(
+        params,
+        inputs["patches"],
+        inputs["vision_segment_ids"],
+        inputs["vision_pos"],
+        inputs["vision_pos_taps"],
+        inputs["vision_pos_weights"],
+        cfg.vision,
+        opts,
+    )
+
+
+def patch_inputs(grids, cfg: ModelConfig) -> dict:
+    v = cfg.vision
+    taps, weights = pos_embed_taps(grids, v.spatial_merge_size, v.num_grid_per_side)
+    return {
+        "vision_pos": vision_position_ids(grids, v.spatial_merge_size),
+        "vision_pos_taps": taps,
+        "vision_pos_weights": weights,
+    }
+
+
+FAMILY = Family(
+    model_type="qwen3_vl",
+    description="Qwen3-VL (dense)",
+    parse_config=parse_config,
+    param_specs=param_specs,
+    vision_forward=vision_forward,
+    patch_inputs=patch_inputs,
+    position_ids=mrope_positions_for,
+    hf_model_class="transformers.Qwen3VLForConditionalGeneration",
+)

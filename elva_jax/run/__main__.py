@@ -1,0 +1,6 @@
+"""`python -m elva_jax.run`: the same main command as `python -m elva_jax.train`."""
+
+from elva_jax.run.stages import main
+
+if __name__ == "__main__":
+    main()
