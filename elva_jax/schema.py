@@ -66,8 +66,11 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    checkpoint: str = ""  # transformers Qwen2-VL directory; "" = a random model of `random_preset`
-    random_preset: str = field(default="tiny", metadata={"choices": ("tiny", "small")})
+    checkpoint: str = ""  # transformers directory of a supported family; "" = a random model of `random_preset`
+    # random model presets (elva_jax.model.tiny): "tiny" (Qwen2-VL), "tiny_qwen2_5_vl", "tiny_qwen3_vl", "small"
+    random_preset: str = field(
+        default="tiny", metadata={"choices": ("tiny", "tiny_qwen2_5_vl", "tiny_qwen3_vl", "small")}
+    )
     tokenizer: str = ""  # directory with tokenizer files; "" = the checkpoint's, else the bundled Qwen2 files
     dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})  # compute
     param_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})  # master weights

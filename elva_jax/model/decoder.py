@@ -86,17 +86,21 @@ def decoder_forward(
 
     def step(h, xs):
         p, lo, kv, i = xs
-        h_in = h
         h, new_kv = _layer(h, p, lo, cos, sin, mask, kv, cache_index, cfg, dtype, prec, lora_scale)
+        out = h  # the layer's output before any DeepStack add (what transformers reports per layer)
         if deepstack is not None:
             # features of layer i (read in the loop: no per-layer copy padded to the layer count)
             d = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(i, n_deep - 1), keepdims=False)
             h = jnp.where(i < n_deep, h + d, h)
-        return h, (new_kv, h_in if return_layers else None)
+        return h, (new_kv, out if return_layers else None)
 
     if opts.remat:
         step = jax.checkpoint(step, prevent_cse=False)
     index = None if deepstack is None else jnp.arange(cfg.num_layers)
-    x, (new_cache, per_layer) = jax.lax.scan(step, x, (params["layers"], lora, cache, index), unroll=opts.scan_unroll)
+    x0 = x
+    x, (new_cache, outs) = jax.lax.scan(step, x, (params["layers"], lora, cache, index), unroll=opts.scan_unroll)
+    # input of layer i as transformers' hidden_states[i] reports it: the embeddings, then each layer's
+    # output (before a DeepStack add)
+    per_layer = jnp.concatenate([x0[None], outs[:-1]]) if return_layers else None
     x = rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
     return x, new_cache, per_layer

@@ -135,10 +135,157 @@ def config_dict(
     }
 
 
+def _text(vocab, hidden, inter, layers, heads, kv, section, theta, **extra) -> dict:
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        pad_token_id=151643,
+        rope_parameters={"rope_type": "default", "rope_theta": theta, "mrope_section": list(section), **extra},
+    )
+
+
+_TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def qwen2_5_vl_config_dict(*, tie, text: dict, depth, dim, heads, inter, window=112, fullatt=(), **_) -> dict:
+    """A transformers 5.x Qwen2.5-VL config.json as a dict (as `Qwen2_5_VLConfig.to_dict()` nests it)."""
+    return {
+        "model_type": "qwen2_5_vl",
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "text_config": {"model_type": "qwen2_5_vl_text", **text},
+        "vision_config": {
+            "model_type": "qwen2_5_vl",
+            "depth": depth,
+            "hidden_size": dim,
+            "intermediate_size": inter,
+            "num_heads": heads,
+            "out_hidden_size": text["hidden_size"],
+            "hidden_act": "silu",
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+            "window_size": window,
+            "fullatt_block_indexes": list(fullatt),
+            "tokens_per_second": 2,
+        },
+        "tie_word_embeddings": tie,
+        **_TOKENS,
+    }
+
+
+def qwen3_vl_config_dict(*, tie, text: dict, depth, dim, heads, inter, n_pos, deepstack, head_dim, **_) -> dict:
+    """A transformers 5.x Qwen3-VL (dense) config.json as a dict."""
+    return {
+        "model_type": "qwen3_vl",
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "text_config": {"model_type": "qwen3_vl_text", "head_dim": head_dim, "attention_bias": False, **text},
+        "vision_config": {
+            "model_type": "qwen3_vl",
+            "depth": depth,
+            "hidden_size": dim,
+            "intermediate_size": inter,
+            "num_heads": heads,
+            "out_hidden_size": text["hidden_size"],
+            "hidden_act": "gelu_pytorch_tanh",
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+            "num_position_embeddings": n_pos,
+            "deepstack_visual_indexes": list(deepstack),
+        },
+        "tie_word_embeddings": tie,
+        **_TOKENS,
+    }
+
+
+#: presets of the newer families: (family config builder, its arguments)
+FAMILY_PRESETS = {
+    # tiny random models of the same scale as "tiny", one per family (CPU runs and tests)
+    "tiny_qwen2_5_vl": (
+        qwen2_5_vl_config_dict,
+        dict(
+            tie=True,
+            text=_text(QWEN2VL_VOCAB, 64, 128, 2, 4, 2, (2, 3, 3), 1e6),
+            depth=2,
+            dim=32,
+            heads=2,
+            inter=64,
+            window=56,  # 2 x 2 merged tokens per window: several windows per image
+            fullatt=(1,),
+        ),
+    ),
+    "tiny_qwen3_vl": (
+        qwen3_vl_config_dict,
+        dict(
+            tie=True,
+            text=_text(QWEN2VL_VOCAB, 64, 128, 2, 4, 2, (3, 3, 2), 5e6, mrope_interleaved=True),
+            head_dim=16,
+            depth=2,
+            dim=32,
+            heads=2,
+            inter=64,
+            n_pos=16,
+            deepstack=(0,),
+        ),
+    ),
+    # Qwen3-VL-2B / -8B published sizes (also Qwen3-VL-Embedding-2B / -8B): planning only
+    "qwen3vl_2b": (
+        qwen3_vl_config_dict,
+        dict(
+            tie=True,
+            text=_text(151936, 2048, 6144, 28, 16, 8, (24, 20, 20), 5e6, mrope_interleaved=True),
+            head_dim=128,
+            depth=24,
+            dim=1024,
+            heads=16,
+            inter=4096,
+            n_pos=2304,
+            deepstack=(5, 11, 17),
+        ),
+    ),
+    "qwen3vl_8b": (
+        qwen3_vl_config_dict,
+        dict(
+            tie=False,
+            text=_text(151936, 4096, 12288, 36, 32, 8, (24, 20, 20), 5e6, mrope_interleaved=True),
+            head_dim=128,
+            depth=27,
+            dim=1152,
+            heads=16,
+            inter=4304,
+            n_pos=2304,
+            deepstack=(8, 16, 24),
+        ),
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted([*PRESETS, *FAMILY_PRESETS])
+
+
+def preset_config_dict(name: str) -> dict:
+    if name in PRESETS:
+        return config_dict(**PRESETS[name])
+    if name in FAMILY_PRESETS:
+        build, kw = FAMILY_PRESETS[name]
+        return build(**kw)
+    raise ValueError(f"unknown model preset {name!r}; choose from {preset_names()}")
+
+
 def preset_config(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
-    return ModelConfig.from_dict(config_dict(**PRESETS[name]), source=f"preset:{name}")
+    return ModelConfig.from_dict(preset_config_dict(name), source=f"preset:{name}")
 
 
 def write_random_checkpoint(path: str, preset: str = "tiny", seed: int = 0, dtype: str = "float32") -> ModelConfig:
@@ -151,13 +298,13 @@ def write_random_checkpoint(path: str, preset: str = "tiny", seed: int = 0, dtyp
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m elva_jax.model.tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="tiny", choices=preset_names())
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = ap.parse_args(argv)
     cfg = write_random_checkpoint(a.out, a.preset, a.seed, a.dtype)
     n = count_params(init_params(cfg, jax.random.key(0)))
-    print(f"wrote a random {a.preset} Qwen2-VL ({n / 1e6:.1f}M parameters) to {a.out}")
+    print(f"wrote a random {a.preset} {cfg.model_type} ({n / 1e6:.1f}M parameters) to {a.out}")
 
 
 if __name__ == "__main__":
