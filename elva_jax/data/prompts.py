@@ -1,4 +1,5 @@
-"""Prompts: the Qwen2-VL chat template, LamRA's EOL templates and ELVA's generative `[RET]` template.
+"""Prompts: the Qwen2-VL chat template, LamRA's EOL templates, ELVA's generative `[RET]` template and
+Qwen3-VL-Embedding's instruction-as-system template.
 
 Every builder returns a :class:`Prompt`: the chat ``messages`` (content items ``{"type": "image"}`` and
 ``{"type": "text", "text": ...}``, the format transformers' ``apply_chat_template`` takes) plus how to
@@ -26,6 +27,24 @@ ELVA (stage 3 / evaluation, embedding = hidden state at the last ``[RET]``)::
 ``format_string(f"{instruction} {text}")`` for queries and ``format_string(text)`` for candidates in
 both families; an image-only query with an instruction uses the instruction as its text. The ELVA
 sentence follows TXT after one newline, exactly like LamRA's "Summarize above ..." sentence.
+
+Qwen3-VL-Embedding, convention "instruct_last" (embedding = L2-normalised hidden state of the last real
+token, i.e. the ``\\n`` closing ``<|im_start|>assistant\\n``)::
+
+    <|im_start|>system\\n{INSTRUCTION}<|im_end|>\\n
+    <|im_start|>user\\n{image}{text}<|im_end|>\\n
+    <|im_start|>assistant\\n
+
+INSTRUCTION is the query's task instruction, or :data:`DEFAULT_EMBED_INSTRUCTION` ("Represent the user's
+input.") for anything without one (candidates; queries when instructions are off); user content is the
+images, then the text verbatim (no ``format_string``, no instruction prefix, no template sentence); the
+chat template is applied with the generation prompt and nothing follows it. This is the public code's
+convention (QwenLM/Qwen3-VL-Embedding, ``src/models/qwen3_vl_embedding.py``: instruction as the system
+message, videos / images / text in the user turn, ``apply_chat_template(..., add_generation_prompt=True)``,
+right padding, last non-pad token). The tech report also mentions an appended ``<|endoftext|>``; we
+follow the code, the reference implementation the released checkpoints are run with, and append nothing
+(``<|endoftext|>`` is the pad id here, so right-padded rows carry it only as masked padding). A system
+turn is always present, so the Qwen2-VL template's default system turn never fires for these prompts.
 """
 
 from __future__ import annotations
@@ -36,6 +55,7 @@ import zlib
 from collections.abc import Sequence
 
 __all__ = [
+    "DEFAULT_EMBED_INSTRUCTION",
     "DEFAULT_SYSTEM_PROMPT",
     "ELVA_INSTRUCTION",
     "ELVA_SUFFIX",
@@ -51,6 +71,7 @@ __all__ = [
     "choose_instruction",
     "elva_prompt",
     "format_string",
+    "instruct_prompt",
     "lamra_prompt",
     "prompt_text",
     "raw_prompt",
@@ -61,6 +82,8 @@ __all__ = [
 EMB_TOKEN = "<emb>"
 RET_TOKEN = "[RET]"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+#: Qwen3-VL-Embedding's default instruction: the system message of every input without its own.
+DEFAULT_EMBED_INSTRUCTION = "Represent the user's input."
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 
@@ -275,6 +298,29 @@ def elva_prompt(
     answer = f"{summary} {RET_TOKEN}" if summary else RET_TOKEN
     msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return Prompt(tuple(msgs))
+
+
+def instruct_prompt(
+    text: str | None = None,
+    n_images: int = 0,
+    instruction: str | None = None,
+    *,
+    default_instruction: str = DEFAULT_EMBED_INSTRUCTION,
+) -> Prompt:
+    """Qwen3-VL-Embedding prompt ("instruct_last"): system turn = ``instruction`` (queries) or
+    ``default_instruction`` (candidates, or no instruction); user turn = the images, then ``text`` verbatim
+    (the truncatable item); the generation prompt ``<|im_start|>assistant\\n`` closes the row.
+    """
+    system = instruction or default_instruction
+    if not system:
+        raise ValueError("the instruct_last prompt needs an instruction or a non-empty default instruction")
+    txt = text or ""
+    _check(txt, n_images)
+    msgs = (
+        {"role": "system", "content": [{"type": "text", "text": system}]},
+        {"role": "user", "content": _user_content(n_images, txt, "")},
+    )
+    return Prompt(msgs, add_generation_prompt=True)
 
 
 def raw_prompt(text: str | None = None, n_images: int = 0) -> Prompt:

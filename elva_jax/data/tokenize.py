@@ -11,7 +11,8 @@ and replaces the k-th ``<|image_pad|>`` by ``t*h*w / merge_size**2`` copies for 
 
 Truncation rule (``max_length``: whole row incl. expanded image tokens; ``max_text_tokens``: the user
 text alone): only the user's own text (the prompt item marked ``truncatable``: instruction + query or
-candidate text) is ever shortened; template text, special tokens and image tokens are kept. The text
+candidate text; for "instruct_last" the query or candidate text, its system-turn instruction is kept)
+is ever shortened; template text, special tokens and image tokens are kept. The text
 tokens are the tokens of the full row whose first character lies in that text; keeping the first k of
 them means cutting the text at the first character of token k, re-rendering and re-tokenizing, so a
 truncated row is exactly the tokenization of the prompt with the shortened text. k starts at the
@@ -31,12 +32,14 @@ from typing import Any
 import numpy as np
 
 from elva_jax.data.prompts import (
+    DEFAULT_EMBED_INSTRUCTION,
     DEFAULT_SYSTEM_PROMPT,
     EMB_TOKEN,
     IMAGE_PLACEHOLDER,
     RET_TOKEN,
     Prompt,
     elva_prompt,
+    instruct_prompt,
     lamra_prompt,
     raw_prompt,
     render_chat,
@@ -46,6 +49,7 @@ from elva_jax.model.config import DEFAULT_GEOMETRY, PatchGeometry
 
 __all__ = [
     "QWEN2_PAD_TOKEN_ID",
+    "TEMPLATES",
     "PromptEncoder",
     "Tokenizer",
     "collate",
@@ -56,6 +60,8 @@ __all__ = [
 ]
 
 QWEN2_PAD_TOKEN_ID = 151643  # <|endoftext|>
+#: prompt templates of :class:`PromptEncoder`, one per embedding convention (see elva_jax.data.prompts)
+TEMPLATES = ("eol", "ret", "instruct_last")
 _SENTINEL = "\ue000\ue001\ue000"  # private-use characters marking the truncatable text while rendering
 
 
@@ -332,20 +338,34 @@ class PromptEncoder:
     ``encode(side, pixel_values, image_grid_thw, max_len) -> (row, truncated)``.
 
     ``side`` = ``{"text", "image", "instruction"}`` (image: a path or None; its pixels come preprocessed).
-    template "eol" (LamRA, assistant ``<emb>.``) or "ret" (ELVA; ``generation`` opens the assistant turn,
-    else the assistant turn is ``[RET]``). Rows are tokenized in one pass, so they equal transformers'
-    tokenization; over-long rows follow the module's truncation rule with ``max_length = max_len``.
+    template "eol" (LamRA, assistant ``<emb>.``), "ret" (ELVA; ``generation`` opens the assistant turn,
+    else the assistant turn is ``[RET]``) or "instruct_last" (Qwen3-VL-Embedding: the side's instruction,
+    else ``default_instruction``, as the system turn; the generation prompt closes the row). Rows are
+    tokenized in one pass, so they equal transformers' tokenization; over-long rows follow the module's
+    truncation rule with ``max_length = max_len``.
     """
 
-    def __init__(self, tokenizer: Tokenizer, template: str = "eol", *, generation: bool = False):
-        if template not in ("eol", "ret"):
-            raise ValueError(f"template must be 'eol' or 'ret', got {template!r}")
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        template: str = "eol",
+        *,
+        generation: bool = False,
+        default_instruction: str = DEFAULT_EMBED_INSTRUCTION,
+    ):
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
         self.tokenizer, self.template, self.generation = tokenizer, template, generation
+        self.default_instruction = default_instruction
 
     def prompt(self, side: dict) -> Prompt:
         n = int(side.get("image") is not None)
         if self.template == "eol":
             return lamra_prompt(side.get("text"), n, side.get("instruction"))
+        if self.template == "instruct_last":
+            return instruct_prompt(
+                side.get("text"), n, side.get("instruction"), default_instruction=self.default_instruction
+            )
         return elva_prompt(side.get("text"), n, side.get("instruction"), generation=self.generation)
 
     def encode(self, side: dict, pixel_values, image_grid_thw, max_len: int) -> tuple[dict, bool]:
@@ -372,6 +392,7 @@ def encode_example(
     summary: str | None = None,
     generation: bool = False,
     with_assistant: bool = True,
+    default_instruction: str = DEFAULT_EMBED_INSTRUCTION,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     max_length: int | None = None,
@@ -380,7 +401,8 @@ def encode_example(
     """Text and/or images (PIL images, uint8 arrays or paths; one or a list) -> one model row.
 
     template: "eol" (:func:`~elva_jax.data.prompts.lamra_prompt`, ``with_assistant``), "ret"
-    (:func:`~elva_jax.data.prompts.elva_prompt`, ``summary`` / ``generation``) or "raw" (images then the
+    (:func:`~elva_jax.data.prompts.elva_prompt`, ``summary`` / ``generation``), "instruct_last"
+    (:func:`~elva_jax.data.prompts.instruct_prompt`, ``default_instruction``) or "raw" (images then the
     text, no chat wrapper). Images go through :func:`elva_jax.data.image_processing.preprocess_images`
     (LamRA pixel limits unless given). Returns ``input_ids`` int32 [L], ``pixel_values`` float32
     [n_patches, patch_dim], ``image_grid_thw`` int64 [n_images, 3] (empty arrays for text rows),
@@ -399,12 +421,14 @@ def encode_example(
         prompt = lamra_prompt(text, len(imgs), instruction, with_assistant=with_assistant)
     elif template == "ret":
         prompt = elva_prompt(text, len(imgs), instruction, summary=summary, generation=generation)
+    elif template == "instruct_last":
+        prompt = instruct_prompt(text, len(imgs), instruction, default_instruction=default_instruction)
     elif template == "raw":
         if instruction:
             raise ValueError("the raw template takes no instruction")
         prompt = raw_prompt(text, len(imgs))
     else:
-        raise ValueError(f"unknown template {template!r}; choose eol, ret or raw")
+        raise ValueError(f"unknown template {template!r}; choose eol, ret, instruct_last or raw")
     out = tokenizer.encode_prompt(prompt, grid, max_length=max_length, max_text_tokens=max_text_tokens)
     out.update(pixel_values=pv.astype(np.float32), image_grid_thw=grid.astype(np.int64))
     return out

@@ -3,6 +3,7 @@
     python -m elva_jax.eval --checkpoint runs/default                       # bundled set, EOL, local pools
     python -m elva_jax.eval --checkpoint DIR --config configs/qwen2vl_7b_mbeir.yaml --benchmark mbeir \\
         --mode ret --pool global data.root=/data/M-BEIR eval.batch_size=32
+    python -m elva_jax.eval --checkpoint DIR --mode instruct_last                # Qwen3-VL-Embedding convention
     python -m elva_jax.eval --checkpoint DIR --benchmark mrbench eval.mrbench_dir=/data/MRBench data.root=/data/M-BEIR
     python -m elva_jax.eval --checkpoint DIR --benchmark zeroshot --task mytask:q.jsonl:pool.jsonl:qrels.txt:10
     python -m elva_jax.eval --checkpoint DIR --grain-masking --compare-to runs/base/eval/bundled-eol-local/results.json
@@ -24,7 +25,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--checkpoint", help="transformers checkpoint dir, or a training run dir (uses its export/)")
     ap.add_argument("--config", help="YAML preset (configs/*.yaml); default: configs/tiny_cpu.yaml")
     ap.add_argument("--benchmark", choices=("bundled", "mbeir", "mrbench", "zeroshot"))
-    ap.add_argument("--mode", choices=("eol", "ret"), help="eol: LamRA embedding; ret: ELVA summary + [RET]")
+    ap.add_argument(
+        "--mode",
+        choices=("eol", "ret", "instruct_last"),  # elva_jax.schema.EMBED_MODES (not imported: keeps --help light)
+        help="eol: LamRA embedding; ret: ELVA summary + [RET]; instruct_last: Qwen3-VL-Embedding "
+        "(instruction as the system turn, last token; candidates get data.default_instruction)",
+    )
     ap.add_argument("--pool", choices=("local", "global"))
     ap.add_argument("--out", help="output directory")
     ap.add_argument("--compare-to", help="a previous results.json (before/after table and bars)")

@@ -1,6 +1,6 @@
 """Embedding corpora (queries or pool candidates) for evaluation, with a resumable on-disk cache.
 
-Two modes (:class:`EmbedConfig.mode`):
+Three modes (:class:`EmbedConfig.mode`):
 
 - ``"eol"`` (LamRA): the LamRA prompt with the assistant turn ``<emb>.``; one forward; the embedding is
   the L2-normalised final hidden state just before ``<emb>`` (:func:`elva_jax.model.embedding.eol_embedding`).
@@ -9,6 +9,10 @@ Two modes (:class:`EmbedConfig.mode`):
   ``[RET]`` (appended when ``summary_tokens`` runs out, substituted for EOS); then one teacher-forced
   forward over prompt + summary + ``[RET]`` gives the L2-normalised hidden state at ``[RET]`` (the same
   embedding as :func:`elva_jax.rl.rollout.teacher_forced`).
+- ``"instruct_last"`` (Qwen3-VL-Embedding): the record's instruction (or ``default_instruction`` when it
+  has none: candidates) as the system turn, the images then the text as the user turn, the generation
+  prompt; one forward over the right-padded batch; the embedding is the L2-normalised final hidden state of
+  the last real token (:func:`elva_jax.model.embedding.last_token_embedding`).
 
 Records are ``{"id", "item": {"text", "image", "instruction"}}`` (:func:`elva_jax.data.pipeline.corpus_records`).
 They go through the corpus pipeline (``make_pipeline(kind="corpus")``, no shuffle, image policy
@@ -51,12 +55,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
+from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION
 from elva_jax.data.tokenize import PromptEncoder, Tokenizer
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelConfig, ModelOptions
-from elva_jax.model.embedding import eol_embedding, l2_normalize
+from elva_jax.model.embedding import eol_embedding, l2_normalize, last_token_embedding
 from elva_jax.model.sampler import SamplerConfig, generate
-from elva_jax.schema import CACHE_POLICIES
+from elva_jax.schema import CACHE_POLICIES, EMBED_MODES
 
 __all__ = ["CACHE_POLICIES", "CacheError", "EmbedConfig", "Embedder", "PartedArray", "records_digest"]
 
@@ -72,11 +77,13 @@ class CacheError(RuntimeError):
 class EmbedConfig:
     """How records become embeddings (everything here enters the cache fingerprint).
 
-    mode: "eol" | "ret". batch_size: records per batch (divisible by the mesh's batch devices).
+    mode: "eol" | "ret" | "instruct_last". batch_size: records per batch (divisible by the mesh's batch
+    devices).
     seq_buckets: padded lengths (longer rows are truncated to the largest by the prompt encoder).
     patch_rows / patch_row_len: image patch budget per batch (rows of patches; 0 rows = batch_size).
     part_size: records per cache part. "ret" only: summary_tokens (max new tokens before a forced
     [RET]), sampling "greedy" (top_k=1) or "sample" (temperature / top_k / top_p, key from ``seed``).
+    "instruct_last" only: default_instruction, the system turn of records without an instruction.
     """
 
     mode: str = "eol"
@@ -91,10 +98,11 @@ class EmbedConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    default_instruction: str = DEFAULT_EMBED_INSTRUCTION
 
     def __post_init__(self):
-        if self.mode not in ("eol", "ret"):
-            raise ValueError(f"mode must be 'eol' or 'ret', got {self.mode!r}")
+        if self.mode not in EMBED_MODES:
+            raise ValueError(f"mode must be one of {EMBED_MODES}, got {self.mode!r}")
         if self.sampling not in ("greedy", "sample"):
             raise ValueError(f"sampling must be 'greedy' or 'sample', got {self.sampling!r}")
         if self.batch_size < 1 or self.part_size < 1 or self.summary_tokens < 1:
@@ -116,6 +124,12 @@ class EmbedConfig:
         d: dict[str, Any] = {"mode": self.mode, "max_length": max(self.seq_buckets), "part_size": self.part_size}
         if self.mode == "eol":
             d["embedding"] = "LamRA EOL: hidden state before <emb>, L2-normalised"
+        elif self.mode == "instruct_last":
+            d["embedding"] = (
+                "Qwen3-VL-Embedding: instruction as the system turn, generation prompt, "
+                "hidden state of the last real token, L2-normalised"
+            )
+            d["default_instruction"] = self.default_instruction
         else:
             d["embedding"] = "ELVA generative: hidden state at [RET] after a generated summary, L2-normalised"
             d["summary"] = {"max_new_tokens": self.summary_tokens, "sampling": self.sampling}
@@ -265,7 +279,9 @@ class Embedder:
         self.log = log or (lambda s: print(s, flush=True))
         self.stats: dict[str, dict] = {}
         self.last_truncated = 0
-        self.encoder = PromptEncoder(tokenizer, ecfg.mode, generation=ecfg.mode == "ret")
+        self.encoder = PromptEncoder(
+            tokenizer, ecfg.mode, generation=ecfg.mode == "ret", default_instruction=ecfg.default_instruction
+        )
         n_batch = 1
         if mesh is not None:
             from elva_jax.model.params import logical_axes
@@ -276,14 +292,16 @@ class Embedder:
         if ecfg.batch_size % n_batch:
             raise ValueError(f"eval batch_size {ecfg.batch_size} is not divisible by the {n_batch} batch devices")
         self.params = params
-        if ecfg.mode == "eol":
-            emb_id = tokenizer.emb_token_id
+        if ecfg.mode != "ret":  # one forward per batch: the hidden state before <emb>, or at the last real token
+            emb_id, last = tokenizer.emb_token_id, ecfg.mode == "instruct_last"
 
             def fn(p, x):
                 h = backbone.forward(p, x, model_cfg, opts).hidden
+                if last:
+                    return last_token_embedding(h, x["attention_mask"])
                 return eol_embedding(h, x["input_ids"], emb_id, x["attention_mask"])
 
-            self._eol = jax.jit(fn)
+            self._forward = jax.jit(fn)
         else:
             ids = {"ret": tokenizer.ret_token_id, "eos": _QWEN2_EOS, "pad": tokenizer.pad_token_id}
             scfg = ecfg.sampler_config(cache_dtype=opts.dtype)  # KV cache in the compute dtype
@@ -328,6 +346,7 @@ class Embedder:
             drop_remainder=True,
             pad_token_id=self.tok.pad_token_id,
             position_mode=self.opts.position_mode,
+            geometry=self.cfg.vision.geometry,  # the model's patches (Qwen3-VL: 16-pixel)
         )
 
     def _put(self, batch: dict):
@@ -356,8 +375,8 @@ class Embedder:
         base = jax.random.fold_in(jax.random.key(self.ecfg.seed), salt & 0x7FFFFFFF)
         for i, batch in enumerate(it):
             seen += it.last_ids
-            if self.ecfg.mode == "eol":
-                e = self._eol(self.params, self._put(batch))
+            if self.ecfg.mode != "ret":
+                e = self._forward(self.params, self._put(batch))
             else:
                 e, toks, lens = self._ret(self.params, self._put(_left_align(batch)), jax.random.fold_in(base, i))
                 toks, lens = np.asarray(toks), np.asarray(lens)

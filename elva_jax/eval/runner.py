@@ -3,6 +3,8 @@
 ``evaluate(cfg, ...)`` is what ``python -m elva_jax.eval`` and the end of a training run call. The
 config is a training preset (``configs/*.yaml``: model, data, mesh ... sections) plus an ``eval``
 section (:class:`EvalSection`), so ``eval.mode=ret`` or ``data.root=/data/M-BEIR`` are overrides.
+``eval.mode=instruct_last`` embeds the Qwen3-VL-Embedding way (query instruction as the system turn,
+``data.default_instruction`` for candidates; :mod:`elva_jax.eval.embed`).
 
 Per task: queries (with deterministic instructions, see :mod:`elva_jax.eval.tasks`) and the pool
 (local, or the union "global" pool) are embedded by :class:`elva_jax.eval.embed.Embedder` (cache under
@@ -298,6 +300,7 @@ def evaluate(
         top_k=e.top_k,
         top_p=e.top_p,
         seed=e.seed,
+        default_instruction=cfg.data.default_instruction,
     )
     mesh = None
     if jax.local_device_count() > 1:

@@ -5,6 +5,9 @@
 - ELVA generative: the (L2-normalised) hidden state at the `[RET]` token the model wrote after its
   summary. The instruction text itself contains the literal "[RET]", which the tokenizer maps to
   the same special token, so the *last* occurrence in the row is the one used.
+- Qwen3-VL-Embedding ("instruct_last"): the L2-normalised final hidden state of the last real token
+  (:func:`last_token_embedding`), which for its prompt is the "\\n" closing `<|im_start|>assistant\\n`;
+  the prompt puts the instruction in the system turn and pads on the right.
 """
 
 from __future__ import annotations

@@ -52,7 +52,9 @@ def main(argv=None) -> int:
         type=int,
         help="sequence / prompt length (default max(data.seq_buckets); RL runs: max(rl.prompt_buckets))",
     )
-    ap.add_argument("--model", default="auto", help="auto | 2b | 7b | tiny | small")
+    ap.add_argument(
+        "--model", default="auto", help="auto | 2b | 7b | qwen3vl_2b | qwen3vl_8b | or any elva_jax.model.tiny preset"
+    )
     ap.add_argument(
         "--programs",
         default="",

@@ -16,7 +16,8 @@ from elva_jax.plan.targets import PlanError
 
 
 def model_config(name: str):
-    """ModelConfig for '2b' / '7b' (Qwen2-VL's published sizes) or a random preset ('tiny', 'small')."""
+    """ModelConfig for '2b' / '7b' (Qwen2-VL's published sizes), 'qwen3vl_2b' / 'qwen3vl_8b' (Qwen3-VL's,
+    also Qwen3-VL-Embedding's) or any preset of `elva_jax.model.tiny` ('tiny', 'small', ...)."""
     from elva_jax.model.tiny import preset_config
 
     return preset_config({"2b": "qwen2vl_2b", "7b": "qwen2vl_7b"}.get(name, name))
@@ -33,10 +34,19 @@ def resolve_model(run, name: str = "auto"):
     if ckpt and os.path.exists(os.path.join(ckpt, "config.json")):
         return ModelConfig.from_file(ckpt), f"config.json of {ckpt}"
     if ckpt:
-        m = re.search(r"(?<![0-9.])(2|7)b(?![a-z0-9])", ckpt.lower())
-        if m:
-            return model_config(m.group(1) + "b"), f"Qwen2-VL-{m.group(1)}B sizes (checkpoint {ckpt} not read)"
-        raise PlanError(f"cannot tell the model size from checkpoint {ckpt!r}; pass --model 2b|7b|tiny|small")
+        low = ckpt.lower()
+        if re.search(r"qwen-?3", low):
+            m = re.search(r"(?<![0-9.])(2|8)b(?![a-z0-9])", low)
+            if m:
+                name = f"qwen3vl_{m.group(1)}b"
+                return model_config(name), f"Qwen3-VL-{m.group(1)}B sizes (checkpoint {ckpt} not read)"
+        else:
+            m = re.search(r"(?<![0-9.])(2|7)b(?![a-z0-9])", low)
+            if m:
+                return model_config(m.group(1) + "b"), f"Qwen2-VL-{m.group(1)}B sizes (checkpoint {ckpt} not read)"
+        raise PlanError(
+            f"cannot tell the model size from checkpoint {ckpt!r}; pass --model 2b|7b|qwen3vl_2b|qwen3vl_8b|tiny|small"
+        )
     return model_config(run.model.random_preset), f"random preset {run.model.random_preset!r}"
 
 
@@ -142,7 +152,15 @@ def model_inputs(mcfg, rows: int, length: int, images: bool, Lv: int, lead: tupl
     if images:
         x["patches"] = _sds(lead + (rows, Lv, mcfg.vision.patch_dim), jnp.float32)
         x["vision_segment_ids"] = _sds(lead + (rows, Lv), jnp.int32)
-        x["vision_pos"] = _sds(lead + (rows, Lv, 2), jnp.int32)
+        # the family's per-patch inputs (vision_pos, window ids, position-table taps ...), shapes and
+        # dtypes from a one-image probe of its host function
+        import numpy as np
+
+        from elva_jax.model.families import family_of
+
+        m = mcfg.vision.spatial_merge_size
+        for k, v in family_of(mcfg).patch_inputs(np.array([[1, m, m]]), mcfg).items():
+            x[k] = _sds(lead + (rows, Lv, *v.shape[1:]), v.dtype)
     return x
 
 

@@ -98,15 +98,29 @@ def build_records(cfg: RunConfig, root: str):
     return contrastive_records(queries, pool, root, instructions=instructions, num_negatives=d.hard_negatives)
 
 
+def train_template(cfg: RunConfig) -> str:
+    """The prompt template of the contrastive pipeline: "instruct_last" (Qwen3-VL-Embedding's prompt) for
+    train.embedding=instruct_last, else LamRA's "eol" prompt (train.embedding eol or last)."""
+    return "instruct_last" if cfg.train.embedding == "instruct_last" else "eol"
+
+
+def train_encoder(cfg: RunConfig, tokenizer):
+    """The contrastive pipeline's PromptEncoder (template from :func:`train_template`)."""
+    from elva_jax.data.tokenize import PromptEncoder
+
+    return PromptEncoder(tokenizer, train_template(cfg), default_instruction=cfg.data.default_instruction)
+
+
 def build_rl_instances(cfg: RunConfig, root: str, *, params=None, mcfg=None, tokenizer=None) -> list[dict]:
     """RL instances: query + positive + negatives, from the training queries.
 
     rl.negatives = "dataset": the first `num_hard_negatives` of each query's neg_cand_list plus
     `num_random_negatives` seeded random pool candidates. "mined" (the paper's balanced sampling):
-    queries and pool are embedded with the current model (EOL embedding, cached under
-    {run.dir}/rl/negatives), hard negatives are the nearest candidates below the false-negative
-    threshold, random ones are drawn from the rest (`elva_jax.rl.negatives`). Short lists (small pools)
-    are filled by cycling, so every instance has the same number of candidates.
+    queries and pool are embedded with the current model (`rl.mining_embedding`: "eol", LamRA's EOL
+    embedding, or "instruct_last", Qwen3-VL-Embedding's with `data.default_instruction` for the pool;
+    cached under {run.dir}/rl/negatives), hard negatives are the nearest candidates below the
+    false-negative threshold, random ones are drawn from the rest (`elva_jax.rl.negatives`). Short lists
+    (small pools) are filled by cycling, so every instance has the same number of candidates.
     """
     from elva_jax.data.pipeline import contrastive_records, corpus_records
     from elva_jax.rl.loop import add_random_negatives, select_instances
@@ -134,14 +148,21 @@ def build_rl_instances(cfg: RunConfig, root: str, *, params=None, mcfg=None, tok
         params,
         mcfg,
         tokenizer,
-        EmbedConfig(mode="eol", seq_buckets=tuple(d.seq_buckets), patch_row_len=d.patch_row_len),
+        EmbedConfig(
+            mode=r.mining_embedding,
+            seq_buckets=tuple(d.seq_buckets),
+            patch_row_len=d.patch_row_len,
+            default_instruction=d.default_instruction,
+        ),
         opts=model_options(cfg),
         identity={"run": os.path.abspath(cfg.run.dir), "stage": "pre-rl"},
     )
     cache = os.path.join(cfg.run.dir, "rl", "negatives")
+    # one cache entry per convention (the EOL names are the original ones, so existing caches stay valid)
+    tag = "" if r.mining_embedding == "eol" else f".{r.mining_embedding}"
     q_records = [{"id": b["id"], "item": b["query"]} for b in base]
-    q_emb = np.asarray(emb.embed(q_records, name="queries", cache_dir=cache))
-    p_emb = np.asarray(emb.embed(corpus_records(list(pool.values()), root), name="pool", cache_dir=cache))
+    q_emb = np.asarray(emb.embed(q_records, name=f"queries{tag}", cache_dir=cache))
+    p_emb = np.asarray(emb.embed(corpus_records(list(pool.values()), root), name=f"pool{tag}", cache_dir=cache))
     positives = [{index[x] for x in q.pos_cand_list if x in index} for q in chosen]
     negs, stats = mine_cached(
         os.path.join(cache, "negatives.json"),
@@ -186,7 +207,7 @@ def _has_tokenizer(path: str) -> bool:
 
 def run(cfg: RunConfig) -> dict:
     from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
-    from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+    from elva_jax.data.tokenize import Tokenizer
     from elva_jax.model.hf_checkpoint import resize_vocab, save_params
     from elva_jax.model.lora import LoraConfig, merge_lora
     from elva_jax.train.loop import model_options, train
@@ -202,7 +223,7 @@ def run(cfg: RunConfig) -> dict:
     mcfg, params = load_model(cfg)
     tok_dir = cfg.model.tokenizer or (cfg.model.checkpoint if _has_tokenizer(cfg.model.checkpoint) else None)
     tokenizer = Tokenizer.from_dir(tok_dir, geometry=mcfg.vision.geometry)
-    encoder = PromptEncoder(tokenizer, "eol")
+    encoder = train_encoder(cfg, tokenizer)
     need = tokenizer.vocab_size
     if need > mcfg.text.vocab_size:  # the reference resizes the token table to the tokenizer length
         params, mcfg = resize_vocab(params, mcfg, need)

@@ -25,6 +25,9 @@ from elva_jax.model.embedding import eol_embedding, last_token_embedding
 from elva_jax.model.inputs import input_axes
 from elva_jax.train.losses import info_nce
 
+#: contrastive embedding conventions; the prompt template each one trains on is in elva_jax.run.stages
+EMBEDDINGS = ("eol", "last", "instruct_last")
+
 
 class TrainState(NamedTuple):
     step: jnp.ndarray
@@ -38,10 +41,16 @@ class TrainState(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     tau: float = 0.05
-    embedding: str = "eol"  # "eol" (token before <emb>) | "last" (last real token)
+    # "eol" (token before <emb>) | "last" (last real token of the EOL prompt) | "instruct_last"
+    # (Qwen3-VL-Embedding: last real token of its instruction-as-system prompt; the pooling of "last")
+    embedding: str = "eol"
     emb_token_id: int = -1
     lora_scale: float = 1.0
     full_finetune: bool = False
+
+    def __post_init__(self):
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
 
 
 def split_lm_head(params: dict) -> tuple[dict, dict | None]:
@@ -64,7 +73,7 @@ def embed(params, lora, inputs, cfg: ModelConfig, opts: ModelOptions, scfg: Step
     h = backbone.forward(params, inputs, cfg, opts, lora=lora, lora_scale=scfg.lora_scale).hidden
     if scfg.embedding == "eol":
         return eol_embedding(h, inputs["input_ids"], scfg.emb_token_id, inputs["attention_mask"])
-    return last_token_embedding(h, inputs["attention_mask"])
+    return last_token_embedding(h, inputs["attention_mask"])  # "last" and "instruct_last"
 
 
 def _global_candidates(cs: jnp.ndarray, b: int) -> jnp.ndarray:
