@@ -17,7 +17,16 @@ import os
 import jax
 from jax.sharding import AbstractMesh
 
-GOLDEN_CONFIGS = ("tiny_cpu", "qwen2vl_2b_nli", "qwen2vl_2b_mbeir", "qwen2vl_7b_nli", "qwen2vl_7b_mbeir")
+GOLDEN_CONFIGS = (
+    "tiny_cpu",
+    "tiny_qwen2_5_vl",
+    "tiny_qwen3_vl",
+    "qwen2vl_2b_nli",
+    "qwen2vl_2b_mbeir",
+    "qwen2vl_7b_nli",
+    "qwen2vl_7b_mbeir",
+    "qwen3vl_2b_mbeir",
+)
 GOLDEN_MESHES = ((2, 4, 1), (1, 8, 2))  # (data, fsdp, tensor): 8 and 16 devices
 
 

@@ -33,9 +33,6 @@ def make_trainer(rcfg: RLConfig | None = None, *, cache_dtype=None, seed=0, mesh
     tok = Tokenizer.from_dir()
     cfg = preset_config("tiny")
     opts = ModelOptions()
-    params = init_params(cfg, jax.random.key(seed), std=0.05)
-    lcfg = LoraConfig(rank=4, alpha=8)
-    lora = jax.tree.map(lambda x: x + 0.01, init_lora(cfg, lcfg, jax.random.key(seed + 1)))
     tx = optax.adamw(1e-3)
     rcfg = rcfg or RLConfig(group_size=4, max_summary_tokens=6)
     tr = RLTrainer.from_tokenizer(
@@ -45,7 +42,7 @@ def make_trainer(rcfg: RLConfig | None = None, *, cache_dtype=None, seed=0, mesh
         RewardConfig(),
         tx,
         tok,
-        lora_scale=lcfg.scale,
+        lora_scale=LCFG.scale,
         prompt_buckets=(256, 384),
         patch_row_len=64,
         mesh=mesh,
@@ -54,9 +51,20 @@ def make_trainer(rcfg: RLConfig | None = None, *, cache_dtype=None, seed=0, mesh
         import dataclasses
 
         tr.scfg = dataclasses.replace(tr.scfg, cache_dtype=cache_dtype)
-    state = RLState(0, params, lora, tx.init(lora), jax.random.key(seed + 2))
-    if mesh is not None:
+    return tr, fresh_state(tr, seed)
+
+
+LCFG = LoraConfig(rank=4, alpha=8)
+
+
+def fresh_state(tr, seed=0):
+    """The initial state of `make_trainer` again (same seed: same params, LoRA, key), for another step
+    sequence with the same trainer (its jitted functions are compiled once)."""
+    params = init_params(tr.cfg, jax.random.key(seed), std=0.05)
+    lora = jax.tree.map(lambda x: x + 0.01, init_lora(tr.cfg, LCFG, jax.random.key(seed + 1)))
+    state = RLState(0, params, lora, tr.tx.init(lora), jax.random.key(seed + 2))
+    if tr.mesh is not None:
         from elva_jax.rl.loop import place_rl_state
 
-        state = place_rl_state(state, cfg, lcfg, tx, mesh)
-    return tr, state
+        state = place_rl_state(state, tr.cfg, LCFG, tr.tx, tr.mesh)
+    return state

@@ -93,13 +93,13 @@ def run(mesh_shape, devices):
     return float(loss), [np.asarray(x) for x in jax.tree.leaves(g)]
 
 
-def trainer_steps(mesh, root, replay=None):
-    """Two RL trainer steps from the same state (fp32 KV cache); ``replay``: each step's samples to use
-    instead of sampling. Returns (metrics of each step, samples of each step, LoRA after them)."""
-    from helpers.rl_setup import instances, make_trainer
+def trainer_steps(tr, root, replay=None):
+    """Two RL trainer steps of ``tr`` from its initial state (fp32 KV cache); ``replay``: each step's
+    samples to use instead of sampling. Returns (metrics of each step, samples of each step, LoRA after)."""
+    from helpers.rl_setup import fresh_state, instances
 
     insts = instances(root)[:2]
-    tr, st = make_trainer(mesh=mesh, cache_dtype="float32")
+    st = fresh_state(tr)
     ms, samples = [], []
     for i in range(2):
         st, m = tr.step(st, insts, samples=None if replay is None else replay[i])
@@ -108,22 +108,21 @@ def trainer_steps(mesh, root, replay=None):
     return ms, samples, [np.asarray(x) for x in jax.tree.leaves(st.lora)]
 
 
-def sampling_agreement(mesh, root, ref_samples):
-    """The first step's own sampling on ``mesh`` against the one-device samples ``ref_samples``.
+def sampling_agreement(tr8, tr1, root, ref_samples):
+    """The first step's own sampling on the mesh trainer ``tr8`` against the one-device samples.
 
     Both draw with the same key, so each row uses the same uniform u and the same inverse-CDF rule over
     the vocabulary in id order. Logits that differ in the last bits (another reduction order) move the
     CDF by ~1e-7, so a row can only change where u sits that close to a boundary between two tokens:
     at its first differing position the two tokens are then neighbours in id order. A real mesh bug
     (wrong rows, wrong logits) picks unrelated tokens. Also: the mesh sampler's log-probs of its own
-    tokens equal the one-device teacher-forced log-probs of the same tokens (same distribution).
+    tokens equal the one-device (``tr1``) teacher-forced log-probs of the same tokens.
     """
-    from helpers.rl_setup import instances, make_trainer
+    from helpers.rl_setup import fresh_state, instances
 
     insts = instances(root)[:2]
-    tr, st = make_trainer(mesh=mesh, cache_dtype="float32")
-    out, _, (_, G, _), _ = tr.rollouts(st, insts)
-    tr1, st1 = make_trainer(cache_dtype="float32")
+    out, _, (_, G, _), _ = tr8.rollouts(fresh_state(tr8), insts)
+    st1 = fresh_state(tr1)
     _, _, _, chunks1 = tr1.rollouts(st1, insts, samples=out)
     tf_logp = np.asarray(tr1.reforward(st1, chunks1, out.tokens, out.lengths, G)[0])
     a, b = np.asarray(ref_samples.tokens), np.asarray(out.tokens)
@@ -155,14 +154,18 @@ if __name__ == "__main__":
     scale = max(float(np.abs(a).max()) for a in g1)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(g1, g8))
     mesh = make_mesh(2, 2, 2, devices=devs)
-    m1, s1, lora1 = trainer_steps(None, sys.argv[1])
+    from helpers.rl_setup import make_trainer
+
+    tr1, _ = make_trainer(cache_dtype="float32")
+    tr8, _ = make_trainer(mesh=mesh, cache_dtype="float32")
+    m1, s1, lora1 = trainer_steps(tr1, sys.argv[1])
     # the mesh step given the one-device run's samples: a function of the same inputs
-    m8, _, lora8 = trainer_steps(mesh, sys.argv[1], replay=s1)
+    m8, _, lora8 = trainer_steps(tr8, sys.argv[1], replay=s1)
     keys = ("reward", "loss", "kl_mean", "summary_len", "tokens_sampled")
     out = {"loss_1": l1, "loss_8": l8, "grad_scale": scale, "max_grad_diff": diff}
     out["trainer_1"] = [{k: m[k] for k in keys} for m in m1]
     out["trainer_8"] = [{k: m[k] for k in keys} for m in m8]
     out["trainer_lora_moved"] = max(float(np.abs(a).max()) for a in lora1)
     out["trainer_lora_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(lora1, lora8))
-    out["sampling"] = sampling_agreement(mesh, sys.argv[1], s1[0])
+    out["sampling"] = sampling_agreement(tr8, tr1, sys.argv[1], s1[0])
     print(json.dumps(out))

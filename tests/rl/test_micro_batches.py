@@ -77,7 +77,8 @@ def test_micro_batched_gradient_equals_one_pass(setup, loss_type):
     )(lora)
     scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g1))
     assert scale > 0
-    for m in (1, 2):
+    # the aggregation differs by loss type; the scan length by m (checked once, with grpo)
+    for m in (1, 2) if loss_type == "grpo" else (2,):
         micro = split_instances({**batch, "prompts": _per_chunk_prompts(ids, am, m)}, (I, G, S), m)
         assert micro["mask"].shape == (I // m, m * S * G, T) and micro["prompts"]["positions"].shape[:3] == (
             I // m,

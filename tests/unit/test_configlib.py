@@ -52,3 +52,21 @@ def test_bad_yaml_names_file(tmp_path):
     p.write_text("optim: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load(Top, str(p))
+
+
+def test_exponent_without_a_dot_is_a_number():
+    """PyYAML reads `1e-3` as a string (YAML 1.1 wants a dot); a float field takes it as the number."""
+    import dataclasses
+
+    from elva_jax import configlib
+
+    @dataclasses.dataclass(frozen=True)
+    class C:
+        lr: float = 1.0
+        name: str = ""
+
+    assert configlib.load(C, None, ["lr=1e-3"]).lr == 1e-3
+    assert configlib.load(C, None, ["lr=-2E+2"]).lr == -200.0
+    assert configlib.load(C, None, ["name=1e-3"]).name == "1e-3"  # a string field keeps its text
+    with pytest.raises(configlib.ConfigError, match="expected a number"):
+        configlib.load(C, None, ["lr=fast"])
