@@ -17,7 +17,6 @@ from typing import Any
 
 import yaml
 
-
 _DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 

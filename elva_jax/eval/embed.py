@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elva_jax.data.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS
 from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
 from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION
 from elva_jax.data.tokenize import PromptEncoder, Tokenizer
@@ -99,6 +100,9 @@ class EmbedConfig:
     top_p: float = 1.0
     seed: int = 0
     default_instruction: str = DEFAULT_EMBED_INSTRUCTION
+    # image pixel limits (the run's data.min_pixels / max_pixels; LamRA's by default)
+    min_pixels: int = LAMRA_MIN_PIXELS
+    max_pixels: int = LAMRA_MAX_PIXELS
 
     def __post_init__(self):
         if self.mode not in EMBED_MODES:
@@ -122,6 +126,8 @@ class EmbedConfig:
     def describe(self) -> dict:
         """The settings that define an embedding (results.json and the cache fingerprint)."""
         d: dict[str, Any] = {"mode": self.mode, "max_length": max(self.seq_buckets), "part_size": self.part_size}
+        if (self.min_pixels, self.max_pixels) != (LAMRA_MIN_PIXELS, LAMRA_MAX_PIXELS):  # (keeps older fingerprints)
+            d["pixels"] = [self.min_pixels, self.max_pixels]
         if self.mode == "eol":
             d["embedding"] = "LamRA EOL: hidden state before <emb>, L2-normalised"
         elif self.mode == "instruct_last":
@@ -347,6 +353,8 @@ class Embedder:
             pad_token_id=self.tok.pad_token_id,
             position_mode=self.opts.position_mode,
             geometry=self.cfg.vision.geometry,  # the model's patches (Qwen3-VL: 16-pixel)
+            min_pixels=e.min_pixels,
+            max_pixels=e.max_pixels,
         )
 
     def _put(self, batch: dict):

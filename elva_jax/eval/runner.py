@@ -37,7 +37,7 @@ from elva_jax import configlib
 from elva_jax.eval import tasks as T
 from elva_jax.eval.embed import EmbedConfig, Embedder, records_digest
 from elva_jax.retrieval.metrics import mrr_from_topk, recall_from_topk
-from elva_jax.schema import EvalSection, RunConfig
+from elva_jax.schema import EvalSection, RunConfig, project
 
 __all__ = ["EvalConfig", "EvalSection", "evaluate", "load_config", "resolve_checkpoint", "write_reports"]
 
@@ -55,6 +55,10 @@ MODALITY = {
 
 
 EvalConfig = RunConfig  # a training preset's sections, `eval` among them
+
+
+# EmbedConfig fields that the run's data section sets (the rest come from the eval section)
+_FROM_DATA = ("seq_buckets", "patch_rows", "patch_row_len", "min_pixels", "max_pixels", "default_instruction")
 
 
 def default_config_path() -> str | None:
@@ -287,21 +291,8 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
 
     opts = ModelOptions(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, position_mode=cfg.model.position_mode)
-    ecfg = EmbedConfig(
-        mode=e.mode,
-        batch_size=e.batch_size,
-        seq_buckets=tuple(cfg.data.seq_buckets),
-        patch_rows=cfg.data.patch_rows,
-        patch_row_len=cfg.data.patch_row_len,
-        part_size=e.part_size,
-        summary_tokens=e.summary_tokens,
-        sampling=e.sampling,
-        temperature=e.temperature,
-        top_k=e.top_k,
-        top_p=e.top_p,
-        seed=e.seed,
-        default_instruction=cfg.data.default_instruction,
-    )
+    # the eval section's embedding fields, and the data section's shapes, pixel limits and instruction
+    ecfg = project(EmbedConfig, e, **{k: getattr(cfg.data, k) for k in _FROM_DATA})
     mesh = None
     if jax.local_device_count() > 1:
         from elva_jax.parallel.sharding import make_mesh

@@ -45,7 +45,7 @@ class RLState:
     key: jax.Array
 
 
-def encode_prompts(sides, encoder, *, min_pixels, max_pixels, buckets: tuple[int, ...], pad_id: int):
+def encode_prompts(sides, encoder, *, min_pixels, max_pixels, buckets: tuple[int, ...], pad_id: int, geometry):
     """Left-padded generation prompts, padded to the smallest length bucket that fits (static shapes).
 
     Returns (ids [n, P], attention mask [n, P], per-row pixel arrays or None, per-row grids or None).
@@ -54,7 +54,9 @@ def encode_prompts(sides, encoder, *, min_pixels, max_pixels, buckets: tuple[int
     for side in sides:
         pv = g = None
         if side.get("image"):
-            pv, g = preprocess_image(load_image(side["image"]), min_pixels=min_pixels, max_pixels=max_pixels)
+            pv, g = preprocess_image(
+                load_image(side["image"]), min_pixels=min_pixels, max_pixels=max_pixels, geometry=geometry
+            )
             g = np.asarray(g)[None]
         row, _ = encoder.encode(side, pv, g, max(buckets))
         rows.append(row["input_ids"])
@@ -268,6 +270,7 @@ class RLTrainer:
             max_pixels=self.max_pixels,
             buckets=self.buckets,
             pad_id=self.pad_id,
+            geometry=self.cfg.vision.geometry,
         )
 
         def sub(rows):  # patches are packed, not one row per sequence: rebuild from the raw rows

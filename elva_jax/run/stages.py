@@ -153,6 +153,8 @@ def build_rl_instances(cfg: RunConfig, root: str, *, params=None, mcfg=None, tok
             seq_buckets=tuple(d.seq_buckets),
             patch_row_len=d.patch_row_len,
             default_instruction=d.default_instruction,
+            min_pixels=d.min_pixels,
+            max_pixels=d.max_pixels,
         ),
         opts=model_options(cfg),
         identity={"run": os.path.abspath(cfg.run.dir), "stage": "pre-rl"},

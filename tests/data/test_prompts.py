@@ -62,6 +62,39 @@ CASES = {
         SYS + "<|im_start|>user\n" + IMG + ELVA + "<|im_end|>\n<|im_start|>assistant\n[RET]<|im_end|>\n",
     ),
     "raw": (P.raw_prompt(" as is ", 2), IMG + IMG + " as is "),
+    # Qwen3-VL-Embedding ("instruct_last"): instruction = system turn, text verbatim, generation prompt
+    "instruct_text_query": (
+        P.instruct_prompt("a dog running on grass", instruction="Find a caption for this description."),
+        "<|im_start|>system\nFind a caption for this description.<|im_end|>\n"
+        "<|im_start|>user\na dog running on grass<|im_end|>\n<|im_start|>assistant\n",
+    ),
+    "instruct_image_query": (
+        P.instruct_prompt(None, 1, "Find a similar everyday image."),
+        "<|im_start|>system\nFind a similar everyday image.<|im_end|>\n"
+        "<|im_start|>user\n" + IMG + "<|im_end|>\n<|im_start|>assistant\n",
+    ),
+    "instruct_image_text_cand": (
+        P.instruct_prompt("a red circle", 1),
+        "<|im_start|>system\nRepresent the user's input.<|im_end|>\n"
+        "<|im_start|>user\n" + IMG + "a red circle<|im_end|>\n<|im_start|>assistant\n",
+    ),
+}
+
+#: the same inputs written the way Qwen3-VL-Embedding's ``format_model_input`` builds them (system content
+#: a text item; user content the images, then the text), independently of ``instruct_prompt``
+QWEN3_VL_EMB_MESSAGES = {
+    "instruct_text_query": [
+        {"role": "system", "content": [{"type": "text", "text": "Find a caption for this description."}]},
+        {"role": "user", "content": [{"type": "text", "text": "a dog running on grass"}]},
+    ],
+    "instruct_image_query": [
+        {"role": "system", "content": [{"type": "text", "text": "Find a similar everyday image."}]},
+        {"role": "user", "content": [{"type": "image", "image": "query.png"}]},
+    ],
+    "instruct_image_text_cand": [
+        {"role": "system", "content": [{"type": "text", "text": "Represent the user's input."}]},
+        {"role": "user", "content": [{"type": "image", "image": "cand.png"}, {"type": "text", "text": "a red circle"}]},
+    ],
 }
 
 
@@ -73,6 +106,7 @@ def test_rendered_equals_hand_written(name):
 
 def test_constants():
     assert P.ELVA_SUFFIX == ELVA
+    assert P.DEFAULT_EMBED_INSTRUCTION == "Represent the user's input."
     assert P.LAMRA_IMAGE_TEXT_SUFFIX.endswith("word: ")  # the trailing space
 
 
@@ -110,6 +144,22 @@ def test_prompt_text():
     assert P.prompt_text(None, "find it") == "Find it."
     assert P.prompt_text("a dog") == "A dog."
     assert P.prompt_text(None) == ""
+
+
+def test_instruct_prompt_items_and_default_instruction():
+    prompt = P.instruct_prompt('  "as is"\r', 1, "Find it.")
+    sys_turn, user = prompt.messages
+    assert sys_turn == {"role": "system", "content": [{"type": "text", "text": "Find it."}]}
+    # images first, the text verbatim (no format_string) and the only truncatable item
+    assert user["content"] == [{"type": "image"}, {"type": "text", "text": '  "as is"\r', "truncatable": True}]
+    assert prompt.add_generation_prompt and prompt.n_images == 1
+    own = P.instruct_prompt("x", default_instruction="Represent the candidate.")
+    assert own.rendered.startswith("<|im_start|>system\nRepresent the candidate.<|im_end|>\n")
+    assert P.instruct_prompt("x", instruction="", default_instruction="D.").messages[0]["content"][0]["text"] == "D."
+    with pytest.raises(ValueError):
+        P.instruct_prompt(None, 0, "an instruction alone is no input")
+    with pytest.raises(ValueError):
+        P.instruct_prompt("x", default_instruction="")
 
 
 def test_empty_prompt_raises():
@@ -181,3 +231,25 @@ def test_render_other_message_shapes(hf_tokenizer):
             )
             assert P.render_chat(msgs, add_generation_prompt=gen, add_vision_id=vision_id) == want
     assert P.render_chat(msgs).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+@pytest.mark.parametrize("name", sorted(QWEN3_VL_EMB_MESSAGES))
+def test_instruct_prompt_equals_apply_chat_template_of_qwen3_vl_embedding_messages(hf_tokenizer, name):
+    """The rendered instruct_last prompt == transformers' rendering (generation prompt on) of the messages
+    Qwen3-VL-Embedding builds for the same input."""
+    prompt, hand_written = CASES[name]
+    want = hf_tokenizer.apply_chat_template(
+        QWEN3_VL_EMB_MESSAGES[name], chat_template=P.QWEN_VL_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
+    assert prompt.rendered == want == hand_written
+    assert want.endswith("<|im_start|>assistant\n")
+
+
+def test_instruct_text_prompt_equals_the_tokenizer_directory_template(hf_tokenizer):
+    """Text only, the tokenizer directory's own Qwen3 template (string contents, no default system turn)
+    gives the same string: nothing depends on the Qwen2-VL template's default system prompt."""
+    if "<|im_start|>" not in (hf_tokenizer.chat_template or ""):
+        pytest.skip("the tokenizer directory carries no Qwen chat template")
+    prompt, _ = CASES["instruct_text_query"]
+    msgs = [{"role": m["role"], "content": P.render_content(m["content"])} for m in prompt.messages]
+    assert hf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == prompt.rendered

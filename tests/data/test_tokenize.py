@@ -270,3 +270,35 @@ def test_prompt_encoder_pipeline_protocol(tok, hf_tok, image):
     row, truncated = PromptEncoder(tok, "ret", generation=True).encode(text_side, None, None, 64)
     assert truncated and len(row["input_ids"]) <= 64 and row["pixel_values"] is None
     assert tok.decode(row["input_ids"]).endswith(P.ELVA_SUFFIX + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_prompt_encoder_instruct_last(tok, hf_tok, image):
+    """Qwen3-VL-Embedding rows: ids == transformers' rendering + tokenization; the query's instruction or
+    the encoder's default instruction is the system turn; truncation cuts the user text only."""
+    pv, grid = preprocess_image(image)
+    enc = PromptEncoder(tok, "instruct_last")
+    query = {"text": "a dog on grass", "image": "x.png", "instruction": "Find an image."}
+    row, truncated = enc.encode(query, pv, grid[None], 256)
+    assert not truncated and row["pixel_values"] is pv
+    want = reference_ids(hf_tok, P.instruct_prompt("a dog on grass", 1, "Find an image."), [tuple(grid)])
+    assert row["input_ids"].tolist() == want
+    assert tok.decode(row["input_ids"][-3:]) == "<|im_start|>assistant\n"  # the pooled token is the last "\n"
+    cand = {"text": "a dog", "image": None, "instruction": None}
+    got = tok.decode(enc.encode(cand, None, None, 256)[0]["input_ids"])
+    assert got == P.instruct_prompt("a dog").rendered and P.DEFAULT_EMBED_INSTRUCTION in got
+    own = PromptEncoder(tok, "instruct_last", default_instruction="Represent the caption.")
+    assert tok.decode(own.encode(cand, None, None, 256)[0]["input_ids"]).startswith(
+        "<|im_start|>system\nRepresent the caption.<|im_end|>"
+    )
+    long = {"text": "a dog on grass " * 30, "image": None, "instruction": "Find a caption."}
+    row, truncated = enc.encode(long, None, None, 48)
+    text = tok.decode(row["input_ids"])
+    assert truncated and len(row["input_ids"]) <= 48
+    assert text.startswith("<|im_start|>system\nFind a caption.<|im_end|>\n<|im_start|>user\na dog on grass")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    ex = encode_example(tok, "a red circle", image, template="instruct_last", instruction="Find the image.")
+    assert ex["input_ids"].tolist() == reference_ids(
+        hf_tok, P.instruct_prompt("a red circle", 1, "Find the image."), [tuple(grid)]
+    )
+    with pytest.raises(ValueError, match="template must be one of"):
+        PromptEncoder(tok, "nope")

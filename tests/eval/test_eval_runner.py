@@ -300,3 +300,91 @@ def test_task_definitions_and_instruction_rules(env):
     assert (
         T.mask_phrase("a small red circle at the top", {"phrase": "red", "span": None}) == "a small circle at the top"
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Qwen3-VL-Embedding's convention ("instruct_last") on a tiny random Qwen3-VL
+
+
+@pytest.fixture(scope="module")
+def qwen3_ckpt(env):
+    d = env / "ckpt_qwen3_vl"
+    write_random_checkpoint(str(d), "tiny_qwen3_vl")
+    return d
+
+
+def test_instruct_last_embedding_equals_unpadded_last_token_forward(env, qwen3_ckpt):
+    """Right-padded batches (text and image rows of different lengths) == one unpadded row's L2-normalised
+    final hidden state at its last token (the "\\n" after <|im_start|>assistant)."""
+    import jax
+
+    from elva_jax.data.image_processing import load_image, preprocess_image
+    from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+    from elva_jax.model import backbone
+    from elva_jax.model.config import ModelOptions
+    from elva_jax.model.embedding import l2_normalize
+    from elva_jax.model.hf_checkpoint import load_params
+    from elva_jax.model.inputs import build_inputs
+
+    cfg, params = load_params(str(qwen3_ckpt))
+    tok = Tokenizer.from_dir(geometry=cfg.vision.geometry)
+    ecfg = EmbedConfig(mode="instruct_last", batch_size=4, seq_buckets=(160,), patch_row_len=64)
+    emb = Embedder(params, cfg, tok, ecfg, identity={"test": 1}, log=lambda s: None)
+    specs = T.bundled_tasks(env / "data")
+    with_img = T.query_records(T.load_task(specs[4], max_queries=1), None, T.InstructionRule(False))[0]  # (i,t)
+    img_cand = T.candidate_records(T.load_task(specs[0], max_queries=1))[:1]  # an image candidate
+    recs = [
+        {"id": "q", "item": {"text": "a small red circle", "image": None, "instruction": "Find the image."}},
+        {**with_img[0], "item": {**with_img[0]["item"], "instruction": "Edit the image."}},
+        *img_cand,
+        {"id": "long", "item": {"text": " and ".join(["a large red circle"] * 8), "image": None, "instruction": None}},
+    ]
+    got, summaries = emb.compute(recs)  # one right-padded batch of 4
+    assert summaries is None and got.shape == (4, cfg.text.hidden_size)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    enc = PromptEncoder(tok, "instruct_last")
+    opts = ModelOptions()
+    fwd = jax.jit(lambda p, x: backbone.forward(p, x, cfg, opts).hidden[:, -1])
+    for i, r in enumerate(recs):
+        pv = grid = None
+        if r["item"]["image"]:
+            pv, grid = preprocess_image(load_image(r["item"]["image"]), geometry=cfg.vision.geometry)
+            grid = np.asarray(grid).reshape(1, 3)
+        ids = enc.encode(r["item"], pv, grid, 160)[0]["input_ids"]
+        assert tok.decode(ids[-3:]) == "<|im_start|>assistant\n"
+        want = np.asarray(l2_normalize(fwd(params, build_inputs(cfg, opts, ids[None], None, pv, grid))))[0]
+        np.testing.assert_allclose(got[i], want, atol=2e-5)
+
+
+def test_instruct_last_cli_end_to_end_and_cache_identity(env, qwen3_ckpt):
+    from elva_jax.eval.__main__ import main
+
+    out = env / "out_instruct"
+    argv = [
+        "--checkpoint",
+        str(qwen3_ckpt),
+        "--mode",
+        "instruct_last",
+        "--out",
+        str(out),
+        *BASE,
+        f"eval.data_root={env / 'data'}",
+        "eval.tasks=[multigrain_task1, multigrain_task7]",
+        "eval.max_queries=2",
+    ]
+    res = main(argv)
+    _check_results(res, out)
+    s = res["settings"]
+    assert s["mode"] == "instruct_last" and s["embedding"]["default_instruction"] == "Represent the user's input."
+    assert "last real token" in s["embedding"]["embedding"]
+    assert set(res["tasks"]) == {"multigrain_task1", "multigrain_task7"}
+    assert all(r["n_queries"] == 2 for r in res["tasks"].values())
+    res2 = main(argv)  # every embedding from the cache
+    assert all(v["computed"] == 0 and v["reused"] == v["n"] for v in res2["embedding"].values())
+    assert res2["tasks"] == res["tasks"]
+    # the convention and its default instruction are part of the cache identity
+    other = main([*argv, "data.default_instruction=Represent the candidate."])
+    assert other["settings"]["fingerprint_sha"] != s["fingerprint_sha"]
+    assert all(v["reused"] == 0 for v in other["embedding"].values())
+    eol = main([*argv[:2], "--mode", "eol", *argv[4:]])
+    assert eol["settings"]["fingerprint_sha"] not in (s["fingerprint_sha"], other["settings"]["fingerprint_sha"])

@@ -43,3 +43,47 @@ def test_cache_is_reused(tmp_path):
     assert s1["cache"] == "miss" and s2["cache"] == "hit" and a == b
     _, s3 = mine_cached(str(tmp_path / "neg.json"), ids_q, ids_c, q * 0.5, c, pos, **kw)
     assert s3["cache"] == "miss"  # different embeddings: recomputed
+
+
+def test_rl_instances_mined_with_the_instruct_last_embedding(tmp_path):
+    """rl.mining_embedding=instruct_last: queries and pool are embedded the Qwen3-VL-Embedding way (own
+    cache entries, the convention in their fingerprint) and every instance gets its mined negatives."""
+    import json
+
+    import jax
+
+    from elva_jax import configlib
+    from elva_jax.data.multigrain import generate
+    from elva_jax.data.tokenize import Tokenizer
+    from elva_jax.model.params import init_params
+    from elva_jax.model.tiny import preset_config
+    from elva_jax.run.stages import build_rl_instances
+    from elva_jax.schema import RunConfig
+
+    assert configlib.load(RunConfig, None, []).rl.mining_embedding == "eol"  # today's behaviour by default
+    generate(tmp_path / "data", seed=0, n_train=2, n_test=1)
+    cfg = configlib.load(
+        RunConfig,
+        None,
+        [
+            f"run.dir={tmp_path / 'run'}",
+            "data.kind=bundled",
+            f"data.root={tmp_path / 'data'}",
+            "data.seq_buckets=[128]",
+            "data.patch_row_len=64",
+            "rl.mining_embedding=instruct_last",
+            "rl.query_fraction=0.2",
+            "rl.num_hard_negatives=2",
+            "rl.num_random_negatives=1",
+        ],
+    )
+    mcfg = preset_config("tiny")
+    params = init_params(mcfg, jax.random.key(0))
+    tok = Tokenizer.from_dir(geometry=mcfg.vision.geometry)
+    inst = build_rl_instances(cfg, str(tmp_path / "data"), params=params, mcfg=mcfg, tokenizer=tok)
+    assert inst and all(len(x["cands"]) == 1 + 3 for x in inst)
+    cache = tmp_path / "run" / "rl" / "negatives"
+    for name in ("queries.instruct_last", "pool.instruct_last"):
+        embed = json.loads((cache / name / "index.json").read_text())["fingerprint"]["embed"]
+        assert embed["mode"] == "instruct_last" and embed["default_instruction"] == "Represent the user's input."
+    assert not (cache / "queries").exists()  # the EOL entries are untouched

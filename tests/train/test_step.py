@@ -130,3 +130,74 @@ def test_full_finetune_leaves_lm_head_untouched_and_stateless():
     n_state = sum(x.size for x in jax.tree.leaves(state.opt_state))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     assert n_state < 2 * n_params  # no moments for the head
+
+
+def test_instruct_last_step_on_a_pipeline_batch(tmp_path):
+    """train.embedding=instruct_last: the run's pipeline encodes Qwen3-VL-Embedding prompts (instruction as
+    the system turn, candidates with data.default_instruction, right padded) and the step's loss is InfoNCE
+    over the L2-normalised hidden states of each row's last real token (read off by hand here)."""
+    from elva_jax import configlib
+    from elva_jax.data.multigrain import generate
+    from elva_jax.data.pipeline import PipelineConfig, make_pipeline
+    from elva_jax.data.tokenize import Tokenizer
+    from elva_jax.model import backbone
+    from elva_jax.model.params import init_params
+    from elva_jax.model.tiny import preset_config
+    from elva_jax.run.stages import build_records, train_encoder, train_template
+    from elva_jax.schema import RunConfig
+
+    generate(tmp_path / "data", seed=0, n_train=2, n_test=1)
+    cfg = configlib.load(
+        RunConfig, None, ["train.embedding=instruct_last", "data.kind=bundled", f"data.root={tmp_path / 'data'}"]
+    )
+    assert train_template(cfg) == "instruct_last"
+    assert train_template(configlib.load(RunConfig, None, ["train.embedding=last"])) == "eol"
+    mcfg = preset_config("tiny_qwen3_vl")
+    params = init_params(mcfg, jax.random.key(0))
+    tok = Tokenizer.from_dir(geometry=mcfg.vision.geometry)
+    every = build_records(cfg, str(tmp_path / "data"))
+    records = [next(r for r in every if r["query"]["image"]), next(r for r in every if not r["query"]["image"])]
+    pcfg = PipelineConfig(
+        batch_size=2,
+        seq_buckets=(96, 192),
+        patch_budget=(2, 64),
+        shuffle=False,
+        process_index=0,
+        process_count=1,
+        geometry=mcfg.vision.geometry,
+    )
+    batch = next(make_pipeline(records, train_encoder(cfg, tok), mcfg, pcfg))
+    q, c = batch["query"], batch["cand"]
+    for group, rows in ((q, [r["query"] for r in records]), (c, [r["cands"][0] for r in records])):
+        for ids, am, side in zip(group["input_ids"][0], group["attention_mask"][0], rows):
+            n = int(am.sum())
+            assert am[:n].all() and not am[n:].any()  # right padded
+            text = tok.decode(ids[:n])
+            system = side["instruction"] or "Represent the user's input."
+            assert text.startswith(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
+            assert text.endswith("<|im_end|>\n<|im_start|>assistant\n") and "<emb>" not in text
+    assert records[0]["query"]["instruction"] and records[0]["cands"][0]["instruction"] is None
+
+    fwd = jax.jit(lambda p, x: backbone.forward(p, x, mcfg, OPTS).hidden)
+
+    def by_hand(inputs):
+        mb = jax.tree.map(lambda x: x[0], inputs)
+        h = np.asarray(fwd(params, mb))
+        last = np.asarray(mb["attention_mask"]).sum(1) - 1
+        e = h[np.arange(len(last)), last]
+        return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+    want, _ = info_nce(jnp.asarray(by_hand(q)), jnp.asarray(by_hand(c)), 0.05)
+    lcfg = LoraConfig(rank=2, alpha=4)
+    lora = init_lora(mcfg, lcfg, jax.random.key(1))  # B = 0: the step's forward is the base model's
+    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_ratio=0.0), 10)
+    state = TrainState(
+        jnp.zeros((), jnp.int32), params, lora, tx.init(lora), jax.random.key(0), jnp.zeros((), jnp.int32)
+    )
+    scfg = StepConfig(tau=0.05, embedding=cfg.train.embedding, lora_scale=lcfg.scale)
+    new, m = jax.jit(lambda s, b: train_step(s, b, cfg=mcfg, opts=OPTS, scfg=scfg, tx=tx))(state, batch)
+    assert bool(m["finite"]) and int(new.step) == 1
+    assert abs(float(m["loss"]) - float(want)) < 1e-4 * max(1.0, abs(float(want)))
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(new.lora)) > 0
+    with pytest.raises(ValueError, match="embedding must be one of"):
+        StepConfig(embedding="ret")

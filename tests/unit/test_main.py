@@ -36,6 +36,29 @@ def test_default_run_end_to_end(tmp_path, capsys):
     assert any("compile_s" in r for r in lines) and any("tokens_per_s" in r for r in lines)
 
 
+@pytest.mark.slow
+def test_default_run_on_a_tiny_qwen3_vl(tmp_path, capsys):
+    """Every stage on another family: contrastive, RL, export (a Qwen3-VL directory) and [RET] eval."""
+    main(
+        [
+            "--config",
+            os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_qwen3_vl.yaml"),
+            f"run.dir={tmp_path}",
+            "train.max_steps=2",
+            "run.checkpoint_every=2",
+            "rl.steps=1",
+            "eval.summary_tokens=2",
+            "train.eval_modes=[ret]",
+            "eval.grain_masking=false",
+        ]
+    )
+    s = json.load(open(tmp_path / "summary.json"))
+    assert s["end_step"] == 2 and np.isfinite(s["losses"]).all() and s["pipeline"]["images"] > 0
+    assert s["rl"]["steps"] == 1 and np.isfinite(s["rl"]["reward"]).all()
+    assert json.load(open(tmp_path / "export" / "config.json"))["model_type"] == "qwen3_vl"
+    assert os.path.exists(tmp_path / "eval" / "final-ret" / "results.json")
+
+
 def test_bad_override_is_reported(tmp_path):
     with pytest.raises(SystemExit, match="did you mean 'dir'"):
         main([f"run.dri={tmp_path}"])
@@ -51,6 +74,7 @@ def test_rl_only_run_with_mined_negatives(tmp_path, capsys):
     main(
         [
             f"run.dir={tmp_path}",
+            "model.random_preset=tiny_qwen2_5_vl",  # mining and RL on another family
             "train.stages=[rl]",
             "rl.steps=1",
             "rl.negatives=mined",

@@ -21,7 +21,9 @@ def test_presets_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_preset_loads(path):
     cfg = configlib.load(RunConfig, path)
-    assert cfg.train.tau == 0.05 and set(cfg.train.stages) <= {"contrastive", "rl"}
+    # LamRA's tau 0.05; the presets that continue Qwen3-VL-Embedding use its scoring temperature 0.02
+    tau = 0.02 if cfg.train.embedding == "instruct_last" else 0.05
+    assert cfg.train.tau == tau and set(cfg.train.stages) <= {"contrastive", "rl"}
 
 
 def test_reference_hyperparameters():
