@@ -405,4 +405,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from elva_jax.errors import cli
+
+    sys.exit(cli(main, prog="python -m elva_jax.compare"))

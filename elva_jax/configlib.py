@@ -17,10 +17,12 @@ from typing import Any
 
 import yaml
 
+from elva_jax.errors import UserError
+
 _DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key or value that does not fit the schema."""
 
 

@@ -9,6 +9,7 @@ fields with a stated default.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import field
 
 from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION
@@ -191,6 +192,65 @@ class RunSection:
     stop_after_steps: int = 0
 
 
+def _check_values(c) -> None:
+    """Refuse values that cannot be right, naming the field (one ValueError; the loader adds the file)."""
+    fin = math.isfinite
+    rules = [
+        ("optim.lr", fin(c.optim.lr) and c.optim.lr >= 0, "must be a finite number >= 0"),
+        ("rl.lr", fin(c.rl.lr) and c.rl.lr >= 0, "must be a finite number >= 0"),
+        ("optim.weight_decay", fin(c.optim.weight_decay) and c.optim.weight_decay >= 0, "must be finite and >= 0"),
+        ("optim.warmup_ratio", 0 <= c.optim.warmup_ratio <= 1, "must be in [0, 1]"),
+        (
+            "optim.clip_norm",
+            c.optim.clip_norm is None or (fin(c.optim.clip_norm) and c.optim.clip_norm > 0),
+            "must be null (no clipping) or > 0",
+        ),
+        ("train.tau", fin(c.train.tau) and c.train.tau > 0, "must be > 0 (the InfoNCE temperature)"),
+        ("train.global_batch", c.train.global_batch >= 1, "must be >= 1"),
+        ("train.micro_batches", c.train.micro_batches >= 1, "must be >= 1"),
+        ("train.max_steps", c.train.max_steps >= 0, "must be >= 0 (0: the whole epochs)"),
+        ("train.epochs", fin(c.train.epochs) and c.train.epochs > 0, "must be > 0"),
+        ("train.max_nonfinite", c.train.max_nonfinite >= 0, "must be >= 0"),
+        ("run.checkpoint_every", c.run.checkpoint_every >= 1, "must be >= 1"),
+        ("run.keep_checkpoints", c.run.keep_checkpoints >= 1, "must be >= 1"),
+        ("run.log_every", c.run.log_every >= 1, "must be >= 1"),
+        ("run.stop_after_steps", c.run.stop_after_steps >= 0, "must be >= 0"),
+        ("data.seq_buckets", len(c.data.seq_buckets) > 0 and min(c.data.seq_buckets) > 0, "must be non-empty, > 0"),
+        ("data.min_pixels", 0 < c.data.min_pixels <= c.data.max_pixels, "must be > 0 and <= data.max_pixels"),
+        # the RL policy samples; 0 would make log-probs and KL undefined (greedy decoding is eval's "greedy")
+        ("rl.temperature", fin(c.rl.temperature) and c.rl.temperature > 0, "must be > 0 (the policy samples)"),
+        ("rl.top_p", 0 < c.rl.top_p <= 1, "must be in (0, 1]"),
+        ("rl.top_k", c.rl.top_k >= 0, "must be >= 0 (0: off)"),
+        ("rl.group_size", c.rl.group_size >= 2, "must be >= 2 (group-relative advantages)"),
+        ("rl.instances_per_step", c.rl.instances_per_step >= 1, "must be >= 1"),
+        ("rl.micro_instances", c.rl.micro_instances >= 0, "must be >= 0 (0: all instances at once)"),
+        ("rl.max_summary_tokens", c.rl.max_summary_tokens >= 1, "must be >= 1"),
+        ("rl.prompt_buckets", len(c.rl.prompt_buckets) > 0 and min(c.rl.prompt_buckets) > 0, "must be non-empty, > 0"),
+        ("rl.steps", c.rl.steps >= 0, "must be >= 0 (0: one pass over the instances)"),
+        ("rl.mu", c.rl.mu >= 1, "must be >= 1"),
+        ("rl.beta", fin(c.rl.beta) and c.rl.beta >= 0, "must be finite and >= 0"),
+        (
+            "eval.temperature",
+            fin(c.eval.temperature) and c.eval.temperature > 0,
+            "must be > 0 (eval.sampling=greedy decodes greedily)",
+        ),
+        ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
+    ]
+    bad = [f"{name} = {_value(c, name)!r} {why}" for name, ok, why in rules if not ok]
+    if bad:
+        raise ValueError("; ".join(bad))
+    if c.train.global_batch % c.train.micro_batches:
+        raise ValueError(
+            f"train.global_batch {c.train.global_batch} is not divisible by train.micro_batches {c.train.micro_batches}"
+        )
+
+
+def _value(c, dotted: str):
+    for k in dotted.split("."):
+        c = getattr(c, k)
+    return c
+
+
 def project(cls, section, **extra):
     """``cls(**fields)`` with every field of the dataclass ``cls`` that ``section`` also has taken from
     it (plus ``extra``): a smaller config read off the run schema without copying fields by hand."""
@@ -218,6 +278,7 @@ class RunConfig:
         bad = [m for m in self.train.eval_modes if m not in EMBED_MODES]
         if bad:
             raise ValueError(f"train.eval_modes: unknown mode(s) {bad}; choose from {list(EMBED_MODES)}")
+        _check_values(self)
         r = self.rl
         if r.micro_instances and r.instances_per_step % r.micro_instances:
             raise ValueError(

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from elva_jax.errors import UserError
+
 __all__ = ["DataFormatError", "ImageError"]
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image cannot be preprocessed (aspect ratio > 200, empty, unsupported dtype/layout, unreadable)."""
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A dataset file is malformed. The message is ``"{path}, line {line}: {reason}"`` (line is 1-based).
 
     Attributes:

@@ -666,4 +666,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from elva_jax.errors import cli
+
+    cli(main, prog="python -m elva_jax.data.multigrain")

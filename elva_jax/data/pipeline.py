@@ -49,6 +49,7 @@ from elva_jax.data.errors import ImageError
 from elva_jax.data.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS, load_image, preprocess_images
 from elva_jax.data.mbeir import Candidate, Query, dataset_id_of, instruction_key, resolve_image_path
 from elva_jax.data.prompts import choose_instruction
+from elva_jax.errors import UserError
 from elva_jax.model.config import DEFAULT_GEOMETRY, ModelConfig, PatchGeometry
 from elva_jax.model.inputs import pack_images, position_ids
 
@@ -74,11 +75,11 @@ __all__ = [
 # configuration, policy, counters
 
 
-class DataStateMismatch(ValueError):
+class DataStateMismatch(UserError, ValueError):
     """A saved data position that does not belong to this run's records / shuffle seed."""
 
 
-class SkippedFractionError(RuntimeError):
+class SkippedFractionError(UserError, RuntimeError):
     """More records were dropped for bad images than the policy's ``max_skip_fraction`` allows."""
 
 

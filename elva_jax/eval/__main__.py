@@ -15,7 +15,6 @@ Any ``eval.*`` field (elva_jax.eval.runner.EvalSection) or preset key can be ove
 from __future__ import annotations
 
 import argparse
-import sys
 
 from elva_jax import configlib
 
@@ -75,4 +74,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from elva_jax.errors import cli
+
+    cli(main, prog="python -m elva_jax.eval")

@@ -58,6 +58,7 @@ from elva_jax.data.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS
 from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
 from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION
 from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+from elva_jax.errors import UserError
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.embedding import eol_embedding, l2_normalize, last_token_embedding
@@ -70,7 +71,7 @@ _FORMAT = "elva_jax.eval.embed/1"
 _QWEN2_EOS = 151645  # <|im_end|>
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """An embedding cache that cannot be used as is (missing/corrupt part, foreign fingerprint)."""
 
 

@@ -33,6 +33,7 @@ from elva_jax.data.errors import DataFormatError
 from elva_jax.data.mbeir import Candidate, Query
 from elva_jax.data.pipeline import corpus_records
 from elva_jax.data.prompts import choose_instruction
+from elva_jax.errors import UserError
 
 __all__ = [
     "MBEIR_TASKS",
@@ -80,7 +81,7 @@ INSTRUCTIONS_FILE = "instructions/query_instructions.tsv"
 DEFAULT_K = 5
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     """Evaluation data that cannot be scored (missing file, query without qrels, empty set)."""
 
 

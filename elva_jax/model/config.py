@@ -13,9 +13,15 @@ import json
 import os
 from typing import Any
 
+from elva_jax.errors import UserError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(UserError, ValueError):
     """The checkpoint is not a model family (or a variant of one) this package implements."""
+
+
+class ModelFileNotFound(UserError, FileNotFoundError):
+    """No config.json where a model directory was named."""
 
 
 #: OpenAI CLIP normalisation (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD): Qwen2-VL, Qwen2.5-VL
@@ -151,12 +157,12 @@ class ModelConfig:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no config.json at {path}")
+            raise ModelFileNotFound(f"no config.json at {path}")
         with open(path) as f:
             try:
                 d = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON ({e})") from None
+                raise UnsupportedArchitectureError(f"{path}: invalid JSON ({e})") from None
         return cls.from_dict(d, source=path)
 
 

@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
+from elva_jax.errors import UserError
 from elva_jax.model.config import ModelConfig
 from elva_jax.model.families import family_of
 from elva_jax.model.params import ParamSpec, get_path, param_specs, set_path
@@ -40,7 +41,7 @@ _DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not match the model: missing tensor, wrong shape, bad file."""
 
 

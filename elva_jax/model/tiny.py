@@ -308,4 +308,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from elva_jax.errors import cli
+
+    cli(main, prog="python -m elva_jax.model.tiny")

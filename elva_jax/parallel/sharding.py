@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from elva_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or axes, or None = replicated)
@@ -36,7 +38,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """A mesh shape that does not fit the devices, or a tensor the mesh cannot split."""
 
 

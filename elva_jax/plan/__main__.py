@@ -2,6 +2,7 @@
 
 import sys
 
+from elva_jax.errors import cli
 from elva_jax.plan.cli import main
 
-sys.exit(main())
+sys.exit(cli(main, prog="python -m elva_jax.plan"))

@@ -12,11 +12,13 @@ import re
 
 import jax
 
+from elva_jax.errors import UserError
+
 GIB = 1024**3
 EXIT_NOT_FIT, EXIT_MESH, EXIT_TOPOLOGY = 1, 3, 4
 
 
-class PlanError(RuntimeError):
+class PlanError(UserError, RuntimeError):
     """A plan that cannot be built; `code` is the exit status."""
 
     def __init__(self, message: str, code: int = EXIT_MESH):

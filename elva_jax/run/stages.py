@@ -222,6 +222,11 @@ def run(cfg: RunConfig) -> dict:
             yaml.safe_dump(configlib.to_dict(cfg), f, sort_keys=False)
     root = bundled_root(cfg) if cfg.data.kind == "bundled" else cfg.data.root
     records = build_records(cfg, root)
+    if len(records) < cfg.train.global_batch:
+        raise configlib.ConfigError(
+            f"train.global_batch {cfg.train.global_batch} exceeds the {len(records)} training records of "
+            f"data.root {root!r}: not one full batch"
+        )
     mcfg, params = load_model(cfg)
     tok_dir = cfg.model.tokenizer or (cfg.model.checkpoint if _has_tokenizer(cfg.model.checkpoint) else None)
     tokenizer = Tokenizer.from_dir(tok_dir, geometry=mcfg.vision.geometry)

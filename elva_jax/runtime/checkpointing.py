@@ -18,11 +18,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from elva_jax.data.pipeline import DataStateMismatch
+from elva_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointNotFound(FileNotFoundError):
+class CheckpointNotFound(UserError, FileNotFoundError):
     pass
 
 

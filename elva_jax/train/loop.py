@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elva_jax.configlib import ConfigError
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.lora import LoraConfig, init_lora, lora_axes
 from elva_jax.model.params import logical_axes
@@ -89,6 +90,13 @@ def train(
 ) -> dict:
     """Run (or resume) training; returns a summary. `stop_after` ends the process early (tests)."""
     mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rows, shards = cfg.train.global_batch // cfg.train.micro_batches, mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % shards:
+        raise ConfigError(
+            f"train.global_batch {cfg.train.global_batch} / train.micro_batches {cfg.train.micro_batches} = {rows} "
+            f"rows per micro-batch do not divide over the {shards} batch shards (data x fsdp) of the "
+            f"{mesh.devices.size}-device mesh {dict(mesh.shape)}"
+        )
     opts = model_options(cfg)
     lcfg = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
     full = not cfg.lora.enabled

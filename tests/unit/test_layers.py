@@ -9,6 +9,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "elva_jax"
 LAYERS = [
+    {"errors"},
     {"configlib", "parallel"},
     {"model"},
     {"retrieval", "data"},

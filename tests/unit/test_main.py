@@ -65,7 +65,7 @@ def test_bad_override_is_reported(tmp_path):
 
 
 def test_batch_not_divisible_is_reported(tmp_path):
-    with pytest.raises(Exception, match="not divisible by micro_batches"):
+    with pytest.raises(SystemExit, match="not divisible by train.micro_batches"):
         main([f"run.dir={tmp_path}", "train.global_batch=6", "train.micro_batches=4"])
 
 
@@ -89,3 +89,52 @@ def test_rl_only_run_with_mined_negatives(tmp_path, capsys):
     neg = json.load(open(tmp_path / "rl" / "negatives" / "negatives.json"))
     assert len(neg["negatives"]) == 16 and all(len(v) <= 4 for v in neg["negatives"].values())
     assert json.load(open(tmp_path / "summary.json"))["rl"]["steps"] == 1
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("optim.lr=-1e-3", "optim.lr"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("train.tau=0", "train.tau"),
+        ("rl.temperature=0", "rl.temperature"),
+        ("train.micro_batches=0", "train.micro_batches"),
+        ("data.seq_buckets=[]", "data.seq_buckets"),
+        ("run.checkpoint_every=0", "run.checkpoint_every"),
+        ("train.max_steps=-1", "train.max_steps"),
+        ("train.global_batch=0", "train.global_batch"),
+    ],
+)
+def test_impossible_values_are_refused_up_front(tmp_path, override, field):
+    with pytest.raises(SystemExit, match=f"config error: .*{field}"):
+        main([f"run.dir={tmp_path}", override])
+    assert not os.path.exists(tmp_path / "checkpoints")  # nothing started
+
+
+def test_global_batch_larger_than_the_data_is_refused(tmp_path):
+    with pytest.raises(Exception, match="train.global_batch 400 exceeds the 160 training records"):
+        main([f"run.dir={tmp_path}", "train.global_batch=400"])
+
+
+def test_known_errors_end_in_one_line_without_a_traceback(tmp_path):
+    """The command line: a known error class is one line on stderr and exit status 2; --debug shows it."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "elva_jax.train", f"run.dir={tmp_path}", "optim.lr=-1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "optim.lr" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run(
+        [sys.executable, "-m", "elva_jax.compare", "--hf-dir", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    p = subprocess.run(
+        [sys.executable, "-m", "elva_jax.compare", "--debug", "--hf-dir", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode != 0 and "Traceback" in p.stderr
