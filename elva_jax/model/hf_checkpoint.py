@@ -191,16 +191,24 @@ def save_params(
     """Write params as a transformers directory of the config's family (config.json + safetensors [+ index]).
 
     Tensors keep the params' dtype. extra_files_from: copy tokenizer / processor files from there.
+    Refuses (CheckpointError, nothing written) a tensor with a NaN or an infinity.
     """
-    os.makedirs(path, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
     for spec in param_specs(cfg):
         x = np.asarray(jax.device_get(get_path(params, spec.path)))
+        if np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16:
+            bad = int(np.size(x) - np.count_nonzero(np.isfinite(x.astype(np.float32, copy=False))))
+            if bad:
+                raise CheckpointError(
+                    f"refusing to export {path}: tensor {'/'.join(spec.path)} ({spec.hf_name}) has {bad} "
+                    "non-finite values"
+                )
         if spec.stacked:
             for i in range(spec.shape[0]):
                 tensors[spec.hf_name.format(i=i)] = _from_jax_layout(x[i], spec, cfg)
         else:
             tensors[spec.hf_name] = _from_jax_layout(x, spec, cfg)
+    os.makedirs(path, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for k, v in tensors.items():

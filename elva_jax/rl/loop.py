@@ -185,6 +185,13 @@ def run_rl(
             }
             state, m = trainer.step(state, batch)
             m.update(inputs_digest)
+            if m["skipped_update"]:
+                print(f"[elva_jax] RL step {state.step}: non-finite loss/gradient/update, skipped", flush=True)
+            if state.skipped > cfg.train.max_nonfinite:
+                raise FloatingPointError(
+                    f"RL stage: {state.skipped} non-finite updates (train.max_nonfinite {cfg.train.max_nonfinite}); "
+                    "the last checkpoint is kept and nothing is exported"
+                )
             m["lr"] = float(lr_at(state.step - 1))
             logger.log(state.step, m)
             history.append(m)

@@ -43,6 +43,7 @@ class RLState:
     lora: dict
     opt_state: Any
     key: jax.Array
+    skipped: int = 0  # updates skipped because the loss, gradient or update was not finite
 
 
 def encode_prompts(sides, encoder, *, min_pixels, max_pixels, buckets: tuple[int, ...], pad_id: int, geometry):
@@ -104,12 +105,19 @@ def constrain_micro_batches(micro: dict, mesh) -> dict:
 
 def rl_update(lora, opt_state, params, batch: dict, *, shape, tx, rcfg: RLConfig, mesh=None, **loss_kw):
     """One GRPO update of the LoRA (pure; jit it): the batch split into ``rcfg.micro_instances``
-    micro-batches, the exact accumulated gradient (`rl_loss_and_grad`), then the optimizer.
+    micro-batches, the exact accumulated gradient (`rl_loss_and_grad`), then the optimizer, skipped
+    (metrics["finite"] False) when the loss, gradient or update is not finite.
     ``loss_kw``: cfg, opts, reward_cfg, lora_scale. Returns (lora, opt_state, metrics)."""
     micro = constrain_micro_batches(split_instances(batch, shape, rcfg.micro_instances), mesh)
-    _, m, g = rl_loss_and_grad(lora, params, micro, rcfg=rcfg, shape=shape, **loss_kw)
-    upd, opt_state = tx.update(g, opt_state, lora)
-    return optax.apply_updates(lora, upd), opt_state, {**m, "grad_norm": optax.tree.norm(g)}
+    loss, m, g = rl_loss_and_grad(lora, params, micro, rcfg=rcfg, shape=shape, **loss_kw)
+    upd, new_opt = tx.update(g, opt_state, lora)
+    grad_norm = optax.tree.norm(g)
+    # a non-finite loss, gradient or update (NaN rewards or KL, a NaN learning rate) leaves the LoRA and
+    # the optimizer state as they were; the step is counted as skipped
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(upd))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_lora = keep(optax.apply_updates(lora, upd), lora)
+    return new_lora, keep(new_opt, opt_state), {**m, "grad_norm": grad_norm, "finite": finite}
 
 
 class RLTrainer:
@@ -377,6 +385,8 @@ class RLTrainer:
         jax.block_until_ready(state.lora)
         t_update = time.perf_counter() - t3
         state.step += 1
+        skipped_now = not bool(m.pop("finite", True))
+        state.skipped += int(skipped_now)
         lens = np.asarray(out.lengths)
         n_tok = max(1, int(np.asarray(out.mask).sum()))
         metrics = {
@@ -396,6 +406,8 @@ class RLTrainer:
             "time_reward_s": t_reward,
             "time_update_s": t_update,
             "tokens_sampled": int(np.asarray(out.mask).sum()),
+            "skipped_update": float(skipped_now),
+            "skipped_updates": float(state.skipped),
             **{k: float(v) for k, v in m.items()},
         }
         return state, metrics

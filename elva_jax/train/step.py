@@ -7,7 +7,8 @@ batch losses would change the negatives):
   1. embed every micro-batch without gradients;
   2. loss and d loss / d embeddings on the full global batch;
   3. per micro-batch, back-propagate its embedding cotangents through the model (VJP) and sum.
-The result equals the large-batch gradient. Non-finite gradients skip the update and are counted.
+The result equals the large-batch gradient. A non-finite loss, gradient or update skips the update
+(params and optimizer state unchanged) and is counted.
 """
 
 from __future__ import annotations
@@ -133,8 +134,9 @@ def train_step(state: TrainState, batch, *, cfg, opts, scfg: StepConfig, tx: opt
         trainable, frozen = state.lora, state.params
     (loss, metrics), grads = contrastive_loss_and_grads(trainable, frozen, batch, cfg, opts, scfg)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, trainable)
+    # the update itself must be finite too: a NaN learning rate or optimizer state passes finite gradients
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     new_tr = optax.apply_updates(trainable, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_tr = keep(new_tr, trainable)

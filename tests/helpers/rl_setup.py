@@ -28,12 +28,12 @@ def instances(root, n_neg=3):
     return contrastive_records(qs, pool, root, num_negatives=n_neg)
 
 
-def make_trainer(rcfg: RLConfig | None = None, *, cache_dtype=None, seed=0, mesh=None):
+def make_trainer(rcfg: RLConfig | None = None, *, cache_dtype=None, seed=0, mesh=None, tx=None):
     """(trainer, state); with a mesh the state is laid out on it as the RL stage does."""
     tok = Tokenizer.from_dir()
     cfg = preset_config("tiny")
     opts = ModelOptions()
-    tx = optax.adamw(1e-3)
+    tx = tx or optax.adamw(1e-3)
     rcfg = rcfg or RLConfig(group_size=4, max_summary_tokens=6)
     tr = RLTrainer.from_tokenizer(
         cfg,

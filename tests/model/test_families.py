@@ -69,6 +69,17 @@ def test_checkpoint_round_trip_with_vocab_resize(family, tmp_path):
     np.testing.assert_allclose(emb[V:], np.broadcast_to(emb[:V].mean(0), (16, emb.shape[1])), rtol=1e-5, atol=1e-7)
 
 
+def test_export_refuses_non_finite_tensors(family, tmp_path):
+    from elva_jax.model.hf_checkpoint import CheckpointError
+
+    name, cfg, params = family
+    bad = jax.tree.map(lambda x: x, params)
+    bad["text"]["norm"]["scale"] = bad["text"]["norm"]["scale"].at[3].set(jnp.nan)
+    with pytest.raises(CheckpointError, match="text/norm/scale .* 1 non-finite"):
+        save_params(str(tmp_path / "nan"), bad, cfg)
+    assert not (tmp_path / "nan").exists()
+
+
 def test_lora_reaches_every_target_and_changes_the_output(family):
     name, cfg, params = family
     ids, am, pv, g = _prompt(cfg, np.random.default_rng(1))

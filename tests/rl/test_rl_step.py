@@ -63,6 +63,20 @@ def test_rollouts_and_reforward_in_instance_chunks(data):
     assert moved > 0
 
 
+def test_non_finite_update_is_skipped(data):
+    """A NaN learning rate (finite rewards and gradients): the RL update is skipped and counted, the LoRA
+    and optimizer state stay as they were."""
+    import optax
+
+    rc = RLConfig(group_size=2, max_summary_tokens=2)
+    tr, st = make_trainer(rc, tx=optax.adamw(float("nan")))
+    before = jax.tree.map(np.asarray, st.lora)
+    st, m = tr.step(st, data[:1])
+    assert m["skipped_update"] == 1.0 and st.skipped == 1 and np.isfinite(m["grad_norm"])
+    for a, b in zip(jax.tree.leaves(st.lora), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
 @pytest.mark.slow
 def test_shared_candidate_sampling(data):
     # in instance chunks of one: the shared candidate summaries are per chunk, still shared across G

@@ -98,6 +98,21 @@ def test_nonfinite_update_is_skipped(model):
         np.testing.assert_array_equal(a, b)
 
 
+def test_nan_learning_rate_is_skipped_with_finite_gradients(model):
+    """Finite loss and gradients but a NaN learning rate: the update is non-finite, so it is skipped."""
+    import optax
+
+    cfg, params, lora = model
+    tx = optax.adamw(float("nan"))
+    state = TrainState(
+        jnp.zeros((), jnp.int32), params, lora, tx.init(lora), jax.random.key(0), jnp.zeros((), jnp.int32)
+    )
+    new, m = train_step(state, contrastive_batch(cfg, OPTS, A=1, b=2, seed=7), cfg=cfg, opts=OPTS, scfg=SCFG, tx=tx)
+    assert np.isfinite(float(m["grad_norm"])) and not bool(m["finite"]) and int(new.skipped) == 1
+    for a, b in zip(jax.tree.leaves(new.lora), jax.tree.leaves(lora)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.slow
 def test_eight_devices_equal_one():
     r = run_check(os.path.join(os.path.dirname(__file__), "mesh_check.py"), timeout=600)
