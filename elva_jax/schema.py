@@ -187,6 +187,9 @@ class RunSection:
     async_checkpoint: bool = True
     profile_steps: tuple[int, ...] = ()  # (first, last) step window traced with jax.profiler
     resume: bool = True
+    # fingerprint fields (elva_jax.runtime.fingerprint) that a resume may change on purpose, e.g.
+    # [train.global_batch]; any other difference from the checkpoint stops the resume
+    allow_changed: tuple[str, ...] = ()
     # end this invocation after this many steps of the running stage (a checkpoint is saved; the LR
     # schedule still spans the whole run; the same command continues): time-boxed queue jobs. 0 = off
     stop_after_steps: int = 0

@@ -27,7 +27,8 @@ from elva_jax.parallel.sharding import any_process, make_mesh, mesh_or_replicate
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import RLConfig
 from elva_jax.rl.trainer import RLState, RLTrainer
-from elva_jax.runtime.checkpointing import Checkpointer, abstract_like
+from elva_jax.runtime.checkpointing import Checkpointer, CheckpointIncompatible, abstract_like
+from elva_jax.runtime.fingerprint import run_fingerprint
 from elva_jax.runtime.observe import MetricsLogger
 from elva_jax.runtime.optim import make_optimizer, schedule
 from elva_jax.schema import RunConfig
@@ -147,7 +148,14 @@ def run_rl(
         keep=cfg.run.keep_checkpoints,
         async_save=cfg.run.async_checkpoint,
         with_data_iter=False,
+        fingerprint=run_fingerprint(cfg, "rl"),
+        allow_changed=cfg.run.allow_changed,
     )
+    if ckpt.steps() and not cfg.run.resume:
+        raise CheckpointIncompatible(
+            f"{ckpt.directory} holds RL checkpoints (steps {ckpt.steps()}) and run.resume is false: a new run "
+            "there would rotate them away; use another run.dir or move them"
+        )
 
     def saveable(st: RLState):
         return {
@@ -157,7 +165,7 @@ def run_rl(
             "key": jax.random.key_data(st.key),
         }
 
-    if cfg.run.resume and ckpt.steps():
+    if ckpt.steps():
         step0, saved, _ = ckpt.restore_latest(abstract_like(saveable(state)))
         state = RLState(
             int(saved["step"]),
@@ -206,7 +214,9 @@ def run_rl(
                 stop["flag"] = True
             stop["flag"] = any_process(stop["flag"])  # a SIGTERM seen by one host stops all at this step
             if state.step % cfg.run.checkpoint_every == 0 or state.step == n_steps or stop["flag"]:
-                ckpt.save(state.step, saveable(state), None, {"reward": m["reward"]}, force=True)
+                ckpt.save(
+                    state.step, saveable(state), None, {"reward": m["reward"], "nonfinite": state.skipped}, force=True
+                )
             if stop["flag"]:
                 print(f"[elva_jax] saved RL step {state.step} and stopping", flush=True)
                 break

@@ -23,7 +23,8 @@ from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.lora import LoraConfig, init_lora, lora_axes
 from elva_jax.model.params import logical_axes
 from elva_jax.parallel.sharding import any_process, make_mesh, mesh_or_replicated, place, replicated, tree_shardings
-from elva_jax.runtime.checkpointing import Checkpointer, CheckpointNotFound, abstract_like
+from elva_jax.runtime.checkpointing import Checkpointer, CheckpointIncompatible, abstract_like
+from elva_jax.runtime.fingerprint import run_fingerprint
 from elva_jax.runtime.observe import MetricsLogger, Profiler, device_peak_flops, lowered_flops, unrolled
 from elva_jax.runtime.optim import make_optimizer, schedule
 from elva_jax.schema import RunConfig
@@ -136,15 +137,21 @@ def train(
     run_dir = cfg.run.dir
     os.makedirs(run_dir, exist_ok=True)
     ckpt = Checkpointer(
-        os.path.join(run_dir, "checkpoints"), keep=cfg.run.keep_checkpoints, async_save=cfg.run.async_checkpoint
+        os.path.join(run_dir, "checkpoints"),
+        keep=cfg.run.keep_checkpoints,
+        async_save=cfg.run.async_checkpoint,
+        fingerprint=run_fingerprint(cfg, "contrastive"),
+        allow_changed=cfg.run.allow_changed,
     )
     start = 0
-    if cfg.run.resume and ckpt.steps():
-        try:
-            start, state, _ = ckpt.restore_latest(abstract_like(state), data_iter)
-            print(f"[elva_jax] resumed from step {start} ({ckpt.directory})", flush=True)
-        except CheckpointNotFound as e:
-            print(f"[elva_jax] {e}; starting from scratch", flush=True)
+    if ckpt.steps() and not cfg.run.resume:
+        raise CheckpointIncompatible(
+            f"{ckpt.directory} holds checkpoints (steps {ckpt.steps()}) and run.resume is false: a new run there "
+            "would rotate them away; use another run.dir or move them"
+        )
+    if ckpt.steps():  # a corrupt newest step falls back; an incompatible or unreadable set stops the run
+        start, state, _ = ckpt.restore_latest(abstract_like(state), data_iter)
+        print(f"[elva_jax] resumed from step {start} ({ckpt.directory})", flush=True)
 
     step_fn = jax.jit(
         lambda s, b: train_step(s, b, cfg=model_cfg, opts=opts, scfg=scfg, tx=tx),
@@ -220,9 +227,15 @@ def train(
             if int(state.skipped) > cfg.train.max_nonfinite:
                 raise FloatingPointError(f"{int(state.skipped)} non-finite updates (max {cfg.train.max_nonfinite})")
             if step % cfg.run.checkpoint_every == 0:
-                ckpt.save(step, state, data_iter, {"loss": loss})
+                ckpt.save(step, state, data_iter, {"loss": loss, "nonfinite": int(state.skipped)})
             if any_process(stop.requested):
-                ckpt.save(step, state, data_iter, {"loss": loss, "preempted": True}, force=True)
+                ckpt.save(
+                    step,
+                    state,
+                    data_iter,
+                    {"loss": loss, "preempted": True, "nonfinite": int(state.skipped)},
+                    force=True,
+                )
                 ckpt.wait()
                 print(f"[elva_jax] SIGTERM: saved step {step} and stopping", flush=True)
                 summary["preempted"] = True
@@ -230,7 +243,7 @@ def train(
             if stop_after is not None and step - start >= stop_after:
                 break
         if not summary.get("preempted") and step not in ckpt.steps():
-            ckpt.save(step, state, data_iter, {"final": True}, force=True)
+            ckpt.save(step, state, data_iter, {"final": True, "nonfinite": int(state.skipped)}, force=True)
     finally:
         ckpt.close()
         logger.close()

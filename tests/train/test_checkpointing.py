@@ -65,7 +65,7 @@ def test_corrupt_latest_falls_back(tmp_path, capsys):
                 fh.truncate(0)
     step, state, _ = ck.restore_latest(abstract_like(_state(0.0)), _iter())
     assert step == 1 and float(state["w"][0, 0]) == 1.0
-    assert "step 2 is unreadable" in capsys.readouterr().out
+    assert "step 2 is corrupt or unreadable" in capsys.readouterr().out
     ck.close()
 
 
@@ -104,4 +104,86 @@ def test_another_runs_data_state_is_an_error_not_a_fresh_start(tmp_path):
     ok = _Positioned(0)
     step, _, _ = ck.restore_latest(abstract_like(_state(0.0)), ok)
     assert step == 2 and ok.pos == 8
+    ck.close()
+
+
+def _saved(tmp_path, n=3, fingerprint=None, nonfinite=(0, 0, 0), keep=3):
+    ck = Checkpointer(str(tmp_path), keep=keep, async_save=False, fingerprint=fingerprint or {"lora.rank": 4})
+    it = _Positioned(0)
+    for s in range(1, n + 1):
+        it.pos = 4 * s
+        ck.save(s, _state(float(s)), it, {"nonfinite": nonfinite[s - 1]})
+    ck.wait()
+    return ck
+
+
+def test_a_flipped_byte_is_detected_and_the_previous_step_used(tmp_path, capsys):
+    ck = _saved(tmp_path)
+    files = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "3" / "state") for f in fs if "ocdbt" in r]
+    victim = max(files, key=os.path.getsize)
+    with open(victim, "r+b") as fh:
+        b = fh.read(1)
+        fh.seek(0)
+        fh.write(bytes([b[0] ^ 0x01]))
+    assert ck.verify(3) is not None and ck.verify(2) is None
+    step, state, _ = ck.restore_latest(abstract_like(_state(0.0)), _Positioned(0))
+    assert step == 2 and float(state["w"][0, 0]) == 2.0
+    assert "step 3 is corrupt" in capsys.readouterr().out
+    ck.close()
+
+
+def test_an_incompatible_checkpoint_stops_and_deletes_nothing(tmp_path):
+    """Another shape (e.g. a changed lora.rank) is not 'unreadable': the resume stops naming the tensor,
+    and every step stays on disk."""
+    import pytest
+
+    from elva_jax.runtime.checkpointing import CheckpointIncompatible
+
+    _saved(tmp_path).close()
+    wider = {**_state(0.0), "w": jnp.zeros((4, 5), jnp.float32)}
+    ck = Checkpointer(str(tmp_path), keep=3, async_save=False, fingerprint={"lora.rank": 4})
+    with pytest.raises(CheckpointIncompatible, match=r"w: checkpoint \(\(4, 3\)"):
+        ck.restore_latest(abstract_like(wider), _Positioned(0))
+    assert ck.steps() == [1, 2, 3]
+    ck.close()
+
+
+def test_a_changed_fingerprint_stops_unless_allowed(tmp_path):
+    import pytest
+
+    from elva_jax.runtime.checkpointing import CheckpointIncompatible
+
+    _saved(tmp_path, fingerprint={"train.global_batch": 8, "lora.rank": 4}).close()
+    now = {"train.global_batch": 16, "lora.rank": 4}
+    ck = Checkpointer(str(tmp_path), async_save=False, fingerprint=now)
+    with pytest.raises(CheckpointIncompatible, match="train.global_batch: checkpoint 8, now 16"):
+        ck.restore_latest(abstract_like(_state(0.0)), _Positioned(0))
+    ck.close()
+    ck = Checkpointer(str(tmp_path), async_save=False, fingerprint=now, allow_changed=("train.global_batch",))
+    step, _, _ = ck.restore_latest(abstract_like(_state(0.0)), _Positioned(0))
+    assert step == 3
+    ck.close()
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    import pytest
+
+    from elva_jax.runtime.checkpointing import CheckpointNotFound
+
+    ck = _saved(tmp_path, n=2)
+    for s in ("1", "2"):
+        for root, _, files in os.walk(tmp_path / s / "state"):
+            for f in files:
+                open(os.path.join(root, f), "wb").close()
+    with pytest.raises(CheckpointNotFound, match="Not starting over"):
+        ck.restore_latest(abstract_like(_state(0.0)), _Positioned(0))
+    assert ck.steps() == [1, 2]
+    ck.close()
+
+
+def test_rotation_keeps_the_last_step_no_non_finite_update_followed(tmp_path):
+    """Skipped (non-finite) updates counted 0, 0, 1, 2, 3 at steps 1-5: the updates from step 1 to 2 were
+    the last finite stretch, so step 1 stays besides the last 2 steps."""
+    ck = _saved(tmp_path, n=5, nonfinite=(0, 0, 1, 2, 3), keep=2)
+    assert ck.steps() == [1, 4, 5]
     ck.close()

@@ -138,3 +138,17 @@ def test_known_errors_end_in_one_line_without_a_traceback(tmp_path):
         timeout=300,
     )
     assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+@pytest.mark.slow
+def test_an_incompatible_resume_stops_and_keeps_every_checkpoint(tmp_path):
+    from elva_jax.runtime.checkpointing import CheckpointIncompatible
+
+    base = [f"run.dir={tmp_path}", "train.stages=[contrastive]", "train.eval_modes=[]", "run.checkpoint_every=1"]
+    main([*base, "train.max_steps=2", "run.async_checkpoint=false"])
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(CheckpointIncompatible, match="lora.rank: checkpoint 16, now 8"):
+        main([*base, "train.max_steps=3", "lora.rank=8"])
+    with pytest.raises(CheckpointIncompatible, match="train.global_batch: checkpoint 8, now 4"):
+        main([*base, "train.max_steps=3", "train.global_batch=4"])
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before  # nothing rotated away or overwritten

@@ -1,0 +1,57 @@
+"""The settings that give a checkpoint's step and data position their meaning (mesh-independent).
+
+A resume whose settings differ in one of these fields stops (`CheckpointIncompatible`) unless the field
+is named in `run.allow_changed`. Mesh, dtypes of compute, logging and checkpoint cadence may change
+freely: they do not change what step s or record index i means.
+"""
+
+from __future__ import annotations
+
+FIELDS = {
+    "contrastive": (
+        "model.checkpoint",
+        "model.random_preset",
+        "lora.enabled",
+        "lora.rank",
+        "lora.alpha",
+        "lora.targets",
+        "data.kind",
+        "data.root",
+        "data.train_files",
+        "data.pool_file",
+        "data.hard_negatives",
+        "data.shuffle_seed",
+        "train.global_batch",
+        "train.embedding",
+        "train.seed",
+    ),
+    "rl": (
+        "model.checkpoint",
+        "model.random_preset",
+        "lora.enabled",
+        "lora.rank",
+        "lora.alpha",
+        "lora.targets",
+        "data.kind",
+        "data.root",
+        "data.train_files",
+        "rl.instances_per_step",
+        "rl.group_size",
+        "rl.query_fraction",
+        "rl.negatives",
+        "rl.num_hard_negatives",
+        "rl.num_random_negatives",
+        "train.seed",
+    ),
+}
+
+
+def run_fingerprint(cfg, stage: str) -> dict:
+    """{dotted field: value} of the stage's fingerprint fields (tuples as lists, as JSON stores them)."""
+    out = {}
+    for name in FIELDS[stage]:
+        v = cfg
+        for k in name.split("."):
+            v = getattr(v, k)
+        out[name] = list(v) if isinstance(v, tuple) else v
+    return out
