@@ -37,6 +37,7 @@ import sys
 
 import numpy as np
 
+from elva_jax.errors import UserError
 from elva_jax.model.families import family_of
 
 
@@ -66,15 +67,46 @@ def _random_inputs(cfg, seed: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": am, "pixel_values": pv, "image_grid_thw": g}
 
 
-def _load_inputs(path: str) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        data = {k: z[k] for k in z.files}
-    for k in ("input_ids",):
-        if k not in data:
-            raise SystemExit(f"{path}: missing key {k!r} (have {sorted(data)})")
-    data.setdefault("attention_mask", np.ones_like(data["input_ids"]))
+class CompareInputError(UserError, ValueError):
+    """An --inputs file that cannot be the batch it claims to be."""
+
+
+def _load_inputs(path: str, cfg) -> dict[str, np.ndarray]:
+    """The npz batch, checked before any model runs: integer ids inside the vocabulary, a [B, L] batch
+    with B, L > 0, a 0/1 mask of the same shape, and pixel rows that match the grids."""
+
+    def bad(msg):
+        raise CompareInputError(f"{path}: {msg}")
+
+    try:
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        bad(f"not a readable .npz file ({type(e).__name__}: {e})")
+    if "input_ids" not in data:
+        bad(f"missing key 'input_ids' (have {sorted(data)})")
+    ids = data["input_ids"]
+    if not np.issubdtype(ids.dtype, np.integer):
+        bad(f"input_ids must be integers, got {ids.dtype} (a float array would be truncated silently)")
+    if ids.ndim != 2 or 0 in ids.shape:
+        bad(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}")
+    V = cfg.text.vocab_size
+    if ids.min() < 0 or ids.max() >= V:
+        bad(f"input_ids hold ids outside the vocabulary [0, {V}): min {ids.min()}, max {ids.max()}")
+    am = data.setdefault("attention_mask", np.ones_like(ids))
+    if am.shape != ids.shape or not np.isin(am, (0, 1)).all():
+        bad(f"attention_mask must be 0/1 of shape {ids.shape}, got shape {am.shape}")
     if ("pixel_values" in data) != ("image_grid_thw" in data):
-        raise SystemExit(f"{path}: pixel_values and image_grid_thw must be given together")
+        bad("pixel_values and image_grid_thw must be given together")
+    if "pixel_values" in data:
+        pv, g = data["pixel_values"], np.asarray(data["image_grid_thw"])
+        dim = cfg.vision.patch_dim
+        if pv.ndim != 2 or pv.shape[1] != dim:
+            bad(f"pixel_values must be [n_patches, {dim}] for this model, got {pv.shape}")
+        if g.ndim != 2 or g.shape[1] != 3 or (g <= 0).any():
+            bad(f"image_grid_thw must be [n_images, 3] of positive sizes, got {g.tolist()}")
+        if int(np.prod(g, axis=1).sum()) != len(pv):
+            bad(f"image_grid_thw covers {int(np.prod(g, axis=1).sum())} patches, pixel_values has {len(pv)} rows")
     return data
 
 
@@ -393,7 +425,7 @@ def main(argv=None) -> int:
         )
         res.update(info, inputs=agree)
     else:
-        data = _load_inputs(a.inputs) if a.inputs else _random_inputs(cfg, a.seed)
+        data = _load_inputs(a.inputs, cfg) if a.inputs else _random_inputs(cfg, a.seed)
         res = run(a.hf_dir, data, a.dtype, a.position_mode, a.per_layer)
     worst = max(list(res["errors"].values()) + res.get("per_layer", []))
     res["max_error"] = worst
