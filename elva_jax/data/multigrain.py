@@ -42,12 +42,13 @@ import csv
 import io
 import json
 import random
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from PIL import Image, ImageDraw
+
+from elva_jax.errors import UserError
 
 __all__ = [
     "COLOURS",
@@ -553,7 +554,12 @@ def _did_order(did: str) -> int:
     return int(did.split(":")[1])
 
 
-_OWNED = ("query", "cand_pool", "qrels", "instructions", "images", "mrbench", "nli", "meta")
+#: written last by `generate`: the files it wrote (one relative path a line); `--overwrite` deletes only those
+GENERATED_MARKER = "ELVA_GENERATED"
+
+
+class GeneratorTargetError(UserError, FileExistsError):
+    """The output directory holds data this generator did not write."""
 
 
 def generate(root: str | Path, *, seed: int = 0, n_train: int = 32, n_test: int = 16, overwrite: bool = False) -> dict:
@@ -561,19 +567,30 @@ def generate(root: str | Path, *, seed: int = 0, n_train: int = 32, n_test: int 
 
     ``n_train`` / ``n_test`` = base scenes per split = queries per task per split. Each base scene costs
     7 PNGs (defaults: 336 images, about a second). ``root`` must be empty or absent, unless
-    ``overwrite``, which first deletes the generator's own top-level folders (``query``, ``cand_pool``,
-    ``qrels``, ``instructions``, ``images``, ``mrbench``, ``nli``, ``meta``).
+    ``overwrite`` and ``root`` holds an earlier output of this generator: then exactly the files that
+    output wrote (listed in its ``ELVA_GENERATED`` marker) are deleted first; anything else stays.
     """
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train and n_test must be >= 1, got {n_train}, {n_test}")
     root = Path(root)
+    marker = root / GENERATED_MARKER
     if root.exists() and any(root.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{root} is not empty (pass overwrite=True / --overwrite)")
-        for name in _OWNED:
-            if (root / name).is_dir():
-                shutil.rmtree(root / name)
+            raise GeneratorTargetError(f"{root} is not empty (pass overwrite=True / --overwrite)")
+        if not marker.is_file():
+            raise GeneratorTargetError(
+                f"{root} is not empty and holds no {GENERATED_MARKER} marker: not an output of this generator, "
+                "so --overwrite deletes nothing there; choose an empty directory"
+            )
+        for rel in marker.read_text(encoding="utf-8").splitlines():
+            if rel and (root / rel).is_file():
+                (root / rel).unlink()
+        marker.unlink()
+        for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if not any(d.iterdir()):
+                d.rmdir()
     root.mkdir(parents=True, exist_ok=True)
+    before = {p for p in root.rglob("*") if p.is_file()}
     b = _Builder(root, random.Random(seed))
     _build_split(b, "train", n_train)
     _build_split(b, "test", n_test)
@@ -648,6 +665,8 @@ def generate(root: str | Path, *, seed: int = 0, n_train: int = 32, n_test: int 
         str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".png"
     ) + ["meta/summary.json"]
     (root / "meta" / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    written = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p not in before)
+    marker.write_text("\n".join(written) + "\n", encoding="utf-8")
     return {**summary, "root": str(root)}
 
 

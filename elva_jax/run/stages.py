@@ -51,6 +51,8 @@ def bundled_root(cfg: RunConfig) -> str:
     if jax.process_index() == 0 and not os.path.exists(os.path.join(root, "meta", "summary.json")):
         from elva_jax.data.multigrain import generate
 
+        if cfg.data.root:  # the user named a directory: say what happens there (a foreign one is refused)
+            print(f"[elva_jax] data.root {root} has no bundled data: generating the synthetic bundled set there")
         generate(root, seed=0)
     if jax.process_count() > 1:  # every process meets here; the others then read what process 0 wrote
         from jax.experimental import multihost_utils

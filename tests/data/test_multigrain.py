@@ -212,3 +212,18 @@ def test_cli_and_overwrite(tmp_path):
         multigrain.generate(out, n_train=2, n_test=2)
     multigrain.generate(out, n_train=3, n_test=2, overwrite=True)
     assert len(read_queries(out / "query" / "train" / "mbeir_multigrain_task0_train.jsonl")) == 3
+
+
+def test_overwrite_removes_only_what_the_generator_wrote(tmp_path):
+    out = tmp_path / "d"
+    multigrain.generate(out, n_train=1, n_test=1)
+    (out / "query" / "mine.jsonl").write_text("my own file\n")  # a user's file inside a generated folder
+    multigrain.generate(out, n_train=2, n_test=1, overwrite=True)
+    assert (out / "query" / "mine.jsonl").read_text() == "my own file\n"
+    assert len(read_queries(out / "query" / "train" / "mbeir_multigrain_task0_train.jsonl")) == 2
+    foreign = tmp_path / "foreign"
+    (foreign / "query").mkdir(parents=True)
+    (foreign / "query" / "data.jsonl").write_text("{}\n")
+    with pytest.raises(multigrain.GeneratorTargetError, match="not an output of this generator"):
+        multigrain.generate(foreign, overwrite=True)
+    assert (foreign / "query" / "data.jsonl").read_text() == "{}\n"
