@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +108,20 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None, int | None]
     return model_dir, run_dir, step
 
 
+def _file_crc(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
 def _identity(model_dir: Path, step: int | None) -> dict:
+    """What names the weights in the cache fingerprint: their content (CRC-32 of every safetensors file,
+    about 1 GB/s, so seconds for a 7B), not their path, size or modification time, which a swap of
+    weights at the same path can keep."""
     weights = sorted(
-        [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in model_dir.iterdir() if f.suffix == ".safetensors"
+        [f.name, f.stat().st_size, _file_crc(f)] for f in model_dir.iterdir() if f.suffix == ".safetensors"
     )
     return {"checkpoint": str(model_dir.resolve()), "step": step, "weights": weights}
 

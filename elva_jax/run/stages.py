@@ -46,6 +46,19 @@ def maybe_init_distributed() -> None:
         jax.distributed.initialize()  # auto-detects SLURM and Cloud TPU pod settings
 
 
+def params_digest(params) -> str:
+    """CRC-32 over every parameter's bytes (the mining cache's key: a re-trained model never reuses it)."""
+    import zlib
+
+    crc = 0
+    for x in jax.tree.leaves(params):
+        if getattr(x, "is_fully_addressable", True):
+            crc = zlib.crc32(np.ascontiguousarray(jax.device_get(x)).view(np.uint8).tobytes(), crc)
+        else:  # spread over hosts: hosts hold different shards, so only what they share (shape, dtype)
+            crc = zlib.crc32(f"{x.shape}{x.dtype}".encode(), crc)
+    return f"{crc:08x}"
+
+
 def bundled_root(cfg: RunConfig) -> str:
     root = cfg.data.root or os.path.join(cfg.run.dir, "bundled_data")
     if jax.process_index() == 0 and not os.path.exists(os.path.join(root, "meta", "summary.json")):
@@ -159,7 +172,7 @@ def build_rl_instances(cfg: RunConfig, root: str, *, params=None, mcfg=None, tok
             max_pixels=d.max_pixels,
         ),
         opts=model_options(cfg),
-        identity={"run": os.path.abspath(cfg.run.dir), "stage": "pre-rl"},
+        identity={"run": os.path.abspath(cfg.run.dir), "stage": "pre-rl", "params": params_digest(params)},
     )
     cache = os.path.join(cfg.run.dir, "rl", "negatives")
     # one cache entry per convention (the EOL names are the original ones, so existing caches stay valid)

@@ -388,3 +388,23 @@ def test_instruct_last_cli_end_to_end_and_cache_identity(env, qwen3_ckpt):
     assert all(v["reused"] == 0 for v in other["embedding"].values())
     eol = main([*argv[:2], "--mode", "eol", *argv[4:]])
     assert eol["settings"]["fingerprint_sha"] not in (s["fingerprint_sha"], other["settings"]["fingerprint_sha"])
+
+
+def test_weights_swapped_at_the_same_path_size_and_mtime_change_the_cache_identity(env, tmp_path):
+    """The cache is keyed on the weights' content: new weights written over the old file, with its
+    size and modification time restored, do not reuse the old embeddings."""
+    import os
+    import shutil
+
+    from elva_jax.eval.runner import _identity
+
+    d = tmp_path / "ck"
+    shutil.copytree(env / "ckpt", d)
+    f = d / "model.safetensors"
+    st = os.stat(f)
+    before = _identity(d, None)
+    write_random_checkpoint(str(tmp_path / "other"), "tiny", seed=1)
+    shutil.copyfile(tmp_path / "other" / "model.safetensors", f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(f).st_size == st.st_size and os.stat(f).st_mtime_ns == st.st_mtime_ns
+    assert _identity(d, None) != before
