@@ -142,7 +142,9 @@ class RLSection:
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_estimator: str = field(default="k3", metadata={"choices": ("k1", "k2", "k3")})
-    loss_type: str = field(default="grpo", metadata={"choices": ("grpo", "bnpo", "dr_grpo")})
+    loss_type: str = field(default="grpo", metadata={"choices": ("grpo", "bnpo", "dapo", "dr_grpo")})  # TRL's names
+    # advantage normalisation: std over each group (TRL's default), over the whole batch, or none
+    adv_scale: str = field(default="group", metadata={"choices": ("group", "batch", "none")})
     adv_ddof: int = 0
     adv_eps: float = 1e-4
     mu: int = 1
@@ -157,6 +159,7 @@ class RLSection:
     gamma: float = 0.01
     delta: float = 0.05
     soft_temperature: float = 0.01
+    log_base: float = math.e  # base of every log in the ranking reward (not stated in the paper)
     prompt_buckets: tuple[int, ...] = (256, 512, 1024)
     steps: int = 0  # 0: one pass over the instances
     lr: float = 1e-6  # paper
@@ -232,6 +235,7 @@ def _check_values(c) -> None:
         ("rl.steps", c.rl.steps >= 0, "must be >= 0 (0: one pass over the instances)"),
         ("rl.mu", c.rl.mu >= 1, "must be >= 1"),
         ("rl.beta", fin(c.rl.beta) and c.rl.beta >= 0, "must be finite and >= 0"),
+        ("rl.log_base", fin(c.rl.log_base) and c.rl.log_base > 1, "must be > 1"),
         (
             "eval.temperature",
             fin(c.eval.temperature) and c.eval.temperature > 0,

@@ -280,10 +280,11 @@ def build_setup(run, mcfg, mesh, shapes: Shapes) -> Setup:
     from elva_jax.model.params import abstract_params, logical_axes
     from elva_jax.parallel.sharding import MeshError, tree_shardings
     from elva_jax.runtime.optim import make_optimizer
+    from elva_jax.schema import project
     from elva_jax.train.loop import model_options
 
     tx = make_optimizer(run.optim, 1000)
-    lcfg = LoraConfig(rank=run.lora.rank, alpha=run.lora.alpha, targets=tuple(run.lora.targets))
+    lcfg = project(LoraConfig, run.lora)
     pdt = jnp.dtype(run.model.param_dtype)
     p_abs = abstract_params(mcfg, pdt)
     l_abs = jax.eval_shape(lambda: init_lora(mcfg, lcfg, jax.random.key(0), pdt))

@@ -31,36 +31,12 @@ from elva_jax.runtime.checkpointing import Checkpointer, CheckpointIncompatible,
 from elva_jax.runtime.fingerprint import run_fingerprint
 from elva_jax.runtime.observe import MetricsLogger
 from elva_jax.runtime.optim import make_optimizer, schedule
-from elva_jax.schema import RunConfig
+from elva_jax.schema import RunConfig, project
 
 
 def rl_configs(cfg: RunConfig) -> tuple[RLConfig, RewardConfig]:
-    r = cfg.rl
-    rcfg = RLConfig(
-        group_size=r.group_size,
-        num_hard_negatives=r.num_hard_negatives,
-        num_random_negatives=r.num_random_negatives,
-        false_negative_threshold=r.false_negative_threshold,
-        beta=r.beta,
-        eps_low=r.eps_low,
-        eps_high=r.eps_high,
-        kl_estimator=r.kl_estimator,
-        loss_type=r.loss_type,
-        adv_ddof=r.adv_ddof,
-        adv_eps=r.adv_eps,
-        mu=r.mu,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        max_summary_tokens=r.max_summary_tokens,
-        candidate_sampling=r.candidate_sampling,
-        aux_soft_rank_weight=r.aux_soft_rank_weight,
-        micro_instances=r.micro_instances,
-    )
-    reward = RewardConfig(
-        alpha=r.alpha, epsilon=r.epsilon, gamma=r.gamma, delta=r.delta, soft_temperature=r.soft_temperature
-    )
-    return rcfg, reward
+    """The RL step's and the rewards' configs, read off the run schema's `rl` section."""
+    return project(RLConfig, cfg.rl), project(RewardConfig, cfg.rl)
 
 
 def add_random_negatives(records: list[dict], pool_sides: list[dict], n_random: int, seed: int) -> list[dict]:
@@ -115,7 +91,7 @@ def run_rl(
 ) -> dict:
     r = cfg.rl
     rcfg, reward_cfg = rl_configs(cfg)
-    lcfg = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
+    lcfg = project(LoraConfig, cfg.lora)
     n_steps = r.steps or max(1, len(instances) // r.instances_per_step)
     ocfg = dataclasses.replace(cfg.optim, lr=r.lr)  # the RL stage keeps the optimizer settings, with its own LR
     tx = make_optimizer(ocfg, n_steps)

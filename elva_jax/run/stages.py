@@ -17,7 +17,7 @@ import yaml
 
 from elva_jax import configlib
 from elva_jax.parallel.sharding import host_copy
-from elva_jax.schema import RunConfig
+from elva_jax.schema import RunConfig, project
 
 BUNDLED_TRAIN = "query/train/mbeir_multigrain_union_train.jsonl"
 BUNDLED_POOL = "cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl"
@@ -276,7 +276,7 @@ def run(cfg: RunConfig) -> dict:
         geometry=mcfg.vision.geometry,
     )
     summary: dict = {"records": len(records)}
-    lora_cfg = LoraConfig(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
+    lora_cfg = project(LoraConfig, cfg.lora)
     if "contrastive" in t.stages:
         steps_per_epoch = len(records) // t.global_batch
         total = max(1, int(steps_per_epoch * t.epochs))

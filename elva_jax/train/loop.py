@@ -27,7 +27,7 @@ from elva_jax.runtime.checkpointing import Checkpointer, CheckpointIncompatible,
 from elva_jax.runtime.fingerprint import run_fingerprint
 from elva_jax.runtime.observe import MetricsLogger, Profiler, device_peak_flops, lowered_flops, unrolled
 from elva_jax.runtime.optim import make_optimizer, schedule
-from elva_jax.schema import RunConfig
+from elva_jax.schema import RunConfig, project
 from elva_jax.train.step import StepConfig, TrainState, batch_shardings, split_lm_head, train_step
 
 
@@ -99,7 +99,7 @@ def train(
             f"{mesh.devices.size}-device mesh {dict(mesh.shape)}"
         )
     opts = model_options(cfg)
-    lcfg = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
+    lcfg = project(LoraConfig, cfg.lora)
     full = not cfg.lora.enabled
     scfg = StepConfig(
         tau=cfg.train.tau,

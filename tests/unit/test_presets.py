@@ -59,3 +59,14 @@ def test_rl_preset_has_paper_values():
         0.6,
     )
     assert rl.train.stages == ("rl",)
+
+
+def test_every_open_rl_choice_reaches_the_step_and_rewards():
+    """log_base, adv_scale and every TRL loss type are run-config fields read by the RL stage."""
+    from elva_jax.rl.loop import rl_configs
+
+    cfg = configlib.load(RunConfig, None, ["rl.log_base=2", "rl.adv_scale=batch", "rl.loss_type=dapo"])
+    rcfg, reward = rl_configs(cfg)
+    assert (rcfg.adv_scale, rcfg.loss_type, reward.log_base) == ("batch", "dapo", 2.0)
+    with pytest.raises(configlib.ConfigError, match="rl.log_base"):
+        configlib.load(RunConfig, None, ["rl.log_base=1"])
