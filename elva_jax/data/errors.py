@@ -6,7 +6,7 @@ from pathlib import Path
 
 from elva_jax.errors import UserError
 
-__all__ = ["DataFormatError", "ImageError"]
+__all__ = ["DataFormatError", "ImageError", "utf8_lines"]
 
 
 class ImageError(UserError, ValueError):
@@ -31,3 +31,16 @@ class DataFormatError(UserError, ValueError):
 
     def __reduce__(self):  # keep picklable (multiprocessing data loaders) despite the custom __init__
         return (type(self), (self.path, self.line, self.reason))
+
+
+def utf8_lines(path: str | Path):
+    """Yield (1-based line number, text) of a UTF-8 file; a line that is not valid UTF-8 raises a
+    DataFormatError naming the file, the line and the offending byte."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(
+                    path, lineno, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start} of the line)"
+                ) from None

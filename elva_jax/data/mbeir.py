@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from elva_jax.data.errors import DataFormatError
+from elva_jax.data.errors import DataFormatError, utf8_lines
 
 __all__ = [
     "MODALITIES",
@@ -149,21 +149,20 @@ def resolve_image_path(mbeir_root: str | Path, img_path: str, *, must_exist: boo
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (1-based line, object) for each non-blank line; malformed lines raise DataFormatError."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, lineno, f"malformed JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(record, dict):
-                raise DataFormatError(path, lineno, f"expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, lineno, f"malformed JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(record, dict):
+            raise DataFormatError(path, lineno, f"expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
 
 
 def _count_lines(path: Path) -> int:
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         return sum(1 for _ in f)
 
 
@@ -289,27 +288,26 @@ def read_qrels(path: str | Path) -> Qrels:
     positives: dict[str, list[str]] = {}
     task_ids: dict[str, int] = {}
     lines: dict[tuple[str, str], int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 5:
-                raise DataFormatError(path, lineno, f"expected 5 fields 'qid 0 did 1 task_id', got {len(parts)}")
-            qid, iteration, did, rel, task = parts
-            try:
-                int(iteration)
-                relevance, task_id = int(rel), int(task)
-            except ValueError as e:
-                raise DataFormatError(path, lineno, f"non-integer field in {line.strip()!r}") from e
-            if relevance < 1:
-                raise DataFormatError(path, lineno, f"relevance must be a positive integer, got {relevance}")
-            if task_ids.setdefault(qid, task_id) != task_id:
-                raise DataFormatError(path, lineno, f"qid {qid!r} has task ids {task_ids[qid]} and {task_id}")
-            if (qid, did) in lines:
-                continue
-            lines[(qid, did)] = lineno
-            positives.setdefault(qid, []).append(did)
+    for lineno, line in utf8_lines(path):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 5:
+            raise DataFormatError(path, lineno, f"expected 5 fields 'qid 0 did 1 task_id', got {len(parts)}")
+        qid, iteration, did, rel, task = parts
+        try:
+            int(iteration)
+            relevance, task_id = int(rel), int(task)
+        except ValueError as e:
+            raise DataFormatError(path, lineno, f"non-integer field in {line.strip()!r}") from e
+        if relevance < 1:
+            raise DataFormatError(path, lineno, f"relevance must be a positive integer, got {relevance}")
+        if task_ids.setdefault(qid, task_id) != task_id:
+            raise DataFormatError(path, lineno, f"qid {qid!r} has task ids {task_ids[qid]} and {task_id}")
+        if (qid, did) in lines:
+            continue
+        lines[(qid, did)] = lineno
+        positives.setdefault(qid, []).append(did)
     return Qrels(positives={q: tuple(d) for q, d in positives.items()}, task_ids=task_ids, lines=lines, path=str(path))
 
 
@@ -329,34 +327,34 @@ def read_instructions(path: str | Path) -> dict[str, tuple[str, ...]]:
     is a header; blank trailing cells are dropped; each row needs >= 1 prompt; duplicate keys are errors."""
     path = Path(path)
     table: dict[str, tuple[str, ...]] = {}
-    with open(path, encoding="utf-8") as fh:
-        header = fh.readline()
-        if not header.strip():
-            raise DataFormatError(path, 1, "missing header line")
-        for lineno, line in enumerate(fh, start=2):
-            if not line.strip():
-                continue
-            cells = [c.strip() for c in line.rstrip("\r\n").split("\t")]
-            if len(cells) < 5:
-                raise DataFormatError(
-                    path,
-                    lineno,
-                    f"expected >= 5 tab-separated cells (query_modality, cand_modality, dataset, "
-                    f"dataset_id, prompt...), got {len(cells)}",
-                )
-            qmod, cmod, _, dataset_id, *prompts = cells
-            for name, mod in (("query modality", qmod), ("candidate modality", cmod)):
-                if mod not in MODALITIES:
-                    raise DataFormatError(path, lineno, f"unknown {name} {mod!r}")
-            if not dataset_id.isdigit():
-                raise DataFormatError(path, lineno, f"dataset_id must be an integer, got {dataset_id!r}")
-            prompts = [p for p in prompts if p]
-            if not prompts:
-                raise DataFormatError(path, lineno, "row has no prompt")
-            key = instruction_key(int(dataset_id), qmod, cmod)
-            if key in table:
-                raise DataFormatError(path, lineno, f"duplicate instruction key {key!r}")
-            table[key] = tuple(prompts)
+    lines = utf8_lines(path)
+    header = next(lines, (1, ""))[1]
+    if not header.strip():
+        raise DataFormatError(path, 1, "missing header line")
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        cells = [c.strip() for c in line.rstrip("\r\n").split("\t")]
+        if len(cells) < 5:
+            raise DataFormatError(
+                path,
+                lineno,
+                f"expected >= 5 tab-separated cells (query_modality, cand_modality, dataset, "
+                f"dataset_id, prompt...), got {len(cells)}",
+            )
+        qmod, cmod, _, dataset_id, *prompts = cells
+        for name, mod in (("query modality", qmod), ("candidate modality", cmod)):
+            if mod not in MODALITIES:
+                raise DataFormatError(path, lineno, f"unknown {name} {mod!r}")
+        if not dataset_id.isdigit():
+            raise DataFormatError(path, lineno, f"dataset_id must be an integer, got {dataset_id!r}")
+        prompts = [p for p in prompts if p]
+        if not prompts:
+            raise DataFormatError(path, lineno, "row has no prompt")
+        key = instruction_key(int(dataset_id), qmod, cmod)
+        if key in table:
+            raise DataFormatError(path, lineno, f"duplicate instruction key {key!r}")
+        table[key] = tuple(prompts)
     return table
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from elva_jax.data.errors import DataFormatError
+from elva_jax.data.errors import DataFormatError, utf8_lines
 
 __all__ = ["read_nli_csv"]
 
@@ -45,4 +45,8 @@ def read_nli_csv(path: str | Path) -> list[tuple[str, str, str | None]]:
                 rows.append((sent0, sent1, hard_neg))
         except csv.Error as e:
             raise DataFormatError(path, reader.line_num, f"malformed csv ({e})") from e
+        except UnicodeDecodeError:  # the csv reader decodes lazily: find the line that is not UTF-8
+            for _ in utf8_lines(path):
+                pass
+            raise
     return rows

@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from elva_jax.data import mbeir
-from elva_jax.data.errors import DataFormatError
+from elva_jax.data.errors import DataFormatError, utf8_lines
 from elva_jax.data.mbeir import Candidate, Query
 from elva_jax.data.pipeline import corpus_records
 from elva_jax.data.prompts import choose_instruction
@@ -397,30 +397,29 @@ def read_grains(path: str | Path) -> dict[str, list[dict]]:
     if not path.is_file():
         raise EvalDataError(f"grain annotations {path} not found")
     out: dict[str, list[dict]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, lineno, f"malformed JSON ({e.msg})") from e
+        if not isinstance(r, dict) or "qid" not in r:
+            raise DataFormatError(path, lineno, "expected an object with 'qid'")
+        if "grains" in r:
+            if r.get("text_field", "query_txt") != "query_txt":
                 continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, lineno, f"malformed JSON ({e.msg})") from e
-            if not isinstance(r, dict) or "qid" not in r:
-                raise DataFormatError(path, lineno, "expected an object with 'qid'")
-            if "grains" in r:
-                if r.get("text_field", "query_txt") != "query_txt":
-                    continue
-                items = [
-                    {"phrase": g["phrase"], "kind": g.get("kind"), "span": g.get("span"), "text": r.get("text")}
-                    for g in r["grains"]
-                ]
-            elif "phrases" in r:
-                if not isinstance(r["phrases"], list) or not all(isinstance(p, str) for p in r["phrases"]):
-                    raise DataFormatError(path, lineno, "'phrases' must be a list of strings")
-                items = [{"phrase": p, "kind": None, "span": None, "text": None} for p in r["phrases"]]
-            else:
-                raise DataFormatError(path, lineno, "expected 'grains' (bundled format) or 'phrases'")
-            out[str(r["qid"])] = items
+            items = [
+                {"phrase": g["phrase"], "kind": g.get("kind"), "span": g.get("span"), "text": r.get("text")}
+                for g in r["grains"]
+            ]
+        elif "phrases" in r:
+            if not isinstance(r["phrases"], list) or not all(isinstance(p, str) for p in r["phrases"]):
+                raise DataFormatError(path, lineno, "'phrases' must be a list of strings")
+            items = [{"phrase": p, "kind": None, "span": None, "text": None} for p in r["phrases"]]
+        else:
+            raise DataFormatError(path, lineno, "expected 'grains' (bundled format) or 'phrases'")
+        out[str(r["qid"])] = items
     return out
 
 

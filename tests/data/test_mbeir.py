@@ -247,3 +247,13 @@ def test_nli_optional_hard_neg(tmp_path):
     assert read_nli_csv(path) == [("a, quoted", "b", None)]
     path.write_text("sent1,hard_neg,sent0\nb,,a\n")
     assert read_nli_csv(path) == [("a", "b", None)]
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    from elva_jax.data.errors import DataFormatError
+
+    good = '{"qid": "9:1", "query_txt": "a", "query_img_path": null, "query_modality": "text", "query_src_content": null, "pos_cand_list": ["9:2"], "neg_cand_list": [], "task_id": 0}\n'  # noqa: E501
+    f = tmp_path / "q.jsonl"
+    f.write_bytes(good.encode() + b'{"qid": "9:\xff"}\n')
+    with pytest.raises(DataFormatError, match=r"q\.jsonl, line 2: not valid UTF-8 \(byte 0xff"):
+        read_queries(f)
