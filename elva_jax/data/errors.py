@@ -6,11 +6,15 @@ from pathlib import Path
 
 from elva_jax.errors import UserError
 
-__all__ = ["DataFormatError", "ImageError", "utf8_lines"]
+__all__ = ["DataFormatError", "ImageError", "RecordError", "utf8_lines"]
 
 
 class ImageError(UserError, ValueError):
     """An image cannot be preprocessed (aspect ratio > 200, empty, unsupported dtype/layout, unreadable)."""
+
+
+class RecordError(UserError, ValueError):
+    """A record that cannot be used (no positive, a candidate id missing from the pool); names its id."""
 
 
 class DataFormatError(UserError, ValueError):

@@ -45,7 +45,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from elva_jax.data.errors import ImageError
+from elva_jax.data.errors import ImageError, RecordError
 from elva_jax.data.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS, load_image, preprocess_images
 from elva_jax.data.mbeir import Candidate, Query, dataset_id_of, instruction_key, resolve_image_path
 from elva_jax.data.prompts import choose_instruction
@@ -183,7 +183,7 @@ def _take_negatives(negs: Sequence[str], k: int, qid: str) -> list[str]:
     if k == 0:
         return []
     if not negs:
-        raise ValueError(f"query {qid!r} has no neg_cand_list entries but {k} hard negatives were asked")
+        raise RecordError(f"query {qid!r} has no neg_cand_list entries but {k} hard negatives were asked")
     return [negs[i % len(negs)] for i in range(k)]
 
 
@@ -200,11 +200,11 @@ def contrastive_records(
     out = []
     for q in queries:
         if not q.pos_cand_list:
-            raise ValueError(f"query {q.qid!r} has no positive candidate")
+            raise RecordError(f"query {q.qid!r} has no positive candidate")
         dids = [q.pos_cand_list[0], *_take_negatives(q.neg_cand_list, num_negatives, q.qid)]
         missing = [d for d in dids if d not in pool]
         if missing:
-            raise KeyError(f"query {q.qid!r}: candidates {missing} are not in the pool")
+            raise RecordError(f"query {q.qid!r}: candidates {missing} are not in the pool")
         cmod = pool[dids[0]].modality
         img = str(resolve_image_path(root, q.query_img_path)) if q.query_img_path else None
         query = _side(q.query_txt, img, _pick_instruction(instructions, q.qid, q.query_modality, cmod))
@@ -284,9 +284,16 @@ class _EncodeRecord:
             if not Path(path).is_file():
                 raise ImageError(f"image file not found: {path}")
             c = self.cfg
-            return preprocess_images(
+            pv, grid = preprocess_images(
                 [load_image(path)], min_pixels=c.min_pixels, max_pixels=c.max_pixels, geometry=c.geometry
             )
+            rows = [b[1] for b in (c.patch_budget, c.cand_patch_budget) if b is not None]
+            if rows and len(pv) > max(rows):
+                raise ImageError(
+                    f"image {path} needs {len(pv)} patches, more than a row of {max(rows)} "
+                    "(lower data.max_pixels or raise data.patch_row_len)"
+                )
+            return pv, grid
         except ImageError as e:
             if self.cfg.image_policy.mode == "fail":
                 raise ImageError(f"{e} (image policy 'fail'; path {path})") from e

@@ -286,3 +286,29 @@ def test_missing_image_skip_counts_then_fails(records, data, encoder, model_cfg,
     strict = dataclasses.replace(cfg, image_policy=dataclasses.replace(skip, max_skip_fraction=0.001, min_seen=1))
     with pytest.raises(P.SkippedFractionError):
         list(P.make_pipeline(recs, encoder, model_cfg, strict))
+
+
+def test_records_that_cannot_be_used_name_their_query(tmp_path):
+    from elva_jax.data.errors import RecordError
+    from elva_jax.data.mbeir import Candidate, Query
+    from elva_jax.data.pipeline import contrastive_records
+
+    q = Query("9:1", "a dog", None, "text", ("9:7",), (), 0)
+    pool = {"9:2": Candidate("9:2", "a cat", None, "text")}
+    with pytest.raises(RecordError, match=r"query '9:1': candidates \['9:7'\] are not in the pool"):
+        contrastive_records([q], pool, tmp_path)
+
+
+def test_an_image_larger_than_a_patch_row_is_a_named_bad_image(tmp_path):
+    """With the skip policy it is skipped and counted like any bad image; with fail it names the file."""
+    from PIL import Image
+
+    from elva_jax.data.errors import ImageError
+    from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, _EncodeRecord
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (560, 560), "red").save(big)
+    cfg = PipelineConfig(patch_budget=(1, 64), image_policy=ImagePolicy("fail"), max_pixels=560 * 560)
+    enc = _EncodeRecord(None, cfg, ("query",))
+    with pytest.raises(ImageError, match=r"big\.png needs 1600 patches, more than a row of 64"):
+        enc._load(str(big))
