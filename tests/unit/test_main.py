@@ -37,8 +37,9 @@ def test_default_run_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_default_run_on_a_tiny_qwen3_vl(tmp_path, capsys):
-    """Every stage on another family: contrastive, RL, export (a Qwen3-VL directory) and [RET] eval."""
+def test_default_run_on_a_tiny_qwen3_vl_with_mined_negatives(tmp_path, capsys):
+    """Every stage on another family: contrastive, negatives mined with the trained model, RL, export (a
+    Qwen3-VL directory) and eval."""
     main(
         [
             "--config",
@@ -47,16 +48,23 @@ def test_default_run_on_a_tiny_qwen3_vl(tmp_path, capsys):
             "train.max_steps=2",
             "run.checkpoint_every=2",
             "rl.steps=1",
-            "eval.summary_tokens=2",
-            "train.eval_modes=[ret]",
+            "rl.negatives=mined",
+            "rl.query_fraction=0.1",
+            "rl.num_hard_negatives=2",
+            "rl.num_random_negatives=2",
+            "train.eval_modes=[eol]",
             "eval.grain_masking=false",
         ]
     )
+    out = capsys.readouterr().out
+    assert "RL negatives:" in out and "of 1 positive + 4 negatives" in out
+    neg = json.load(open(tmp_path / "rl" / "negatives" / "negatives.json"))
+    assert len(neg["negatives"]) == 16 and all(len(v) <= 4 for v in neg["negatives"].values())
     s = json.load(open(tmp_path / "summary.json"))
     assert s["end_step"] == 2 and np.isfinite(s["losses"]).all() and s["pipeline"]["images"] > 0
     assert s["rl"]["steps"] == 1 and np.isfinite(s["rl"]["reward"]).all()
     assert json.load(open(tmp_path / "export" / "config.json"))["model_type"] == "qwen3_vl"
-    assert os.path.exists(tmp_path / "eval" / "final-ret" / "results.json")
+    assert os.path.exists(tmp_path / "eval" / "final-eol" / "results.json")
 
 
 def test_bad_override_is_reported(tmp_path):
@@ -67,28 +75,6 @@ def test_bad_override_is_reported(tmp_path):
 def test_batch_not_divisible_is_reported(tmp_path):
     with pytest.raises(SystemExit, match="not divisible by train.micro_batches"):
         main([f"run.dir={tmp_path}", "train.global_batch=6", "train.micro_batches=4"])
-
-
-@pytest.mark.slow
-def test_rl_only_run_with_mined_negatives(tmp_path, capsys):
-    main(
-        [
-            f"run.dir={tmp_path}",
-            "model.random_preset=tiny_qwen2_5_vl",  # mining and RL on another family
-            "train.stages=[rl]",
-            "rl.steps=1",
-            "rl.negatives=mined",
-            "rl.query_fraction=0.1",
-            "rl.num_hard_negatives=2",
-            "rl.num_random_negatives=2",
-            "train.eval_modes=[]",
-        ]
-    )
-    out = capsys.readouterr().out
-    assert "RL negatives:" in out and "of 1 positive + 4 negatives" in out
-    neg = json.load(open(tmp_path / "rl" / "negatives" / "negatives.json"))
-    assert len(neg["negatives"]) == 16 and all(len(v) <= 4 for v in neg["negatives"].values())
-    assert json.load(open(tmp_path / "summary.json"))["rl"]["steps"] == 1
 
 
 @pytest.mark.parametrize(
