@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.device_check import run_check
@@ -43,6 +44,14 @@ def test_rl_steps_update_lora_and_report_phases(data):
     assert 1 <= m["summary_len"] <= 7 and m["tokens_sampled"] > 0
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(st.lora), jax.tree.leaves(before)))
     assert moved > 0
+    # a non-finite update (NaN optimizer state, finite rewards and gradients) is skipped and counted: the
+    # LoRA and the optimizer state stay as they were (same shapes: no new compile)
+    st.opt_state = jax.tree.map(lambda x: x * np.nan if jnp.issubdtype(x.dtype, jnp.floating) else x, st.opt_state)
+    kept = jax.tree.map(np.asarray, st.lora)
+    st, m = tr.step(st, data[0:2])
+    assert m["skipped_update"] == 1.0 and st.skipped == 1 and np.isfinite(m["grad_norm"])
+    for a, b in zip(jax.tree.leaves(st.lora), jax.tree.leaves(kept), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 @pytest.mark.slow
@@ -61,20 +70,6 @@ def test_rollouts_and_reforward_in_instance_chunks(data):
     assert m["clip"] == 0.0
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(st.lora), jax.tree.leaves(before)))
     assert moved > 0
-
-
-def test_non_finite_update_is_skipped(data):
-    """A NaN learning rate (finite rewards and gradients): the RL update is skipped and counted, the LoRA
-    and optimizer state stay as they were."""
-    import optax
-
-    rc = RLConfig(group_size=2, max_summary_tokens=2)
-    tr, st = make_trainer(rc, tx=optax.adamw(float("nan")))
-    before = jax.tree.map(np.asarray, st.lora)
-    st, m = tr.step(st, data[:1])
-    assert m["skipped_update"] == 1.0 and st.skipped == 1 and np.isfinite(m["grad_norm"])
-    for a, b in zip(jax.tree.leaves(st.lora), jax.tree.leaves(before), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 @pytest.mark.slow
