@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from elva_jax.model.config import TextConfig, UnsupportedArchitectureError
+from elva_jax.model.config import ModelConfig, TextConfig, UnsupportedArchitectureError
+from elva_jax.model.params import ParamSpec
 
 
 def text_fields(d: dict[str, Any]) -> dict[str, Any]:
@@ -72,3 +73,90 @@ def special_tokens(d: dict[str, Any]) -> dict[str, int]:
         vision_start_token_id=int(d.get("vision_start_token_id", 151652)),
         vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
     )
+
+
+def qwen2_text_specs(cfg: ModelConfig) -> list[ParamSpec]:
+    """The Qwen2 decoder's tensors (q/k/v biases), under transformers' hub names (`model.layers...`),
+    shared by the Qwen2-VL and Qwen2.5-VL families."""
+    t = cfg.text
+    L, D, V, F = t.num_layers, t.hidden_size, t.vocab_size, t.intermediate_size
+    Hq, Hkv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    tl = "model.layers.{i}."
+    S = ParamSpec
+    specs = [
+        S(
+            ("text", "embed_tokens", "embedding"),
+            (V, D),
+            ("vocab", "embed"),
+            "model.embed_tokens.weight",
+        ),
+        S(
+            ("text", "layers", "input_norm", "scale"),
+            (L, D),
+            ("layers", "embed"),
+            tl + "input_layernorm.weight",
+            init="ones",
+        ),
+        S(
+            ("text", "layers", "post_attn_norm", "scale"),
+            (L, D),
+            ("layers", "embed"),
+            tl + "post_attention_layernorm.weight",
+            init="ones",
+        ),
+    ]
+    for name, dout, aout in (
+        ("q_proj", Hq, "heads"),
+        ("k_proj", Hkv, "kv_heads"),
+        ("v_proj", Hkv, "kv_heads"),
+    ):
+        specs += [
+            S(
+                ("text", "layers", name, "kernel"),
+                (L, D, dout),
+                ("layers", "embed", aout),
+                tl + f"self_attn.{name}.weight",
+                "linear",
+            ),
+            S(
+                ("text", "layers", name, "bias"),
+                (L, dout),
+                ("layers", aout),
+                tl + f"self_attn.{name}.bias",
+                init="zeros",
+            ),
+        ]
+    specs += [
+        S(
+            ("text", "layers", "o_proj", "kernel"),
+            (L, Hq, D),
+            ("layers", "heads", "embed"),
+            tl + "self_attn.o_proj.weight",
+            "linear",
+        ),
+        S(
+            ("text", "layers", "gate_proj", "kernel"),
+            (L, D, F),
+            ("layers", "embed", "mlp"),
+            tl + "mlp.gate_proj.weight",
+            "linear",
+        ),
+        S(
+            ("text", "layers", "up_proj", "kernel"),
+            (L, D, F),
+            ("layers", "embed", "mlp"),
+            tl + "mlp.up_proj.weight",
+            "linear",
+        ),
+        S(
+            ("text", "layers", "down_proj", "kernel"),
+            (L, F, D),
+            ("layers", "mlp", "embed"),
+            tl + "mlp.down_proj.weight",
+            "linear",
+        ),
+        S(("text", "norm", "scale"), (D,), ("embed",), "model.norm.weight", init="ones"),
+    ]
+    if not cfg.tie_word_embeddings:
+        specs.append(S(("text", "lm_head", "kernel"), (D, V), ("embed", "vocab"), "lm_head.weight", "linear"))
+    return specs

@@ -10,7 +10,7 @@ from typing import Any
 
 from elva_jax.model.config import ModelConfig, UnsupportedArchitectureError, VisionConfig
 from elva_jax.model.families import Family
-from elva_jax.model.families.common import parse_text, special_tokens, tie_embeddings
+from elva_jax.model.families.common import parse_text, qwen2_text_specs, special_tokens, tie_embeddings
 from elva_jax.model.params import ParamSpec
 from elva_jax.model.rope import mrope_positions_for, vision_position_ids
 from elva_jax.model.vision import vision_forward as _vision_tower
@@ -60,12 +60,12 @@ def parse_config(d: dict[str, Any], source: str) -> ModelConfig:
 
 
 def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
-    t, v = cfg.text, cfg.vision
-    L, D, V, F = t.num_layers, t.hidden_size, t.vocab_size, t.intermediate_size
-    Hq, Hkv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    """The vision tower's tensors, then the Qwen2 decoder's (`common.qwen2_text_specs`)."""
+    v = cfg.vision
+    D = cfg.text.hidden_size
     Lv, Dv, Fv = v.depth, v.embed_dim, v.mlp_dim
     Dm = Dv * v.merge_unit
-    tl, vl = "model.layers.{i}.", "visual.blocks.{i}."
+    vl = "visual.blocks.{i}."
     S = ParamSpec
     specs = [
         S(
@@ -158,82 +158,8 @@ def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
             "visual.merger.mlp.2.bias",
             init="zeros",
         ),
-        S(
-            ("text", "embed_tokens", "embedding"),
-            (V, D),
-            ("vocab", "embed"),
-            "model.embed_tokens.weight",
-        ),
-        S(
-            ("text", "layers", "input_norm", "scale"),
-            (L, D),
-            ("layers", "embed"),
-            tl + "input_layernorm.weight",
-            init="ones",
-        ),
-        S(
-            ("text", "layers", "post_attn_norm", "scale"),
-            (L, D),
-            ("layers", "embed"),
-            tl + "post_attention_layernorm.weight",
-            init="ones",
-        ),
     ]
-    for name, dout, aout in (
-        ("q_proj", Hq, "heads"),
-        ("k_proj", Hkv, "kv_heads"),
-        ("v_proj", Hkv, "kv_heads"),
-    ):
-        specs += [
-            S(
-                ("text", "layers", name, "kernel"),
-                (L, D, dout),
-                ("layers", "embed", aout),
-                tl + f"self_attn.{name}.weight",
-                "linear",
-            ),
-            S(
-                ("text", "layers", name, "bias"),
-                (L, dout),
-                ("layers", aout),
-                tl + f"self_attn.{name}.bias",
-                init="zeros",
-            ),
-        ]
-    specs += [
-        S(
-            ("text", "layers", "o_proj", "kernel"),
-            (L, Hq, D),
-            ("layers", "heads", "embed"),
-            tl + "self_attn.o_proj.weight",
-            "linear",
-        ),
-        S(
-            ("text", "layers", "gate_proj", "kernel"),
-            (L, D, F),
-            ("layers", "embed", "mlp"),
-            tl + "mlp.gate_proj.weight",
-            "linear",
-        ),
-        S(
-            ("text", "layers", "up_proj", "kernel"),
-            (L, D, F),
-            ("layers", "embed", "mlp"),
-            tl + "mlp.up_proj.weight",
-            "linear",
-        ),
-        S(
-            ("text", "layers", "down_proj", "kernel"),
-            (L, F, D),
-            ("layers", "mlp", "embed"),
-            tl + "mlp.down_proj.weight",
-            "linear",
-        ),
-        S(("text", "norm", "scale"), (D,), ("embed",), "model.norm.weight", init="ones"),
-    ]
-    if not cfg.tie_word_embeddings:
-        specs.append(S(("text", "lm_head", "kernel"), (D, V), ("embed", "vocab"), "lm_head.weight", "linear"))
-    return specs
+    return specs + qwen2_text_specs(cfg)
 
 
 def vision_forward(params: dict, inputs: dict, cfg: ModelConfig, opts):
