@@ -27,6 +27,6 @@ def cli(main: Callable, argv: Sequence[str] | None = None, *, prog: str):
     except UserError as e:
         if debug:
             raise
-        msg = " ".join(str(e).split("\n")[0:1]) or type(e).__name__
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
         print(f"{prog}: error: {msg} [{type(e).__name__}; --debug or ELVA_DEBUG=1 for the traceback]", file=sys.stderr)
         raise SystemExit(2) from None

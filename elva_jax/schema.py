@@ -243,7 +243,7 @@ def _check_values(c) -> None:
         ),
         ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
     ]
-    bad = [f"{name} = {_value(c, name)!r} {why}" for name, ok, why in rules if not ok]
+    bad = [f"{name} = {field_value(c, name)!r} {why}" for name, ok, why in rules if not ok]
     if bad:
         raise ValueError("; ".join(bad))
     if c.train.global_batch % c.train.micro_batches:
@@ -252,7 +252,8 @@ def _check_values(c) -> None:
         )
 
 
-def _value(c, dotted: str):
+def field_value(c, dotted: str):
+    """The value of a dotted field ("train.global_batch") of a config."""
     for k in dotted.split("."):
         c = getattr(c, k)
     return c

@@ -152,11 +152,11 @@ class Checkpointer:
         if len(steps) <= self.keep or not self.primary:
             return
         keep = set(steps[-self.keep :])
+        # the newest step that finite updates followed (its marker is written with its manifest; the files
+        # are verified when a restore reads them, not re-read at every save)
         good = [s for s in steps if os.path.exists(os.path.join(self._step_dir(s), GOOD))]
-        for step in reversed(good):  # the newest verified step that finite updates followed
-            if self.verify(step) is None:
-                keep.add(step)
-                break
+        if good:
+            keep.add(good[-1])
         for step in steps:
             if step not in keep:
                 shutil.rmtree(self._step_dir(step), ignore_errors=True)

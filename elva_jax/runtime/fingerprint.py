@@ -7,6 +7,8 @@ freely: they do not change what step s or record index i means.
 
 from __future__ import annotations
 
+from elva_jax.schema import field_value
+
 FIELDS = {
     "contrastive": (
         "model.checkpoint",
@@ -50,8 +52,6 @@ def run_fingerprint(cfg, stage: str) -> dict:
     """{dotted field: value} of the stage's fingerprint fields (tuples as lists, as JSON stores them)."""
     out = {}
     for name in FIELDS[stage]:
-        v = cfg
-        for k in name.split("."):
-            v = getattr(v, k)
+        v = field_value(cfg, name)
         out[name] = list(v) if isinstance(v, tuple) else v
     return out
