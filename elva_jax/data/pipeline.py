@@ -194,22 +194,36 @@ def contrastive_records(
     *,
     instructions: dict[str, tuple[str, ...]] | None = None,
     num_negatives: int = 0,
+    dropped: list[str] | None = None,
 ) -> list[dict]:
     """M-BEIR queries + pool -> [{"id", "query", "cands": [positive, *negatives]}]; the positive is the
-    first pos_cand, negatives the first k of neg_cand_list (deterministic)."""
+    first pos_cand, negatives the first k of neg_cand_list (deterministic).
+
+    A query that cannot make a record (no positive, a candidate missing from the pool, no negatives to
+    take) raises RecordError naming it; with ``dropped`` given (the skip policy) it is left out instead
+    and its "qid: reason" appended there, so the caller counts and reports it."""
     out = []
     for q in queries:
-        if not q.pos_cand_list:
-            raise RecordError(f"query {q.qid!r} has no positive candidate")
-        dids = [q.pos_cand_list[0], *_take_negatives(q.neg_cand_list, num_negatives, q.qid)]
-        missing = [d for d in dids if d not in pool]
-        if missing:
-            raise RecordError(f"query {q.qid!r}: candidates {missing} are not in the pool")
-        cmod = pool[dids[0]].modality
-        img = str(resolve_image_path(root, q.query_img_path)) if q.query_img_path else None
-        query = _side(q.query_txt, img, _pick_instruction(instructions, q.qid, q.query_modality, cmod))
-        out.append({"id": q.qid, "query": query, "cands": [_cand_side(pool[d], root) for d in dids]})
+        try:
+            out.append(_contrastive_record(q, pool, root, instructions, num_negatives))
+        except RecordError as e:
+            if dropped is None:
+                raise
+            dropped.append(str(e))
     return out
+
+
+def _contrastive_record(q: Query, pool: dict[str, Candidate], root, instructions, num_negatives: int) -> dict:
+    if not q.pos_cand_list:
+        raise RecordError(f"query {q.qid!r} has no positive candidate")
+    dids = [q.pos_cand_list[0], *_take_negatives(q.neg_cand_list, num_negatives, q.qid)]
+    missing = [d for d in dids if d not in pool]
+    if missing:
+        raise RecordError(f"query {q.qid!r}: candidates {missing} are not in the pool")
+    cmod = pool[dids[0]].modality
+    img = str(resolve_image_path(root, q.query_img_path)) if q.query_img_path else None
+    query = _side(q.query_txt, img, _pick_instruction(instructions, q.qid, q.query_modality, cmod))
+    return {"id": q.qid, "query": query, "cands": [_cand_side(pool[d], root) for d in dids]}
 
 
 def nli_records(rows: Sequence[tuple[str, str, str | None]], *, num_negatives: int = 0) -> list[dict]:
@@ -500,6 +514,12 @@ class PipelineIterator:
         s.seen += len(meta["ids"]) + len(meta["skipped_paths"])
         s.skipped += len(meta["skipped_paths"])
         s.skipped_paths = (s.skipped_paths + meta["skipped_paths"])[-16:]
+        if meta["skipped_paths"]:
+            print(
+                f"[elva_jax] data: skip policy replaced {len(meta['skipped_paths'])} record(s) with a bad image "
+                f"({s.skipped} so far): {meta['skipped_paths'][0]}",
+                flush=True,
+            )
         s.images += meta["images"]
         s.truncated += meta["truncated"]
         self.last_ids = meta["ids"]

@@ -86,6 +86,33 @@ def place_rl_state(state: RLState, mcfg: ModelConfig, lcfg: LoraConfig, tx, mesh
     return RLState(state.step, params, lora, opt_state, place(state.key, replicated(mesh)))
 
 
+def rl_saveable(st: RLState) -> dict:
+    """What an RL checkpoint holds besides its meta: LoRA, optimizer state, step and RNG key (the frozen
+    base is the stage-2 model, rebuilt on resume)."""
+    return {
+        "lora": st.lora,
+        "opt_state": st.opt_state,
+        "step": np.int32(st.step),
+        "key": jax.random.key_data(st.key),
+    }
+
+
+def restore_rl_state(ckpt: Checkpointer, state: RLState) -> tuple[int, RLState]:
+    """(saved step, ``state`` continued from the newest readable RL checkpoint). The run's count of
+    skipped non-finite updates goes on from the checkpoint's meta, so ``train.max_nonfinite`` bounds
+    the whole run, not each invocation."""
+    step0, saved, meta = ckpt.restore_latest(abstract_like(rl_saveable(state)))
+    restored = RLState(
+        int(saved["step"]),
+        state.params,
+        saved["lora"],
+        saved["opt_state"],
+        jax.random.wrap_key_data(saved["key"]),
+        skipped=int(meta.get("nonfinite", 0)),
+    )
+    return step0, restored
+
+
 def run_rl(
     cfg: RunConfig, mcfg: ModelConfig, params: dict, instances: list[dict], tokenizer, opts, *, run_dir: str
 ) -> dict:
@@ -133,24 +160,9 @@ def run_rl(
             "there would rotate them away; use another run.dir or move them"
         )
 
-    def saveable(st: RLState):
-        return {
-            "lora": st.lora,
-            "opt_state": st.opt_state,
-            "step": np.int32(st.step),
-            "key": jax.random.key_data(st.key),
-        }
-
     if ckpt.steps():
-        step0, saved, _ = ckpt.restore_latest(abstract_like(saveable(state)))
-        state = RLState(
-            int(saved["step"]),
-            state.params,
-            saved["lora"],
-            saved["opt_state"],
-            jax.random.wrap_key_data(saved["key"]),
-        )
-        print(f"[elva_jax] RL: resumed from step {step0}", flush=True)
+        step0, state = restore_rl_state(ckpt, state)
+        print(f"[elva_jax] RL: resumed from step {step0} ({state.skipped} skipped updates so far)", flush=True)
     stop = {"flag": False}
     step_start = state.step
     old = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
@@ -190,9 +202,8 @@ def run_rl(
                 stop["flag"] = True
             stop["flag"] = any_process(stop["flag"])  # a SIGTERM seen by one host stops all at this step
             if state.step % cfg.run.checkpoint_every == 0 or state.step == n_steps or stop["flag"]:
-                ckpt.save(
-                    state.step, saveable(state), None, {"reward": m["reward"], "nonfinite": state.skipped}, force=True
-                )
+                meta = {"reward": m["reward"], "nonfinite": state.skipped}
+                ckpt.save(state.step, rl_saveable(state), None, meta, force=True)
             if stop["flag"]:
                 print(f"[elva_jax] saved RL step {state.step} and stopping", flush=True)
                 break

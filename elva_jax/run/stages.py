@@ -17,6 +17,7 @@ import yaml
 
 from elva_jax import configlib
 from elva_jax.parallel.sharding import host_copy
+from elva_jax.runtime.observe import MetricsLogger
 from elva_jax.schema import RunConfig, project
 
 BUNDLED_TRAIN = "query/train/mbeir_multigrain_union_train.jsonl"
@@ -102,7 +103,37 @@ def read_mbeir_training(cfg: RunConfig, root: str):
     return queries, pool, instructions
 
 
-def build_records(cfg: RunConfig, root: str):
+def _policy_drops(cfg: RunConfig) -> list[str] | None:
+    """Where records that cannot be built go: a list under the skip policy, None (raise) under fail."""
+    return [] if cfg.data.image_policy == "skip" else None
+
+
+def _report_drops(cfg: RunConfig, what: str, drops: list[str] | None, n_queries: int, out: list[str] | None) -> None:
+    """Announce the records the skip policy left out, stop past ``data.max_skip_fraction``, and hand the
+    reasons to ``out`` (the run's count for summary.json and metrics.jsonl)."""
+    from elva_jax.data.pipeline import SkippedFractionError
+
+    if not drops:
+        return
+    frac = len(drops) / max(1, n_queries)
+    print(
+        f"[elva_jax] {what}: skip policy left out {len(drops)} of {n_queries} queries that make no record "
+        f"(first: {drops[0]})",
+        flush=True,
+    )
+    if frac > cfg.data.max_skip_fraction:
+        raise SkippedFractionError(
+            f"{what}: {len(drops)}/{n_queries} queries make no record (> data.max_skip_fraction "
+            f"{cfg.data.max_skip_fraction:.2%}); first: {drops[0]}"
+        )
+    if out is not None:
+        out.extend(drops)
+
+
+def build_records(cfg: RunConfig, root: str, dropped: list[str] | None = None):
+    """The contrastive stage's records. A query that makes no record (no positive, a candidate missing
+    from the pool) stops the run under ``data.image_policy=fail``; under ``skip`` it is left out, announced,
+    counted against ``data.max_skip_fraction`` and its reason appended to ``dropped``."""
     from elva_jax.data import nli
     from elva_jax.data.pipeline import contrastive_records, nli_records
 
@@ -110,7 +141,12 @@ def build_records(cfg: RunConfig, root: str):
     if d.kind == "nli":
         return nli_records(nli.read_nli_csv(root), num_negatives=d.hard_negatives)
     queries, pool, instructions = read_mbeir_training(cfg, root)
-    return contrastive_records(queries, pool, root, instructions=instructions, num_negatives=d.hard_negatives)
+    drops = _policy_drops(cfg)
+    recs = contrastive_records(
+        queries, pool, root, instructions=instructions, num_negatives=d.hard_negatives, dropped=drops
+    )
+    _report_drops(cfg, "contrastive data", drops, len(queries), dropped)
+    return recs
 
 
 def train_template(cfg: RunConfig) -> str:
@@ -126,7 +162,9 @@ def train_encoder(cfg: RunConfig, tokenizer):
     return PromptEncoder(tokenizer, train_template(cfg), default_instruction=cfg.data.default_instruction)
 
 
-def build_rl_instances(cfg: RunConfig, root: str, *, params=None, mcfg=None, tokenizer=None) -> list[dict]:
+def build_rl_instances(
+    cfg: RunConfig, root: str, *, params=None, mcfg=None, tokenizer=None, dropped: list[str] | None = None
+) -> list[dict]:
     """RL instances: query + positive + negatives, from the training queries.
 
     rl.negatives = "dataset": the first `num_hard_negatives` of each query's neg_cand_list plus
@@ -144,8 +182,12 @@ def build_rl_instances(cfg: RunConfig, root: str, *, params=None, mcfg=None, tok
     if d.kind == "nli":
         raise configlib.ConfigError("the RL stage needs M-BEIR-format data (data.kind mbeir or bundled)")
     queries, pool, instructions = read_mbeir_training(cfg, root)
+    drops = _policy_drops(cfg)
     if r.negatives == "dataset":
-        recs = contrastive_records(queries, pool, root, instructions=instructions, num_negatives=r.num_hard_negatives)
+        recs = contrastive_records(
+            queries, pool, root, instructions=instructions, num_negatives=r.num_hard_negatives, dropped=drops
+        )
+        _report_drops(cfg, "RL instances", drops, len(queries), dropped)
         recs = select_instances(recs, r.query_fraction, cfg.train.seed)
         pool_sides = [corpus_records([c], root)[0]["item"] for c in pool.values()]
         return add_random_negatives(recs, pool_sides, r.num_random_negatives, cfg.train.seed)
@@ -153,7 +195,8 @@ def build_rl_instances(cfg: RunConfig, root: str, *, params=None, mcfg=None, tok
     from elva_jax.rl.negatives import mine_cached
     from elva_jax.train.loop import model_options
 
-    base = contrastive_records(queries, pool, root, instructions=instructions, num_negatives=0)
+    base = contrastive_records(queries, pool, root, instructions=instructions, num_negatives=0, dropped=drops)
+    _report_drops(cfg, "RL instances", drops, len(queries), dropped)
     base = select_instances(base, r.query_fraction, cfg.train.seed)
     by_id = {q.qid: q for q in queries}
     chosen = [by_id[b["id"]] for b in base]
@@ -236,7 +279,8 @@ def run(cfg: RunConfig) -> dict:
         with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
             yaml.safe_dump(configlib.to_dict(cfg), f, sort_keys=False)
     root = bundled_root(cfg) if cfg.data.kind == "bundled" else cfg.data.root
-    records = build_records(cfg, root)
+    dropped: list[str] = []  # queries the skip policy left out (summary.json, metrics.jsonl)
+    records = build_records(cfg, root, dropped)
     if len(records) < cfg.train.global_batch:
         raise configlib.ConfigError(
             f"train.global_batch {cfg.train.global_batch} exceeds the {len(records)} training records of "
@@ -275,7 +319,8 @@ def run(cfg: RunConfig) -> dict:
         max_pixels=d.max_pixels,
         geometry=mcfg.vision.geometry,
     )
-    summary: dict = {"records": len(records)}
+    summary: dict = {"records": len(records), "records_dropped": len(dropped), "records_dropped_first": dropped[:20]}
+    _log_dropped(cfg.run.dir, "records_dropped", len(dropped))
     lora_cfg = project(LoraConfig, cfg.lora)
     if "contrastive" in t.stages:
         steps_per_epoch = len(records) // t.global_batch
@@ -306,7 +351,10 @@ def run(cfg: RunConfig) -> dict:
     if "rl" in t.stages:
         from elva_jax.rl.loop import run_rl
 
-        instances = build_rl_instances(cfg, root, params=params, mcfg=mcfg, tokenizer=tokenizer)
+        rl_dropped: list[str] = []
+        instances = build_rl_instances(cfg, root, params=params, mcfg=mcfg, tokenizer=tokenizer, dropped=rl_dropped)
+        summary["rl_instances_dropped"] = len(rl_dropped)
+        _log_dropped(os.path.join(cfg.run.dir, "rl"), "instances_dropped", len(rl_dropped))
         print(
             f"[elva_jax] RL: {len(instances)} instances of 1 positive + {len(instances[0]['cands']) - 1} negatives, "
             f"G={cfg.rl.group_size}",
@@ -360,6 +408,14 @@ def run(cfg: RunConfig) -> dict:
         with open(os.path.join(cfg.run.dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _log_dropped(run_dir: str, key: str, n: int) -> None:
+    """One metrics.jsonl line (step 0) with the count of records the skip policy left out, when any."""
+    if n:
+        logger = MetricsLogger(run_dir)
+        logger.log(0, {key: n})
+        logger.close()
 
 
 def _stopped(cfg: RunConfig, summary: dict, stage: str, step: int, total: int, t0: float) -> dict:

@@ -213,6 +213,9 @@ def train(
                 "skipped": int(state.skipped),
                 "eta_s": dt * (total_steps - step),
             }
+            stats = getattr(data_iter, "stats", None)  # the pipeline's count of records dropped for bad images
+            if stats is not None:
+                rec["images_skipped"] = int(stats.skipped)
             if flops:
                 rec["flops_per_s"] = flops / dt
                 if peak:

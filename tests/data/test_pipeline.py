@@ -299,6 +299,26 @@ def test_records_that_cannot_be_used_name_their_query(tmp_path):
         contrastive_records([q], pool, tmp_path)
 
 
+def test_the_skip_policy_leaves_out_records_that_cannot_be_built_and_names_them(tmp_path):
+    """With a ``dropped`` list (the skip policy) a query without a positive or with a candidate missing
+    from the pool is left out and named there; the good queries keep their order."""
+    from elva_jax.data.mbeir import Candidate, Query
+    from elva_jax.data.pipeline import contrastive_records
+
+    pool = {f"9:{i}": Candidate(f"9:{i}", f"cand {i}", None, "text") for i in range(3)}
+    qs = [
+        Query("9:a", "first", None, "text", ("9:0",), (), 0),
+        Query("9:b", "no positive", None, "text", (), (), 0),
+        Query("9:c", "missing", None, "text", ("9:7",), (), 0),
+        Query("9:d", "last", None, "text", ("9:2",), (), 0),
+    ]
+    dropped: list[str] = []
+    recs = contrastive_records(qs, pool, tmp_path, dropped=dropped)
+    assert [r["id"] for r in recs] == ["9:a", "9:d"]
+    assert [r["cands"][0]["text"] for r in recs] == ["cand 0", "cand 2"]
+    assert len(dropped) == 2 and "'9:b' has no positive" in dropped[0] and "'9:c'" in dropped[1]
+
+
 def test_an_image_larger_than_a_patch_row_is_a_named_bad_image(tmp_path):
     """With the skip policy it is skipped and counted like any bad image; with fail it names the file."""
     from PIL import Image
