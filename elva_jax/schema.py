@@ -242,6 +242,23 @@ def _check_values(c) -> None:
             "must be > 0 (eval.sampling=greedy decodes greedily)",
         ),
         ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
+        ("data.max_skip_fraction", 0 <= c.data.max_skip_fraction <= 1, "must be in [0, 1]"),
+        ("data.hard_negatives", c.data.hard_negatives >= 0, "must be >= 0"),
+        ("data.max_text_tokens", c.data.max_text_tokens >= 1, "must be >= 1"),
+        ("data.patch_rows", c.data.patch_rows >= 0, "must be >= 0 (0: one row per example)"),
+        ("data.patch_row_len", c.data.patch_row_len >= 1, "must be >= 1"),
+        ("rl.query_fraction", 0 < c.rl.query_fraction <= 1, "must be in (0, 1]"),
+        ("rl.num_hard_negatives", c.rl.num_hard_negatives >= 0, "must be >= 0"),
+        ("rl.num_random_negatives", c.rl.num_random_negatives >= 0, "must be >= 0"),
+        ("rl.eps_low", fin(c.rl.eps_low) and c.rl.eps_low >= 0, "must be finite and >= 0"),
+        ("rl.eps_high", fin(c.rl.eps_high) and c.rl.eps_high >= 0, "must be finite and >= 0"),
+        ("rl.adv_ddof", 0 <= c.rl.adv_ddof < c.rl.group_size, "must be >= 0 and < rl.group_size"),
+        ("rl.adv_eps", fin(c.rl.adv_eps) and c.rl.adv_eps >= 0, "must be finite and >= 0"),
+        ("rl.soft_temperature", fin(c.rl.soft_temperature) and c.rl.soft_temperature > 0, "must be > 0"),
+    ]
+    rules += [
+        (f"rl.{k}", fin(field_value(c, f"rl.{k}")), "must be finite")
+        for k in ("alpha", "epsilon", "gamma", "delta", "aux_soft_rank_weight", "false_negative_threshold")
     ]
     bad = [f"{name} = {field_value(c, name)!r} {why}" for name, ok, why in rules if not ok]
     if bad:

@@ -99,6 +99,10 @@ def test_batch_not_divisible_is_reported(tmp_path):
         ("run.checkpoint_every=0", "run.checkpoint_every"),
         ("train.max_steps=-1", "train.max_steps"),
         ("train.global_batch=0", "train.global_batch"),
+        ("data.max_skip_fraction=2", "data.max_skip_fraction"),
+        ("rl.query_fraction=0", "rl.query_fraction"),
+        ("rl.adv_ddof=8", "rl.adv_ddof"),
+        ("rl.gamma=.inf", "rl.gamma"),
     ],
 )
 def test_impossible_values_are_refused_up_front(tmp_path, override, field):
