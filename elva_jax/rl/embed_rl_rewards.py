@@ -32,6 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from elva_jax.schema import project
+
 Array = jax.Array
 
 TIES = ("average", "index")
@@ -39,6 +41,7 @@ PRM_OFF_WEIGHTS = ("keep", "renormalise")
 
 __all__ = [
     "EmbedRLRewardConfig",
+    "embed_rl_reward_config",
     "format_reward",
     "orm_reward",
     "orm_rows",
@@ -90,6 +93,11 @@ class EmbedRLRewardConfig:
             raise ValueError(f"EmbedRLRewardConfig.prm_off_weights must be one of {list(PRM_OFF_WEIGHTS)}")
         if self.format_weight + self.orm_weight == 0 and self.prm_off_weights == "renormalise":
             raise ValueError("EmbedRLRewardConfig: cannot renormalise zero format and ORM weights")
+
+
+def embed_rl_reward_config(cfg) -> EmbedRLRewardConfig:
+    """The reward config of a run config (its ``embed_rl`` section)."""
+    return project(EmbedRLRewardConfig, cfg.embed_rl)
 
 
 def format_reward(flags: Any) -> Array:
