@@ -41,6 +41,7 @@ PRM_OFF_WEIGHTS = ("keep", "renormalise")
 
 __all__ = [
     "EmbedRLRewardConfig",
+    "batch_rewards",
     "embed_rl_reward_config",
     "format_reward",
     "orm_reward",
@@ -210,3 +211,36 @@ def total_reward(fmt: Any, orm: Any, prm: Any | None, cfg: EmbedRLRewardConfig) 
             raise ValueError("prm_enabled: total_reward needs the PRM rewards")
         r = r + wp * jnp.asarray(prm, jnp.float32)
     return r
+
+
+def batch_rewards(
+    sims: Any,
+    pair_ids: Any,
+    fmt_query: Any,
+    fmt_positive: Any,
+    cfg: EmbedRLRewardConfig,
+    judge_query: Any | None = None,
+    judge_positive: Any | None = None,
+    col_pair_ids: Any | None = None,
+) -> dict[str, dict[str, Array]]:
+    """Every rollout's reward of one batch: ``{"query": {...}, "positive": {...}}``, each side with
+    ``total``, ``format``, ``orm``, ``acc``, ``margin`` and ``prm`` per row. ``fmt_*``: format flags of
+    the query / positive rollouts; ``judge_*``: the judge's verdicts (needed iff ``cfg.prm_enabled``)."""
+    o = orm_reward(
+        sims,
+        pair_ids,
+        col_pair_ids,
+        negative_temperature=cfg.negative_temperature,
+        scale=cfg.orm_scale,
+        top_n=cfg.top_n,
+        ties=cfg.ties,
+    )
+    out = {}
+    for side, fmt, judge in (("query", fmt_query, judge_query), ("positive", fmt_positive, judge_positive)):
+        rows = o[side]
+        if cfg.prm_enabled and judge is None:
+            raise ValueError(f"prm_enabled: batch_rewards needs the judge's verdicts for the {side} rows")
+        prm = prm_reward(judge, rows["margin"]) if cfg.prm_enabled else jnp.zeros_like(rows["margin"])
+        f = format_reward(fmt)
+        out[side] = {**rows, "format": f, "prm": prm, "total": total_reward(f, rows["orm"], prm, cfg)}
+    return out

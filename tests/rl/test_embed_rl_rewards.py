@@ -204,6 +204,25 @@ def test_weights_and_total():
     assert E.format_reward([True]).dtype == np.float32
 
 
+def test_batch_rewards_against_the_official_totals():
+    """R per rollout as the official compute_rewards adds it up: 0.05 format + 0.8 ORM + 0.2 PRM."""
+    rng = np.random.default_rng(7)
+    pairs = np.repeat(np.arange(3), 2)
+    sims = rng.uniform(0, 1, (6, 6)).astype(np.float32)
+    fq, fp = rng.integers(0, 2, 6).astype(bool), rng.integers(0, 2, 6).astype(bool)
+    jq, jp = rng.integers(0, 2, 6).astype(bool), rng.integers(0, 2, 6).astype(bool)
+    cfg = EmbedRLRewardConfig(prm_enabled=True)
+    got = jax.jit(lambda *a: E.batch_rewards(a[0], a[1], a[2], a[3], cfg, a[4], a[5]))(sims, pairs, fq, fp, jq, jp)
+    for side, s, f, j in (("query", sims, fq, jq), ("positive", sims.T, fp, jp)):
+        o = np_orm(s, pairs, pairs, t=0.5, scale=0.5, top_n=0, ties="index")
+        want = 0.05 * f + 0.8 * o["orm"] + 0.2 * np.where(j, o["margin"], 0.0)
+        np.testing.assert_allclose(np.asarray(got[side]["total"]), want, atol=2e-6)
+    off = E.batch_rewards(sims, pairs, fq, fp, EmbedRLRewardConfig())
+    np.testing.assert_array_equal(np.asarray(off["query"]["prm"]), 0.0)
+    with pytest.raises(ValueError, match="judge"):
+        E.batch_rewards(sims, pairs, fq, fp, cfg)
+
+
 def test_sharded_over_a_2x2x2_mesh_matches_one_device_and_the_oracle():
     r = run_check(os.path.join(os.path.dirname(__file__), "embed_rl_mesh_check.py"), timeout=600)
     assert r["devices"] == 8 and r["mesh"] == [2, 2, 2]
