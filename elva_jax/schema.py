@@ -12,6 +12,7 @@ import dataclasses
 import math
 from dataclasses import field
 
+from elva_jax.configlib import ConfigError
 from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION
 from elva_jax.model.decoder import LORA_TARGETS
 
@@ -163,6 +164,33 @@ class RLSection:
     prompt_buckets: tuple[int, ...] = (256, 512, 1024)
     steps: int = 0  # 0: one pass over the instances
     lr: float = 1e-6  # paper
+    # "elva": train the embedder itself (this section); "embed_rl": train a reasoner whose T-CoT a frozen
+    # embedder scores (the `embed_rl` section; its two-model training loop is not available yet)
+    recipe: str = field(default="elva", metadata={"choices": ("elva", "embed_rl")})
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedRLSection:
+    """Embed-RL's reward (rl.recipe=embed_rl; `elva_jax.rl.embed_rl_rewards`). Paper / official
+    `vlm2vec_reward.py` values: R = 0.05 format + 0.8 ORM + 0.2 PRM, ORM = 0.5 acc margin, negatives
+    softmax temperature 0.5, top-n = the row's own-pair count, 4 hard pairs for the judge."""
+
+    format_weight: float = 0.05
+    orm_weight: float = 0.8
+    prm_weight: float = 0.2
+    orm_scale: float = 0.5  # ORM = orm_scale * acc * margin (official `accuracy_weight`)
+    negative_temperature: float = 0.5
+    top_n: int = 0  # 0: the row's own-pair count (official, = G); > 0: a fixed n
+    # ties at the top-n cut (official torch.topk: unspecified): expected share over tie orders, or by column
+    ties: str = field(default="average", metadata={"choices": ("average", "index")})
+    prm_enabled: bool = False  # the judge (a third model) is off by default: PRM = 0
+    # judge off: keep the weights (official) or scale format + ORM weights up to the full weight sum
+    prm_off_weights: str = field(default="keep", metadata={"choices": ("keep", "renormalise")})
+    prm_hard_pairs: int = 4  # other pairs shown to the judge next to the pair's own rollouts (official 4)
+    # "tags": the official check (the six tags in order, anything around them); "strict": each tag once,
+    # nothing outside the blocks, well-formed JSON evidence (`elva_jax.data.tcot`)
+    format_check: str = field(default="strict", metadata={"choices": ("strict", "tags")})
+    key_frame_base: int = 1  # index of a video's first frame in `key_frames` (Embed-RL's prompt: 1-based)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +264,27 @@ def _check_values(c) -> None:
         ("rl.mu", c.rl.mu >= 1, "must be >= 1"),
         ("rl.beta", fin(c.rl.beta) and c.rl.beta >= 0, "must be finite and >= 0"),
         ("rl.log_base", fin(c.rl.log_base) and c.rl.log_base > 1, "must be > 1"),
+        *(
+            (
+                f"embed_rl.{k}",
+                fin(field_value(c, f"embed_rl.{k}")) and field_value(c, f"embed_rl.{k}") >= 0,
+                "must be >= 0",
+            )
+            for k in ("format_weight", "orm_weight", "prm_weight", "orm_scale")
+        ),
+        (
+            "embed_rl.negative_temperature",
+            fin(c.embed_rl.negative_temperature) and c.embed_rl.negative_temperature > 0,
+            "must be > 0",
+        ),
+        ("embed_rl.top_n", c.embed_rl.top_n >= 0, "must be >= 0 (0: the row's own-pair count)"),
+        ("embed_rl.prm_hard_pairs", c.embed_rl.prm_hard_pairs >= 1, "must be >= 1"),
+        ("embed_rl.key_frame_base", c.embed_rl.key_frame_base in (0, 1), "must be 0 or 1"),
+        (
+            "embed_rl.prm_off_weights",
+            c.embed_rl.prm_off_weights == "keep" or c.embed_rl.format_weight + c.embed_rl.orm_weight > 0,
+            "cannot renormalise zero format and ORM weights",
+        ),
         (
             "eval.temperature",
             fin(c.eval.temperature) and c.eval.temperature > 0,
@@ -269,6 +318,21 @@ def _check_values(c) -> None:
         )
 
 
+#: RL recipes with a schema section but no training loop yet: a run or plan with them is refused up front
+RECIPES_WITHOUT_LOOP = ("embed_rl",)
+
+
+def check_recipe_available(c) -> None:
+    """Refuse (ConfigError) a run whose RL stage asks for a recipe without a training loop, rather than
+    run another recipe's loop in its place."""
+    if "rl" in c.train.stages and c.rl.recipe in RECIPES_WITHOUT_LOOP:
+        raise ConfigError(
+            f"rl.recipe={c.rl.recipe}: the Embed-RL training loop (a reasoner trained against a frozen embedder) "
+            "is not available yet; only its rewards and T-CoT parser are (set rl.recipe=elva or drop 'rl' from "
+            "train.stages)"
+        )
+
+
 def field_value(c, dotted: str):
     """The value of a dotted field ("train.global_batch") of a config."""
     for k in dotted.split("."):
@@ -294,6 +358,7 @@ class RunConfig:
     train: TrainSection = TrainSection()
     run: RunSection = RunSection()
     rl: RLSection = RLSection()
+    embed_rl: EmbedRLSection = EmbedRLSection()
     eval: EvalSection = EvalSection()
 
     def __post_init__(self):

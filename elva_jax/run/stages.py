@@ -18,7 +18,7 @@ import yaml
 from elva_jax import configlib
 from elva_jax.parallel.sharding import host_copy
 from elva_jax.runtime.observe import MetricsLogger
-from elva_jax.schema import RunConfig, project
+from elva_jax.schema import RunConfig, check_recipe_available, project
 
 BUNDLED_TRAIN = "query/train/mbeir_multigrain_union_train.jsonl"
 BUNDLED_POOL = "cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl"
@@ -272,6 +272,7 @@ def run(cfg: RunConfig) -> dict:
     from elva_jax.model.lora import LoraConfig, merge_lora
     from elva_jax.train.loop import model_options, train
 
+    check_recipe_available(cfg)  # before any work: a contrastive stage first would be wasted
     maybe_init_distributed()
     t0 = time.perf_counter()
     os.makedirs(cfg.run.dir, exist_ok=True)

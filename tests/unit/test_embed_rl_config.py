@@ -1,0 +1,90 @@
+"""The Embed-RL part of the run schema: the paper-scale preset's values, the reward config read off the
+`embed_rl` section, and the up-front refusal of rl.recipe=embed_rl (no training loop yet) in runs and plans."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from elva_jax import configlib, errors
+from elva_jax.rl.embed_rl_rewards import EmbedRLRewardConfig, embed_rl_reward_config, reward_weights
+from elva_jax.schema import RunConfig, check_recipe_available
+
+PRESET = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "embed_rl_qwen3vl_8b.yaml")
+
+
+def test_preset_has_the_official_values():
+    cfg = configlib.load(RunConfig, PRESET)
+    r, e, o = cfg.rl, cfg.embed_rl, cfg.optim
+    assert (r.recipe, r.group_size, r.beta, r.kl_estimator, r.lr, r.temperature) == (
+        "embed_rl",
+        4,
+        0.01,
+        "k3",
+        3e-6,
+        1.0,
+    )
+    assert (r.max_summary_tokens, r.adv_ddof, r.adv_eps) == (2048, 1, 1e-6)
+    assert (o.clip_norm, o.weight_decay, o.warmup_ratio, o.end_lr_ratio) == (1.0, 0.0, 0.0, 1.0)  # constant LR
+    assert (e.format_weight, e.orm_weight, e.prm_weight, e.orm_scale, e.negative_temperature) == (
+        0.05,
+        0.8,
+        0.2,
+        0.5,
+        0.5,
+    )
+    assert (e.top_n, e.prm_hard_pairs, e.format_check, e.key_frame_base) == (0, 4, "tags", 1)
+    assert not cfg.lora.enabled
+    rc = embed_rl_reward_config(cfg)
+    assert rc == EmbedRLRewardConfig(prm_enabled=True) and reward_weights(rc) == (0.05, 0.8, 0.2)
+
+
+def test_defaults_and_checks():
+    cfg = configlib.load(RunConfig, None)
+    assert cfg.rl.recipe == "elva" and not cfg.embed_rl.prm_enabled and cfg.embed_rl.format_check == "strict"
+    assert embed_rl_reward_config(cfg) == EmbedRLRewardConfig()
+    for over, field in (
+        (["embed_rl.negative_temperature=0"], "embed_rl.negative_temperature"),
+        (["embed_rl.orm_weight=-1"], "embed_rl.orm_weight"),
+        (["embed_rl.top_n=-2"], "embed_rl.top_n"),
+        (["embed_rl.key_frame_base=2"], "embed_rl.key_frame_base"),
+        (["embed_rl.ties=random"], "embed_rl.ties"),
+        (["rl.recipe=dpo"], "rl.recipe"),
+        (
+            ["embed_rl.prm_off_weights=renormalise", "embed_rl.format_weight=0", "embed_rl.orm_weight=0"],
+            "embed_rl.prm_off_weights",
+        ),
+    ):
+        with pytest.raises(configlib.ConfigError, match=field):
+            configlib.load(RunConfig, None, over)
+
+
+def test_embed_rl_recipe_is_refused_up_front(tmp_path, capsys):
+    from elva_jax.run.stages import main, run
+
+    run_dir = tmp_path / "run"
+    cfg = configlib.load(
+        RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[contrastive, rl]", f"run.dir={run_dir}"]
+    )
+    with pytest.raises(configlib.ConfigError, match="rl.recipe=embed_rl: the Embed-RL training loop .* not available"):
+        run(cfg)
+    assert not run_dir.exists()  # refused before anything was written or trained
+    with pytest.raises(SystemExit) as e:
+        errors.cli(
+            main, ["rl.recipe=embed_rl", "train.stages=[rl]", f"run.dir={run_dir}"], prog="python -m elva_jax.train"
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not available yet" in err[0] and "ConfigError" in err[0]
+    assert not run_dir.exists()
+    # a contrastive-only run may carry the recipe (the embedder is trained contrastively first)
+    check_recipe_available(configlib.load(RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[contrastive]"]))
+
+
+def test_plan_refuses_the_recipe(capsys):
+    from elva_jax.plan.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        errors.cli(main, ["--config", PRESET, "--topology", "local"], prog="python -m elva_jax.plan")
+    assert e.value.code == 2 and "not available yet" in capsys.readouterr().err
