@@ -96,6 +96,10 @@ def read_mbeir_training(cfg: RunConfig, root: str):
     pool_file = d.pool_file or (BUNDLED_POOL if d.kind == "bundled" else "")
     if not files or not pool_file:
         raise configlib.ConfigError("data.train_files and data.pool_file are needed for kind=mbeir")
+    for name, rel in [*(("data.train_files", f) for f in files), ("data.pool_file", pool_file)]:
+        if not os.path.isfile(os.path.join(root, rel)):
+            where = "data.root does not exist" if not os.path.isdir(root) else "no such file"
+            raise configlib.ConfigError(f"{name}: {os.path.join(root, rel)}: {where} (data.root {root!r})")
     queries = [q for f in files for q in mbeir.read_queries(os.path.join(root, f))]
     pool = mbeir.read_pool(os.path.join(root, pool_file))
     instr_path = os.path.join(root, d.instructions_file)

@@ -152,3 +152,15 @@ def test_an_incompatible_resume_stops_and_keeps_every_checkpoint(tmp_path):
     with pytest.raises(CheckpointIncompatible, match="train.global_batch: checkpoint 8, now 4"):
         main([*base, "train.max_steps=3", "train.global_batch=4"])
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before  # nothing rotated away or overwritten
+
+
+def test_a_missing_data_root_or_file_names_the_field(tmp_path):
+    from elva_jax.configlib import ConfigError
+
+    over = [f"run.dir={tmp_path}", "data.kind=mbeir", "data.train_files=[q.jsonl]", "data.pool_file=pool.jsonl"]
+    with pytest.raises(ConfigError, match="data.train_files: .*q.jsonl: data.root does not exist"):
+        main([*over, f"data.root={tmp_path / 'nowhere'}"])
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "q.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="data.pool_file: .*pool.jsonl: no such file"):
+        main([*over, f"data.root={tmp_path / 'd'}"])
