@@ -4,7 +4,7 @@
 
 Each probe gives a command a bad input (config, data, checkpoint, cache, tool input) or a risky one
 (a signal, a corrupt step) and reads the outcome:
-- clear:   the command stopped (exit != 0) in one stderr line naming the cause, no traceback;
+- clear:   the command stopped (exit != 0), its last stderr line naming the cause, no traceback;
 - handled: the command was expected to go on (e.g. past a corrupt step) and did, saying so;
 - silent wrong: it exited 0 where it should have refused, or went on without saying so;
 - unclear crash: it stopped, but with a traceback or a message that does not name the cause;
@@ -386,8 +386,10 @@ def classify(pr: Probe, rc: int, out: str, err: str, lost: list[str]) -> str:
         return "silent wrong" if rc == 0 else "unclear crash"
     if rc == 0:
         return "silent wrong"
+    # the command ends in one line naming the cause (warnings logged on the way, e.g. a step found
+    # corrupt, may come before it); a traceback anywhere is an unclear crash
     lines = [x for x in err.strip().splitlines() if x.strip()]
-    if "Traceback" in err or len(lines) != 1 or pr.keyword.lower() not in lines[0].lower():
+    if "Traceback" in err or not lines or pr.keyword.lower() not in lines[-1].lower():
         return "unclear crash"
     return "clear"
 
