@@ -28,6 +28,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, "-m", "elva_jax.train"]
 EVAL = [sys.executable, "-m", "elva_jax.eval"]
@@ -342,7 +344,10 @@ def probes() -> list[Probe]:
             lambda ws: [*COMPARE, "--hf-dir", str(ws / "tiny"), "--inputs", str(ws / "x.npz")],
             "error",
             "empty",
-            lambda ws, b: (_npz(ws, input_ids=[[]], attention_mask=[[]]), _tiny(ws)),
+            lambda ws, b: (
+                _npz(ws, input_ids=np.zeros((0, 4), np.int32), attention_mask=np.zeros((0, 4), np.int32)),
+                _tiny(ws),
+            ),
         ),
     ]
     return p
@@ -364,8 +369,6 @@ def _remove_the_images(ws: Path) -> None:
 
 
 def _npz(ws: Path, **arrays) -> None:
-    import numpy as np
-
     np.savez(ws / "x.npz", **{k: np.asarray(v) for k, v in arrays.items()})
 
 
