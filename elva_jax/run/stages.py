@@ -103,14 +103,25 @@ def read_mbeir_training(cfg: RunConfig, root: str):
 
 
 def build_records(cfg: RunConfig, root: str):
-    from elva_jax.data import nli
-    from elva_jax.data.pipeline import contrastive_records, nli_records
+    """The contrastive stage's records, read by index through the data source (``data.source``): an
+    :class:`~elva_jax.data.sources.NLIRecords` or :class:`~elva_jax.data.sources.ContrastiveRecords`."""
+    from elva_jax.data.sources import ContrastiveRecords, NLIRecords, concat, open_source
 
     d = cfg.data
+    src = open_source(root, d.source, cache_dir=os.path.join(cfg.run.dir, "source_cache"))
     if d.kind == "nli":
-        return nli_records(nli.read_nli_csv(root), num_negatives=d.hard_negatives)
-    queries, pool, instructions = read_mbeir_training(cfg, root)
-    return contrastive_records(queries, pool, root, instructions=instructions, num_negatives=d.hard_negatives)
+        return NLIRecords(src.nli(), num_negatives=d.hard_negatives)
+    files = d.train_files or ((BUNDLED_TRAIN,) if d.kind == "bundled" else ())
+    pool_file = d.pool_file or (BUNDLED_POOL if d.kind == "bundled" else "")
+    if not files or not pool_file:
+        raise configlib.ConfigError("data.train_files and data.pool_file are needed for kind=mbeir")
+    return ContrastiveRecords(
+        concat([src.queries(f) for f in files]),
+        src.pool(pool_file),
+        src.image_root,
+        instructions=src.instructions(d.instructions_file),
+        num_negatives=d.hard_negatives,
+    )
 
 
 def train_template(cfg: RunConfig) -> str:
