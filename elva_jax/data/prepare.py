@@ -74,9 +74,10 @@ def _hf_features(kind: str):
     return hf.Features(cols)
 
 
-def _table_rows(root, rel: str, kind: str, counts: dict) -> tuple[int, Iterator[dict], dict]:
+def _table_rows(root, rel: str, kind: str, counts: dict, image_root) -> tuple[int, Iterator[dict], dict]:
     """(row count, row iterator with image bytes, small id columns) of one source file."""
     path = epath.Path(root) / rel if not os.path.isabs(rel) and "://" not in rel else epath.Path(rel)
+    root = image_root or root
     if kind == "queries":
         items = mbeir.read_queries(path)
         rows = (query_row(q, _image_bytes(root, q.query_img_path, counts), src_as_json=True) for q in items)
@@ -160,9 +161,12 @@ def prepare(
     fmt: str = "array_record",
     nli_files: tuple[str, ...] = (),
     rows_per_shard: int = 2048,
+    image_root: str | None = None,
     log=None,
 ) -> dict:
-    """Write the prepared tables of ``root`` (None: only ``nli_files``) under ``out``; returns the manifest."""
+    """Write the prepared tables of ``root`` (None: only ``nli_files``) under ``out``; returns the manifest.
+    ``image_root``: the directory image paths are relative to (an MRBench directory: its M-BEIR root;
+    default ``root``)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if rows_per_shard < 1:
@@ -175,12 +179,17 @@ def prepare(
     if not tables:
         raise FileNotFoundError(f"no query/, cand_pool/ jsonl or nli/ csv files under {root} (and no --nli)")
     counts = {"stored": 0, "missing": 0, "missing_paths": []}
-    manifest: dict = {"format": MANIFEST_FORMAT, "backend": fmt, "source_root": str(root), "tables": {}}
+    manifest: dict = {
+        "format": MANIFEST_FORMAT,
+        "backend": fmt,
+        "source_root": str(image_root or root),  # what image labels are resolved against
+        "tables": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "out") if remote_out else str(out)
         os.makedirs(local, exist_ok=True)
         for name, kind in tables.items():
-            n, rows, cols = _table_rows(root or "", name, kind, counts)
+            n, rows, cols = _table_rows(root or "", name, kind, counts, image_root)
             key = os.path.basename(name) if name in nli_files else name
             with Progress(f"prepare {key}", total=n, unit="rows", log=log) as prog:
                 if fmt == "array_record":
@@ -228,10 +237,13 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="array_record", choices=FORMATS)
     ap.add_argument("--nli", nargs="*", default=(), help="extra NLI csv files (table name: the file name)")
     ap.add_argument("--rows-per-shard", type=int, default=2048)
+    ap.add_argument("--image-root", help="directory the image paths are relative to (MRBench: its M-BEIR root)")
     a = ap.parse_args(argv)
     if not a.root and not a.nli:
         ap.error("give --root and/or --nli")
-    m = prepare(a.root, a.out, fmt=a.format, nli_files=tuple(a.nli), rows_per_shard=a.rows_per_shard)
+    m = prepare(
+        a.root, a.out, fmt=a.format, nli_files=tuple(a.nli), rows_per_shard=a.rows_per_shard, image_root=a.image_root
+    )
     print(
         f"[elva_jax] prepared {len(m['tables'])} tables ({m['images']['stored']} images stored, "
         f"{m['images']['missing']} missing) as {a.format} under {a.out}"

@@ -53,6 +53,7 @@ __all__ = [
     "SOURCES",
     "ConcatTable",
     "ContrastiveRecords",
+    "CorpusRecords",
     "DataSource",
     "ListTable",
     "NLIRecords",
@@ -284,6 +285,16 @@ def concat(tables: Sequence):
 # records by index
 
 
+def _index(i, n: int) -> int:
+    """``i`` as a row index in [0, n) (negative counts from the end); IndexError outside."""
+    i = int(i)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"record {i} of {n}")
+    return i
+
+
 def _img_label(root, img_path: str | None) -> str | None:
     return str(mbeir.resolve_image_path(root, img_path)) if img_path else None
 
@@ -325,6 +336,7 @@ class ContrastiveRecords(Sequence):
 
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        i = _index(i, len(self))
         row = self.queries[i]
         where = self.queries.where(i)
         q = query_from_row(row, where, src_is_json=self.queries.src_is_json)
@@ -339,6 +351,39 @@ class ContrastiveRecords(Sequence):
             if self.pool.prepared and s["image"] is not None:
                 s["image_bytes"], s["where"] = b, self.pool.where(j)
         return {"id": q.qid, "query": query, "cands": sides}
+
+
+class CorpusRecords(Sequence):
+    """A pool or query table -> the corpus pipeline's records ``{"id", "item"}`` by index, equal (image
+    bytes aside) to ``corpus_records(items, root, instructions=..., cand_modality=...)`` (evaluation:
+    M-BEIR / MRBench pools and queries)."""
+
+    def __init__(self, table, root, *, queries: bool = False, instructions=None, cand_modality: str | None = None):
+        self.table, self.root, self.is_queries = table, root, queries
+        self.instructions, self.cand_modality = instructions, cand_modality
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        from elva_jax.data.pipeline import _side, pick_instruction
+
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = _index(i, len(self))
+        row, where = self.table[i], self.table.where(i)
+        if self.is_queries:
+            q = query_from_row(row, where, src_is_json=self.table.src_is_json)
+            instr = None
+            if self.cand_modality:
+                instr = pick_instruction(self.instructions, q.qid, q.query_modality, self.cand_modality)
+            rid, item = q.qid, _side(q.query_txt, _img_label(self.root, q.query_img_path), instr)
+        else:
+            c = candidate_from_row(row, where, src_is_json=self.table.src_is_json)
+            rid, item = c.did, _side(c.txt, _img_label(self.root, c.img_path))
+        if self.table.prepared and item["image"] is not None:
+            item["image_bytes"], item["where"] = row.get("img_bytes"), where
+        return {"id": rid, "item": item}
 
 
 class NLIRecords(Sequence):
@@ -357,6 +402,7 @@ class NLIRecords(Sequence):
 
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        i = _index(i, len(self))
         row = self.table[i]
         _need(row, ("sent0", "sent1"), self.table.where(i))
         return nli_record(i, (row["sent0"], row["sent1"], row.get("hard_neg")), self.num_negatives)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 
 import jax
@@ -242,6 +243,12 @@ def run(cfg: RunConfig) -> dict:
 
     maybe_init_distributed()
     t0 = time.perf_counter()
+    if jax.default_backend() == "cpu" and shutil.which("nvidia-smi"):
+        print(
+            "[elva_jax] an NVIDIA GPU driver is present but jax runs on CPU: "
+            'install the CUDA build with pip install "elva_jax[cuda]" (README, Environment)',
+            flush=True,
+        )
     os.makedirs(cfg.run.dir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:

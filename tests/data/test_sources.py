@@ -20,7 +20,7 @@ from elva_jax.data.errors import ImageError, ShardRecordError
 from elva_jax.data.prepare import main as prepare_main
 from elva_jax.data.prepare import prepare
 from elva_jax.data.progress import Progress
-from elva_jax.data.sources import ContrastiveRecords, NLIRecords, SourceError, open_source
+from elva_jax.data.sources import ContrastiveRecords, CorpusRecords, NLIRecords, SourceError, open_source
 from elva_jax.model.tiny import preset_config
 from elva_jax.schema import RunConfig
 
@@ -86,8 +86,8 @@ def _strip(rec):
     }
 
 
-def _batches(records, encoder, model_cfg, n, **kw):
-    it = P.make_pipeline(records, encoder, model_cfg, dataclasses.replace(BASE, **kw))
+def _batches(records, encoder, model_cfg, n, kind="contrastive", **kw):
+    it = P.make_pipeline(records, encoder, model_cfg, dataclasses.replace(BASE, **kw), kind=kind)
     out = []
     for _ in range(n):
         out.append((next(it), list(it.last_ids)))
@@ -130,6 +130,33 @@ def test_nli_batches_are_identical_across_sources(roots, encoder, model_cfg):
         src = open_source(f"{roots['files']}/{NLI}" if kind == "files" else roots[kind], kind)
         got, _ = _batches(NLIRecords(src.nli(), num_negatives=1), encoder, model_cfg, 2, **cfg)
         assert all(i == ri and _same(b, rb) for (b, i), (rb, ri) in zip(got, ref, strict=True)), kind
+
+
+def test_mrbench_corpora_through_every_source(roots, encoder, model_cfg, tmp_path):
+    """An MRBench directory (image paths relative to its M-BEIR root) prepared with --image-root: the
+    eval corpora (pool, queries with their instruction) match corpus_records and batch identically."""
+    mr = f"{roots['files']}/mrbench"
+    name = "mbeir_multigrain_task3"
+    qf, pf = f"query/test/{name}_test.jsonl", f"cand_pool/local/{name}_cand_pool.jsonl"
+    prepare(mr, str(tmp_path / "mr"), fmt="array_record", image_root=roots["files"], log=lambda _: None)
+    ins = mbeir.read_instructions(f"{roots['files']}/{INS}")
+    pool = list(mbeir.read_pool(f"{mr}/{pf}").values())
+    ref_pool = P.corpus_records(pool, roots["files"])
+    ref_q = P.corpus_records(mbeir.read_queries(f"{mr}/{qf}"), roots["files"], instructions=ins, cand_modality="text")
+    cfg = dict(shuffle=False, batch_size=4, micro_batches=1, patch_budget=(4, 256))
+    ref, _ = _batches(ref_pool, encoder, model_cfg, 2, kind="corpus", **cfg)
+    src = open_source(str(tmp_path / "mr"), "array_record")
+    got_pool = CorpusRecords(src.pool(pf), src.image_root)
+    got_q = CorpusRecords(src.queries(qf), src.image_root, queries=True, instructions=ins, cand_modality="text")
+
+    def strip(recs):
+        return [{"id": r["id"], "item": {k: r["item"][k] for k in ("text", "image", "instruction")}} for r in recs]
+
+    assert strip(got_pool) == ref_pool and strip(got_q) == ref_q
+    assert any(r["item"]["instruction"] for r in ref_q)
+    it = P.make_pipeline(got_pool, encoder, model_cfg, dataclasses.replace(BASE, **cfg), kind="corpus")
+    for b, ids in ref:
+        assert _same(next(it), b) and it.last_ids == ids
 
 
 def _steps(records, encoder, model_cfg, cfg, n_hosts, n_steps, state=None):
