@@ -59,6 +59,8 @@ __all__ = [
     "NLIRecords",
     "SourceError",
     "open_source",
+    "open_table",
+    "stage",
     "query_from_row",
     "candidate_from_row",
     "concat",
@@ -176,11 +178,19 @@ class HFTable:
     src_is_json = True
     prepared = True
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, dataset=None):
         import datasets
 
         self.path = str(directory)
-        self.ds = datasets.load_from_disk(self.path)
+        self.ds = dataset if dataset is not None else datasets.load_from_disk(self.path)
+
+    @classmethod
+    def from_parquet(cls, files: Sequence[str], cache_dir: str | None = None) -> HFTable:
+        """Parquet file(s) -> one table (``Dataset.from_parquet``: converted once to Arrow, memory-mapped)."""
+        import datasets
+
+        ds = datasets.Dataset.from_parquet(list(files), cache_dir=cache_dir)
+        return cls(files[0] if len(files) == 1 else os.path.dirname(files[0]), ds)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -416,6 +426,62 @@ def _is_remote(path: str) -> bool:
     return "://" in str(path)
 
 
+def stage(remote_root: str, rel_paths: Sequence[str], cache_dir: str | None = None) -> str:
+    """Copy ``rel_paths`` (files, or directories one or two levels deep) under ``remote_root`` (any epath
+    URL) into a local cache directory, once (a file of the same size is kept); returns the local root.
+    Default cache: ``~/.cache/elva_jax/sources``; one sub-directory per remote root."""
+    base = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "elva_jax", "sources")
+    local = os.path.join(base, hashlib.sha256(str(remote_root).encode()).hexdigest()[:16])
+    remote = epath.Path(remote_root)
+    for rel in rel_paths:
+        src = remote / rel if rel else remote
+        for s in [*src.glob("*"), *src.glob("*/*")] if src.is_dir() else [src]:
+            if s.is_dir():
+                continue
+            dst = os.path.join(local, str(s)[len(str(remote)) + 1 :])
+            size = s.stat().length
+            if os.path.exists(dst) and os.path.getsize(dst) == size:
+                continue
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            tmp = dst + ".part"
+            with s.open("rb") as fi, open(tmp, "wb") as fo:
+                while chunk := fi.read(1 << 22):
+                    fo.write(chunk)
+            os.replace(tmp, dst)
+    return local
+
+
+def open_table(path: str, *, cache_dir: str | None = None):
+    """Any table by path, for readers of other layouts (e.g. MMEB): an HF ``save_to_disk`` directory
+    (``load_from_disk``), a ``.parquet`` file or a directory of them (``Dataset.from_parquet``, converted
+    once into Arrow under ``cache_dir`` and memory-mapped), or ``.array_record`` shard(s) / a directory
+    of them (msgpack rows). A remote path (``gs://``) is staged into ``cache_dir`` first. Rows are the
+    stored columns as they are (no M-BEIR conversion)."""
+    p = epath.Path(path)
+    if _is_remote(path):
+        if p.is_dir():
+            local_root = stage(path, [""], cache_dir)
+        else:
+            local_root = os.path.join(stage(str(p.parent), [p.name], cache_dir), p.name)
+        path = local_root
+    if os.path.isdir(path):
+        names = sorted(os.listdir(path))
+        if "state.json" in names:
+            return HFTable(path)
+        parquet = [os.path.join(path, n) for n in names if n.endswith(".parquet")]
+        shards = [os.path.join(path, n) for n in names if n.endswith(".array_record")]
+        if parquet:
+            return HFTable.from_parquet(parquet, cache_dir)
+        if shards:
+            return ArrayRecordTable(shards, {})
+        raise SourceError(f"{path}: no HF dataset (state.json), .parquet or .array_record files")
+    if path.endswith(".parquet"):
+        return HFTable.from_parquet([path], cache_dir)
+    if path.endswith(".array_record"):
+        return ArrayRecordTable([path], {})
+    raise SourceError(f"{path}: not an HF dataset directory, a .parquet or an .array_record file")
+
+
 class DataSource:
     """A data root opened with one of SOURCES. ``queries(name)`` / ``pool(name)`` / ``nli(name)`` give
     tables (names are paths relative to the root, as in ``data.train_files``), ``instructions(name)``
@@ -446,31 +512,12 @@ class DataSource:
             if _is_remote(self.root):
                 self._local = self._stage(cache_dir)
 
-    # -- remote prepared roots: copy each file once into a local cache (same bytes, checked by size)
     def _stage(self, cache_dir: str | None) -> str:
-        base = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "elva_jax", "sources")
-        local = os.path.join(base, hashlib.sha256(self.root.encode()).hexdigest()[:16])
         files = [MANIFEST]
         for t in self.manifest["tables"].values():
             files += t["files"] + ([t["columns"]] if t.get("columns") else [])
         files += self.manifest.get("text_files", [])
-        remote = epath.Path(self.root)
-        for rel in files:
-            src = remote / rel
-            for s in [*src.glob("*"), *src.glob("*/*")] if src.is_dir() else [src]:
-                if s.is_dir():
-                    continue
-                dst = os.path.join(local, str(s)[len(str(remote)) + 1 :])
-                size = s.stat().length
-                if os.path.exists(dst) and os.path.getsize(dst) == size:
-                    continue
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                tmp = dst + ".part"
-                with s.open("rb") as fi, open(tmp, "wb") as fo:
-                    while chunk := fi.read(1 << 22):
-                        fo.write(chunk)
-                os.replace(tmp, dst)
-        return local
+        return stage(self.root, files, cache_dir)
 
     def _table(self, name: str, kind: str):
         assert self.manifest is not None

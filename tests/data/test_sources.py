@@ -317,6 +317,36 @@ def test_gs_paths_read_through_epath(roots, encoder, model_cfg, tmp_path):
     assert [(table[i]["sent0"], table[i]["sent1"], table[i]["hard_neg"]) for i in range(len(table))] == rows
 
 
+def test_open_table_reads_parquet_hf_and_array_record_locally_and_from_gs(roots, tmp_path):
+    """Generic tables for other layouts (MMEB-style parquet): rows by index equal pyarrow's own rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from elva_jax.data.sources import open_table
+
+    rows = [{"id": i, "text": f"t{i}", "image": bytes([i, 255 - i]) * 3, "tags": ["a"] * (i % 3)} for i in range(7)]
+    d = roots["base"] / "pq"
+    d.mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows[:4]), d / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[4:]), d / "part-1.parquet")
+    oracle = pa.concat_tables([pq.read_table(d / f"part-{k}.parquet") for k in (0, 1)]).to_pylist()
+    assert oracle == rows
+    t = open_table(str(d), cache_dir=str(tmp_path / "c1"))
+    assert len(t) == 7 and [t[i] for i in range(7)] == rows
+    with fake_bucket(roots["base"]):
+        g = open_table("gs://bucket/pq", cache_dir=str(tmp_path / "c2"))
+        assert [g[i] for i in range(7)] == rows and g.path.startswith(str(tmp_path / "c2"))
+        g1 = open_table("gs://bucket/pq/part-1.parquet", cache_dir=str(tmp_path / "c3"))
+        assert [g1[i] for i in range(3)] == rows[4:]
+    hf_dir = open_source(roots["hf"], "hf").queries(Q).path
+    ar_dir = os.path.dirname(open_source(roots["array_record"], "array_record").pool(POOL).shards[0])
+    assert open_table(hf_dir)[0]["qid"] == _reference(roots["files"])[0]["id"]
+    pool_rows = len(mbeir.read_pool(f"{roots['files']}/{POOL}"))
+    assert len(open_table(ar_dir)) > pool_rows  # every table's shards of the directory, read as one
+    with pytest.raises(SourceError, match="no HF dataset"):
+        open_table(str(tmp_path))
+
+
 # ----------------------------------------------------------------------------------------------------
 # prepare CLI, the schema field, wrong roots, progress lines
 
