@@ -254,4 +254,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # run the imported module's main: `datasets` hashes the row generator by reference, which a function
+    # of `__main__` is not
+    from elva_jax.data.prepare import main as _main
+
+    raise SystemExit(_main())
