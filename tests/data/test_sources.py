@@ -360,6 +360,21 @@ def test_prepare_cli_counts_missing_images(broken, tmp_path, capsys):
         prepare(roots["files"], str(tmp_path / "o"))
 
 
+def test_prepare_as_a_module_writes_an_hf_directory(roots, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "nli_hf"
+    csv = f"{roots['files']}/{NLI}"
+    cmd = [sys.executable, "-m", "elva_jax.data.prepare", "--nli", csv, "--out", str(out), "--format", "hf"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    table = open_source(str(out), "hf").nli()
+    assert [(table[i]["sent0"], table[i]["sent1"], table[i]["hard_neg"]) for i in range(len(table))] == (
+        nli.read_nli_csv(csv)
+    )
+
+
 def test_source_field_is_validated(roots):
     with pytest.raises(configlib.ConfigError, match=r"data\.source.*'gcs' is not one of"):
         configlib.load(RunConfig, None, ["data.source=gcs"])
