@@ -14,6 +14,7 @@ from dataclasses import field
 
 from elva_jax.configlib import ConfigError
 from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION
+from elva_jax.data.sources import SOURCES
 from elva_jax.model.decoder import LORA_TARGETS
 
 CACHE_POLICIES = ("use", "repair", "none")
@@ -103,6 +104,9 @@ class MeshSection:
 class DataSection:
     kind: str = field(default="mbeir", metadata={"choices": ("mbeir", "nli", "bundled")})
     root: str = ""  # M-BEIR root, NLI csv, or "" for the bundled multi-grain set (generated on demand)
+    # how `root` is read (elva_jax.data.sources): "files" (jsonl/csv + image files), "hf" / "array_record"
+    # (a directory written by `python -m elva_jax.data.prepare --format ...`, images inside); local or gs://
+    source: str = field(default="files", metadata={"choices": SOURCES})
     train_files: tuple[str, ...] = ()  # query jsonl files relative to root (M-BEIR)
     pool_file: str = ""  # candidate pool jsonl relative to root (M-BEIR)
     instructions_file: str = "instructions/query_instructions.tsv"
@@ -250,6 +254,16 @@ def _check_values(c) -> None:
         ("run.log_every", c.run.log_every >= 1, "must be >= 1"),
         ("run.stop_after_steps", c.run.stop_after_steps >= 0, "must be >= 0"),
         ("data.seq_buckets", len(c.data.seq_buckets) > 0 and min(c.data.seq_buckets) > 0, "must be non-empty, > 0"),
+        (
+            "data.source",
+            c.data.source == "files" or c.data.kind != "bundled",
+            "needs data.kind mbeir or nli (bundled data is generated as files; prepare it and name its files)",
+        ),
+        (
+            "data.source",
+            c.data.source == "files" or "rl" not in c.train.stages,
+            "must be 'files' for the RL stage (its negative mining reads the M-BEIR files)",
+        ),
         ("data.min_pixels", 0 < c.data.min_pixels <= c.data.max_pixels, "must be > 0 and <= data.max_pixels"),
         # the RL policy samples; 0 would make log-probs and KL undefined (greedy decoding is eval's "greedy")
         ("rl.temperature", fin(c.rl.temperature) and c.rl.temperature > 0, "must be > 0 (the policy samples)"),

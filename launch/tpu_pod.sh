@@ -10,7 +10,7 @@ set -euo pipefail
 REPO_DIR="${REPO_DIR:-~/elva_jax}"
 if [ "${SETUP:-0}" = 1 ]; then
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command \
-    "cd $REPO_DIR && pip install -e . 'jax[tpu]==0.10.2'"
+    "cd $REPO_DIR && pip install -e '.[tpu]'"
   exit 0
 fi
 cfg="$1"; shift

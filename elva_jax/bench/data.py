@@ -1,9 +1,12 @@
 """Input-pipeline throughput on the bundled multi-grain data (examples/s, images/s); one JSON line.
 
     python -m elva_jax.bench.data [--n-batches 20 --batch 16 --workers 2 --negatives 1]
+                                  [--sources files,array_record,hf]
 
 Measures the contrastive pipeline (tokenize, image decode + preprocess, pack, positions) single
-process and, when ``--workers > 0``, with grain ``mp_prefetch``. The first batch (warm-up, worker
+process and, when ``--workers > 0``, with grain ``mp_prefetch``, for each record source
+(``elva_jax.data.sources``: the jsonl + image files, and the same data prepared as ArrayRecord shards
+and as an HF datasets directory with the images' bytes inside). The first batch (warm-up, worker
 start) is excluded from the timing.
 """
 
@@ -40,19 +43,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--negatives", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2, help="mp_prefetch workers (0: single process only)")
+    ap.add_argument("--sources", default="files,array_record,hf", help="comma-separated data.source values")
     args = ap.parse_args(argv)
 
-    from elva_jax.data import mbeir, multigrain
-    from elva_jax.data.pipeline import PipelineConfig, contrastive_records
+    from elva_jax.data import multigrain
+    from elva_jax.data.pipeline import PipelineConfig
+    from elva_jax.data.prepare import prepare
+    from elva_jax.data.sources import SOURCES, ContrastiveRecords, open_source
     from elva_jax.data.tokenize import PromptEncoder, Tokenizer
     from elva_jax.model.tiny import preset_config
 
+    sources = [x for x in args.sources.split(",") if x]
+    unknown = [x for x in sources if x not in SOURCES]
+    if unknown:
+        ap.error(f"--sources: unknown {unknown} (choose from {list(SOURCES)})")
     with tempfile.TemporaryDirectory() as tmp:
-        multigrain.generate(tmp, seed=0)
-        qs = mbeir.read_queries(f"{tmp}/query/train/mbeir_multigrain_union_train.jsonl")
-        pool = mbeir.read_pool(f"{tmp}/cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl")
-        ins = mbeir.read_instructions(f"{tmp}/instructions/query_instructions.tsv")
-        records = contrastive_records(qs, pool, tmp, instructions=ins, num_negatives=args.negatives)
+        root = f"{tmp}/files"
+        multigrain.generate(root, seed=0)
+        roots = {"files": root}
+        for fmt in sources:
+            if fmt != "files":
+                roots[fmt] = f"{tmp}/{fmt}"
+                prepare(root, roots[fmt], fmt=fmt, log=lambda _: None)
         b = args.batch
         cfg = PipelineConfig(
             batch_size=b,
@@ -64,23 +76,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
             process_count=1,
         )
         encoder, model_cfg = PromptEncoder(Tokenizer.from_dir(), "eol"), preset_config("tiny")
-        result = {
-            "bench": "data_pipeline",
-            "batch": b,
-            "negatives": args.negatives,
-            "n_batches": args.n_batches,
-            "single_process": _measure(records, encoder, model_cfg, cfg, args.n_batches),
-        }
+        result = {"bench": "data_pipeline", "batch": b, "negatives": args.negatives, "n_batches": args.n_batches}
         if args.workers > 0:
-            try:
-                from absl import flags
+            from absl import flags
 
-                if not flags.FLAGS.is_parsed():
-                    flags.FLAGS.mark_as_parsed()
-                mp_cfg = dataclasses.replace(cfg, mp_workers=args.workers)
-                result[f"mp_prefetch_{args.workers}"] = _measure(records, encoder, model_cfg, mp_cfg, args.n_batches)
-            except Exception as e:  # report, do not hide
-                result[f"mp_prefetch_{args.workers}"] = {"error": f"{type(e).__name__}: {e}"}
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+        for name in sources:
+            src = open_source(roots[name], name)
+            records = ContrastiveRecords(
+                src.queries("query/train/mbeir_multigrain_union_train.jsonl"),
+                src.pool("cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl"),
+                src.image_root,
+                instructions=src.instructions("instructions/query_instructions.tsv"),
+                num_negatives=args.negatives,
+            )
+            out = {"single_process": _measure(records, encoder, model_cfg, cfg, args.n_batches)}
+            if args.workers > 0:
+                try:
+                    mp_cfg = dataclasses.replace(cfg, mp_workers=args.workers)
+                    out[f"mp_prefetch_{args.workers}"] = _measure(records, encoder, model_cfg, mp_cfg, args.n_batches)
+                except Exception as e:  # report, do not hide
+                    out[f"mp_prefetch_{args.workers}"] = {"error": f"{type(e).__name__}: {e}"}
+            result[name] = out
     print(json.dumps(result))
     return result
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from etils import epath
+
 from elva_jax.errors import UserError
 
-__all__ = ["DataFormatError", "ImageError", "RecordError", "utf8_lines"]
+__all__ = ["DataFormatError", "ImageError", "RecordError", "ShardRecordError", "utf8_lines"]
 
 
 class ImageError(UserError, ValueError):
@@ -15,6 +17,18 @@ class ImageError(UserError, ValueError):
 
 class RecordError(UserError, ValueError):
     """A record that cannot be used (no positive, a candidate id missing from the pool); names its id."""
+
+
+class ShardRecordError(UserError, ValueError):
+    """A prepared record (HF datasets row, ArrayRecord record) that cannot be read. The message is
+    ``"{where}: {reason}"``, where names the shard (or dataset directory) and the record's index in it."""
+
+    def __init__(self, where: str, reason: str):
+        self.where, self.reason = where, reason
+        super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.where, self.reason))
 
 
 class DataFormatError(UserError, ValueError):
@@ -40,7 +54,7 @@ class DataFormatError(UserError, ValueError):
 def utf8_lines(path: str | Path):
     """Yield (1-based line number, text) of a UTF-8 file; a line that is not valid UTF-8 raises a
     DataFormatError naming the file, the line and the offending byte."""
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 yield lineno, raw.decode("utf-8")

@@ -22,6 +22,7 @@ reference's float64 -> float32 rounding; the output equals transformers' bit for
 from __future__ import annotations
 
 import functools
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,6 +146,17 @@ def load_image(path: str | Path) -> Image.Image:
             return im.copy()
     except (OSError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot read image {path}: {e}") from e
+
+
+def load_image_bytes(data: bytes, label: str) -> Image.Image:
+    """Decode an image file's bytes (as :func:`load_image` decodes the file); failures raise ImageError
+    naming ``label``."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.copy()
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot read image {label}: {e}") from e
 
 
 @functools.lru_cache(maxsize=8)

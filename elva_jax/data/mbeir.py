@@ -33,6 +33,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from elva_jax.data.errors import DataFormatError, utf8_lines
 
 __all__ = [
@@ -130,14 +132,15 @@ def instruction_key(dataset_id: int, query_modality: str, cand_modality: str) ->
     return f"{dataset_id}, {query_modality}, {cand_modality}"
 
 
-def resolve_image_path(mbeir_root: str | Path, img_path: str, *, must_exist: bool = False) -> Path:
-    """``mbeir_root / img_path`` (an absolute ``img_path`` is returned as is).
+def resolve_image_path(mbeir_root: str | Path, img_path: str, *, must_exist: bool = False) -> epath.Path:
+    """``mbeir_root / img_path`` (an absolute ``img_path`` is returned as is); an ``etils.epath`` path, so
+    a ``gs://`` root works as a local one.
 
     Raises FileNotFoundError when ``must_exist`` and the file is missing.
     """
-    path = Path(img_path)
+    path = epath.Path(img_path)
     if not path.is_absolute():
-        path = Path(mbeir_root) / path
+        path = epath.Path(mbeir_root) / img_path
     if must_exist and not path.is_file():
         raise FileNotFoundError(f"image {img_path!r} not found under {mbeir_root} ({path})")
     return path
@@ -162,7 +165,7 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         return sum(1 for _ in f)
 
 
@@ -230,7 +233,7 @@ class _Fields:
 
 def read_queries(path: str | Path) -> list[Query]:
     """Query jsonl -> list of Query in file order. Duplicate qids are an error."""
-    path = Path(path)
+    path = epath.Path(path)
     queries: list[Query] = []
     seen: dict[str, int] = {}
     for lineno, record in _json_lines(path):
@@ -258,7 +261,7 @@ def read_queries(path: str | Path) -> list[Query]:
 
 def read_pool(path: str | Path) -> dict[str, Candidate]:
     """Candidate pool jsonl -> {did: Candidate} in file order. Empty pools and duplicate dids are errors."""
-    path = Path(path)
+    path = epath.Path(path)
     pool: dict[str, Candidate] = {}
     first_line: dict[str, int] = {}
     for lineno, record in _json_lines(path):
@@ -284,7 +287,7 @@ def read_pool(path: str | Path) -> dict[str, Candidate]:
 def read_qrels(path: str | Path) -> Qrels:
     """qrels txt (``qid 0 did 1 task_id``) -> Qrels. Relevance must be a positive integer; a qid with two
     different task ids is an error; a repeated (qid, did) line is ignored."""
-    path = Path(path)
+    path = epath.Path(path)
     positives: dict[str, list[str]] = {}
     task_ids: dict[str, int] = {}
     lines: dict[tuple[str, str], int] = {}
@@ -325,7 +328,7 @@ def check_qrels_against_pool(qrels: Qrels, pool: Mapping[str, Candidate], qrels_
 def read_instructions(path: str | Path) -> dict[str, tuple[str, ...]]:
     """Instructions tsv -> {"{dataset_id}, {query_modality}, {cand_modality}": prompts}. The first line
     is a header; blank trailing cells are dropped; each row needs >= 1 prompt; duplicate keys are errors."""
-    path = Path(path)
+    path = epath.Path(path)
     table: dict[str, tuple[str, ...]] = {}
     lines = utf8_lines(path)
     header = next(lines, (1, ""))[1]
@@ -361,7 +364,7 @@ def read_instructions(path: str | Path) -> dict[str, tuple[str, ...]]:
 def read_mbeir_task(root: str | Path, name: str, *, split: str = "test") -> MBEIRTask:
     """Load ``query/{split}/{name}_{split}.jsonl``, ``cand_pool/local/{name}_cand_pool.jsonl`` and
     ``qrels/{split}/{name}_{split}_qrels.txt`` under ``root``; qrels dids are checked against the pool."""
-    root = Path(root)
+    root = epath.Path(root)
     queries = read_queries(root / "query" / split / f"{name}_{split}.jsonl")
     pool = read_pool(root / "cand_pool" / "local" / f"{name}_cand_pool.jsonl")
     qrels_path = root / "qrels" / split / f"{name}_{split}_qrels.txt"
@@ -373,7 +376,7 @@ def read_mbeir_task(root: str | Path, name: str, *, split: str = "test") -> MBEI
 def read_mrbench(root: str | Path) -> dict[str, MBEIRTask]:
     """Every task of an MRBench directory (M-BEIR layout, test split only; see the module docstring),
     keyed by name (``query/test/{name}_test.jsonl``), sorted by name."""
-    root = Path(root)
+    root = epath.Path(root)
     query_dir = root / "query" / "test"
     files = sorted(query_dir.glob("*_test.jsonl"))
     if not files:

@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 from PIL import Image, ImageDraw
 
+from elva_jax.data.progress import Progress
 from elva_jax.errors import UserError
 
 __all__ = [
@@ -382,6 +383,7 @@ class _Builder:
         self.cand_meta: list[dict] = []
         self.text_did: dict[str, str] = {}  # scene id -> did of its caption
         self.n_images = 0
+        self.progress: Progress | None = None  # periodic line on large sets (none within the first 10 s)
         self.queries: dict[str, dict[int, list[dict]]] = {}
         self.grains: list[dict] = []
         self.nli_rows: list[tuple[str, str, str]] = []
@@ -412,6 +414,8 @@ class _Builder:
         (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
         (self.root / rel).write_bytes(buf.getvalue())
         self.n_images += 1
+        if self.progress is not None:
+            self.progress.update()
         return rel
 
     def _new_did(self, record: dict, sid: str, rendering: int | None) -> str:
@@ -592,6 +596,7 @@ def generate(root: str | Path, *, seed: int = 0, n_train: int = 32, n_test: int 
     root.mkdir(parents=True, exist_ok=True)
     before = {p for p in root.rglob("*") if p.is_file()}
     b = _Builder(root, random.Random(seed))
+    b.progress = Progress("generate bundled images", total=7 * (n_train + n_test), unit="images")
     _build_split(b, "train", n_train)
     _build_split(b, "test", n_test)
 

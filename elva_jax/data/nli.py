@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
+
+from etils import epath
 
 from elva_jax.data.errors import DataFormatError, utf8_lines
 
@@ -17,9 +20,9 @@ def read_nli_csv(path: str | Path) -> list[tuple[str, str, str | None]]:
     absent or the cell is empty); other columns are ignored. A row with the wrong number of cells or an
     empty sent0/sent1 raises DataFormatError with the 1-based line where the row ends.
     """
-    path = Path(path)
+    path = epath.Path(path)
     rows: list[tuple[str, str, str | None]] = []
-    with open(path, encoding="utf-8-sig", newline="") as fh:
+    with path.open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh)
         try:
             header = next(reader, None)

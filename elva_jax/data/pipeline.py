@@ -44,9 +44,16 @@ from typing import Any
 
 import grain
 import numpy as np
+from etils import epath
 
 from elva_jax.data.errors import ImageError, RecordError
-from elva_jax.data.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS, load_image, preprocess_images
+from elva_jax.data.image_processing import (
+    LAMRA_MAX_PIXELS,
+    LAMRA_MIN_PIXELS,
+    load_image,
+    load_image_bytes,
+    preprocess_images,
+)
 from elva_jax.data.mbeir import Candidate, Query, dataset_id_of, instruction_key, resolve_image_path
 from elva_jax.data.prompts import choose_instruction
 from elva_jax.errors import UserError
@@ -165,7 +172,7 @@ def _side(text: str | None, image: str | None, instruction: str | None = None) -
     return {"text": text, "image": image, "instruction": instruction}
 
 
-def _pick_instruction(instructions: dict[str, tuple[str, ...]] | None, qid: str, qmod: str, cmod: str) -> str | None:
+def pick_instruction(instructions: dict[str, tuple[str, ...]] | None, qid: str, qmod: str, cmod: str) -> str | None:
     if not instructions:
         return None
     prompts = instructions.get(instruction_key(dataset_id_of(qid), qmod, cmod))
@@ -178,7 +185,7 @@ def _cand_side(c: Candidate, root: str | Path) -> dict:
     return _side(c.txt, str(resolve_image_path(root, c.img_path)) if c.img_path else None)
 
 
-def _take_negatives(negs: Sequence[str], k: int, qid: str) -> list[str]:
+def take_negatives(negs: Sequence[str], k: int, qid: str) -> list[str]:
     """First k of neg_cand_list (list order); cycled when shorter. Raises when none exist and k > 0."""
     if k == 0:
         return []
@@ -216,13 +223,13 @@ def contrastive_records(
 def _contrastive_record(q: Query, pool: dict[str, Candidate], root, instructions, num_negatives: int) -> dict:
     if not q.pos_cand_list:
         raise RecordError(f"query {q.qid!r} has no positive candidate")
-    dids = [q.pos_cand_list[0], *_take_negatives(q.neg_cand_list, num_negatives, q.qid)]
+    dids = [q.pos_cand_list[0], *take_negatives(q.neg_cand_list, num_negatives, q.qid)]
     missing = [d for d in dids if d not in pool]
     if missing:
         raise RecordError(f"query {q.qid!r}: candidates {missing} are not in the pool")
     cmod = pool[dids[0]].modality
     img = str(resolve_image_path(root, q.query_img_path)) if q.query_img_path else None
-    query = _side(q.query_txt, img, _pick_instruction(instructions, q.qid, q.query_modality, cmod))
+    query = _side(q.query_txt, img, pick_instruction(instructions, q.qid, q.query_modality, cmod))
     return {"id": q.qid, "query": query, "cands": [_cand_side(pool[d], root) for d in dids]}
 
 
@@ -230,15 +237,18 @@ def nli_records(rows: Sequence[tuple[str, str, str | None]], *, num_negatives: i
     """NLI triples -> records (sent0 query, sent1 positive, hard_neg negative when num_negatives=1)."""
     if num_negatives not in (0, 1):
         raise ValueError("NLI rows carry at most one hard negative")
-    out = []
-    for i, (s0, s1, neg) in enumerate(rows):
-        cands = [_side(s1, None)]
-        if num_negatives:
-            if neg is None:
-                raise ValueError(f"NLI row {i} has no hard_neg")
-            cands.append(_side(neg, None))
-        out.append({"id": f"nli:{i}", "query": _side(s0, None), "cands": cands})
-    return out
+    return [nli_record(i, row, num_negatives) for i, row in enumerate(rows)]
+
+
+def nli_record(i: int, row: tuple[str, str, str | None], num_negatives: int) -> dict:
+    """Row i of an NLI table -> its record (id ``"nli:{i}"``)."""
+    s0, s1, neg = row
+    cands = [_side(s1, None)]
+    if num_negatives:
+        if neg is None:
+            raise ValueError(f"NLI row {i} has no hard_neg")
+        cands.append(_side(neg, None))
+    return {"id": f"nli:{i}", "query": _side(s0, None), "cands": cands}
 
 
 def rl_records(
@@ -249,7 +259,7 @@ def rl_records(
     out = []
     for inst in instances:
         q: Query = inst["query"]
-        dids = [inst["positive"], *_take_negatives(list(inst["negatives"]), num_negatives, q.qid)]
+        dids = [inst["positive"], *take_negatives(list(inst["negatives"]), num_negatives, q.qid)]
         img = str(resolve_image_path(root, q.query_img_path)) if q.query_img_path else None
         out.append(
             {
@@ -274,7 +284,7 @@ def corpus_records(
     for it in items:
         if isinstance(it, Query):
             img = str(resolve_image_path(root, it.query_img_path)) if it.query_img_path else None
-            instr = _pick_instruction(instructions, it.qid, it.query_modality, cand_modality) if cand_modality else None
+            instr = pick_instruction(instructions, it.qid, it.query_modality, cand_modality) if cand_modality else None
             out.append({"id": it.qid, "item": _side(it.query_txt, img, instr)})
         else:
             out.append({"id": it.did, "item": _cand_side(it, root)})
@@ -293,14 +303,28 @@ class _EncodeRecord:
         self.seen = self.skipped = 0
         self.pending: list[str] = []  # skipped paths not yet reported downstream
 
-    def _load(self, path: str):
+    def _load(self, side: dict | str):
+        """The side's image: from ``image_bytes`` when the side carries them (prepared sources; ``where``
+        names the shard and record), else from the file ``image`` (local or an epath URL; a bare path
+        string is such a file)."""
+        side = {"image": side} if isinstance(side, str) else side
+        path = side["image"]
         try:
-            if not Path(path).is_file():
-                raise ImageError(f"image file not found: {path}")
+            if "image_bytes" in side:
+                if side["image_bytes"] is None:
+                    raise ImageError(f"image {path} was missing when {side.get('where')} was prepared")
+                image = load_image_bytes(side["image_bytes"], f"{path} (in {side.get('where')})")
+            elif "://" in path:
+                p = epath.Path(path)
+                if not p.exists():
+                    raise ImageError(f"image file not found: {path}")
+                image = load_image_bytes(p.read_bytes(), path)
+            else:
+                if not Path(path).is_file():
+                    raise ImageError(f"image file not found: {path}")
+                image = load_image(path)
             c = self.cfg
-            pv, grid = preprocess_images(
-                [load_image(path)], min_pixels=c.min_pixels, max_pixels=c.max_pixels, geometry=c.geometry
-            )
+            pv, grid = preprocess_images([image], min_pixels=c.min_pixels, max_pixels=c.max_pixels, geometry=c.geometry)
             rows = [b[1] for b in (c.patch_budget, c.cand_patch_budget) if b is not None]
             if rows and len(pv) > max(rows):
                 raise ImageError(
@@ -316,7 +340,7 @@ class _EncodeRecord:
     def _encode_side(self, side: dict) -> tuple[dict | None, bool, str | None]:
         pv, grid = None, None
         if side["image"] is not None:
-            loaded = self._load(side["image"])
+            loaded = self._load(side)
             if loaded is None:
                 return None, False, side["image"]
             pv, grid = loaded
@@ -583,7 +607,7 @@ def make_pipeline(
     """
     if kind not in ("contrastive", "corpus"):
         raise ValueError(f"kind must be 'contrastive' or 'corpus', got {kind!r}")
-    if kind == "contrastive":
+    if kind == "contrastive" and isinstance(records, (list, tuple)):  # record views build 1 + k by construction
         for r in records:
             if len(r["cands"]) != 1 + cfg.num_negatives:
                 raise ValueError(
@@ -594,7 +618,7 @@ def make_pipeline(
         import jax
 
         pi, pc = jax.process_index(), jax.process_count()
-    ds = grain.MapDataset.source(list(records))
+    ds = grain.MapDataset.source(list(records) if not isinstance(records, Sequence) else records)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     if cfg.num_epochs != 1:

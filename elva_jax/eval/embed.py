@@ -56,6 +56,7 @@ import numpy as np
 
 from elva_jax.data.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS
 from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
+from elva_jax.data.progress import Progress
 from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION
 from elva_jax.data.tokenize import PromptEncoder, Tokenizer
 from elva_jax.errors import UserError
@@ -382,8 +383,10 @@ class Embedder:
         it = make_pipeline(padded, self.encoder, self.cfg, self._pipeline_config(padded), kind="corpus")
         embs, summaries, seen = [], [] if self.ecfg.mode == "ret" else None, []
         base = jax.random.fold_in(jax.random.key(self.ecfg.seed), salt & 0x7FFFFFFF)
+        progress = Progress("embed", total=len(padded), unit="records", every_s=30.0, log=self.log)
         for i, batch in enumerate(it):
             seen += it.last_ids
+            progress.update(len(it.last_ids))
             if self.ecfg.mode != "ret":
                 e = self._forward(self.params, self._put(batch))
             else:

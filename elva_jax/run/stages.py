@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 
 import jax
@@ -87,19 +88,30 @@ def load_model(cfg: RunConfig):
     return mcfg, init_params(mcfg, jax.random.key(cfg.train.seed), dtype=cfg.model.param_dtype)
 
 
-def read_mbeir_training(cfg: RunConfig, root: str):
-    """(training queries, candidate pool, instructions or None) of an M-BEIR-format root."""
-    from elva_jax.data import mbeir
+def training_files(cfg: RunConfig, root: str) -> tuple[tuple[str, ...], str]:
+    """(query files, pool file) of an M-BEIR-format root, relative to it; with ``data.source=files`` a
+    missing root or file is a config error naming the field and the path (local or gs://)."""
+    from etils import epath
 
     d = cfg.data
     files = d.train_files or ((BUNDLED_TRAIN,) if d.kind == "bundled" else ())
     pool_file = d.pool_file or (BUNDLED_POOL if d.kind == "bundled" else "")
     if not files or not pool_file:
         raise configlib.ConfigError("data.train_files and data.pool_file are needed for kind=mbeir")
-    for name, rel in [*(("data.train_files", f) for f in files), ("data.pool_file", pool_file)]:
-        if not os.path.isfile(os.path.join(root, rel)):
-            where = "data.root does not exist" if not os.path.isdir(root) else "no such file"
-            raise configlib.ConfigError(f"{name}: {os.path.join(root, rel)}: {where} (data.root {root!r})")
+    if d.source == "files":
+        for name, rel in [*(("data.train_files", f) for f in files), ("data.pool_file", pool_file)]:
+            if not (epath.Path(root) / rel).is_file():
+                where = "no such file" if epath.Path(root).is_dir() else "data.root does not exist"
+                raise configlib.ConfigError(f"{name}: {epath.Path(root) / rel}: {where} (data.root {root!r})")
+    return files, pool_file
+
+
+def read_mbeir_training(cfg: RunConfig, root: str):
+    """(training queries, candidate pool, instructions or None) of an M-BEIR-format root."""
+    from elva_jax.data import mbeir
+
+    d = cfg.data
+    files, pool_file = training_files(cfg, root)
     queries = [q for f in files for q in mbeir.read_queries(os.path.join(root, f))]
     pool = mbeir.read_pool(os.path.join(root, pool_file))
     instr_path = os.path.join(root, d.instructions_file)
@@ -135,19 +147,28 @@ def _report_drops(cfg: RunConfig, what: str, drops: list[str] | None, n_queries:
 
 
 def build_records(cfg: RunConfig, root: str, dropped: list[str] | None = None):
-    """The contrastive stage's records. A query that makes no record (no positive, a candidate missing
-    from the pool) stops the run under ``data.image_policy=fail``; under ``skip`` it is left out, announced,
-    counted against ``data.max_skip_fraction`` and its reason appended to ``dropped``."""
-    from elva_jax.data import nli
-    from elva_jax.data.pipeline import contrastive_records, nli_records
+    """The contrastive stage's records, read by index through the data source (``data.source``): an
+    :class:`~elva_jax.data.sources.NLIRecords` or :class:`~elva_jax.data.sources.ContrastiveRecords`.
+
+    A query that makes no record (no positive, a candidate missing from the pool) stops the run under
+    ``data.image_policy=fail``; under ``skip`` it is left out, announced, counted against
+    ``data.max_skip_fraction`` and its reason appended to ``dropped``."""
+    from elva_jax.data.sources import ContrastiveRecords, NLIRecords, concat, open_source
 
     d = cfg.data
+    src = open_source(root, d.source, cache_dir=os.path.join(cfg.run.dir, "source_cache"))
     if d.kind == "nli":
-        return nli_records(nli.read_nli_csv(root), num_negatives=d.hard_negatives)
-    queries, pool, instructions = read_mbeir_training(cfg, root)
+        return NLIRecords(src.nli(), num_negatives=d.hard_negatives)
+    files, pool_file = training_files(cfg, root)
+    queries = concat([src.queries(f) for f in files])
     drops = _policy_drops(cfg)
-    recs = contrastive_records(
-        queries, pool, root, instructions=instructions, num_negatives=d.hard_negatives, dropped=drops
+    recs = ContrastiveRecords(
+        queries,
+        src.pool(pool_file),
+        src.image_root,
+        instructions=src.instructions(d.instructions_file),
+        num_negatives=d.hard_negatives,
+        dropped=drops,
     )
     _report_drops(cfg, "contrastive data", drops, len(queries), dropped)
     return recs
@@ -279,6 +300,12 @@ def run(cfg: RunConfig) -> dict:
     check_recipe_available(cfg)  # before any work: a contrastive stage first would be wasted
     maybe_init_distributed()
     t0 = time.perf_counter()
+    if jax.default_backend() == "cpu" and shutil.which("nvidia-smi"):
+        print(
+            "[elva_jax] an NVIDIA GPU driver is present but jax runs on CPU: "
+            'install the CUDA build with pip install "elva_jax[cuda]" (README, Environment)',
+            flush=True,
+        )
     os.makedirs(cfg.run.dir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:

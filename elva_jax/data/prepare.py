@@ -1,0 +1,261 @@
+"""``python -m elva_jax.data.prepare``: an M-BEIR-layout directory (and NLI csvs) -> prepared tables with
+the images' bytes inside, read back through :mod:`elva_jax.data.sources` (``data.source=hf`` or
+``data.source=array_record``), so training opens no image file.
+
+    python -m elva_jax.data.prepare --root MBEIR_DIR --out OUT --format array_record [--rows-per-shard 2048]
+    python -m elva_jax.data.prepare --root MBEIR_DIR --out OUT --format hf
+
+Tables: every ``query/**/*.jsonl`` (queries), ``cand_pool/**/*.jsonl`` (pool) and ``nli/*.csv`` (NLI)
+under the root, plus each ``--nli CSV`` given; each keeps the relative path of its file as its name, so
+``data.train_files`` / ``data.pool_file`` name the same tables. ``instructions/`` and ``qrels/`` files
+are copied as they are. Every jsonl/csv is parsed by the same readers as the files source (a malformed
+line fails here, naming file and line). An image file that is missing is stored as ``None`` and
+counted: at training time the image policy (skip / fail) treats it like a missing file. ``--out`` may
+be a ``gs://`` path (written locally, then copied through epath).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+from etils import epath
+
+from elva_jax.data import mbeir, nli
+from elva_jax.data.progress import Progress
+from elva_jax.data.sources import MANIFEST, MANIFEST_FORMAT, POOL_COLUMNS, QUERY_COLUMNS, pool_row, query_row
+
+__all__ = ["FORMATS", "main", "prepare"]
+
+FORMATS = ("array_record", "hf")
+TEXT_DIRS = ("instructions", "qrels")
+
+
+def _safe(name: str) -> str:
+    return name.replace("/", "__").replace(".", "_")
+
+
+def _image_bytes(root, img_path: str | None, counts: dict) -> bytes | None:
+    if not img_path:
+        return None
+    path = mbeir.resolve_image_path(root, img_path)
+    if not path.exists():
+        counts["missing"] += 1
+        counts["missing_paths"].append(str(path))
+        return None
+    counts["stored"] += 1
+    return path.read_bytes()
+
+
+def _hf_features(kind: str):
+    import datasets as hf
+
+    s = hf.Value("string")
+    if kind == "queries":
+        cols = dict(
+            qid=s,
+            query_txt=s,
+            query_img_path=s,
+            query_modality=s,
+            pos_cand_list=hf.List(s),
+            neg_cand_list=hf.List(s),
+            task_id=hf.Value("int64"),
+            query_src_content=s,
+            img_bytes=hf.Value("binary"),
+        )
+    elif kind == "pool":
+        cols = dict(did=s, txt=s, img_path=s, modality=s, src_content=s, img_bytes=hf.Value("binary"))
+    else:
+        cols = dict(sent0=s, sent1=s, hard_neg=s)
+    return hf.Features(cols)
+
+
+def _table_rows(root, rel: str, kind: str, counts: dict, image_root) -> tuple[int, Iterator[dict], dict]:
+    """(row count, row iterator with image bytes, small id columns) of one source file."""
+    path = epath.Path(root) / rel if not os.path.isabs(rel) and "://" not in rel else epath.Path(rel)
+    root = image_root or root
+    if kind == "queries":
+        items = mbeir.read_queries(path)
+        rows = (query_row(q, _image_bytes(root, q.query_img_path, counts), src_as_json=True) for q in items)
+        cols = {c: [query_row(q)[c] for q in items] for c in QUERY_COLUMNS}
+    elif kind == "pool":
+        items = list(mbeir.read_pool(path).values())
+        rows = (pool_row(c, _image_bytes(root, c.img_path, counts), src_as_json=True) for c in items)
+        cols = {c: [pool_row(x)[c] for x in items] for c in POOL_COLUMNS}
+    else:
+        items = nli.read_nli_csv(path)
+        rows = ({"sent0": a, "sent1": b, "hard_neg": c} for a, b, c in items)
+        cols = {}
+    return len(items), rows, cols
+
+
+def _write_array_record(out: str, name: str, n: int, rows: Iterator[dict], rows_per_shard: int, prog: Progress):
+    import msgpack
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    n_shards = max(1, -(-n // rows_per_shard))
+    files = [f"tables/{_safe(name)}-{k:05d}-of-{n_shards:05d}.array_record" for k in range(n_shards)]
+    os.makedirs(os.path.join(out, "tables"), exist_ok=True)
+    rows = iter(rows)
+    for k, rel in enumerate(files):
+        # group_size:1 -> each record is its own chunk: random access reads one record
+        writer = ArrayRecordWriter(os.path.join(out, rel), "group_size:1")
+        for _ in range(min(rows_per_shard, n - k * rows_per_shard)):
+            writer.write(msgpack.packb(next(rows), use_bin_type=True))
+            prog.update()
+        writer.close()
+    return files
+
+
+_HF_FEED: dict = {}  # the rows and progress of the table being written (datasets hashes the generator's args)
+
+
+def _hf_rows(key: str):
+    rows, prog = _HF_FEED[key]
+    for r in rows:
+        prog.update()
+        yield r
+
+
+def _write_hf(out: str, name: str, kind: str, rows: Iterator[dict], prog: Progress, tmp: str):
+    import datasets as hf
+
+    rel = f"tables/{_safe(name)}.hf"
+    _HF_FEED[name] = (rows, prog)
+    bars = hf.is_progress_bar_enabled()
+    hf.disable_progress_bars()  # this command prints its own progress line
+    try:
+        ds = hf.Dataset.from_generator(
+            _hf_rows,
+            features=_hf_features(kind),
+            gen_kwargs={"key": name},
+            cache_dir=os.path.join(tmp, "hf_cache"),
+            keep_in_memory=False,
+        )
+        ds.save_to_disk(os.path.join(out, rel))
+    finally:
+        del _HF_FEED[name]
+        if bars:
+            hf.enable_progress_bars()
+    return [rel]
+
+
+def discover(root: str) -> dict[str, str]:
+    """{relative path: kind} of the tables under an M-BEIR-layout root."""
+    r = epath.Path(root)
+    found = {}
+    for sub, pattern, kind in (("query", "*/*.jsonl", "queries"), ("cand_pool", "*/*.jsonl", "pool")):
+        found |= {str(p)[len(str(r)) + 1 :]: kind for p in sorted((r / sub).glob(pattern))}
+    found |= {str(p)[len(str(r)) + 1 :]: "nli" for p in sorted((r / "nli").glob("*.csv"))}
+    return found
+
+
+def prepare(
+    root: str | None,
+    out: str,
+    *,
+    fmt: str = "array_record",
+    nli_files: tuple[str, ...] = (),
+    rows_per_shard: int = 2048,
+    image_root: str | None = None,
+    log=None,
+) -> dict:
+    """Write the prepared tables of ``root`` (None: only ``nli_files``) under ``out``; returns the manifest.
+    ``image_root``: the directory image paths are relative to (an MRBench directory: its M-BEIR root;
+    default ``root``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if rows_per_shard < 1:
+        raise ValueError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
+    remote_out = "://" in str(out)
+    if not remote_out and os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"--out {out} exists and is not empty")
+    tables = discover(root) if root else {}
+    tables |= {str(f): "nli" for f in nli_files}
+    if not tables:
+        raise FileNotFoundError(f"no query/, cand_pool/ jsonl or nli/ csv files under {root} (and no --nli)")
+    counts = {"stored": 0, "missing": 0, "missing_paths": []}
+    manifest: dict = {
+        "format": MANIFEST_FORMAT,
+        "backend": fmt,
+        "source_root": str(image_root or root),  # what image labels are resolved against
+        "tables": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "out") if remote_out else str(out)
+        os.makedirs(local, exist_ok=True)
+        for name, kind in tables.items():
+            n, rows, cols = _table_rows(root or "", name, kind, counts, image_root)
+            key = os.path.basename(name) if name in nli_files else name
+            with Progress(f"prepare {key}", total=n, unit="rows", log=log) as prog:
+                if fmt == "array_record":
+                    files = _write_array_record(local, key, n, rows, rows_per_shard, prog)
+                else:
+                    files = _write_hf(local, key, kind, rows, prog, tmp)
+            entry = {"kind": kind, "rows": n, "files": files}
+            if fmt == "array_record" and cols:
+                entry["columns"] = f"tables/{_safe(key)}.columns.json"
+                with open(os.path.join(local, entry["columns"]), "w") as f:
+                    json.dump(cols, f)
+            manifest["tables"][key] = entry
+        text_files = []
+        for d in TEXT_DIRS if root else ():
+            base = epath.Path(root)
+            for p in sorted([*(base / d).glob("*"), *(base / d).glob("*/*")]):
+                if p.is_dir():
+                    continue
+                rel = str(p)[len(str(base)) + 1 :]
+                os.makedirs(os.path.dirname(os.path.join(local, rel)), exist_ok=True)
+                with open(os.path.join(local, rel), "wb") as f:
+                    f.write(p.read_bytes())
+                text_files.append(rel)
+        manifest["text_files"] = text_files
+        manifest["images"] = {"stored": counts["stored"], "missing": counts["missing"]}
+        manifest["missing_images"] = counts["missing_paths"][:100]
+        with open(os.path.join(local, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        if remote_out:
+            dst = epath.Path(out)
+            for dirpath, _, names in os.walk(local):
+                for nm in names:
+                    src = os.path.join(dirpath, nm)
+                    target = dst / os.path.relpath(src, local)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with open(src, "rb") as fi, target.open("wb") as fo:
+                        shutil.copyfileobj(fi, fo, 1 << 22)
+    return manifest
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m elva_jax.data.prepare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", help="M-BEIR-layout directory (local or gs://)")
+    ap.add_argument("--out", required=True, help="output directory (empty or absent; local or gs://)")
+    ap.add_argument("--format", default="array_record", choices=FORMATS)
+    ap.add_argument("--nli", nargs="*", default=(), help="extra NLI csv files (table name: the file name)")
+    ap.add_argument("--rows-per-shard", type=int, default=2048)
+    ap.add_argument("--image-root", help="directory the image paths are relative to (MRBench: its M-BEIR root)")
+    a = ap.parse_args(argv)
+    if not a.root and not a.nli:
+        ap.error("give --root and/or --nli")
+    m = prepare(
+        a.root, a.out, fmt=a.format, nli_files=tuple(a.nli), rows_per_shard=a.rows_per_shard, image_root=a.image_root
+    )
+    print(
+        f"[elva_jax] prepared {len(m['tables'])} tables ({m['images']['stored']} images stored, "
+        f"{m['images']['missing']} missing) as {a.format} under {a.out}"
+    )
+    for p in m["missing_images"][:10]:
+        print(f"[elva_jax]   missing image: {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    # run the imported module's main: `datasets` hashes the row generator by reference, which a function
+    # of `__main__` is not
+    from elva_jax.data.prepare import main as _main
+
+    raise SystemExit(_main())
