@@ -171,13 +171,15 @@ def ndcg_from_topk(topk_indices: np.ndarray, gains: Sequence[dict], k: int, form
     if topk.ndim != 2 or len(gains) != topk.shape[0]:
         raise ValueError(f"topk_indices {topk.shape} must be [Q, K'] with Q = len(gains) = {len(gains)}")
     g = (lambda r: r) if form == "linear" else (lambda r: 2.0**r - 1.0)
-    disc = 1.0 / np.log2(np.arange(k) + 2.0)
+
+    def dcg(grades) -> float:  # left-to-right float64 sum of g(r_j) / log2(j + 2): fixes the rounding
+        return sum(float(g(r)) / float(np.log2(j + 2.0)) for j, r in enumerate(grades))
+
     out = np.empty(topk.shape[0], dtype=np.float64)
     for q, grades in enumerate(gains):
         pos = {int(c): float(r) for c, r in grades.items() if r > 0}
         if not pos:
             raise ValueError(f"query row {q} has no relevant candidate (grade > 0)")
-        got = np.array([g(pos.get(int(c), 0.0)) if c >= 0 else 0.0 for c in topk[q, :k]])
-        ideal = g(np.sort(np.fromiter(pos.values(), dtype=np.float64))[::-1][:k])
-        out[q] = float(got @ disc[: got.size]) / float(ideal @ disc[: ideal.size])
+        got = [pos.get(int(c), 0.0) if c >= 0 else 0.0 for c in topk[q, :k]]
+        out[q] = dcg(got) / dcg(sorted(pos.values(), reverse=True)[:k])
     return out
