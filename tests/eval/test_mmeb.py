@@ -226,3 +226,33 @@ def test_mmeb_cli_end_to_end(bundled, tmp_path):
     res2 = json.loads((out / "results.json").read_text())
     assert res2["tasks"]["Bundled-ShapeQA"]["score"] == tasks["Bundled-ShapeQA"]["score"]
     assert res2["embedding"] and all(st["computed"] == 0 for st in res2["embedding"].values()), res2["embedding"]
+
+
+def test_hf_cache_fallback_goes_through_load_dataset(bundled, tmp_path, monkeypatch):
+    # a task absent under the root is read with datasets.load_dataset(hub id) in offline mode; here the
+    # "hub id" is a local directory of parquet files, which load_dataset resolves the same way
+    import datasets
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    src = D.load_dataset_dir(bundled / "image" / "Bundled-ColourCLS")
+    src.to_parquet(str(repo / "test-00000-of-00001.parquet"))
+    monkeypatch.setitem(D.HUB, "ImageNet-1K", (str(repo), None, "test"))
+    seen = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: seen.append(a) or real(*a, **k))
+    spec = {"name": "ImageNet-1K", "modality": "image", "meta_task": "CLS", "parser": "image_cls"}
+    t = D.load_task(spec, bundled)  # bundled/image/ImageNet-1K does not exist
+    assert seen == [(str(repo), None)] and os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert t.cand_names == D.load_task(TASKS[0], bundled).cand_names and len(t.queries) == 6
+
+
+def test_default_mmeb_root_is_the_generated_bundled_set(tmp_path):
+    from elva_jax.eval.runner import _mmeb_root, load_config
+
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "eval.benchmark=mmeb"])
+    root = _mmeb_root(cfg, None)
+    assert root == tmp_path / "run" / "mmeb_bundled" and [t["name"] for t in D.task_table(root)] == [
+        t["name"] for t in TASKS
+    ]
+    assert _mmeb_root(cfg, None) == root  # found, not regenerated
