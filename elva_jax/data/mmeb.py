@@ -195,6 +195,8 @@ def task_table(root: str | Path) -> list[dict]:
     """The tasks of ``root``: its ``mmeb_tasks.json`` manifest, else every MMEB-V2 task name found as
     ``{modality}/{name}`` under ``root`` (table order). Each: {"name", "modality", "meta_task", "parser", ...}."""
     root = Path(root)
+    if not root.is_dir():
+        raise MMEBDataError(f"MMEB data directory {root} not found")
     man = root / "mmeb_tasks.json"
     if man.is_file():
         try:

@@ -256,3 +256,12 @@ def test_default_mmeb_root_is_the_generated_bundled_set(tmp_path):
         t["name"] for t in TASKS
     ]
     assert _mmeb_root(cfg, None) == root  # found, not regenerated
+
+
+def test_load_tasks_max_queries_keeps_every_candidate(bundled, tmp_path):
+    full = {t.name: t for t in M.load_tasks(bundled, ["Bundled-T2I", "Bundled-DocRetrieval"], materialize_dir=tmp_path)}
+    cut = M.load_tasks(bundled, ["Bundled-T2I", "Bundled-DocRetrieval"], materialize_dir=tmp_path, max_queries=2)
+    for t in cut:
+        f = full[t.name]
+        assert t.query_ids == f.query_ids[:2] and t.relevant == f.relevant[:2] and t.cand_names == f.cand_names
+        assert t.local == (None if f.local is None else f.local[:2])
