@@ -60,7 +60,17 @@ VISDOC_QUERY_INSTRUCTION = "Find a document image that matches the given query:"
 VISDOC_CAND_INSTRUCTION = "Understand the content of the provided document image."
 VIDEO_RET_QUERY_INSTRUCTION = "Find a video that contains the following visual content:"
 VIDEO_RET_CAND_INSTRUCTION = "Understand the content of the provided video."
-VIDEO_QA_INSTRUCTION = "Given a video and a question, select the most accurate answer from the provided candidates."
+VIDEO_QA_INSTRUCTION = (
+    "Given a video and a question, select the most accurate answer from the provided candidates. "
+    "Return only the exact text of your chosen answer. Question:"
+)
+#: VLM2Vec's video-classification query instructions (video_classification_utils.DATASET_INSTRUCTION)
+VIDEO_CLS_INSTRUCTION = {
+    "K700": "Recognize the category of the video content.",
+    "UCF101": "What activities or sports are being performed by the person in the video?",
+    "HMDB51": "What actions or objects interactions are the person in the video doing?",
+    "Breakfast": "Recognize the breakfast type that the person is cooking in the video.",
+}
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 IMAGE_PARSERS = ("image_cls", "image_qa", "image_i2t", "image_t2i", "image_i2i_vg")
@@ -315,7 +325,7 @@ def _image_task(spec: dict, root: Path) -> MMEBTask:
     for i in range(len(ds)):
         texts = cols["tgt_text"][i]
         _nonempty(texts, where, i, "tgt_text")
-        qimg = cols["qry_img_path"][i]
+        qimg = cols["qry_img_path"][i] if parser != "image_t2i" else None  # t2i queries are text only in VLM2Vec
         queries.append(
             Side(
                 text=cols["qry_text"][i] or None,
@@ -365,11 +375,11 @@ def _visdoc_task(spec: dict, root: Path, materialize_dir: Path | None) -> MMEBTa
     if "image" not in c.column_names:
         raise MMEBDataError(f"{where}/corpus: column 'image' missing (has {c.column_names})")
     c = c.cast_column("image", datasets.Image(decode=False))
-    cids = [str(x) for x in _column(c, "corpus-id", f"{where}/corpus")]
-    images = c["image"]
-    cands, index = [], {}
-    for i, (cid, im) in enumerate(zip(cids, images)):
-        if cid in index:
+    _column(c, "corpus-id", f"{where}/corpus")
+    corpus: dict[str, Side] = {}
+    for i, row in enumerate(c):  # row by row: the corpus images stay memory-mapped
+        cid, im = str(row["corpus-id"]), row["image"]
+        if cid in corpus:
             continue  # VLM2Vec keeps a corpus id's first row
         if im is None:
             raise MMEBDataError(f"{where}/corpus, row {i}: corpus-id {cid!r} has no image")
@@ -387,8 +397,7 @@ def _visdoc_task(spec: dict, root: Path, materialize_dir: Path | None) -> MMEBTa
             path = im["path"] if Path(im["path"]).is_absolute() else str(d / "corpus" / im["path"])
         else:
             raise MMEBDataError(f"{where}/corpus, row {i}: image of {cid!r} has neither bytes nor a path")
-        index[cid] = len(cands)
-        cands.append(Side(image=path, instruction=VISDOC_CAND_INSTRUCTION))
+        corpus[cid] = Side(image=path, instruction=VISDOC_CAND_INSTRUCTION)
     qrels: dict[str, dict[str, float]] = {}
     rq = _column(r, "query-id", f"{where}/qrels")
     rc = _column(r, "corpus-id", f"{where}/qrels")
@@ -397,19 +406,26 @@ def _visdoc_task(spec: dict, root: Path, materialize_dir: Path | None) -> MMEBTa
         if s > 0:
             m = qrels.setdefault(str(qid), {})
             m[str(cid)] = max(m.get(str(cid), 0.0), float(s))
-            if str(cid) not in index:
+            if str(cid) not in corpus:
                 raise MMEBDataError(f"{where}/qrels, row {i}: corpus-id {cid!r} is not in the corpus")
-    queries, qids, relevant = [], [], []
-    for i, (qid, text) in enumerate(zip(_column(q, "query-id", f"{where}/queries"), q["query"])):
-        qid = str(qid)
-        if qid not in qrels:
+    qcol = _column(q, "query-id", f"{where}/queries")
+    texts = _column(q, "query", f"{where}/queries")
+    for i, qid in enumerate(qcol):
+        if str(qid) not in qrels:
             raise MMEBDataError(f"{where}/queries, row {i}: query-id {qid!r} has no qrels with score > 0")
-        queries.append(Side(text=text, instruction=VISDOC_QUERY_INSTRUCTION))
-        qids.append(qid)
-        relevant.append({index[cid]: g for cid, g in qrels[qid].items()})
-    if not queries:
+    if not qcol:
         raise MMEBDataError(f"{where}/queries: no rows")
-    names = sorted(index, key=index.__getitem__)
+    # candidate order as VLM2Vec's generate_cand_dataset: each query's qrels documents, then the corpus
+    names: list[str] = []
+    index: dict[str, int] = {}
+    for cid in [c for qid in qcol for c in qrels[str(qid)]] + list(corpus):
+        if cid not in index:
+            index[cid] = len(names)
+            names.append(cid)
+    cands = [corpus[n] for n in names]
+    qids = [str(x) for x in qcol]
+    queries = [Side(text=t, instruction=VISDOC_QUERY_INSTRUCTION) for t in texts]
+    relevant = [{index[cid]: g for cid, g in qrels[qid].items()} for qid in qids]
     return MMEBTask(name, "visdoc", spec["meta_task"], spec["parser"], where, qids, queries, cands, names, relevant)
 
 
@@ -433,13 +449,13 @@ def _video_task(spec: dict, root: Path) -> MMEBTask:
 
     if parser == "video_classification":
         vids, labels = _column(ds, "video_id", where), _column(ds, "pos_text", where)
-        for lab in spec.get("labels") or []:
-            cand(lab, Side(text=lab))
-        inst = spec.get("query_instruction")
+        inst = spec.get("query_instruction", VIDEO_CLS_INSTRUCTION.get(name))
         for v, lab in zip(vids, labels):
             queries.append(Side(video=str(vroot / f"{v}.mp4"), instruction=inst))
             qids.append(str(v))
             relevant.append({cand(lab, Side(text=lab)): 1.0})
+        for lab in spec.get("labels") or []:  # the label corpus after the queries' labels, as VLM2Vec orders them
+            cand(lab, Side(text=lab))
         local_out = None
     elif parser == "msrvtt":
         vids, paths, caps = (_column(ds, c, where) for c in ("video_id", "video", "caption"))

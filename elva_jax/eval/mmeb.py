@@ -4,7 +4,8 @@ per meta-task / modality / overall averages.
 Scores are inner products of the (L2-normalised) embeddings, s[q, c] = <e_q, e_c>, as VLM2Vec's eval
 (``np.dot(qry, cand.T)``). A local task ranks each query's own candidate row (in row order, the positive
 first, duplicates of a name kept: they share one embedding, so they tie); a global task ranks every
-candidate. Ranking: score descending, ties to the earlier position (a stable sort; VLM2Vec's
+candidate (in VLM2Vec's order: each query's candidates, then the corpus). Ranking: score descending,
+ties to the earlier position (a stable sort; VLM2Vec's
 ``np.argsort(-s)`` leaves tie order to numpy's quicksort). Metrics (VLM2Vec ``RankingMetrics``):
 
 - hit@k = 1 if any relevant candidate is among the top k (image and video tasks report hit@1);

@@ -137,10 +137,14 @@ def test_reader_on_the_bundled_set(bundled, tmp_path):
     assert vg.cand_names[0].endswith("vg/0_crop0.png:") and all(Path(c.image).is_file() for c in vg.candidates)
     doc = got["Bundled-DocRetrieval"]
     assert doc.eval_type == "global" and len(doc.candidates) == 8
-    assert doc.relevant[0] == {0: 2.0, 5: 1.0} and doc.relevant[5] == {5: 1.0}  # score-0 judgement dropped
+    named = [{doc.cand_names[i]: g for i, g in rel.items()} for rel in doc.relevant]
+    assert named[0] == {"page0": 2.0, "page5": 1.0} and named[5] == {"page5": 1.0}  # score-0 judgement dropped
+    # VLM2Vec's candidate order: each query's qrels documents (query order), then the rest of the corpus
+    assert doc.cand_names == ["page0", "page5", "page1", "page6", "page2", "page7", "page3", "page4"]
     assert all(Path(c.image).is_file() and Path(c.image).parent == tmp_path / doc.name for c in doc.candidates)
     mot = got["Bundled-VideoMotion"]
     assert mot.has_video and mot.cand_names == [f"moving {d}" for d in ("left", "right", "up", "down")]
+    assert mot.queries[0].instruction == "Recognize the motion in the video."  # the manifest's
     assert all(Path(q.video).is_file() for q in mot.queries)
     ret = got["Bundled-VideoRET"]
     assert ret.eval_type == "global" and ret.relevant == [{0: 1.0}, {1: 1.0}, {2: 1.0}]
