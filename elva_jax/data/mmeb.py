@@ -389,7 +389,7 @@ def _visdoc_task(spec: dict, root: Path, materialize_dir: Path | None) -> MMEBTa
             out = materialize_dir / name / f"{cid}.png"
             if not out.is_file():
                 out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(".tmp")
+                tmp = out.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the directory never collide
                 tmp.write_bytes(im["bytes"])
                 tmp.replace(out)
             path = str(out)

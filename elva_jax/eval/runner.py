@@ -301,6 +301,10 @@ def evaluate(
     if e.benchmark == "mmeb":
         from elva_jax.eval import mmeb as M
 
+        if e.compare_to:
+            raise T.EvalDataError("--compare-to is not available with --benchmark mmeb")
+        if e.grain_masking:  # on in the tiny preset; MMEB has no grain annotations
+            log("[elva_jax.eval] grain masking does not apply to MMEB: not run")
         root = _mmeb_root(cfg, run_dir)
         mtasks = M.load_tasks(root, e.tasks, materialize_dir=out / "mmeb_images", max_queries=e.max_queries)
         specs, loaded = [], []

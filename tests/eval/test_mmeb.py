@@ -269,3 +269,16 @@ def test_load_tasks_max_queries_keeps_every_candidate(bundled, tmp_path):
         f = full[t.name]
         assert t.query_ids == f.query_ids[:2] and t.relevant == f.relevant[:2] and t.cand_names == f.cand_names
         assert t.local == (None if f.local is None else f.local[:2])
+
+
+def test_records_digest_names_the_video_and_keeps_image_digests():
+    from elva_jax.eval.embed import records_digest
+
+    img = [{"id": "a", "item": {"text": "t", "image": "x.png", "instruction": None}}]
+    import hashlib
+
+    old = hashlib.sha256(json.dumps(["a", "t", "x.png", None]).encode() + b"\n").hexdigest()  # the digest before
+    assert records_digest(img) == old
+    v1 = [{"id": "a", "item": {"text": "t", "image": None, "instruction": None, "video": "1.mp4"}}]
+    v2 = [{"id": "a", "item": {"text": "t", "image": None, "instruction": None, "video": "2.mp4"}}]
+    assert records_digest(v1) != records_digest(v2)
