@@ -282,3 +282,34 @@ def test_records_digest_names_the_video_and_keeps_image_digests():
     v1 = [{"id": "a", "item": {"text": "t", "image": None, "instruction": None, "video": "1.mp4"}}]
     v2 = [{"id": "a", "item": {"text": "t", "image": None, "instruction": None, "video": "2.mp4"}}]
     assert records_digest(v1) != records_digest(v2)
+
+
+class _FakeEmbedder:
+    """Embeds a record as a fixed random vector of its side (the same side -> the same vector)."""
+
+    def __init__(self):
+        self.stats, self.seen = {}, []
+
+    def embed(self, records, name, **kw):
+        self.seen += records
+        out = []
+        for r in records:
+            key = json.dumps(r["item"], sort_keys=True)
+            out.append(np.random.default_rng(abs(hash(key)) % 2**32).standard_normal(4))
+        return np.asarray(out, dtype=np.float32)
+
+
+def test_video_tasks_are_skipped_until_video_inputs_exist(bundled, tmp_path, monkeypatch):
+    tasks = M.load_tasks(bundled, ["Bundled-VideoRET", "Bundled-ShapeQA"], materialize_dir=tmp_path)
+    fake = _FakeEmbedder()
+    res = M.evaluate_tasks(tasks, fake, {}, log=lambda s: None)
+    assert res["tasks"]["Bundled-VideoRET"]["status"] == "skipped: video inputs not available"
+    assert res["tasks"]["Bundled-VideoRET"]["score"] is None and res["averages"]["all"]["n_tasks"] == 1
+    assert not any("video" in r["item"] for r in fake.seen)  # nothing of the video task was embedded
+    monkeypatch.setattr(M.Embedder, "video_inputs", True, raising=False)
+    fake = _FakeEmbedder()
+    res = M.evaluate_tasks(tasks, fake, {}, log=lambda s: None)
+    r = res["tasks"]["Bundled-VideoRET"]
+    assert r["status"] == "ok" and r["metric"] == "hit@1" and res["averages"]["video/RET"]["n_tasks"] == 1
+    videos = [x["item"]["video"] for x in fake.seen if "video" in x["item"]]
+    assert len(videos) == 3 and all(Path(v).is_file() and v.endswith(".mp4") for v in videos)
