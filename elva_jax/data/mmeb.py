@@ -236,8 +236,15 @@ def task_table(root: str | Path) -> list[dict]:
 
 
 def _offline() -> None:
+    """HF offline mode for this process: the environment variables, and the flags that huggingface_hub
+    and datasets read from them at import (already imported modules would otherwise still go online)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import datasets.config
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
 
 
 def load_dataset_dir(path: str | Path, split: str = "test"):

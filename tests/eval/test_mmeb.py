@@ -172,7 +172,9 @@ def test_reader_errors(bundled, tmp_path, monkeypatch):
     missing = {"name": "OK-VQA", "modality": "image", "meta_task": "QA", "parser": "image_qa"}
     with pytest.raises(D.MMEBDataError, match=r"image/OK-VQA not found and ziyjiang/MMEB_Test_Instruct .* local HF"):
         D.load_task(missing, tmp_path)
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    import huggingface_hub
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.is_offline_mode()
     import datasets
 
     datasets.Dataset.from_dict({"qry_inst": ["x"], "qry_text": ["y"], "qry_img_path": [""]}).save_to_disk(
