@@ -26,12 +26,12 @@ EMBED_MODES = ("eol", "ret", "instruct_last")
 class EvalSection:
     """What ``python -m elva_jax.eval`` evaluates and how (every field is an ``eval.*`` override)."""
 
-    benchmark: str = field(default="bundled", metadata={"choices": ("bundled", "mbeir", "mrbench", "zeroshot")})
+    benchmark: str = field(default="bundled", metadata={"choices": ("bundled", "mbeir", "mrbench", "zeroshot", "mmeb")})
     # "eol" LamRA, "ret" ELVA summary + [RET], "instruct_last" Qwen3-VL-Embedding (data.default_instruction)
     mode: str = field(default="eol", metadata={"choices": EMBED_MODES})
     pool: str = field(default="local", metadata={"choices": ("local", "global")})
     out: str = ""  # "" -> {run dir}/eval/{benchmark}-{mode}-{pool}
-    data_root: str = ""  # "" -> data.root (bundled: the run's bundled_data, generated if absent)
+    data_root: str = ""  # "" -> data.root (bundled / mmeb: the run's bundled set, generated if absent)
     image_root: str = ""  # MRBench: the M-BEIR root its image paths are relative to ("" = data root)
     mrbench_dir: str = ""  # "" -> {data root}/mrbench
     zeroshot_tasks: tuple[str, ...] = ()  # "name:query.jsonl:pool.jsonl:qrels.txt[:K]" (relative to data root)

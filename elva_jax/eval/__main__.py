@@ -1,4 +1,4 @@
-"""``python -m elva_jax.eval``: M-BEIR, MRBench, zero-shot and grain-sensitivity evaluation.
+"""``python -m elva_jax.eval``: M-BEIR, MRBench, MMEB-V2, zero-shot and grain-sensitivity evaluation.
 
     python -m elva_jax.eval --checkpoint runs/default                       # bundled set, EOL, local pools
     python -m elva_jax.eval --checkpoint DIR --config configs/qwen2vl_7b_mbeir.yaml --benchmark mbeir \\
@@ -6,6 +6,7 @@
     python -m elva_jax.eval --checkpoint DIR --mode instruct_last                # Qwen3-VL-Embedding convention
     python -m elva_jax.eval --checkpoint DIR --benchmark mrbench eval.mrbench_dir=/data/MRBench data.root=/data/M-BEIR
     python -m elva_jax.eval --checkpoint DIR --benchmark zeroshot --task mytask:q.jsonl:pool.jsonl:qrels.txt:10
+    python -m elva_jax.eval --checkpoint DIR --benchmark mmeb --data /data/MMEB    # no --data: bundled MMEB set
     python -m elva_jax.eval --checkpoint DIR --grain-masking --compare-to runs/base/eval/bundled-eol-local/results.json
 
 Writes results.json, results.md and recall.png to --out (default {run}/eval/{benchmark}-{mode}-{pool}).
@@ -23,7 +24,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m elva_jax.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="transformers checkpoint dir, or a training run dir (uses its export/)")
     ap.add_argument("--config", help="YAML preset (configs/*.yaml); default: configs/tiny_cpu.yaml")
-    ap.add_argument("--benchmark", choices=("bundled", "mbeir", "mrbench", "zeroshot"))
+    ap.add_argument("--benchmark", choices=("bundled", "mbeir", "mrbench", "zeroshot", "mmeb"))
+    ap.add_argument("--data", help="data root (eval.data_root): M-BEIR root, MMEB directory, ...")
     ap.add_argument(
         "--mode",
         choices=("eol", "ret", "instruct_last"),  # elva_jax.schema.EMBED_MODES (not imported: keeps --help light)
@@ -44,6 +46,7 @@ def main(argv=None) -> dict:
         ("mode", "eval.mode"),
         ("pool", "eval.pool"),
         ("out", "eval.out"),
+        ("data", "eval.data_root"),
         ("compare_to", "eval.compare_to"),
         ("cache", "eval.cache"),
     ):
@@ -59,6 +62,7 @@ def main(argv=None) -> dict:
     over += a.overrides
 
     from elva_jax.data.errors import DataFormatError
+    from elva_jax.data.mmeb import MMEBDataError
     from elva_jax.eval.embed import CacheError
     from elva_jax.eval.runner import evaluate, load_config
     from elva_jax.eval.tasks import EvalDataError
@@ -69,7 +73,7 @@ def main(argv=None) -> dict:
         return evaluate(cfg, checkpoint=a.checkpoint)
     except configlib.ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
-    except (DataFormatError, EvalDataError, CacheError, CheckpointError, FileNotFoundError) as e:
+    except (DataFormatError, EvalDataError, MMEBDataError, CacheError, CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -155,11 +155,15 @@ class EmbedConfig:
 
 
 def records_digest(records: Sequence[dict]) -> str:
-    """sha256 of the records' ids and sides (text, image path, instruction), order-sensitive."""
+    """sha256 of the records' ids and sides (text, image path, instruction, and the video path of a record
+    that has one: digests of records without video are unchanged), order-sensitive."""
     h = hashlib.sha256()
     for r in records:
         it = r["item"]
-        h.update(json.dumps([r["id"], it.get("text"), it.get("image"), it.get("instruction")]).encode())
+        side = [r["id"], it.get("text"), it.get("image"), it.get("instruction")]
+        if it.get("video") is not None:
+            side.append({"video": it["video"]})
+        h.update(json.dumps(side).encode())
         h.update(b"\n")
     return h.hexdigest()
 

@@ -1,4 +1,5 @@
 """End-to-end evaluation: checkpoint -> embeddings (cached) -> exact top-k -> Recall@K / MRR -> reports.
+(``eval.benchmark=mmeb``: MMEB-V2 scoring and reports of :mod:`elva_jax.eval.mmeb`.)
 
 ``evaluate(cfg, ...)`` is what ``python -m elva_jax.eval`` and the end of a training run call. The
 config is a training preset (``configs/*.yaml``: model, data, mesh ... sections) plus an ``eval``
@@ -158,6 +159,20 @@ def _bundled_root(cfg: EvalConfig, run_dir: Path | None) -> Path:
     return root
 
 
+def _mmeb_root(cfg: EvalConfig, run_dir: Path | None) -> Path:
+    """--data / eval.data_root, else the run's bundled MMEB-format set (generated when absent)."""
+    if cfg.eval.data_root:
+        return Path(cfg.eval.data_root)
+    for root in ([run_dir / "mmeb_bundled"] if run_dir is not None else []) + [Path(cfg.run.dir) / "mmeb_bundled"]:
+        if (root / "mmeb_tasks.json").is_file():
+            return root
+    from elva_jax.data.mmeb_bundled import generate
+
+    root = Path(cfg.run.dir) / "mmeb_bundled"
+    generate(root, seed=0, overwrite=True)
+    return root
+
+
 def benchmark_tasks(cfg: EvalConfig, run_dir: Path | None = None) -> tuple[list[T.TaskSpec], Path | None]:
     """(task specs, data root) of ``cfg.eval.benchmark`` filtered by ``eval.tasks``."""
     e = cfg.eval
@@ -280,10 +295,23 @@ def evaluate(
         raise ValueError("in-memory params need model_cfg and tokenizer")
     else:
         ckpt_str = str(ckpt or "<in-memory>")
-    # read and validate every task first: data errors surface before the model loads or anything is written
-    specs, root = benchmark_tasks(cfg, run_dir)
-    pool_cache: dict = {}
-    loaded = [T.load_task(s, pool=e.pool, max_queries=e.max_queries, pool_cache=pool_cache) for s in specs]
+    base = run_dir if run_dir is not None else Path(cfg.run.dir)
+    out = Path(e.out) if e.out else base / "eval" / f"{e.benchmark}-{e.mode}-{e.pool}"
+    # read and validate every task first: data errors surface before the model loads
+    if e.benchmark == "mmeb":
+        from elva_jax.eval import mmeb as M
+
+        if e.compare_to:
+            raise T.EvalDataError("--compare-to is not available with --benchmark mmeb")
+        if e.grain_masking:  # on in the tiny preset; MMEB has no grain annotations
+            log("[elva_jax.eval] grain masking does not apply to MMEB: not run")
+        root = _mmeb_root(cfg, run_dir)
+        mtasks = M.load_tasks(root, e.tasks, materialize_dir=out / "mmeb_images", max_queries=e.max_queries)
+        specs, loaded = [], []
+    else:
+        specs, root = benchmark_tasks(cfg, run_dir)
+        pool_cache: dict = {}
+        loaded = [T.load_task(s, pool=e.pool, max_queries=e.max_queries, pool_cache=pool_cache) for s in specs]
     if e.compare_to and not Path(e.compare_to).is_file():
         raise FileNotFoundError(f"--compare-to {e.compare_to}: file not found")
     if params is None:
@@ -297,8 +325,6 @@ def evaluate(
     writer = jax.process_index() == 0  # multi-process: every process evaluates, process 0 writes files
     if not writer:
         cache_policy = "none"
-    base = run_dir if run_dir is not None else Path(cfg.run.dir)
-    out = Path(e.out) if e.out else base / "eval" / f"{e.benchmark}-{e.mode}-{e.pool}"
     if writer:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -315,6 +341,34 @@ def evaluate(
     cache_root = (Path(e.cache_dir) if e.cache_dir else out / "cache") / fp[:12]
     emb_kw = {"cache_dir": None if cache_policy == "none" else cache_root, "cache": cache_policy}
     rule = T.InstructionRule(e.instructions, e.instruction_seed, e.instruction_index)
+    settings = {
+        "benchmark": e.benchmark,
+        "mode": e.mode,
+        "embedding": ecfg.describe(),
+        "pool": e.pool,
+        "instruction_rule": rule.describe(),
+        "checkpoint": ckpt_str,
+        "run_dir": str(run_dir) if run_dir else None,
+        "step": step,
+        "data_root": str(root) if root else None,
+        "recall_ks": list(e.recall_ks),
+        "topk": e.topk,
+        "max_queries": e.max_queries,
+        "dtype": cfg.model.dtype,
+        "position_mode": cfg.model.position_mode,
+        "devices": jax.local_device_count(),
+        "fingerprint_sha": fp,
+        "cache_dir": str(cache_root) if cache_policy != "none" else None,
+    }
+    if e.benchmark == "mmeb":
+        results = M.evaluate_tasks(mtasks, embedder, emb_kw, log=log)
+        results = {"settings": settings, **results}
+        results["settings"]["instruction_rule"] = "MMEB: each record's own instruction (qry_inst / tgt_inst)"
+        results["timing"]["total_s"] = time.perf_counter() - t_start
+        results["files"] = M.write_reports(results, out) if writer else {}
+        a = results["averages"]["all"]
+        log(f"[elva_jax.eval] MMEB overall {_pct(a['score'])} over {a['n_tasks']} scored tasks; {out}")
+        return results
 
     instr_cache: dict = {}
     pool_embs: dict = {}
@@ -379,25 +433,7 @@ def evaluate(
     }
 
     results: dict[str, Any] = {
-        "settings": {
-            "benchmark": e.benchmark,
-            "mode": e.mode,
-            "embedding": ecfg.describe(),
-            "pool": e.pool,
-            "instruction_rule": rule.describe(),
-            "checkpoint": ckpt_str,
-            "run_dir": str(run_dir) if run_dir else None,
-            "step": step,
-            "data_root": str(root) if root else None,
-            "recall_ks": list(e.recall_ks),
-            "topk": e.topk,
-            "max_queries": e.max_queries,
-            "dtype": cfg.model.dtype,
-            "position_mode": cfg.model.position_mode,
-            "devices": jax.local_device_count(),
-            "fingerprint_sha": fp,
-            "cache_dir": str(cache_root) if cache_policy != "none" else None,
-        },
+        "settings": settings,
         "tasks": per_task,
         "averages": averages,
     }

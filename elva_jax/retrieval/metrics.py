@@ -150,3 +150,36 @@ def recall_table(topk_indices: np.ndarray, relevant, ks: Sequence[int] = (1, 5, 
             raise ValueError(f"k={k} exceeds the {hits.shape[1]} ranked indices available per query")
         out[k] = float(np.mean(hits[:, :k].any(axis=1)))
     return out
+
+
+__all__ += ["ndcg_from_topk"]
+
+
+def ndcg_from_topk(topk_indices: np.ndarray, gains: Sequence[dict], k: int, form: str = "linear") -> np.ndarray:
+    """Per-query NDCG@k from ranked index lists (VLM2Vec ``RankingMetrics.ndcg_at_k``).
+
+    topk_indices [Q, K'] int, best first (negative = padding, gain 0); gains: per query a mapping
+    candidate index -> relevance grade r > 0 (binary relevance: every r = 1). With g(r) = r ("linear")
+    or 2**r - 1 ("exponential"): DCG@k = sum_{j<k} g(r(topk[q, j])) / log2(j + 2); IDCG@k the same over
+    the query's grades sorted descending; returns [Q] float64 DCG / IDCG. A query without any grade > 0
+    raises ValueError (its NDCG is undefined).
+    """
+    k = _check_k(k)
+    if form not in ("linear", "exponential"):
+        raise ValueError(f"form must be 'linear' or 'exponential', got {form!r}")
+    topk = np.asarray(topk_indices)
+    if topk.ndim != 2 or len(gains) != topk.shape[0]:
+        raise ValueError(f"topk_indices {topk.shape} must be [Q, K'] with Q = len(gains) = {len(gains)}")
+    g = (lambda r: r) if form == "linear" else (lambda r: 2.0**r - 1.0)
+
+    def dcg(grades) -> float:  # left-to-right float64 sum of g(r_j) / log2(j + 2): fixes the rounding
+        return sum(float(g(r)) / float(np.log2(j + 2.0)) for j, r in enumerate(grades))
+
+    out = np.empty(topk.shape[0], dtype=np.float64)
+    for q, grades in enumerate(gains):
+        pos = {int(c): float(r) for c, r in grades.items() if r > 0}
+        if not pos:
+            raise ValueError(f"query row {q} has no relevant candidate (grade > 0)")
+        got = [pos.get(int(c), 0.0) if c >= 0 else 0.0 for c in topk[q, :k]]
+        out[q] = dcg(got) / dcg(sorted(pos.values(), reverse=True)[:k])
+    return out

@@ -1,0 +1,317 @@
+"""MMEB-V2: the reader on the bundled set (and on bad input), the scoring against hand-computed cases
+(ties, one candidate, NDCG with several and graded relevant documents), and one end-to-end
+``python -m elva_jax.eval --benchmark mmeb`` run with a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from elva_jax.data import mmeb as D
+from elva_jax.data.mmeb_bundled import TASKS, generate
+from elva_jax.eval import mmeb as M
+from elva_jax.retrieval.metrics import ndcg_from_topk
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mmeb") / "data"
+    generate(root, seed=0)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# NDCG@k and hit@k, hand-computed
+
+
+def test_ndcg_binary_several_relevant():
+    # relevant docs 7 and 9 ranked 1st and 3rd: DCG = 1/log2(2) + 1/log2(4); IDCG = 1 + 1/log2(3)
+    got = ndcg_from_topk(np.array([[7, 3, 9, 4, 5]]), [{7: 1, 9: 1}], 5)
+    assert got[0] == pytest.approx((1 + 0.5) / (1 + 1 / math.log2(3)), abs=1e-15)
+
+
+def test_ndcg_graded_linear_and_exponential():
+    # grades b=3, e=1, x=2 (x not retrieved); ranking a b c d e
+    rank, grades = np.array([[0, 1, 2, 3, 4]]), [{1: 3.0, 4: 1.0, 6: 2.0}]
+    dcg = 3 / math.log2(3) + 1 / math.log2(6)
+    idcg = 3 + 2 / math.log2(3) + 1 / math.log2(4)
+    assert ndcg_from_topk(rank, grades, 5)[0] == pytest.approx(dcg / idcg, abs=1e-15)
+    dcg_e = 7 / math.log2(3) + 1 / math.log2(6)
+    idcg_e = 7 + 3 / math.log2(3) + 1 / math.log2(4)
+    assert ndcg_from_topk(rank, grades, 5, "exponential")[0] == pytest.approx(dcg_e / idcg_e, abs=1e-15)
+
+
+def test_ndcg_edges():
+    assert ndcg_from_topk(np.array([[0, -1, -1]]), [{0: 1}], 5)[0] == 1.0  # one candidate, padded
+    assert ndcg_from_topk(np.array([[1, 2, 3, 4, 5, 0]]), [{0: 1}], 5)[0] == 0.0  # relevant at rank 6
+    # more relevant documents than k: IDCG counts the best k grades only
+    assert ndcg_from_topk(np.array([[0, 1]]), [{0: 1, 1: 1, 2: 1}], 2)[0] == 1.0
+    with pytest.raises(ValueError, match="row 0 has no relevant"):
+        ndcg_from_topk(np.array([[0, 1]]), [{0: 0.0}], 2)
+
+
+def _task(modality, n_q, names, relevant, local=None):
+    return D.MMEBTask(
+        "t",
+        modality,
+        "M",
+        "p",
+        "src",
+        [str(i) for i in range(n_q)],
+        [D.Side(text="q")] * n_q,
+        [D.Side(text=n) for n in names],
+        list(names),
+        relevant,
+        local,
+    )
+
+
+def _score(task, S):
+    """Embeddings whose inner products are exactly the score matrix S [Q, C]."""
+    S = np.asarray(S, dtype=np.float32)
+    return M.score_task(task, np.eye(S.shape[0], dtype=np.float32), np.ascontiguousarray(S.T))
+
+
+def test_local_ties_single_candidate_and_duplicate_names():
+    # q0: positive (cand 0) ties the negative -> the earlier row position (the positive) wins: hit
+    # q1: its row lists the negative first; a tie then misses
+    # q2: a single candidate: always a hit
+    # q3: the row repeats the positive's name (same candidate): still one hit; a better negative beats it
+    S = [[0.5, 0.5, 0.0], [0.2, 0.2, 0.0], [0.0, 0.0, -1.0], [0.1, 0.3, 0.9]]
+    rows = [[0, 1], [1, 0], [2], [0, 1, 0]]
+    rel = [{0: 1.0}, {0: 1.0}, {2: 1.0}, {0: 1.0}]
+    r = _score(_task("image", 4, ["a", "b", "c"], rel, rows), S)
+    assert r["metric"] == "hit@1" and r["score"] == r["hit@1"] == 0.5  # q0 and q2
+    assert r["hit@5"] == 1.0
+
+
+def test_global_ties_go_to_the_lower_candidate_index():
+    S = [[0.3, 0.3, 0.1], [0.3, 0.3, 0.1]]
+    r = _score(_task("video", 2, ["a", "b", "c"], [{0: 1.0}, {1: 1.0}]), S)
+    assert r["hit@1"] == 0.5 and r["hit@5"] == 1.0
+    v = _score(_task("visdoc", 2, ["a", "b", "c"], [{1: 2.0, 2: 1.0}, {0: 1.0}]), S)
+    # q0 ranking a b c: DCG = 2/log2(3) + 1/log2(4); IDCG = 2 + 1/log2(3); q1: 1
+    q0 = (2 / math.log2(3) + 0.5) / (2 + 1 / math.log2(3))
+    assert v["metric"] == "ndcg_linear@5" and v["score"] == pytest.approx((q0 + 1) / 2, abs=1e-15)
+
+
+def test_averages_per_meta_task_modality_and_overall():
+    per = {
+        "a": {"modality": "image", "meta_task": "CLS", "status": "ok", "score": 0.2},
+        "b": {"modality": "image", "meta_task": "QA", "status": "ok", "score": 0.6},
+        "c": {"modality": "visdoc", "meta_task": "VDRv1", "status": "ok", "score": 0.4},
+        "d": {"modality": "video", "meta_task": "CLS", "status": "skipped: video inputs not available", "score": None},
+    }
+    a = M.averages(per)
+    assert a["image/CLS"]["score"] == 0.2 and a["image"]["score"] == pytest.approx(0.4)
+    assert a["all"]["score"] == pytest.approx(0.4) and a["all"]["n_tasks"] == 3 and a["all"]["skipped"] == ["d"]
+    assert a["video"]["score"] is None and list(a)[-1] == "all"
+
+
+# ----------------------------------------------------------------------------------------------------
+# reader
+
+
+def test_reader_on_the_bundled_set(bundled, tmp_path):
+    specs = D.task_table(bundled)
+    assert [s["name"] for s in specs] == [t["name"] for t in TASKS]
+    got = {s["name"]: D.load_task(s, bundled, materialize_dir=tmp_path) for s in specs}
+    cls = got["Bundled-ColourCLS"]
+    assert cls.eval_type == "local" and len(cls.queries) == 6 and len(cls.candidates) == 6
+    for row, rel in zip(cls.local, cls.relevant):
+        assert list(rel) == [row[0]]  # the positive first
+    assert cls.queries[0].instruction == "Represent the given image for classification"  # <|image_1|> removed
+    assert Path(cls.queries[0].image).is_file()
+    qa = got["Bundled-ShapeQA"]  # written as parquet
+    assert qa.cand_names == ["circle", "square", "triangle"] and qa.queries[0].text == "What shape is shown?"
+    vg = got["Bundled-Grounding"]
+    assert vg.cand_names[0].endswith("vg/0_crop0.png:") and all(Path(c.image).is_file() for c in vg.candidates)
+    doc = got["Bundled-DocRetrieval"]
+    assert doc.eval_type == "global" and len(doc.candidates) == 8
+    named = [{doc.cand_names[i]: g for i, g in rel.items()} for rel in doc.relevant]
+    assert named[0] == {"page0": 2.0, "page5": 1.0} and named[5] == {"page5": 1.0}  # score-0 judgement dropped
+    # VLM2Vec's candidate order: each query's qrels documents (query order), then the rest of the corpus
+    assert doc.cand_names == ["page0", "page5", "page1", "page6", "page2", "page7", "page3", "page4"]
+    assert all(Path(c.image).is_file() and Path(c.image).parent == tmp_path / doc.name for c in doc.candidates)
+    mot = got["Bundled-VideoMotion"]
+    assert mot.has_video and mot.cand_names == [f"moving {d}" for d in ("left", "right", "up", "down")]
+    assert mot.queries[0].instruction == "Recognize the motion in the video."  # the manifest's
+    assert all(Path(q.video).is_file() for q in mot.queries)
+    ret = got["Bundled-VideoRET"]
+    assert ret.eval_type == "global" and ret.relevant == [{0: 1.0}, {1: 1.0}, {2: 1.0}]
+
+
+def test_bundled_clips_decode(bundled):
+    import av
+
+    with av.open(str(bundled / "video-tasks" / "Bundled-VideoMotion" / "clip1.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 8 and frames[0].shape == (64, 64, 3)
+    # the square moves right: its mean column grows
+    cols = [np.nonzero((f.astype(int).sum(-1) < 600).any(0))[0].mean() for f in frames]
+    assert cols == sorted(cols) and cols[-1] - cols[0] > 15
+
+
+def test_reader_errors(bundled, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty local HF cache
+    with pytest.raises(D.MMEBDataError, match="no MMEB task found"):
+        D.task_table(tmp_path)
+    (tmp_path / "image" / "ImageNet-1K").mkdir(parents=True)
+    spec = D.task_table(tmp_path)[0]
+    with pytest.raises(D.MMEBDataError, match=r"image/ImageNet-1K: neither a save_to_disk"):
+        D.load_task(spec, tmp_path)
+    missing = {"name": "OK-VQA", "modality": "image", "meta_task": "QA", "parser": "image_qa"}
+    with pytest.raises(D.MMEBDataError, match=r"image/OK-VQA not found and ziyjiang/MMEB_Test_Instruct .* local HF"):
+        D.load_task(missing, tmp_path)
+    import huggingface_hub
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.is_offline_mode()
+    import datasets
+
+    datasets.Dataset.from_dict({"qry_inst": ["x"], "qry_text": ["y"], "qry_img_path": [""]}).save_to_disk(
+        str(tmp_path / "image" / "GQA")
+    )
+    gqa = {"name": "GQA", "modality": "image", "meta_task": "QA", "parser": "image_qa"}
+    with pytest.raises(D.MMEBDataError, match=r"image/GQA: column 'tgt_text' missing"):
+        D.load_task(gqa, tmp_path)
+
+
+def test_unsupported_parser_is_reported_skipped(bundled, tmp_path):
+    root = tmp_path / "d"
+    (root / "video" / "QVHighlight").mkdir(parents=True)
+    tasks = M.load_tasks(root)
+    assert tasks == [{"name": "QVHighlight", "modality": "video", "meta_task": "MRET", "parser": "qvhighlight"}]
+
+
+# ----------------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.mark.slow
+def test_mmeb_cli_end_to_end(bundled, tmp_path):
+    from elva_jax.model.tiny import write_random_checkpoint
+
+    write_random_checkpoint(str(tmp_path / "ckpt"), "tiny")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "elva_jax.eval", "--checkpoint", str(tmp_path / "ckpt"), "--benchmark", "mmeb"]
+    cmd += ["--data", str(bundled), "--out", str(out), "data.seq_buckets=[160]", "data.patch_row_len=64"]
+    cmd += ["model.dtype=float32"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    tasks = res["tasks"]
+    assert list(tasks) == [t["name"] for t in TASKS]
+    for r in tasks.values():
+        if r["modality"] == "video":
+            assert r["status"] == "skipped: video inputs not available" and r["score"] is None
+        else:
+            assert r["status"] == "ok" and 0.0 <= r["score"] <= 1.0
+            assert r["score"] == r["ndcg_linear@5" if r["modality"] == "visdoc" else "hit@1"]
+    scored = [r["score"] for r in tasks.values() if r["status"] == "ok"]
+    a = res["averages"]
+    assert a["all"]["score"] == pytest.approx(np.mean(scored)) and a["all"]["n_tasks"] == 6
+    assert a["image/RET"]["score"] == pytest.approx(
+        np.mean([tasks[n]["score"] for n in ("Bundled-T2I", "Bundled-I2T")])
+    )
+    assert a["video"]["score"] is None and sorted(a["video"]["skipped"]) == ["Bundled-VideoMotion", "Bundled-VideoRET"]
+    md = (out / "results.md").read_text()
+    assert "| Bundled-VideoRET | video | RET | hit@1 | – |" in md and "**Overall**" in md
+    # the embedding cache: a second scoring of one task reads every embedding back
+    p2 = subprocess.run(cmd + ["eval.tasks=[Bundled-ShapeQA]"], capture_output=True, text=True, env=env, timeout=900)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["tasks"]["Bundled-ShapeQA"]["score"] == tasks["Bundled-ShapeQA"]["score"]
+    assert res2["embedding"] and all(st["computed"] == 0 for st in res2["embedding"].values()), res2["embedding"]
+
+
+def test_hf_cache_fallback_goes_through_load_dataset(bundled, tmp_path, monkeypatch):
+    # a task absent under the root is read with datasets.load_dataset(hub id) in offline mode; here the
+    # "hub id" is a local directory of parquet files, which load_dataset resolves the same way
+    import datasets
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    src = D.load_dataset_dir(bundled / "image" / "Bundled-ColourCLS")
+    src.to_parquet(str(repo / "test-00000-of-00001.parquet"))
+    monkeypatch.setitem(D.HUB, "ImageNet-1K", (str(repo), None, "test"))
+    seen = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: seen.append(a) or real(*a, **k))
+    spec = {"name": "ImageNet-1K", "modality": "image", "meta_task": "CLS", "parser": "image_cls"}
+    t = D.load_task(spec, bundled)  # bundled/image/ImageNet-1K does not exist
+    assert seen == [(str(repo), None)] and os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert t.cand_names == D.load_task(TASKS[0], bundled).cand_names and len(t.queries) == 6
+
+
+def test_default_mmeb_root_is_the_generated_bundled_set(tmp_path):
+    from elva_jax.eval.runner import _mmeb_root, load_config
+
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "eval.benchmark=mmeb"])
+    root = _mmeb_root(cfg, None)
+    assert root == tmp_path / "run" / "mmeb_bundled" and [t["name"] for t in D.task_table(root)] == [
+        t["name"] for t in TASKS
+    ]
+    assert _mmeb_root(cfg, None) == root  # found, not regenerated
+
+
+def test_load_tasks_max_queries_keeps_every_candidate(bundled, tmp_path):
+    full = {t.name: t for t in M.load_tasks(bundled, ["Bundled-T2I", "Bundled-DocRetrieval"], materialize_dir=tmp_path)}
+    cut = M.load_tasks(bundled, ["Bundled-T2I", "Bundled-DocRetrieval"], materialize_dir=tmp_path, max_queries=2)
+    for t in cut:
+        f = full[t.name]
+        assert t.query_ids == f.query_ids[:2] and t.relevant == f.relevant[:2] and t.cand_names == f.cand_names
+        assert t.local == (None if f.local is None else f.local[:2])
+
+
+def test_records_digest_names_the_video_and_keeps_image_digests():
+    from elva_jax.eval.embed import records_digest
+
+    img = [{"id": "a", "item": {"text": "t", "image": "x.png", "instruction": None}}]
+    import hashlib
+
+    old = hashlib.sha256(json.dumps(["a", "t", "x.png", None]).encode() + b"\n").hexdigest()  # the digest before
+    assert records_digest(img) == old
+    v1 = [{"id": "a", "item": {"text": "t", "image": None, "instruction": None, "video": "1.mp4"}}]
+    v2 = [{"id": "a", "item": {"text": "t", "image": None, "instruction": None, "video": "2.mp4"}}]
+    assert records_digest(v1) != records_digest(v2)
+
+
+class _FakeEmbedder:
+    """Embeds a record as a fixed random vector of its side (the same side -> the same vector)."""
+
+    def __init__(self):
+        self.stats, self.seen = {}, []
+
+    def embed(self, records, name, **kw):
+        self.seen += records
+        out = []
+        for r in records:
+            key = json.dumps(r["item"], sort_keys=True)
+            out.append(np.random.default_rng(abs(hash(key)) % 2**32).standard_normal(4))
+        return np.asarray(out, dtype=np.float32)
+
+
+def test_video_tasks_are_skipped_until_video_inputs_exist(bundled, tmp_path, monkeypatch):
+    tasks = M.load_tasks(bundled, ["Bundled-VideoRET", "Bundled-ShapeQA"], materialize_dir=tmp_path)
+    fake = _FakeEmbedder()
+    res = M.evaluate_tasks(tasks, fake, {}, log=lambda s: None)
+    assert res["tasks"]["Bundled-VideoRET"]["status"] == "skipped: video inputs not available"
+    assert res["tasks"]["Bundled-VideoRET"]["score"] is None and res["averages"]["all"]["n_tasks"] == 1
+    assert not any("video" in r["item"] for r in fake.seen)  # nothing of the video task was embedded
+    monkeypatch.setattr(M.Embedder, "video_inputs", True, raising=False)
+    fake = _FakeEmbedder()
+    res = M.evaluate_tasks(tasks, fake, {}, log=lambda s: None)
+    r = res["tasks"]["Bundled-VideoRET"]
+    assert r["status"] == "ok" and r["metric"] == "hit@1" and res["averages"]["video/RET"]["n_tasks"] == 1
+    videos = [x["item"]["video"] for x in fake.seen if "video" in x["item"]]
+    assert len(videos) == 3 and all(Path(v).is_file() and v.endswith(".mp4") for v in videos)
