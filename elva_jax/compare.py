@@ -6,7 +6,9 @@
                                [--template eol|ret|instruct_last|raw] [--instruction STR] [--tokenizer DIR]
 
 FILE.npz holds transformers' conventions: input_ids [B, L], attention_mask [B, L], optional
-pixel_values [n_patches, patch_dim] and image_grid_thw [n_images, 3] (mm_token_type_ids is derived).
+pixel_values [n_patches, patch_dim] and image_grid_thw [n_images, 3], optional pixel_values_videos
+[n_video_patches, patch_dim], video_grid_thw [n_videos, 3] (t >= 1 temporal patches) and
+second_per_grid_ts [n_videos] (Qwen2.5-VL's time scale; default 1 s); mm_token_type_ids is derived.
 Without --inputs, a seeded random batch (text rows and image rows, left padded) is made for the
 checkpoint's vocabulary. The reference always runs in float32 (so --dtype bfloat16 measures elva_jax's
 bf16 error against the exact model). Errors are ||jax - ref|| / ||ref|| over non-padding positions.
@@ -96,17 +98,25 @@ def _load_inputs(path: str, cfg) -> dict[str, np.ndarray]:
     am = data.setdefault("attention_mask", np.ones_like(ids))
     if am.shape != ids.shape or not np.isin(am, (0, 1)).all():
         bad(f"attention_mask must be 0/1 of shape {ids.shape}, got shape {am.shape}")
-    if ("pixel_values" in data) != ("image_grid_thw" in data):
-        bad("pixel_values and image_grid_thw must be given together")
-    if "pixel_values" in data:
-        pv, g = data["pixel_values"], np.asarray(data["image_grid_thw"])
-        dim = cfg.vision.patch_dim
-        if pv.ndim != 2 or pv.shape[1] != dim:
-            bad(f"pixel_values must be [n_patches, {dim}] for this model, got {pv.shape}")
-        if g.ndim != 2 or g.shape[1] != 3 or (g <= 0).any():
-            bad(f"image_grid_thw must be [n_images, 3] of positive sizes, got {g.tolist()}")
-        if int(np.prod(g, axis=1).sum()) != len(pv):
-            bad(f"image_grid_thw covers {int(np.prod(g, axis=1).sum())} patches, pixel_values has {len(pv)} rows")
+    for pv_key, g_key, what in (
+        ("pixel_values", "image_grid_thw", "n_images"),
+        ("pixel_values_videos", "video_grid_thw", "n_videos"),
+    ):
+        if (pv_key in data) != (g_key in data):
+            bad(f"{pv_key} and {g_key} must be given together")
+        if pv_key in data:
+            pv, g = data[pv_key], np.asarray(data[g_key])
+            dim = cfg.vision.patch_dim
+            if pv.ndim != 2 or pv.shape[1] != dim:
+                bad(f"{pv_key} must be [n_patches, {dim}] for this model, got {pv.shape}")
+            if g.ndim != 2 or g.shape[1] != 3 or (g <= 0).any():
+                bad(f"{g_key} must be [{what}, 3] of positive sizes, got {g.tolist()}")
+            if int(np.prod(g, axis=1).sum()) != len(pv):
+                bad(f"{g_key} covers {int(np.prod(g, axis=1).sum())} patches, {pv_key} has {len(pv)} rows")
+    if "second_per_grid_ts" in data:
+        n = len(data.get("video_grid_thw", ()))
+        if np.asarray(data["second_per_grid_ts"]).shape != (n,):
+            bad(f"second_per_grid_ts must hold one value per video ({n}), got shape {data['second_per_grid_ts'].shape}")
     return data
 
 
@@ -324,15 +334,24 @@ def run(
     ref_data = data if ref_data is None else ref_data
     ids, am = ref_data["input_ids"].astype(np.int64), ref_data["attention_mask"].astype(np.int64)
     pv, grid = ref_data.get("pixel_values"), ref_data.get("image_grid_thw")
+    vgrid = ref_data.get("video_grid_thw")
 
     ref = _hf_class(family_of(cfg).hf_model_class).from_pretrained(hf_dir, dtype=torch.float32).eval()
     kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am), output_hidden_states=True)
     if pv is not None:
         kw.update(
-            pixel_values=torch.tensor(pv, dtype=torch.float32),
-            image_grid_thw=torch.tensor(grid, dtype=torch.long),
-            mm_token_type_ids=torch.tensor((ids == cfg.image_token_id).astype(np.int64)),
+            pixel_values=torch.tensor(pv, dtype=torch.float32), image_grid_thw=torch.tensor(grid, dtype=torch.long)
         )
+    if vgrid is not None:
+        kw.update(
+            pixel_values_videos=torch.tensor(ref_data["pixel_values_videos"], dtype=torch.float32),
+            video_grid_thw=torch.tensor(vgrid, dtype=torch.long),
+        )
+        if cfg.model_type == "qwen2_5_vl" and "second_per_grid_ts" in ref_data:
+            kw["second_per_grid_ts"] = torch.tensor(ref_data["second_per_grid_ts"], dtype=torch.float32)
+    if pv is not None or vgrid is not None:
+        types = np.where(ids == cfg.image_token_id, 1, np.where(ids == cfg.video_token_id, 2, 0))
+        kw["mm_token_type_ids"] = torch.tensor(types.astype(np.int64))
     if position_mode == "1d":
         kw["position_ids"] = torch.tensor(linear_position_ids(am).astype(np.int64))
     with torch.no_grad():
@@ -341,7 +360,8 @@ def run(
     ref_logits = out.logits.float().numpy()
 
     j_ids, j_am = data["input_ids"].astype(np.int64), data["attention_mask"].astype(np.int64)
-    inputs = build_inputs(cfg, opts, j_ids, j_am, data.get("pixel_values"), data.get("image_grid_thw"))
+    video = {k: data[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in data}
+    inputs = build_inputs(cfg, opts, j_ids, j_am, data.get("pixel_values"), data.get("image_grid_thw"), **video)
     fn = jax.jit(lambda p, x: backbone.forward(p, x, cfg, opts, with_logits=True, return_layers=per_layer))
     got = fn(params, inputs)
     mask = am.astype(bool)
@@ -365,6 +385,7 @@ def run(
         "batch": list(ids.shape),
         "embedding_kind": embedding,
         "n_images": 0 if grid is None else int(len(grid)),
+        "n_videos": 0 if vgrid is None else int(len(vgrid)),
         "errors": errors,
         "max_abs_logit_diff": float(np.abs(np.asarray(got.logits) - ref_logits)[mask].max()),
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__, "jax": jax.__version__},
@@ -379,7 +400,11 @@ def run(
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m elva_jax.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf-dir", required=True, help="transformers Qwen2-VL checkpoint directory")
-    ap.add_argument("--inputs", help="npz with input_ids, attention_mask[, pixel_values, image_grid_thw]")
+    ap.add_argument(
+        "--inputs",
+        help="npz with input_ids, attention_mask[, pixel_values, image_grid_thw]"
+        "[, pixel_values_videos, video_grid_thw, second_per_grid_ts]",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the random batch used without --inputs")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--position-mode", choices=["mrope", "1d"], default="mrope")

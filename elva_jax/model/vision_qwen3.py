@@ -11,8 +11,8 @@ DeepStack: the hidden states after each block listed in `deepstack_visual_indexe
 own merger, whose LayerNorm acts on the concatenated m*m window ("post-shuffle") instead of on each
 patch; the decoder adds them to the outputs of its first layers at the image tokens.
 
-Attention spans a whole packed image; transformers splits a multi-frame grid into one attention
-segment per frame, which only matters for videos (not supported yet: images have one frame).
+Attention spans one segment: the packing (`inputs.pack_images`) gives every temporal patch of a video
+its own segment id, as transformers' `cu_seqlens` split a multi-frame grid per frame.
 """
 
 from __future__ import annotations
