@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elva_jax.model.config import ModelOptions, VisionConfig
+from elva_jax.model.config import ModelOptions, PatchGeometry, VisionConfig
 from elva_jax.model.layers import attention, dense, layer_norm, precision
 from elva_jax.model.rope import apply_rope, vision_cos_sin
 
@@ -39,6 +39,11 @@ class Qwen3VisionConfig(VisionConfig):
     @property
     def mlp_dim(self) -> int:
         return self.intermediate_size
+
+    @property
+    def geometry(self) -> PatchGeometry:
+        """The image geometry with Qwen3-VL's video rule (timestamped frames, `elva_jax.data.video`)."""
+        return dataclasses.replace(super().geometry, video_rule="timestamps")
 
     @property
     def num_grid_per_side(self) -> int:
