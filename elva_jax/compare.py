@@ -4,6 +4,8 @@
                                [--position-mode mrope|1d] [--per-layer] [--tol X]
     python -m elva_jax.compare --hf-dir DIR --text STR [--text STR ...] [--image PATH ...]
                                [--template eol|ret|instruct_last|raw] [--instruction STR] [--tokenizer DIR]
+    python -m elva_jax.compare --hf-dir DIR --video FILE [--video FILE ...] [--text STR ...] [--fps X]
+                               [--template instruct_last|raw] [--video-min-pixels N] [--video-max-pixels N]
 
 FILE.npz holds transformers' conventions: input_ids [B, L], attention_mask [B, L], optional
 pixel_values [n_patches, patch_dim] and image_grid_thw [n_images, 3], optional pixel_values_videos
@@ -29,6 +31,14 @@ default: the checkpoint directory when it holds tokenizer files, else the qwen-t
 must fit the checkpoint's vocabulary (``<emb>`` / ``[RET]`` included): otherwise exit 2 with a message.
 We do not resize here: both libraries initialise new rows differently (transformers samples around the
 mean), so a resized pair would measure the initialisation, not the implementation.
+
+With --video, row i is the i-th video file (decoded, sampled and patched by `elva_jax.data.video` for the
+checkpoint's geometry) with the i-th --text, in the instruct_last (videos, then text, in the user turn)
+or raw form. elva_jax's token ids come from `Tokenizer.encode_video_prompt`; the reference's from the
+tokenizer's ``apply_chat_template`` and an independent expansion of each video placeholder (Qwen2-VL /
+Qwen2.5-VL: the pad repeated t h w / 4 times; Qwen3-VL: `<x.x seconds>` frames with the timestamps of
+transformers' ``Qwen3VLProcessor._calculate_timestamps``). Both sides get the same pixel values and
+second_per_grid_ts: transformers' video processors need torchvision (see README, "Video inputs").
 """
 
 from __future__ import annotations
@@ -262,6 +272,81 @@ def _text_image_inputs(a, cfg) -> tuple[dict, dict, dict]:
     return data, ref, info
 
 
+def _video_inputs(a, cfg) -> tuple[dict, dict, dict]:
+    """(elva_jax inputs, reference inputs, info) for the --video rows."""
+    from elva_jax.data.prompts import QWEN_VL_CHAT_TEMPLATE, VIDEO_PLACEHOLDER, instruct_prompt, raw_prompt
+    from elva_jax.data.tokenize import Tokenizer, default_tokenizer_dir, has_tokenizer_files
+    from elva_jax.data.video import load_video
+
+    if a.template not in ("instruct_last", "raw"):
+        raise SystemExit(f"--video rows take --template instruct_last or raw, not {a.template}")
+    tok_dir = a.tokenizer or (a.hf_dir if has_tokenizer_files(a.hf_dir) else str(default_tokenizer_dir()))
+    geo = cfg.vision.geometry
+    tok = Tokenizer.from_dir(tok_dir, geometry=geo)
+    texts = (a.text or []) + [""] * (len(a.video) - len(a.text or []))
+    if len(texts) > len(a.video):
+        raise SystemExit("--video rows: more --text than --video")
+    fps = None if a.fps == 0 else a.fps
+    videos = [
+        load_video(v, geo, fps=fps, min_pixels=a.video_min_pixels, max_pixels=a.video_max_pixels) for v in a.video
+    ]
+    prompts = [
+        instruct_prompt(t or None, 0, a.instruction, n_videos=1)
+        if a.template == "instruct_last"
+        else raw_prompt(t or None, n_videos=1)
+        for t in texts
+    ]
+    ours = [tok.encode_video_prompt(p, [v])["input_ids"] for p, v in zip(prompts, videos, strict=True)]
+    ids, am = _pad(ours, tok.pad_token_id, a.pad_side)
+    video_keys = dict(
+        pixel_values_videos=np.concatenate([v.patches for v in videos]),
+        video_grid_thw=np.stack([v.grid_thw for v in videos]),
+        second_per_grid_ts=np.asarray([v.second_per_grid_t for v in videos], np.float32),
+    )
+    data = {"input_ids": ids, "attention_mask": am, **video_keys}
+
+    # the reference: transformers' tokenizer + chat template, the placeholder expanded here independently
+    from transformers import AutoTokenizer
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    hf_tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    seqs = []
+    for p, t, v in zip(prompts, texts, videos, strict=True):
+        if a.template == "raw":
+            text = VIDEO_PLACEHOLDER + t
+        else:
+            text = hf_tok.apply_chat_template(
+                [dict(m) for m in p.messages],
+                chat_template=QWEN_VL_CHAT_TEMPLATE,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        gt, gh, gw = (int(x) for x in v.grid_thw)
+        per_frame = gh * gw // geo.merge_size**2
+        if geo.video_rule == "timestamps":
+            times = Qwen3VLProcessor._calculate_timestamps(
+                None, list(v.frame_indices), v.video_fps, geo.temporal_patch_size
+            )
+            frames = "".join(
+                f"<{s:.1f} seconds><|vision_start|>" + "<|video_pad|>" * per_frame + "<|vision_end|>" for s in times
+            )
+            text = text.replace(VIDEO_PLACEHOLDER, frames, 1)
+        else:
+            text = text.replace("<|video_pad|>", "<|video_pad|>" * (gt * per_frame), 1)
+        seqs.append(np.asarray(hf_tok(text, add_special_tokens=False)["input_ids"], np.int64))
+    ref_ids, ref_am = _pad(seqs, hf_tok.pad_token_id, a.pad_side)
+    ref = {"input_ids": ref_ids, "attention_mask": ref_am, **video_keys}
+    info = {
+        "template": a.template,
+        "tokenizer": tok_dir,
+        "rows": [
+            {"text": t, "video": f, "grid_thw": v.grid_thw.tolist(), "frames": v.frame_indices.tolist()}
+            for t, f, v in zip(texts, a.video, videos, strict=True)
+        ],
+    }
+    return data, ref, info
+
+
 def _inputs_agree(ours: dict, ref: dict) -> dict:
     """Whether both sides built the same token ids / mask / grids, and how far their pixels are apart."""
 
@@ -420,11 +505,29 @@ def main(argv=None) -> int:
     g.add_argument("--min-pixels", type=int, help="image min pixels (default: LamRA's 4*28*28)")
     g.add_argument("--max-pixels", type=int, help="image max pixels (default: LamRA's 300*28*28)")
     g.add_argument("--pad-side", choices=["left", "right"], default="left")
+    g.add_argument("--video", action="append", help="row video file (repeatable: row i takes the i-th)")
+    g.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second (0: every frame)")
+    g.add_argument("--video-min-pixels", type=int, help="video min pixels (default: the family's processor's)")
+    g.add_argument("--video-max-pixels", type=int, help="video max pixels (default: the family's processor's)")
     a = ap.parse_args(argv)
     from elva_jax.model.config import ModelConfig
 
     cfg = ModelConfig.from_file(a.hf_dir)
-    if a.text or a.image:
+    if a.video:
+        if a.inputs or a.image:
+            raise SystemExit("--video rows take --text only (no --inputs / --image)")
+        try:
+            data, ref_data, info = _video_inputs(a, cfg)
+        except SystemExit as e:
+            print(e, file=sys.stderr)
+            return 2
+        agree = _inputs_agree(data, ref_data)
+        if not (agree["input_ids_equal"] and agree["attention_mask_equal"]):
+            print(json.dumps({**info, "inputs": agree, "pass": False, "error": "elva_jax and reference inputs differ"}))
+            return 1
+        res = run(a.hf_dir, data, a.dtype, a.position_mode, a.per_layer, ref_data=ref_data)
+        res.update(info, inputs=agree)
+    elif a.text or a.image:
         if a.inputs:
             raise SystemExit("--inputs and --text/--image are exclusive")
         try:

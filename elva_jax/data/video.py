@@ -58,6 +58,7 @@ __all__ = [
     "preprocess_frames",
     "sample_frame_indices",
     "temporal_smart_resize",
+    "video_pad_counts",
     "video_prompt_text",
 ]
 
@@ -278,15 +279,25 @@ def load_video(
     )
 
 
-def video_prompt_text(video: VideoInput, geometry: PatchGeometry = DEFAULT_GEOMETRY) -> str:
-    """The text that stands for `video` in a prompt, pads expanded: "stride" families
-    `<|vision_start|>` + `<|video_pad|>` * (t h w / m^2) + `<|vision_end|>`; "timestamps" (Qwen3-VL) per
-    temporal patch `<x.x seconds><|vision_start|>` + `<|video_pad|>` * (h w / m^2) + `<|vision_end|>`."""
+def video_pad_counts(video: VideoInput, geometry: PatchGeometry = DEFAULT_GEOMETRY) -> list[int]:
+    """`<|video_pad|>` tokens of each pad run of `video`: one run of t h w / m^2 ("stride"), or t runs of
+    h w / m^2 ("timestamps")."""
     t, h, w = (int(x) for x in video.grid_thw)
     per_frame = h * w // geometry.merge_size**2
+    return [per_frame] * t if geometry.video_rule == "timestamps" else [t * per_frame]
+
+
+def video_prompt_text(video: VideoInput, geometry: PatchGeometry = DEFAULT_GEOMETRY, *, expand: bool = True) -> str:
+    """The text that replaces a chat template's `<|vision_start|><|video_pad|><|vision_end|>` for `video`:
+    "stride" families the same triple with t h w / m^2 pads; "timestamps" (Qwen3-VL) per temporal patch
+    `<x.x seconds><|vision_start|>` + `<|video_pad|>` * (h w / m^2) + `<|vision_end|>` (the whole triple
+    replaced, as Qwen's processor in transformers 4.57 and qwen-vl-utils do). expand=False: one pad per
+    run (`video_pad_counts` gives each run's count, for id-level expansion)."""
+    counts = video_pad_counts(video, geometry)
+    pads = [c if expand else 1 for c in counts]
     if geometry.video_rule == "timestamps":
         return "".join(
-            f"<{s:.1f} seconds><|vision_start|>" + "<|video_pad|>" * per_frame + "<|vision_end|>"
-            for s in video.timestamps[:t]
+            f"<{s:.1f} seconds><|vision_start|>" + "<|video_pad|>" * n + "<|vision_end|>"
+            for s, n in zip(video.timestamps, pads, strict=True)
         )
-    return "<|vision_start|>" + "<|video_pad|>" * (t * per_frame) + "<|vision_end|>"
+    return "<|vision_start|>" + "<|video_pad|>" * pads[0] + "<|vision_end|>"

@@ -262,3 +262,43 @@ def test_unreadable_file_is_a_named_error(tmp_path):
     bad.write_bytes(b"not a video")
     with pytest.raises(VideoError, match="broken.mp4"):
         decode_video(bad)
+
+
+# ---------------------------------------------------------------- end to end: file -> tokens -> both models
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize(
+    "preset, fps",
+    [("tiny_qwen2_5_vl", 5.0), ("tiny_qwen3_vl", 2.5), ("tiny", 0)],
+    ids=["qwen2_5_vl", "qwen3_vl", "qwen2_vl_all_frames"],
+)
+def test_compare_video_rows_end_to_end(videos, tmp_path, capsys, preset, fps):
+    """`python -m elva_jax.compare --video`: a decoded video file and a text row through elva_jax's prompt,
+    tokenizer and video path; the token ids equal the tokenizer's chat template with the placeholder
+    expanded independently, and the model outputs equal transformers' (fp32)."""
+    import json
+
+    pytest.importorskip("transformers")
+    from elva_jax import compare
+    from elva_jax.model.tiny import write_random_checkpoint
+
+    _, paths = videos
+    d = str(tmp_path / "model")
+    write_random_checkpoint(d, preset)
+    argv = [
+        "--hf-dir",
+        d,
+        "--video",
+        str(paths["mp4_mpeg4"]),
+        "--text",
+        "what moves?",
+        "--video",
+        str(paths["webm_vp8"]),
+    ]
+    argv += ["--template", "instruct_last", "--instruction", "Find the clip.", "--fps", str(fps)]
+    argv += ["--video-min-pixels", str(4 * 28 * 28), "--video-max-pixels", str(16 * 28 * 28), "--tol", "1e-5"]
+    rc = compare.main(argv)
+    res = json.loads(capsys.readouterr().out)
+    assert res["inputs"]["input_ids_equal"] and res["n_videos"] == 2, res
+    assert rc == 0 and res["pass"] is True, res["errors"]
