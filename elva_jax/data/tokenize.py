@@ -493,7 +493,9 @@ def collate(
     ``input_ids`` / ``attention_mask`` int32 [B, L], where L is the longest row rounded up to a multiple
     of ``length_bucket`` (an int) or the smallest of the allowed lengths (a sequence; a longer row raises).
     ``pixel_values`` float32 [N, patch_dim] and ``image_grid_thw`` int64 [n_images, 3] (images in row order)
-    are present only when some row has an image, so ``build_inputs(cfg, opts, **batch)`` works.
+    are present only when some row has an image; likewise ``pixel_values_videos`` / ``video_grid_thw`` /
+    ``second_per_grid_ts`` [n_videos] for rows with videos (keys of the same names, one entry per video),
+    so ``build_inputs(cfg, opts, **batch)`` works.
     """
     if pad_side not in ("left", "right"):
         raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
@@ -525,4 +527,19 @@ def collate(
         ]
         out["pixel_values"] = np.concatenate(pvs)
         out["image_grid_thw"] = np.concatenate(grids)
+    with_video = [e for e in examples if e.get("video_grid_thw") is not None and np.size(e["video_grid_thw"]) > 0]
+    if with_video:
+        g = [np.asarray(e["video_grid_thw"], np.int64).reshape(-1, 3) for e in with_video]
+        out["pixel_values_videos"] = np.concatenate(
+            [
+                np.asarray(e["pixel_values_videos"], np.float32).reshape(-1, np.shape(e["pixel_values_videos"])[-1])
+                for e in with_video
+            ]
+        )
+        out["video_grid_thw"] = np.concatenate(g)
+        spg = [
+            np.asarray(e.get("second_per_grid_ts", np.ones(len(x))), np.float32).reshape(-1)
+            for e, x in zip(with_video, g, strict=True)
+        ]
+        out["second_per_grid_ts"] = np.concatenate(spg)
     return out

@@ -302,3 +302,36 @@ def test_compare_video_rows_end_to_end(videos, tmp_path, capsys, preset, fps):
     res = json.loads(capsys.readouterr().out)
     assert res["inputs"]["input_ids_equal"] and res["n_videos"] == 2, res
     assert rc == 0 and res["pass"] is True, res["errors"]
+
+
+def test_video_rows_collate_into_model_inputs(videos):
+    """A video row, an image row and a text row: `encode_video_prompt` + `collate` give what `build_inputs`
+    takes (video and image features matched to their pads, packed into a fixed budget)."""
+    from elva_jax.data.image_processing import preprocess_image
+    from elva_jax.data.prompts import instruct_prompt
+    from elva_jax.data.tokenize import Tokenizer, collate, default_tokenizer_dir
+    from elva_jax.model.config import ModelOptions
+    from elva_jax.model.inputs import build_inputs
+    from elva_jax.model.tiny import preset_config
+
+    frames, paths = videos
+    cfg = preset_config("tiny_qwen3_vl")
+    geo = cfg.vision.geometry
+    tok = Tokenizer.from_dir(default_tokenizer_dir(), geometry=geo)
+    v = load_video(paths["mkv_ffv1"], geo, fps=2.5, min_pixels=4 * 32 * 32, max_pixels=96 * 32 * 32)
+    row_v = tok.encode_video_prompt(instruct_prompt("clip", n_videos=1), [v])
+    row_v.update(pixel_values_videos=v.patches, video_grid_thw=v.grid_thw[None], second_per_grid_ts=[0.5])
+    pv, g = preprocess_image(frames[0], min_pixels=4 * 32 * 32, max_pixels=8 * 32 * 32, geometry=geo)
+    row_i = tok.encode_prompt(instruct_prompt("still", 1), g[None])
+    row_i.update(pixel_values=pv, image_grid_thw=g[None])
+    row_t = tok.encode_prompt(instruct_prompt("text only"))
+    batch = collate([row_v, row_i, row_t], tok.pad_token_id, "left")
+    assert batch["video_grid_thw"].tolist() == [[2, 4, 4]] and batch["second_per_grid_ts"].tolist() == [0.5]
+    x = build_inputs(cfg, ModelOptions(), **batch, rows=2, row_len=64)
+    assert int((x["input_ids"] == cfg.video_token_id).sum()) == 8 and x["patches"].shape == (2, 64, geo.patch_dim)
+    # images first, then videos; one attention segment per temporal patch: image (16 patches), the video's
+    # two frames (16 each), padding
+    seg, counts = np.unique(x["vision_segment_ids"][0], return_counts=True)
+    assert dict(zip(seg.tolist(), counts.tolist(), strict=True)) == {0: 16, 1: 16, 2: 16, 3: 16}
+    with pytest.raises(ValueError, match="1 video placeholders for 2 videos"):
+        tok.encode_video_prompt(instruct_prompt("clip", n_videos=1), [v, v])
