@@ -37,7 +37,7 @@ checkpoint's geometry) with the i-th --text, in the instruct_last (videos, then 
 or raw form. elva_jax's token ids come from `Tokenizer.encode_video_prompt`; the reference's from the
 tokenizer's ``apply_chat_template`` and an independent expansion of each video placeholder (Qwen2-VL /
 Qwen2.5-VL: the pad repeated t h w / 4 times; Qwen3-VL: `<x.x seconds>` frames with the timestamps of
-transformers' ``Qwen3VLProcessor._calculate_timestamps``). Both sides get the same pixel values and
+the family's transformers processor, ``_calculate_timestamps``). Both sides get the same pixel values and
 second_per_grid_ts: transformers' video processors need torchvision (see README, "Video inputs").
 """
 
@@ -307,7 +307,6 @@ def _video_inputs(a, cfg) -> tuple[dict, dict, dict]:
 
     # the reference: transformers' tokenizer + chat template, the placeholder expanded here independently
     from transformers import AutoTokenizer
-    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
     hf_tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     seqs = []
@@ -324,9 +323,8 @@ def _video_inputs(a, cfg) -> tuple[dict, dict, dict]:
         gt, gh, gw = (int(x) for x in v.grid_thw)
         per_frame = gh * gw // geo.merge_size**2
         if geo.video_rule == "timestamps":
-            times = Qwen3VLProcessor._calculate_timestamps(
-                None, list(v.frame_indices), v.video_fps, geo.temporal_patch_size
-            )
+            processor = _hf_class(family_of(cfg).hf_processor)
+            times = processor._calculate_timestamps(None, list(v.frame_indices), v.video_fps, geo.temporal_patch_size)
             frames = "".join(
                 f"<{s:.1f} seconds><|vision_start|>" + "<|video_pad|>" * per_frame + "<|vision_end|>" for s in times
             )
@@ -432,8 +430,9 @@ def run(
             pixel_values_videos=torch.tensor(ref_data["pixel_values_videos"], dtype=torch.float32),
             video_grid_thw=torch.tensor(vgrid, dtype=torch.long),
         )
-        if cfg.model_type == "qwen2_5_vl" and "second_per_grid_ts" in ref_data:
-            kw["second_per_grid_ts"] = torch.tensor(ref_data["second_per_grid_ts"], dtype=torch.float32)
+        for k in family_of(cfg).hf_video_kwargs:  # e.g. Qwen2.5-VL's second_per_grid_ts
+            if k in ref_data:
+                kw[k] = torch.tensor(ref_data[k], dtype=torch.float32)
     if pv is not None or vgrid is not None:
         types = np.where(ids == cfg.image_token_id, 1, np.where(ids == cfg.video_token_id, 2, 0))
         kw["mm_token_type_ids"] = torch.tensor(types.astype(np.int64))

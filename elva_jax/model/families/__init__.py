@@ -35,6 +35,10 @@ class Family:
     alternate_prefixes: (on-disk prefix, alternative prefix) pairs accepted on import.
     hf_model_class / hf_image_processor: dotted paths of the transformers classes that are the family's
         PyTorch oracle (model) and image processor (used by `elva_jax.compare`).
+    hf_processor: dotted path of the family's transformers processor (its video timestamps, when the
+        geometry's video rule writes them, for `elva_jax.compare --video`).
+    hf_video_kwargs: video inputs beyond pixel_values_videos / video_grid_thw that the transformers model
+        takes (e.g. "second_per_grid_ts").
     """
 
     model_type: str
@@ -47,6 +51,8 @@ class Family:
     alternate_prefixes: tuple[tuple[str, str], ...] = ()
     hf_model_class: str = ""
     hf_image_processor: str = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil"
+    hf_processor: str = ""
+    hf_video_kwargs: tuple[str, ...] = ()
 
 
 # model_type -> module defining FAMILY (imported on first use)

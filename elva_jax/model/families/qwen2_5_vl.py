@@ -250,4 +250,5 @@ FAMILY = Family(
     position_ids=position_ids,
     alternate_prefixes=ALTERNATE_PREFIXES,
     hf_model_class="transformers.Qwen2_5_VLForConditionalGeneration",
+    hf_video_kwargs=("second_per_grid_ts",),
 )

@@ -321,4 +321,5 @@ FAMILY = Family(
     patch_inputs=patch_inputs,
     position_ids=position_ids,
     hf_model_class="transformers.Qwen3VLForConditionalGeneration",
+    hf_processor="transformers.models.qwen3_vl.processing_qwen3_vl.Qwen3VLProcessor",
 )
