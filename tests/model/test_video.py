@@ -121,9 +121,10 @@ def test_bf16_close_to_fp32_reference(models, family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_cached_decode_matches_transformers(models, family):
-    """Prefill a left-padded video prompt, decode 3 tokens one at a time: the logits equal transformers'
-    forward over prompt + continuation (the prompt ends in enough text that the continuation's
-    positions, max prompt position + 1 + i, are what `get_rope_index` gives the whole sequence)."""
+    """Prefill a left-padded video prompt, then extend by 3 tokens in one pass and decode them one at a
+    time: hidden states / logits equal transformers' forward over prompt + continuation (the prompt ends
+    in enough text that the continuation's positions, max prompt position + 1 + i, are what
+    `get_rope_index` gives the whole sequence)."""
     model, cfg, params, _ = models(family)
     rows = [[(V, (2, 4, 6))], [(I, (1, 2, 2)), (V, (2, 2, 4))]]
     b = make_video_batch(family, rows, "left", np.random.default_rng(5), tail=(10, 12))
@@ -137,13 +138,19 @@ def test_cached_decode_matches_transformers(models, family):
     np.testing.assert_array_equal(
         ref_pos[:, :, P:], np.broadcast_to((prompt_max[:, None] + 1 + np.arange(3))[None], (3, B, 3))
     )
-    _, ref_logits = hf_video_forward(family, model, full)
+    ref_h, ref_logits = hf_video_forward(family, model, full)
 
     cache = backbone.init_cache(cfg, B, P + 4, dtype=jnp.float32)
     inp = build_inputs(cfg, FP32, ids, am, **jax_kwargs(b))
     out, cache = jax.jit(lambda p, x, c: backbone.prefill(p, x, c, cfg, FP32))(params, inp, cache)
     m = am.astype(bool)
     assert rel_err(out.logits, ref_logits[:, :P], m) <= 1e-5
+    # extend: the 3 tokens in one pass after the cached prefix (teacher forcing)
+    lengths = jnp.full((B,), 3, jnp.int32)
+    h_ext = jax.jit(lambda p, t, c: backbone.extend(p, t, lengths, c, cfg, FP32))(
+        params, jnp.asarray(new, jnp.int32), cache
+    )
+    assert rel_err(h_ext, ref_h[:, P:], slice(None)) <= 1e-5
     step = jax.jit(lambda p, t, c: backbone.decode_step(p, t, c, cfg, FP32))
     for i in range(new.shape[1]):
         _, logits, cache = step(params, jnp.asarray(new[:, i], jnp.int32), cache)
