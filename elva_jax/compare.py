@@ -4,9 +4,13 @@
                                [--position-mode mrope|1d] [--per-layer] [--tol X]
     python -m elva_jax.compare --hf-dir DIR --text STR [--text STR ...] [--image PATH ...]
                                [--template eol|ret|instruct_last|raw] [--instruction STR] [--tokenizer DIR]
+    python -m elva_jax.compare --hf-dir DIR --video FILE [--video FILE ...] [--text STR ...] [--fps X]
+                               [--template instruct_last|raw] [--video-min-pixels N] [--video-max-pixels N]
 
 FILE.npz holds transformers' conventions: input_ids [B, L], attention_mask [B, L], optional
-pixel_values [n_patches, patch_dim] and image_grid_thw [n_images, 3] (mm_token_type_ids is derived).
+pixel_values [n_patches, patch_dim] and image_grid_thw [n_images, 3], optional pixel_values_videos
+[n_video_patches, patch_dim], video_grid_thw [n_videos, 3] (t >= 1 temporal patches) and
+second_per_grid_ts [n_videos] (Qwen2.5-VL's time scale; default 1 s); mm_token_type_ids is derived.
 Without --inputs, a seeded random batch (text rows and image rows, left padded) is made for the
 checkpoint's vocabulary. The reference always runs in float32 (so --dtype bfloat16 measures elva_jax's
 bf16 error against the exact model). Errors are ||jax - ref|| / ||ref|| over non-padding positions.
@@ -27,6 +31,14 @@ default: the checkpoint directory when it holds tokenizer files, else the qwen-t
 must fit the checkpoint's vocabulary (``<emb>`` / ``[RET]`` included): otherwise exit 2 with a message.
 We do not resize here: both libraries initialise new rows differently (transformers samples around the
 mean), so a resized pair would measure the initialisation, not the implementation.
+
+With --video, row i is the i-th video file (decoded, sampled and patched by `elva_jax.data.video` for the
+checkpoint's geometry) with the i-th --text, in the instruct_last (videos, then text, in the user turn)
+or raw form. elva_jax's token ids come from `Tokenizer.encode_video_prompt`; the reference's from the
+tokenizer's ``apply_chat_template`` and an independent expansion of each video placeholder (Qwen2-VL /
+Qwen2.5-VL: the pad repeated t h w / 4 times; Qwen3-VL: `<x.x seconds>` frames with the timestamps of
+the family's transformers processor, ``_calculate_timestamps``). Both sides get the same pixel values and
+second_per_grid_ts: transformers' video processors need torchvision (see README, "Video inputs").
 """
 
 from __future__ import annotations
@@ -96,17 +108,25 @@ def _load_inputs(path: str, cfg) -> dict[str, np.ndarray]:
     am = data.setdefault("attention_mask", np.ones_like(ids))
     if am.shape != ids.shape or not np.isin(am, (0, 1)).all():
         bad(f"attention_mask must be 0/1 of shape {ids.shape}, got shape {am.shape}")
-    if ("pixel_values" in data) != ("image_grid_thw" in data):
-        bad("pixel_values and image_grid_thw must be given together")
-    if "pixel_values" in data:
-        pv, g = data["pixel_values"], np.asarray(data["image_grid_thw"])
-        dim = cfg.vision.patch_dim
-        if pv.ndim != 2 or pv.shape[1] != dim:
-            bad(f"pixel_values must be [n_patches, {dim}] for this model, got {pv.shape}")
-        if g.ndim != 2 or g.shape[1] != 3 or (g <= 0).any():
-            bad(f"image_grid_thw must be [n_images, 3] of positive sizes, got {g.tolist()}")
-        if int(np.prod(g, axis=1).sum()) != len(pv):
-            bad(f"image_grid_thw covers {int(np.prod(g, axis=1).sum())} patches, pixel_values has {len(pv)} rows")
+    for pv_key, g_key, what in (
+        ("pixel_values", "image_grid_thw", "n_images"),
+        ("pixel_values_videos", "video_grid_thw", "n_videos"),
+    ):
+        if (pv_key in data) != (g_key in data):
+            bad(f"{pv_key} and {g_key} must be given together")
+        if pv_key in data:
+            pv, g = data[pv_key], np.asarray(data[g_key])
+            dim = cfg.vision.patch_dim
+            if pv.ndim != 2 or pv.shape[1] != dim:
+                bad(f"{pv_key} must be [n_patches, {dim}] for this model, got {pv.shape}")
+            if g.ndim != 2 or g.shape[1] != 3 or (g <= 0).any():
+                bad(f"{g_key} must be [{what}, 3] of positive sizes, got {g.tolist()}")
+            if int(np.prod(g, axis=1).sum()) != len(pv):
+                bad(f"{g_key} covers {int(np.prod(g, axis=1).sum())} patches, {pv_key} has {len(pv)} rows")
+    if "second_per_grid_ts" in data:
+        n = len(data.get("video_grid_thw", ()))
+        if np.asarray(data["second_per_grid_ts"]).shape != (n,):
+            bad(f"second_per_grid_ts must hold one value per video ({n}), got shape {data['second_per_grid_ts'].shape}")
     return data
 
 
@@ -252,6 +272,79 @@ def _text_image_inputs(a, cfg) -> tuple[dict, dict, dict]:
     return data, ref, info
 
 
+def _video_inputs(a, cfg) -> tuple[dict, dict, dict]:
+    """(elva_jax inputs, reference inputs, info) for the --video rows."""
+    from elva_jax.data.prompts import QWEN_VL_CHAT_TEMPLATE, VIDEO_PLACEHOLDER, instruct_prompt, raw_prompt
+    from elva_jax.data.tokenize import Tokenizer, default_tokenizer_dir, has_tokenizer_files
+    from elva_jax.data.video import load_video
+
+    if a.template not in ("instruct_last", "raw"):
+        raise SystemExit(f"--video rows take --template instruct_last or raw, not {a.template}")
+    tok_dir = a.tokenizer or (a.hf_dir if has_tokenizer_files(a.hf_dir) else str(default_tokenizer_dir()))
+    geo = cfg.vision.geometry
+    tok = Tokenizer.from_dir(tok_dir, geometry=geo)
+    texts = (a.text or []) + [""] * (len(a.video) - len(a.text or []))
+    if len(texts) > len(a.video):
+        raise SystemExit("--video rows: more --text than --video")
+    fps = None if a.fps == 0 else a.fps
+    videos = [
+        load_video(v, geo, fps=fps, min_pixels=a.video_min_pixels, max_pixels=a.video_max_pixels) for v in a.video
+    ]
+    prompts = [
+        instruct_prompt(t or None, 0, a.instruction, n_videos=1)
+        if a.template == "instruct_last"
+        else raw_prompt(t or None, n_videos=1)
+        for t in texts
+    ]
+    ours = [tok.encode_video_prompt(p, [v])["input_ids"] for p, v in zip(prompts, videos, strict=True)]
+    ids, am = _pad(ours, tok.pad_token_id, a.pad_side)
+    video_keys = dict(
+        pixel_values_videos=np.concatenate([v.patches for v in videos]),
+        video_grid_thw=np.stack([v.grid_thw for v in videos]),
+        second_per_grid_ts=np.asarray([v.second_per_grid_t for v in videos], np.float32),
+    )
+    data = {"input_ids": ids, "attention_mask": am, **video_keys}
+
+    # the reference: transformers' tokenizer + chat template, the placeholder expanded here independently
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    seqs = []
+    for p, t, v in zip(prompts, texts, videos, strict=True):
+        if a.template == "raw":
+            text = VIDEO_PLACEHOLDER + t
+        else:
+            text = hf_tok.apply_chat_template(
+                [dict(m) for m in p.messages],
+                chat_template=QWEN_VL_CHAT_TEMPLATE,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        gt, gh, gw = (int(x) for x in v.grid_thw)
+        per_frame = gh * gw // geo.merge_size**2
+        if geo.video_rule == "timestamps":
+            processor = _hf_class(family_of(cfg).hf_processor)
+            times = processor._calculate_timestamps(None, list(v.frame_indices), v.video_fps, geo.temporal_patch_size)
+            frames = "".join(
+                f"<{s:.1f} seconds><|vision_start|>" + "<|video_pad|>" * per_frame + "<|vision_end|>" for s in times
+            )
+            text = text.replace(VIDEO_PLACEHOLDER, frames, 1)
+        else:
+            text = text.replace("<|video_pad|>", "<|video_pad|>" * (gt * per_frame), 1)
+        seqs.append(np.asarray(hf_tok(text, add_special_tokens=False)["input_ids"], np.int64))
+    ref_ids, ref_am = _pad(seqs, hf_tok.pad_token_id, a.pad_side)
+    ref = {"input_ids": ref_ids, "attention_mask": ref_am, **video_keys}
+    info = {
+        "template": a.template,
+        "tokenizer": tok_dir,
+        "rows": [
+            {"text": t, "video": f, "grid_thw": v.grid_thw.tolist(), "frames": v.frame_indices.tolist()}
+            for t, f, v in zip(texts, a.video, videos, strict=True)
+        ],
+    }
+    return data, ref, info
+
+
 def _inputs_agree(ours: dict, ref: dict) -> dict:
     """Whether both sides built the same token ids / mask / grids, and how far their pixels are apart."""
 
@@ -324,15 +417,25 @@ def run(
     ref_data = data if ref_data is None else ref_data
     ids, am = ref_data["input_ids"].astype(np.int64), ref_data["attention_mask"].astype(np.int64)
     pv, grid = ref_data.get("pixel_values"), ref_data.get("image_grid_thw")
+    vgrid = ref_data.get("video_grid_thw")
 
     ref = _hf_class(family_of(cfg).hf_model_class).from_pretrained(hf_dir, dtype=torch.float32).eval()
     kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am), output_hidden_states=True)
     if pv is not None:
         kw.update(
-            pixel_values=torch.tensor(pv, dtype=torch.float32),
-            image_grid_thw=torch.tensor(grid, dtype=torch.long),
-            mm_token_type_ids=torch.tensor((ids == cfg.image_token_id).astype(np.int64)),
+            pixel_values=torch.tensor(pv, dtype=torch.float32), image_grid_thw=torch.tensor(grid, dtype=torch.long)
         )
+    if vgrid is not None:
+        kw.update(
+            pixel_values_videos=torch.tensor(ref_data["pixel_values_videos"], dtype=torch.float32),
+            video_grid_thw=torch.tensor(vgrid, dtype=torch.long),
+        )
+        for k in family_of(cfg).hf_video_kwargs:  # e.g. Qwen2.5-VL's second_per_grid_ts
+            if k in ref_data:
+                kw[k] = torch.tensor(ref_data[k], dtype=torch.float32)
+    if pv is not None or vgrid is not None:
+        types = np.where(ids == cfg.image_token_id, 1, np.where(ids == cfg.video_token_id, 2, 0))
+        kw["mm_token_type_ids"] = torch.tensor(types.astype(np.int64))
     if position_mode == "1d":
         kw["position_ids"] = torch.tensor(linear_position_ids(am).astype(np.int64))
     with torch.no_grad():
@@ -341,7 +444,8 @@ def run(
     ref_logits = out.logits.float().numpy()
 
     j_ids, j_am = data["input_ids"].astype(np.int64), data["attention_mask"].astype(np.int64)
-    inputs = build_inputs(cfg, opts, j_ids, j_am, data.get("pixel_values"), data.get("image_grid_thw"))
+    video = {k: data[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in data}
+    inputs = build_inputs(cfg, opts, j_ids, j_am, data.get("pixel_values"), data.get("image_grid_thw"), **video)
     fn = jax.jit(lambda p, x: backbone.forward(p, x, cfg, opts, with_logits=True, return_layers=per_layer))
     got = fn(params, inputs)
     mask = am.astype(bool)
@@ -365,6 +469,7 @@ def run(
         "batch": list(ids.shape),
         "embedding_kind": embedding,
         "n_images": 0 if grid is None else int(len(grid)),
+        "n_videos": 0 if vgrid is None else int(len(vgrid)),
         "errors": errors,
         "max_abs_logit_diff": float(np.abs(np.asarray(got.logits) - ref_logits)[mask].max()),
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__, "jax": jax.__version__},
@@ -379,7 +484,11 @@ def run(
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m elva_jax.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf-dir", required=True, help="transformers Qwen2-VL checkpoint directory")
-    ap.add_argument("--inputs", help="npz with input_ids, attention_mask[, pixel_values, image_grid_thw]")
+    ap.add_argument(
+        "--inputs",
+        help="npz with input_ids, attention_mask[, pixel_values, image_grid_thw]"
+        "[, pixel_values_videos, video_grid_thw, second_per_grid_ts]",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the random batch used without --inputs")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--position-mode", choices=["mrope", "1d"], default="mrope")
@@ -395,11 +504,29 @@ def main(argv=None) -> int:
     g.add_argument("--min-pixels", type=int, help="image min pixels (default: LamRA's 4*28*28)")
     g.add_argument("--max-pixels", type=int, help="image max pixels (default: LamRA's 300*28*28)")
     g.add_argument("--pad-side", choices=["left", "right"], default="left")
+    g.add_argument("--video", action="append", help="row video file (repeatable: row i takes the i-th)")
+    g.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second (0: every frame)")
+    g.add_argument("--video-min-pixels", type=int, help="video min pixels (default: the family's processor's)")
+    g.add_argument("--video-max-pixels", type=int, help="video max pixels (default: the family's processor's)")
     a = ap.parse_args(argv)
     from elva_jax.model.config import ModelConfig
 
     cfg = ModelConfig.from_file(a.hf_dir)
-    if a.text or a.image:
+    if a.video:
+        if a.inputs or a.image:
+            raise SystemExit("--video rows take --text only (no --inputs / --image)")
+        try:
+            data, ref_data, info = _video_inputs(a, cfg)
+        except SystemExit as e:
+            print(e, file=sys.stderr)
+            return 2
+        agree = _inputs_agree(data, ref_data)
+        if not (agree["input_ids_equal"] and agree["attention_mask_equal"]):
+            print(json.dumps({**info, "inputs": agree, "pass": False, "error": "elva_jax and reference inputs differ"}))
+            return 1
+        res = run(a.hf_dir, data, a.dtype, a.position_mode, a.per_layer, ref_data=ref_data)
+        res.update(info, inputs=agree)
+    elif a.text or a.image:
         if a.inputs:
             raise SystemExit("--inputs and --text/--image are exclusive")
         try:

@@ -67,6 +67,7 @@ __all__ = [
     "LAMRA_TEXT_SUFFIX",
     "QWEN_VL_CHAT_TEMPLATE",
     "RET_TOKEN",
+    "VIDEO_PLACEHOLDER",
     "Prompt",
     "choose_instruction",
     "elva_prompt",
@@ -238,8 +239,8 @@ def render_chat(messages: Sequence[dict], *, add_generation_prompt: bool = False
     return "".join(out)
 
 
-def _user_content(n_images: int, txt: str, suffix: str) -> list[dict]:
-    content: list[dict] = [{"type": "image"} for _ in range(n_images)]
+def _user_content(n_images: int, txt: str, suffix: str, n_videos: int = 0) -> list[dict]:
+    content: list[dict] = [{"type": "video"} for _ in range(n_videos)] + [{"type": "image"} for _ in range(n_images)]
     if txt:
         content.append({"type": "text", "text": txt, "truncatable": True})
     if suffix:
@@ -247,11 +248,11 @@ def _user_content(n_images: int, txt: str, suffix: str) -> list[dict]:
     return content
 
 
-def _check(text: str, n_images: int) -> None:
-    if n_images < 0:
-        raise ValueError(f"n_images must be >= 0, got {n_images}")
-    if not text and not n_images:
-        raise ValueError("a prompt needs text, an instruction or an image")
+def _check(text: str, n_images: int, n_videos: int = 0) -> None:
+    if n_images < 0 or n_videos < 0:
+        raise ValueError(f"n_images and n_videos must be >= 0, got {n_images}, {n_videos}")
+    if not text and not n_images and not n_videos:
+        raise ValueError("a prompt needs text, an instruction, an image or a video")
 
 
 def lamra_prompt(
@@ -306,25 +307,27 @@ def instruct_prompt(
     instruction: str | None = None,
     *,
     default_instruction: str = DEFAULT_EMBED_INSTRUCTION,
+    n_videos: int = 0,
 ) -> Prompt:
     """Qwen3-VL-Embedding prompt ("instruct_last"): system turn = ``instruction`` (queries) or
-    ``default_instruction`` (candidates, or no instruction); user turn = the images, then ``text`` verbatim
-    (the truncatable item); the generation prompt ``<|im_start|>assistant\\n`` closes the row.
+    ``default_instruction`` (candidates, or no instruction); user turn = the videos, then the images, then
+    ``text`` verbatim (the truncatable item); the generation prompt ``<|im_start|>assistant\\n`` closes the
+    row. Prompts with videos are encoded with ``Tokenizer.encode_video_prompt``.
     """
     system = instruction or default_instruction
     if not system:
         raise ValueError("the instruct_last prompt needs an instruction or a non-empty default instruction")
     txt = text or ""
-    _check(txt, n_images)
+    _check(txt, n_images, n_videos)
     msgs = (
         {"role": "system", "content": [{"type": "text", "text": system}]},
-        {"role": "user", "content": _user_content(n_images, txt, "")},
+        {"role": "user", "content": _user_content(n_images, txt, "", n_videos)},
     )
     return Prompt(msgs, add_generation_prompt=True)
 
 
-def raw_prompt(text: str | None = None, n_images: int = 0) -> Prompt:
-    """No template: the images' placeholders then ``text`` verbatim, without a chat wrapper."""
+def raw_prompt(text: str | None = None, n_images: int = 0, *, n_videos: int = 0) -> Prompt:
+    """No template: the videos' then the images' placeholders, then ``text`` verbatim, without a chat wrapper."""
     text = text or ""
-    _check(text, n_images)
-    return Prompt(({"role": "user", "content": _user_content(n_images, text, "")},), chat=False)
+    _check(text, n_images, n_videos)
+    return Prompt(({"role": "user", "content": _user_content(n_images, text, "", n_videos)},), chat=False)

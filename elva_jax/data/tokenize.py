@@ -37,6 +37,7 @@ from elva_jax.data.prompts import (
     EMB_TOKEN,
     IMAGE_PLACEHOLDER,
     RET_TOKEN,
+    VIDEO_PLACEHOLDER,
     Prompt,
     elva_prompt,
     instruct_prompt,
@@ -319,6 +320,49 @@ class Tokenizer:
             "truncated": truncated,
         }
 
+    def encode_video_prompt(
+        self,
+        prompt: Prompt,
+        videos: Sequence[Any],
+        image_grid_thw: np.ndarray | Sequence[Sequence[int]] | None = None,
+        *,
+        max_length: int | None = None,
+    ) -> dict[str, Any]:
+        """A prompt with video items (``{"type": "video"}``, in order, one `elva_jax.data.video.VideoInput`
+        each) and image items -> ``input_ids`` int32 [L]: the rendered
+        ``<|vision_start|><|video_pad|><|vision_end|>`` of the k-th video becomes
+        ``video.video_prompt_text(videos[k], self.geometry)`` (Qwen3-VL: timestamped frames), then image and
+        video pads are expanded at the id level. No truncation: a row over ``max_length`` raises ValueError.
+        Also returns ``n_video_tokens`` int32 [n_videos] and ``n_image_tokens`` int32 [n_images]."""
+        from elva_jax.data.video import video_pad_counts, video_prompt_text
+
+        rendered = self.render(prompt)
+        parts = rendered.split(VIDEO_PLACEHOLDER)
+        if len(parts) - 1 != len(videos):
+            raise ValueError(f"the prompt renders {len(parts) - 1} video placeholders for {len(videos)} videos")
+        text = parts[0]
+        vid_counts = []
+        for v, rest in zip(videos, parts[1:], strict=True):
+            text += video_prompt_text(v, self.geometry, expand=False) + rest
+            vid_counts += video_pad_counts(v, self.geometry)
+        grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw, np.int64)
+        img_counts = [int(np.prod(g)) // self.merge_size**2 for g in grids.reshape(-1, 3)]
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = expand_image_pads(ids, self.image_token_id, img_counts)
+        where = np.flatnonzero(ids == self.video_token_id)
+        if len(where) != len(vid_counts):
+            raise ValueError(f"{len(where)} <|video_pad|> runs in the row but the videos need {len(vid_counts)}")
+        reps = np.ones(len(ids), np.int64)
+        reps[where] = vid_counts
+        ids = np.repeat(ids, reps).astype(np.int32)
+        if max_length is not None and len(ids) > max_length:
+            raise ValueError(f"a video row has {len(ids)} tokens, more than max_length {max_length}")
+        return {
+            "input_ids": ids,
+            "n_video_tokens": np.asarray([sum(video_pad_counts(v, self.geometry)) for v in videos], np.int32),
+            "n_image_tokens": np.asarray(img_counts, np.int32),
+        }
+
     def encode_messages(
         self,
         messages: Sequence[dict],
@@ -449,7 +493,9 @@ def collate(
     ``input_ids`` / ``attention_mask`` int32 [B, L], where L is the longest row rounded up to a multiple
     of ``length_bucket`` (an int) or the smallest of the allowed lengths (a sequence; a longer row raises).
     ``pixel_values`` float32 [N, patch_dim] and ``image_grid_thw`` int64 [n_images, 3] (images in row order)
-    are present only when some row has an image, so ``build_inputs(cfg, opts, **batch)`` works.
+    are present only when some row has an image; likewise ``pixel_values_videos`` / ``video_grid_thw`` /
+    ``second_per_grid_ts`` [n_videos] for rows with videos (keys of the same names, one entry per video),
+    so ``build_inputs(cfg, opts, **batch)`` works.
     """
     if pad_side not in ("left", "right"):
         raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
@@ -481,4 +527,19 @@ def collate(
         ]
         out["pixel_values"] = np.concatenate(pvs)
         out["image_grid_thw"] = np.concatenate(grids)
+    with_video = [e for e in examples if e.get("video_grid_thw") is not None and np.size(e["video_grid_thw"]) > 0]
+    if with_video:
+        g = [np.asarray(e["video_grid_thw"], np.int64).reshape(-1, 3) for e in with_video]
+        out["pixel_values_videos"] = np.concatenate(
+            [
+                np.asarray(e["pixel_values_videos"], np.float32).reshape(-1, np.shape(e["pixel_values_videos"])[-1])
+                for e in with_video
+            ]
+        )
+        out["video_grid_thw"] = np.concatenate(g)
+        spg = [
+            np.asarray(e.get("second_per_grid_ts", np.ones(len(x))), np.float32).reshape(-1)
+            for e, x in zip(with_video, g, strict=True)
+        ]
+        out["second_per_grid_ts"] = np.concatenate(spg)
     return out

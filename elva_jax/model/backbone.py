@@ -3,8 +3,10 @@
 `inputs` is a dict of arrays (all static shapes, see `elva_jax.model.inputs`):
   input_ids [B, L] int32, attention_mask [B, L] (1 = token), positions [3, B, L] int32, and, when the
   batch has images, patches [R, Lv, patch_dim], vision_segment_ids [R, Lv] and the family's per-patch
-  inputs (e.g. vision_pos [R, Lv, 2]). The family's vision tower (`families.family_of(cfg)`) turns
-  them into visual tokens, which replace the `<|image_pad|>` embeddings in row-major batch order;
+  inputs (e.g. vision_pos [R, Lv, 2]); images come first in the patch rows, then videos. The family's
+  vision tower (`families.family_of(cfg)`) turns them into visual tokens: the first n_image of them
+  replace the `<|image_pad|>` embeddings, the rest the `<|video_pad|>` embeddings, each in row-major
+  batch order;
   a family with DeepStack also returns per-layer visual features added after the first decoder layers.
 
 Three entry points: `forward` (full sequence), `prefill` (fills a KV cache) and `decode_step`
@@ -39,8 +41,12 @@ class KVCache(NamedTuple):
 
 
 def embed_inputs(params: dict, inputs: dict, cfg: ModelConfig, opts: ModelOptions):
-    """(token embeddings [B, L, D] with visual tokens scattered into the `<|image_pad|>` slots,
-    DeepStack features [k, B, L, D] at those slots (zeros elsewhere) or None)."""
+    """(token embeddings [B, L, D] with visual tokens scattered into the `<|image_pad|>` and
+    `<|video_pad|>` slots, DeepStack features [k, B, L, D] at those slots (zeros elsewhere) or None).
+
+    Feature index of a slot: (its rank among the image slots) for an image slot, n_image_slots + (its
+    rank among the video slots) for a video slot, as the packing puts images before videos.
+    """
     dtype = jnp.dtype(opts.dtype)
     ids = inputs["input_ids"]
     x = jnp.take(params["text"]["embed_tokens"]["embedding"], ids, axis=0).astype(dtype)
@@ -50,14 +56,18 @@ def embed_inputs(params: dict, inputs: dict, cfg: ModelConfig, opts: ModelOption
     n = feats.shape[0]
     # compact the real features to the front, in order (padding slots may sit between packed rows)
     (order,) = jnp.nonzero(valid, size=n, fill_value=0)
-    is_img = ids == cfg.image_token_id
-    idx = jnp.cumsum(is_img.reshape(-1)).reshape(ids.shape) - 1
-    idx = jnp.clip(idx, 0, n - 1)
-    x = jnp.where(is_img[..., None], feats[order].astype(dtype)[idx], x)
+    real = inputs["attention_mask"].astype(bool)
+    is_img = (ids == cfg.image_token_id) & real
+    is_vid = (ids == cfg.video_token_id) & real
+    img_rank = jnp.cumsum(is_img.reshape(-1)).reshape(ids.shape) - 1
+    vid_rank = jnp.cumsum(is_vid.reshape(-1)).reshape(ids.shape) - 1 + jnp.sum(is_img)
+    idx = jnp.clip(jnp.where(is_img, img_rank, vid_rank), 0, n - 1)
+    is_vis = is_img | is_vid
+    x = jnp.where(is_vis[..., None], feats[order].astype(dtype)[idx], x)
     if deep is None:
         return x, None
     deep = deep[:, order].astype(dtype)[:, idx]  # [k, B, L, D]
-    return x, jnp.where(is_img[None, ..., None], deep, 0)
+    return x, jnp.where(is_vis[None, ..., None], deep, 0)
 
 
 def lm_head(params: dict, hidden: jnp.ndarray, cfg: ModelConfig, opts: ModelOptions) -> jnp.ndarray:

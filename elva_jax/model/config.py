@@ -43,6 +43,7 @@ class PatchGeometry:
     in_channels: int = 3
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
+    video_rule: str = "stride"
 
     @property
     def patch_dim(self) -> int:

@@ -1,15 +1,19 @@
 """Host-side (numpy) assembly of model inputs with static shapes.
 
-From transformers-style arrays (input_ids, attention_mask, pixel_values [N, 1176] concatenated over
-images in batch order, image_grid_thw [n_images, 3]) build the dict that `backbone.forward` takes:
-position ids for the chosen mode, and image patches packed whole into R rows of Lv patches
-(a fixed patch budget, so a run compiles a handful of programs).
+From transformers-style arrays (input_ids, attention_mask, pixel_values [N, patch_dim] concatenated over
+images in batch order, image_grid_thw [n_images, 3], and for videos pixel_values_videos [Nv, patch_dim],
+video_grid_thw [n_videos, 3] with t >= 1 temporal patches, second_per_grid_ts [n_videos]) build the
+dict that `backbone.forward` takes: position ids for the chosen mode, and the visual patches (all
+images, then all videos) packed whole into R rows of Lv patches (a fixed patch budget, so a run
+compiles a handful of programs). Each temporal patch (frame) of a packed item is its own attention
+segment, as transformers' `cu_seqlens` are.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from elva_jax.errors import UserError
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.families import family_of
 
@@ -25,6 +29,10 @@ INPUT_AXES = {
 }
 
 
+class PatchBudgetError(UserError, ValueError):
+    """An image or video does not fit the batch's fixed patch budget (rows x row length)."""
+
+
 def input_axes(name: str, ndim: int) -> tuple:
     """Logical axes of model input ``name`` with ``ndim`` dimensions (without a micro-batch axis)."""
     return INPUT_AXES.get(name, ("batch",) + (None,) * (ndim - 1))
@@ -38,12 +46,15 @@ def pack_images(
     row_len: int | None = None,
     cfg: ModelConfig,
 ) -> dict[str, np.ndarray]:
-    """Pack images (in order) into `rows` x `row_len` patch slots; each image stays whole in one row.
+    """Pack visual items (images or videos, in order) into `rows` x `row_len` patch slots; each item
+    stays whole in one row.
 
-    Greedy first-fit in order (so the merged features keep the image order when read row-major after
+    Greedy first-fit in order (so the merged features keep the item order when read row-major after
     dropping padding). Defaults: one row exactly as long as all patches (rounded to the merge unit).
-    Returns patches [R, Lv, P], vision_segment_ids [R, Lv] (1.. per image in its row, 0 pad) and the
-    family's per-patch inputs (`Family.patch_inputs`, e.g. vision_pos [R, Lv, 2]) packed the same way.
+    Returns patches [R, Lv, P], vision_segment_ids [R, Lv] (1.. per temporal patch of each item in its
+    row, so attention stays within a frame; 0 pad) and the family's per-patch inputs
+    (`Family.patch_inputs`, e.g. vision_pos [R, Lv, 2]) packed the same way. An item longer than a row,
+    or items that overflow the rows, raise `PatchBudgetError`.
     """
     spatial_merge_size = cfg.vision.spatial_merge_size
     grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
@@ -65,14 +76,20 @@ def pack_images(
     r, used, seg, start = 0, 0, 0, 0
     for i, n in enumerate(sizes):
         if n > row_len:
-            raise ValueError(f"image {i} has {n} patches, more than the row length {row_len}")
+            raise PatchBudgetError(
+                f"visual item {i} (grid {tuple(grids[i].tolist())}) has {n} patches, more than the row length "
+                f"{row_len}; resize it or sample fewer frames"
+            )
         if used + n > row_len:
             r, used, seg = r + 1, 0, 0
         if r >= rows:
-            raise ValueError(f"{len(sizes)} images ({sum(sizes)} patches) do not fit {rows} rows of {row_len}")
-        seg += 1
+            raise PatchBudgetError(
+                f"{len(sizes)} visual items ({sum(sizes)} patches) do not fit {rows} rows of {row_len}"
+            )
         out_p[r, used : used + n] = pixel_values[start : start + n]
-        out_s[r, used : used + n] = seg
+        t = int(grids[i][0])
+        out_s[r, used : used + n] = seg + 1 + np.repeat(np.arange(t), n // t)
+        seg += t
         for k, v in extra.items():
             out_x[k][r, used : used + n] = v[start : start + n]
         used += n
@@ -80,9 +97,25 @@ def pack_images(
     return {"patches": out_p, "vision_segment_ids": out_s, **out_x}
 
 
-def position_ids(input_ids, attention_mask, image_grid_thw, cfg: ModelConfig, mode: str) -> np.ndarray:
+def position_ids(
+    input_ids,
+    attention_mask,
+    image_grid_thw,
+    cfg: ModelConfig,
+    mode: str,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+) -> np.ndarray:
     """[3, B, L] int32 position ids by the family's rule (`Family.position_ids`)."""
-    return family_of(cfg).position_ids(input_ids, attention_mask, image_grid_thw, cfg, mode)
+    if video_grid_thw is None:
+        return family_of(cfg).position_ids(input_ids, attention_mask, image_grid_thw, cfg, mode)
+    return family_of(cfg).position_ids(
+        input_ids, attention_mask, image_grid_thw, cfg, mode, video_grid_thw, second_per_grid_ts
+    )
+
+
+def _grids(grid_thw) -> np.ndarray:
+    return np.asarray(grid_thw, np.int64).reshape(-1, 3)
 
 
 def build_inputs(
@@ -93,37 +126,59 @@ def build_inputs(
     pixel_values: np.ndarray | None = None,
     image_grid_thw: np.ndarray | None = None,
     *,
+    pixel_values_videos: np.ndarray | None = None,
+    video_grid_thw: np.ndarray | None = None,
+    second_per_grid_ts: np.ndarray | None = None,
     rows: int | None = None,
     row_len: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Model input dict (numpy) for `backbone.forward` / `prefill`; validates image-token counts."""
+    """Model input dict (numpy) for `backbone.forward` / `prefill`; validates image- and video-token counts.
+
+    Images and videos share the patch rows (images first); `second_per_grid_ts` [n_videos] (seconds
+    per temporal patch) matters only to families whose time ids use it (Qwen2.5-VL).
+    """
     input_ids = np.asarray(input_ids, np.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}")
     am = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     if am.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {am.shape} != input_ids shape {input_ids.shape}")
-    n_img_tok = int(((input_ids == cfg.image_token_id) & (am > 0)).sum())
     out = {"input_ids": input_ids, "attention_mask": am}
-    if pixel_values is not None:
-        grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
-        expect = int(sum(np.prod(g) for g in grids)) // cfg.vision.merge_unit
-        if expect != n_img_tok:
+    parts = []
+    for kind, tok, pv, grid in (
+        ("image", cfg.image_token_id, pixel_values, image_grid_thw),
+        ("video", cfg.video_token_id, pixel_values_videos, video_grid_thw),
+    ):
+        n_tok = int(((input_ids == tok) & (am > 0)).sum())
+        if pv is None:
+            if n_tok:
+                raise ValueError(f"input_ids hold {n_tok} <|{kind}_pad|> tokens but no {kind} pixel values were given")
+            continue
+        if grid is None:
+            raise ValueError(f"{kind} pixel values were given without their {kind}_grid_thw")
+        g = _grids(grid)
+        expect = int(sum(np.prod(x) for x in g)) // cfg.vision.merge_unit
+        if expect != n_tok:
             raise ValueError(
-                f"{n_img_tok} <|image_pad|> tokens in input_ids but image_grid_thw implies {expect} image features"
+                f"{n_tok} <|{kind}_pad|> tokens in input_ids but {kind}_grid_thw implies {expect} features"
             )
+        pv = np.asarray(pv, np.float32)
+        if len(pv) != int(np.prod(g, axis=1).sum()):
+            raise ValueError(
+                f"{kind} pixel values hold {len(pv)} patches, {kind}_grid_thw sums to {np.prod(g, 1).sum()}"
+            )
+        parts.append((pv, g))
+    if parts:
         out.update(
             pack_images(
-                np.asarray(pixel_values, np.float32),
-                grids,
+                np.concatenate([p for p, _ in parts]),
+                np.concatenate([g for _, g in parts]),
                 rows=rows,
                 row_len=row_len,
                 cfg=cfg,
             )
         )
-    elif n_img_tok:
-        raise ValueError(f"input_ids hold {n_img_tok} <|image_pad|> tokens but no pixel_values were given")
-    out["positions"] = position_ids(
-        input_ids, am, image_grid_thw if pixel_values is not None else None, cfg, opts.position_mode
-    )
+    img_g = _grids(image_grid_thw) if pixel_values is not None else None
+    vid_g = _grids(video_grid_thw) if pixel_values_videos is not None else None
+    out["positions"] = position_ids(input_ids, am, img_g, cfg, opts.position_mode, vid_g, second_per_grid_ts)
     return out

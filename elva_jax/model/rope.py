@@ -26,16 +26,30 @@ def mrope_position_ids(
     token_types: np.ndarray,
     image_grid_thw: np.ndarray | None,
     spatial_merge_size: int,
+    video_grid_thw: np.ndarray | None = None,
+    video_time_interval: np.ndarray | None = None,
 ) -> np.ndarray:
     """3-D (t, h, w) positions [3, B, L] int32 as in transformers' `get_rope_index`.
 
     Only non-padding tokens are numbered (padding keeps 0). Text tokens count up with t = h = w;
-    an image with LLM grid (t, h/m, w/m) gets t = start, h = start + row, w = start + col, and the
-    text after it resumes at start + max(h, w) / m. Images are consumed in row-major batch order.
+    a visual grid with LLM grid (t, h/m, w/m) starting at `start` gets
+    t = start + floor(t_index * interval), h = start + row, w = start + col, and the text after it
+    resumes at start + max(h, w) / m. Images (interval 1) are consumed from `image_grid_thw` by the
+    `<|image_pad|>` runs, videos from `video_grid_thw` by the `<|video_pad|>` runs, each in row-major
+    batch order; `video_time_interval` [n_videos] float32 is each video's interval (default 1; the
+    product t_index * interval is taken in float32 and truncated, as transformers does).
     """
     B, L = input_ids.shape
     pos = np.zeros((3, B, L), np.int32)
-    grids = iter([] if image_grid_thw is None else np.asarray(image_grid_thw).tolist())
+    grids = {
+        IMAGE: iter([] if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3).tolist()),
+        VIDEO: iter([] if video_grid_thw is None else np.asarray(video_grid_thw).reshape(-1, 3).tolist()),
+    }
+    n_vid = 0 if video_grid_thw is None else len(np.asarray(video_grid_thw).reshape(-1, 3))
+    if video_time_interval is None:
+        video_time_interval = np.ones(n_vid, np.float32)
+    intervals = iter(np.asarray(video_time_interval, np.float32).reshape(-1).tolist())
+    names = {IMAGE: ("<|image_pad|>", "image_grid_thw"), VIDEO: ("<|video_pad|>", "video_grid_thw")}
     for b in range(B):
         keep = np.asarray(attention_mask[b]).astype(bool)
         types = token_types[b][keep]
@@ -45,37 +59,40 @@ def mrope_position_ids(
             j = i
             while j < len(types) and types[j] == types[i]:
                 j += 1
-            if types[i] == TEXT:
+            kind = int(types[i])
+            if kind == TEXT:
                 out[:, i:j] = cur + np.arange(j - i)
                 cur += j - i
-            elif types[i] == IMAGE:
-                # consecutive image-pad runs may hold several images back to back
+            else:
+                # consecutive pad runs may hold several grids back to back
+                tok, key = names[kind]
                 k = i
                 while k < j:
                     try:
-                        gt, gh, gw = next(grids)
+                        gt, gh, gw = next(grids[kind])
                     except StopIteration:
-                        raise ValueError(f"row {b}: more <|image_pad|> runs than image_grid_thw rows") from None
+                        raise ValueError(f"row {b}: more {tok} runs than {key} rows") from None
+                    step = np.float32(next(intervals)) if kind == VIDEO else np.float32(1)
                     h, w = gh // spatial_merge_size, gw // spatial_merge_size
                     n = gt * h * w
                     if k + n > j:
                         raise ValueError(
-                            f"row {b}: image grid {(gt, gh, gw)} needs {n} <|image_pad|> tokens, "
-                            f"only {j - k} remain in the run"
+                            f"row {b}: grid {(gt, gh, gw)} needs {n} {tok} tokens, only {j - k} remain in the run"
                         )
-                    tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(h), np.arange(w), indexing="ij")
+                    t_ids = (np.arange(gt, dtype=np.float32) * step).astype(np.int64)
+                    tt, hh, ww = np.meshgrid(t_ids, np.arange(h), np.arange(w), indexing="ij")
                     out[0, k : k + n] = cur + tt.reshape(-1)
                     out[1, k : k + n] = cur + hh.reshape(-1)
                     out[2, k : k + n] = cur + ww.reshape(-1)
                     cur += max(h, w)
                     k += n
-            else:
-                raise ValueError(f"row {b}: video tokens are not supported")
             i = j
         pos[:, b, keep] = out
-    leftover = list(grids)
-    if leftover:
-        raise ValueError(f"{len(leftover)} image_grid_thw rows have no <|image_pad|> tokens")
+    for kind, it in grids.items():
+        leftover = list(it)
+        if leftover:
+            tok, key = names[kind]
+            raise ValueError(f"{len(leftover)} {key} rows have no {tok} tokens")
     return pos
 
 
@@ -103,14 +120,36 @@ def vision_position_ids(image_grid_thw: np.ndarray, spatial_merge_size: int) -> 
     return np.concatenate(out).astype(np.int32)
 
 
-def mrope_positions_for(input_ids, attention_mask, image_grid_thw, cfg, mode: str) -> np.ndarray:
-    """[3, B, L] int32 position ids of a batch: Qwen2-VL's `get_rope_index` rule ("mrope") or LamRA's
+def mrope_positions_for(
+    input_ids,
+    attention_mask,
+    image_grid_thw,
+    cfg,
+    mode: str,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+) -> np.ndarray:
+    """[3, B, L] int32 position ids of a batch: Qwen2-VL's `get_rope_index` rule ("mrope": a video's
+    temporal index counts 0, 1, ... per temporal patch; `second_per_grid_ts` is ignored) or LamRA's
     running 1-D positions ("1d"). cfg: a `ModelConfig` (image/video token ids, merge size)."""
+    return mrope_positions_scaled(input_ids, attention_mask, image_grid_thw, cfg, mode, video_grid_thw, None)
+
+
+def mrope_positions_scaled(
+    input_ids, attention_mask, image_grid_thw, cfg, mode: str, video_grid_thw=None, video_time_interval=None
+) -> np.ndarray:
+    """`mrope_positions_for` with an explicit float32 time interval per video (see `mrope_position_ids`)."""
     if mode == "1d":
         return linear_position_ids(attention_mask)
     types = mm_token_types(np.asarray(input_ids), cfg.image_token_id, cfg.video_token_id)
     return mrope_position_ids(
-        np.asarray(input_ids), np.asarray(attention_mask), types, image_grid_thw, cfg.vision.spatial_merge_size
+        np.asarray(input_ids),
+        np.asarray(attention_mask),
+        types,
+        image_grid_thw,
+        cfg.vision.spatial_merge_size,
+        video_grid_thw,
+        video_time_interval,
     )
 
 

@@ -1,8 +1,8 @@
 """Qwen2-VL vision tower: patch embedding, pre-LN blocks with 2-D RoPE, PatchMerger.
 
 Images arrive packed in R rows of Lv patches (static shapes): `patches` [R, Lv, C*T*P*P],
-`segment_ids` [R, Lv] (k > 0: the k-th image of the row, 0: padding), `pos_hw` [R, Lv, 2] (patch
-row/col in merge-window order). Attention is full within an image and blocked between images
+`segment_ids` [R, Lv] (k > 0: the k-th frame of an image or video in the row, 0: padding), `pos_hw` [R, Lv, 2] (patch
+row/col in merge-window order). Attention is full within a frame and blocked between frames and images
 (the cu_seqlens of transformers as a segment mask). Lv must be a multiple of merge_size^2 and
 every image starts on a merge-window boundary (true when images are packed whole).
 """

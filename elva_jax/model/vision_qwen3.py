@@ -11,8 +11,8 @@ DeepStack: the hidden states after each block listed in `deepstack_visual_indexe
 own merger, whose LayerNorm acts on the concatenated m*m window ("post-shuffle") instead of on each
 patch; the decoder adds them to the outputs of its first layers at the image tokens.
 
-Attention spans a whole packed image; transformers splits a multi-frame grid into one attention
-segment per frame, which only matters for videos (not supported yet: images have one frame).
+Attention spans one segment: the packing (`inputs.pack_images`) gives every temporal patch of a video
+its own segment id, as transformers' `cu_seqlens` split a multi-frame grid per frame.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elva_jax.model.config import ModelOptions, VisionConfig
+from elva_jax.model.config import ModelOptions, PatchGeometry, VisionConfig
 from elva_jax.model.layers import attention, dense, layer_norm, precision
 from elva_jax.model.rope import apply_rope, vision_cos_sin
 
@@ -39,6 +39,11 @@ class Qwen3VisionConfig(VisionConfig):
     @property
     def mlp_dim(self) -> int:
         return self.intermediate_size
+
+    @property
+    def geometry(self) -> PatchGeometry:
+        """The image geometry with Qwen3-VL's video rule (timestamped frames, `elva_jax.data.video`)."""
+        return dataclasses.replace(super().geometry, video_rule="timestamps")
 
     @property
     def num_grid_per_side(self) -> int:

@@ -28,11 +28,17 @@ class Family:
     vision_forward(params_vision, inputs, cfg, opts) -> (features [n, D], valid [n] bool,
         deepstack features [k, n, D] or None): merged visual tokens of the packed patch rows.
     patch_inputs(grids, cfg) -> dict name -> [n_patches, ...] per-patch host arrays (in pixel_values
-        order) that `inputs.pack_images` packs beside the patches (e.g. "vision_pos").
-    position_ids(input_ids, attention_mask, image_grid_thw, cfg, mode) -> [3, B, L] int32 (host).
+        order) that `inputs.pack_images` packs beside the patches (e.g. "vision_pos"); grids may have
+        t > 1 (videos).
+    position_ids(input_ids, attention_mask, image_grid_thw, cfg, mode, video_grid_thw=None,
+        second_per_grid_ts=None) -> [3, B, L] int32 (host): the family's M-RoPE rule, videos included.
     alternate_prefixes: (on-disk prefix, alternative prefix) pairs accepted on import.
     hf_model_class / hf_image_processor: dotted paths of the transformers classes that are the family's
         PyTorch oracle (model) and image processor (used by `elva_jax.compare`).
+    hf_processor: dotted path of the family's transformers processor (its video timestamps, when the
+        geometry's video rule writes them, for `elva_jax.compare --video`).
+    hf_video_kwargs: video inputs beyond pixel_values_videos / video_grid_thw that the transformers model
+        takes (e.g. "second_per_grid_ts").
     """
 
     model_type: str
@@ -45,6 +51,8 @@ class Family:
     alternate_prefixes: tuple[tuple[str, str], ...] = ()
     hf_model_class: str = ""
     hf_image_processor: str = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil"
+    hf_processor: str = ""
+    hf_video_kwargs: tuple[str, ...] = ()
 
 
 # model_type -> module defining FAMILY (imported on first use)

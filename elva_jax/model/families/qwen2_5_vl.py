@@ -3,19 +3,21 @@
 the Qwen2 decoder (q/k/v biases) with M-RoPE, as in Qwen2-VL.
 
 The family's table of tensors, its config parser, its vision tower and its host inputs. Image
-positions follow Qwen2-VL's `get_rope_index` rule; video time ids (`tokens_per_second`) are not
-implemented yet (the parsed config keeps the field).
+positions follow Qwen2-VL's `get_rope_index` rule; a video's temporal index is
+`floor(t_index * tokens_per_second * second_per_grid_t)` (transformers' Qwen2.5-VL `get_rope_index`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from elva_jax.model.config import ModelConfig, UnsupportedArchitectureError
 from elva_jax.model.families import Family
 from elva_jax.model.families.common import parse_text, qwen2_text_specs, special_tokens, text_fields, tie_embeddings
 from elva_jax.model.params import ParamSpec
-from elva_jax.model.rope import mrope_positions_for, vision_position_ids
+from elva_jax.model.rope import mrope_positions_scaled, vision_position_ids
 from elva_jax.model.vision_qwen2_5 import Qwen25VisionConfig, window_ids
 from elva_jax.model.vision_qwen2_5 import vision_forward as _vision_tower
 
@@ -223,6 +225,21 @@ def patch_inputs(grids, cfg: ModelConfig) -> dict:
     }
 
 
+def position_ids(
+    input_ids, attention_mask, image_grid_thw, cfg: ModelConfig, mode: str, video_grid_thw=None, second_per_grid_ts=None
+):
+    """Qwen2.5-VL's M-RoPE ids: video t index = floor(t_index * tokens_per_second * second_per_grid_t) in
+    float32 (second_per_grid_t defaults to 1 per video, as in transformers when none is given)."""
+    interval = None
+    if video_grid_thw is not None:
+        n = len(np.asarray(video_grid_thw).reshape(-1, 3))
+        spg = np.ones(n, np.float32) if second_per_grid_ts is None else np.asarray(second_per_grid_ts, np.float32)
+        if spg.shape != (n,):
+            raise ValueError(f"second_per_grid_ts has shape {spg.shape}, expected ({n},) (one per video)")
+        interval = np.float32(cfg.vision.tokens_per_second) * spg
+    return mrope_positions_scaled(input_ids, attention_mask, image_grid_thw, cfg, mode, video_grid_thw, interval)
+
+
 FAMILY = Family(
     model_type="qwen2_5_vl",
     description="Qwen2.5-VL",
@@ -230,7 +247,8 @@ FAMILY = Family(
     param_specs=param_specs,
     vision_forward=vision_forward,
     patch_inputs=patch_inputs,
-    position_ids=mrope_positions_for,
+    position_ids=position_ids,
     alternate_prefixes=ALTERNATE_PREFIXES,
     hf_model_class="transformers.Qwen2_5_VLForConditionalGeneration",
+    hf_video_kwargs=("second_per_grid_ts",),
 )

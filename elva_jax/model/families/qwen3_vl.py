@@ -4,14 +4,18 @@ DeepStack mergers; a Qwen3 decoder (no q/k/v bias, per-head q/k RMSNorm, explici
 interleaved M-RoPE and DeepStack features added after its first layers.
 
 The family's table of tensors, its config parser, its vision tower and its host inputs. Position ids
-for images follow the same rule as Qwen2-VL (`rope.mrope_positions_for`); Qwen3-VL's video rule
-(one timestamped grid per frame) is not implemented yet.
+for images follow the same rule as Qwen2-VL (`rope.mrope_positions_for`); a video of grid (t, h, w) is
+t grids (1, h, w), one per temporal patch, each its own `<|video_pad|>` run (the prompt puts a text
+timestamp `<x.x seconds>` and vision start/end tokens around every frame), as transformers'
+Qwen3-VL `get_rope_index` splits `video_grid_thw`.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+import numpy as np
 
 from elva_jax.model.config import ModelConfig, UnsupportedArchitectureError
 from elva_jax.model.families import Family
@@ -290,6 +294,24 @@ def patch_inputs(grids, cfg: ModelConfig) -> dict:
     }
 
 
+def frame_grids(video_grid_thw) -> np.ndarray | None:
+    """[sum t, 3]: every video grid (t, h, w) split into t grids (1, h, w) (one per temporal patch)."""
+    if video_grid_thw is None:
+        return None
+    g = np.asarray(video_grid_thw, np.int64).reshape(-1, 3)
+    out = np.repeat(g, g[:, 0], axis=0)
+    out[:, 0] = 1
+    return out
+
+
+def position_ids(
+    input_ids, attention_mask, image_grid_thw, cfg: ModelConfig, mode: str, video_grid_thw=None, second_per_grid_ts=None
+):
+    """Qwen3-VL's M-RoPE ids: images as Qwen2-VL; each video frame (temporal patch) is a t = 1 grid of
+    its own `<|video_pad|>` run (time lives in the text timestamps; `second_per_grid_ts` is unused)."""
+    return mrope_positions_for(input_ids, attention_mask, image_grid_thw, cfg, mode, frame_grids(video_grid_thw))
+
+
 FAMILY = Family(
     model_type="qwen3_vl",
     description="Qwen3-VL (dense)",
@@ -297,6 +319,7 @@ FAMILY = Family(
     param_specs=param_specs,
     vision_forward=vision_forward,
     patch_inputs=patch_inputs,
-    position_ids=mrope_positions_for,
+    position_ids=position_ids,
     hf_model_class="transformers.Qwen3VLForConditionalGeneration",
+    hf_processor="transformers.models.qwen3_vl.processing_qwen3_vl.Qwen3VLProcessor",
 )
