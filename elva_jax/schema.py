@@ -142,10 +142,13 @@ class RLSection:
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_estimator: str = field(default="k3", metadata={"choices": ("k1", "k2", "k3")})
+    # weight the KL term by the importance ratio (TRL's use_bias_correction_kl, True by default in TRL 1.16;
+    # False here: DeepSeekMath's GRPO, which the paper cites, has the plain KL term)
+    kl_bias_correction: bool = False
     loss_type: str = field(default="grpo", metadata={"choices": ("grpo", "bnpo", "dapo", "dr_grpo")})  # TRL's names
     # advantage normalisation: std over each group (TRL's default), over the whole batch, or none
     adv_scale: str = field(default="group", metadata={"choices": ("group", "batch", "none")})
-    adv_ddof: int = 0
+    adv_ddof: int = 0  # 0: population std over the G rewards; TRL's torch std is ddof 1 (Bessel)
     adv_eps: float = 1e-4
     mu: int = 1
     temperature: float = 1.0
