@@ -40,6 +40,9 @@ class EvalSection:
     cache: str = field(default="use", metadata={"choices": CACHE_POLICIES})
     cache_dir: str = ""  # "" -> {out}/cache
     topk: int = 50
+    # order among exactly tied scores: "index" (lower candidate index first, elva_jax's rule) or "faiss"
+    # (which ties faiss's CPU IndexFlatIP keeps and in what order: UniIR's numbers; topk <= 99)
+    tie_order: str = field(default="index", metadata={"choices": ("index", "faiss")})
     recall_ks: tuple[int, ...] = (1, 5, 10, 50)
     chunk_size: int = 65536  # candidates per streaming top-k step
     instructions: bool = True
@@ -245,6 +248,11 @@ def _check_values(c) -> None:
             "must be > 0 (eval.sampling=greedy decodes greedily)",
         ),
         ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
+        (
+            "eval.topk",
+            c.eval.tie_order != "faiss" or 1 <= c.eval.topk <= 99,
+            "must be in [1, 99] with eval.tie_order=faiss (faiss's heap search; k >= 100 uses its reservoir)",
+        ),
     ]
     bad = [f"{name} = {field_value(c, name)!r} {why}" for name, ok, why in rules if not ok]
     if bad:

@@ -35,6 +35,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--compare-to", help="a previous results.json (before/after table and bars)")
     ap.add_argument("--grain-masking", action="store_true", help="also run the grain-masking analysis")
     ap.add_argument("--cache", choices=("use", "repair", "none"), help="embedding cache policy (default use)")
+    ap.add_argument(
+        "--tie-order",
+        choices=("index", "faiss"),
+        help="exactly tied scores: index (lower candidate index first, default) or faiss (as UniIR's "
+        "faiss IndexFlatIP on CPU: its kept ties, higher index first)",
+    )
     ap.add_argument("--task", action="append", default=[], help="zero-shot task name:query:pool:qrels[:K]")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.batch_size=16")
     a = ap.parse_args(argv)
@@ -46,6 +52,7 @@ def main(argv=None) -> dict:
         ("out", "eval.out"),
         ("compare_to", "eval.compare_to"),
         ("cache", "eval.cache"),
+        ("tie_order", "eval.tie_order"),
     ):
         v = getattr(a, flag)
         if v:

@@ -344,7 +344,7 @@ def evaluate(
         n_c = len(lt.pool)
         k_eff = min(max(e.topk, s.k), n_c)
         t0 = time.perf_counter()
-        _, idx = streaming_topk(q_emb, c_emb, k_eff, chunk_size=e.chunk_size, mesh=mesh)
+        _, idx = streaming_topk(q_emb, c_emb, k_eff, chunk_size=e.chunk_size, mesh=mesh, tie_order=e.tie_order)
         t_topk += time.perf_counter() - t0
         recall = {str(k): recall_from_topk(idx, lt.relevant, min(k, k_eff)) for k in e.recall_ks}
         per_task[s.name] = {
@@ -391,6 +391,7 @@ def evaluate(
             "data_root": str(root) if root else None,
             "recall_ks": list(e.recall_ks),
             "topk": e.topk,
+            "tie_order": e.tie_order,
             "max_queries": e.max_queries,
             "dtype": cfg.model.dtype,
             "position_mode": cfg.model.position_mode,
@@ -497,6 +498,8 @@ def _markdown(results: dict, before: dict | None) -> str:
         "",
         f"- embedding: {emb['embedding']}" + (f"; summary {json.dumps(emb['summary'])}" if "summary" in emb else ""),
         f"- instructions: {s['instruction_rule']}",
+        f"- ties: {s.get('tie_order', 'index')} order"
+        + (" (faiss IndexFlatIP's, as UniIR)" if s.get("tie_order") == "faiss" else " (lower candidate index first)"),
         f"- pool: {s['pool']}; checkpoint: {s['checkpoint']}" + (f" (step {s['step']})" if s.get("step") else ""),
         f"- dtype {s['dtype']}, positions {s['position_mode']}, max length {emb['max_length']}"
         + (f", first {s['max_queries']} queries per task" if s.get("max_queries") else ""),
