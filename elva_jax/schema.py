@@ -140,7 +140,12 @@ class RLSection:
     mining_embedding: str = field(default="eol", metadata={"choices": ("eol", "instruct_last")})
     num_hard_negatives: int = 50
     num_random_negatives: int = 50
+    # likely false negatives left out of the mined hard negatives: "absolute" drops scores above
+    # false_negative_threshold (cosine, the mining embedding); "relative" drops scores above
+    # s_pos - false_negative_margin (s_pos: the query's best positive; UniME / Qwen3-VL-Embedding-style)
+    false_negative_filter: str = field(default="absolute", metadata={"choices": ("absolute", "relative")})
     false_negative_threshold: float = 0.95
+    false_negative_margin: float = 0.1
     beta: float = 0.2
     eps_low: float = 0.2
     eps_high: float = 0.2

@@ -126,7 +126,9 @@ def train_encoder(cfg: RunConfig, tokenizer):
     return PromptEncoder(tokenizer, train_template(cfg), default_instruction=cfg.data.default_instruction)
 
 
-def build_rl_instances(cfg: RunConfig, root: str, *, params=None, mcfg=None, tokenizer=None) -> list[dict]:
+def build_rl_instances(
+    cfg: RunConfig, root: str, *, params=None, mcfg=None, tokenizer=None, stats_out: dict | None = None
+) -> list[dict]:
     """RL instances: query + positive + negatives, from the training queries.
 
     rl.negatives = "dataset": the first `num_hard_negatives` of each query's neg_cand_list plus
@@ -134,7 +136,8 @@ def build_rl_instances(cfg: RunConfig, root: str, *, params=None, mcfg=None, tok
     queries and pool are embedded with the current model (`rl.mining_embedding`: "eol", LamRA's EOL
     embedding, or "instruct_last", Qwen3-VL-Embedding's with `data.default_instruction` for the pool;
     cached under {run.dir}/rl/negatives), hard negatives are the nearest candidates below the
-    false-negative threshold, random ones are drawn from the rest (`elva_jax.rl.negatives`). Short lists
+    false-negative cut (`rl.false_negative_filter`), random ones are drawn from the rest
+    (`elva_jax.rl.negatives`; its stats, dropped false negatives per query among them, go to `stats_out`). Short lists
     (small pools) are filled by cycling, so every instance has the same number of candidates.
     """
     from elva_jax.data.pipeline import contrastive_records, corpus_records
@@ -192,8 +195,18 @@ def build_rl_instances(cfg: RunConfig, root: str, *, params=None, mcfg=None, tok
         n_random=r.num_random_negatives,
         threshold=r.false_negative_threshold,
         seed=cfg.train.seed,
+        filter_rule=r.false_negative_filter,
+        margin=r.false_negative_margin,
     )
-    print(f"[elva_jax] RL negatives: {stats}", flush=True)
+    stats = {k: v for k, v in stats.items() if k != "dropped_per_query"}  # per query: in negatives.json
+    if stats_out is not None:
+        stats_out.update(stats)
+    print(
+        f"[elva_jax] RL negatives: false negatives dropped per query mean {stats.get('dropped_mean', 0.0):.2f}, "
+        f"max {stats.get('dropped_max')}, {stats.get('queries_with_drops')}/{stats.get('queries')} queries with "
+        f"drops ({stats.get('filter')}); {stats}",
+        flush=True,
+    )
     n_neg = r.num_hard_negatives + r.num_random_negatives
     out = []
     for b in base:
@@ -306,7 +319,8 @@ def run(cfg: RunConfig) -> dict:
     if "rl" in t.stages:
         from elva_jax.rl.loop import run_rl
 
-        instances = build_rl_instances(cfg, root, params=params, mcfg=mcfg, tokenizer=tokenizer)
+        neg_stats: dict = {}
+        instances = build_rl_instances(cfg, root, params=params, mcfg=mcfg, tokenizer=tokenizer, stats_out=neg_stats)
         print(
             f"[elva_jax] RL: {len(instances)} instances of 1 positive + {len(instances[0]['cands']) - 1} negatives, "
             f"G={cfg.rl.group_size}",
@@ -334,6 +348,7 @@ def run(cfg: RunConfig) -> dict:
             return _stopped(cfg, summary, "RL", rs["steps"], rs["total"], t0)
         params = merge_lora(params, rs["lora"], rs["lcfg"])
         summary["rl"] = {
+            "negatives": neg_stats,
             "steps": rs["steps"],
             "wall_s": rs["wall_s"],
             "reward": [h["reward"] for h in rs["history"]],
