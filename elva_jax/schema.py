@@ -25,8 +25,11 @@ class EvalSection:
     """What ``python -m elva_jax.eval`` evaluates and how (every field is an ``eval.*`` override)."""
 
     benchmark: str = field(default="bundled", metadata={"choices": ("bundled", "mbeir", "mrbench", "zeroshot")})
-    # "eol" LamRA, "ret" ELVA summary + [RET], "instruct_last" Qwen3-VL-Embedding (data.default_instruction)
-    mode: str = field(default="eol", metadata={"choices": EMBED_MODES})
+    # "eol" LamRA, "ret" ELVA summary + [RET], "instruct_last" Qwen3-VL-Embedding (data.default_instruction);
+    # "auto": the embedding the checkpoint was trained for, from its export record (elva_export.json):
+    # "ret" after the RL stage (the paper's evaluation), the contrastive stage's train.embedding otherwise
+    # ("last" -> "eol"); "eol" for a checkpoint without a record
+    mode: str = field(default="auto", metadata={"choices": ("auto", *EMBED_MODES)})
     pool: str = field(default="local", metadata={"choices": ("local", "global")})
     out: str = ""  # "" -> {run dir}/eval/{benchmark}-{mode}-{pool}
     data_root: str = ""  # "" -> data.root (bundled: the run's bundled_data, generated if absent)
@@ -92,6 +95,10 @@ class LoraSection:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = LORA_TARGETS
+    # dropout on the LoRA branches' input in the contrastive stages' training forwards (PEFT's lora_dropout;
+    # LamRA 0.05, set in the stage-1/2 presets). 0 here keeps the tiny presets deterministic. Never at eval or
+    # export; not in the RL stage (it would change the log-probs GRPO's ratio and KL compare)
+    dropout: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +229,7 @@ def _check_values(c) -> None:
             c.optim.clip_norm is None or (fin(c.optim.clip_norm) and c.optim.clip_norm > 0),
             "must be null (no clipping) or > 0",
         ),
+        ("lora.dropout", 0 <= c.lora.dropout < 1, "must be in [0, 1)"),
         ("train.tau", fin(c.train.tau) and c.train.tau > 0, "must be > 0 (the InfoNCE temperature)"),
         ("train.global_batch", c.train.global_batch >= 1, "must be >= 1"),
         ("train.micro_batches", c.train.micro_batches >= 1, "must be >= 1"),

@@ -1,6 +1,6 @@
 """``python -m elva_jax.eval``: M-BEIR, MRBench, zero-shot and grain-sensitivity evaluation.
 
-    python -m elva_jax.eval --checkpoint runs/default                       # bundled set, EOL, local pools
+    python -m elva_jax.eval --checkpoint runs/default                       # bundled set, mode auto, local pools
     python -m elva_jax.eval --checkpoint DIR --config configs/qwen2vl_7b_mbeir.yaml --benchmark mbeir \\
         --mode ret --pool global data.root=/data/M-BEIR eval.batch_size=32
     python -m elva_jax.eval --checkpoint DIR --mode instruct_last                # Qwen3-VL-Embedding convention
@@ -8,7 +8,8 @@
     python -m elva_jax.eval --checkpoint DIR --benchmark zeroshot --task mytask:q.jsonl:pool.jsonl:qrels.txt:10
     python -m elva_jax.eval --checkpoint DIR --grain-masking --compare-to runs/base/eval/bundled-eol-local/results.json
 
-Writes results.json, results.md and recall.png to --out (default {run}/eval/{benchmark}-{mode}-{pool}).
+Writes results.json, results.md and recall.png to --out (default {run}/eval/{benchmark}-{mode}-{pool}); each
+states the embedding mode and why it was chosen (--mode, or auto: the checkpoint's export record).
 Any ``eval.*`` field (elva_jax.eval.runner.EvalSection) or preset key can be overridden as key=value.
 """
 
@@ -26,9 +27,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--benchmark", choices=("bundled", "mbeir", "mrbench", "zeroshot"))
     ap.add_argument(
         "--mode",
-        choices=("eol", "ret", "instruct_last"),  # elva_jax.schema.EMBED_MODES (not imported: keeps --help light)
-        help="eol: LamRA embedding; ret: ELVA summary + [RET]; instruct_last: Qwen3-VL-Embedding "
-        "(instruction as the system turn, last token; candidates get data.default_instruction)",
+        choices=("auto", "eol", "ret", "instruct_last"),  # elva_jax.schema.EMBED_MODES (not imported: light --help)
+        help="eol: LamRA embedding; ret: ELVA summary + [RET] (the paper's evaluation); instruct_last: "
+        "Qwen3-VL-Embedding (instruction as the system turn, last token; candidates get data.default_instruction); "
+        "auto (default): what the checkpoint's export record says it was trained for (ret after the RL stage), "
+        "else eol",
     )
     ap.add_argument("--pool", choices=("local", "global"))
     ap.add_argument("--out", help="output directory")

@@ -24,6 +24,7 @@ bars with ``eval.compare_to``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from elva_jax import configlib
 from elva_jax.eval import tasks as T
 from elva_jax.eval.embed import EmbedConfig, Embedder, records_digest
 from elva_jax.retrieval.metrics import mrr_from_topk, recall_from_topk
-from elva_jax.schema import EvalSection, RunConfig, project
+from elva_jax.schema import EMBED_MODES, EvalSection, RunConfig, project
 
 __all__ = ["EvalConfig", "EvalSection", "evaluate", "load_config", "resolve_checkpoint", "write_reports"]
 
@@ -106,6 +107,22 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None, int | None]
         except (OSError, ValueError):
             step = None
     return model_dir, run_dir, step
+
+
+def resolve_mode(mode: str, model_dir: Path | None) -> tuple[str, str]:
+    """(embedding mode, why) for ``eval.mode``: an explicit mode as given; "auto" from the checkpoint's export
+    record (``elva_export.json``: "ret" after the RL stage, else the contrastive stage's embedding), "eol"
+    without one."""
+    if mode != "auto":
+        return mode, "eval.mode / --mode"
+    from elva_jax.model.hf_checkpoint import EXPORT_INFO, read_export_info
+
+    info = read_export_info(model_dir) if model_dir is not None else None
+    if not info:
+        return "eol", f"auto: no {EXPORT_INFO} with the checkpoint, LamRA's EOL"
+    emb = info.get("embedding")
+    chosen = emb if emb in EMBED_MODES else "eol"
+    return chosen, f"auto: {EXPORT_INFO} says trained by the {info.get('trained_by')} stage with {emb}"
 
 
 def _file_crc(path: Path) -> str:
@@ -280,6 +297,11 @@ def evaluate(
         raise ValueError("in-memory params need model_cfg and tokenizer")
     else:
         ckpt_str = str(ckpt or "<in-memory>")
+    mode, mode_source = resolve_mode(e.mode, None if params is not None else model_dir)
+    if mode != e.mode:
+        e = dataclasses.replace(e, mode=mode)
+        cfg = dataclasses.replace(cfg, eval=e)
+    log(f"[elva_jax.eval] embedding mode {mode} ({mode_source})")
     # read and validate every task first: data errors surface before the model loads or anything is written
     specs, root = benchmark_tasks(cfg, run_dir)
     pool_cache: dict = {}
@@ -382,6 +404,7 @@ def evaluate(
         "settings": {
             "benchmark": e.benchmark,
             "mode": e.mode,
+            "mode_source": mode_source,
             "embedding": ecfg.describe(),
             "pool": e.pool,
             "instruction_rule": rule.describe(),
@@ -430,7 +453,10 @@ def evaluate(
             raise T.EvalDataError(f"--compare-to {cp}: not a results.json of elva_jax.eval") from None
         results["compare_to"] = str(cp)
     results["files"] = write_reports(results, out, before) if writer else {}
-    log(f"[elva_jax.eval] average R@K {100 * averages['all']['recall_at_k']:.1f} over {len(per_task)} tasks; {out}")
+    log(
+        f"[elva_jax.eval] average R@K {100 * averages['all']['recall_at_k']:.1f} over {len(per_task)} tasks "
+        f"({e.mode} embedding, {mode_source}); {out}"
+    )
     return results
 
 
@@ -496,6 +522,7 @@ def _markdown(results: dict, before: dict | None) -> str:
         "Recall@K in %, K per task (UniIR: a query is a hit if any qrels positive is in its top K); "
         f"MRR truncated at the top-{s['topk']} (or the whole pool when smaller).",
         "",
+        f"- mode: {s['mode']} ({s.get('mode_source', 'eval.mode')})",
         f"- embedding: {emb['embedding']}" + (f"; summary {json.dumps(emb['summary'])}" if "summary" in emb else ""),
         f"- instructions: {s['instruction_rule']}",
         f"- ties: {s.get('tie_order', 'index')} order"

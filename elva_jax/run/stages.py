@@ -238,7 +238,7 @@ def _has_tokenizer(path: str) -> bool:
 def run(cfg: RunConfig) -> dict:
     from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
     from elva_jax.data.tokenize import Tokenizer
-    from elva_jax.model.hf_checkpoint import resize_vocab, save_params
+    from elva_jax.model.hf_checkpoint import resize_vocab, save_params, write_export_info
     from elva_jax.model.lora import LoraConfig, merge_lora
     from elva_jax.train.loop import model_options, train
 
@@ -331,6 +331,8 @@ def run(cfg: RunConfig) -> dict:
         if "ret" in t.eval_modes and jax.process_index() == 0:
             pre = os.path.join(cfg.run.dir, "export_before_rl")
             save_params(pre, host, mcfg)
+            if "contrastive" in t.stages:
+                write_export_info(pre, trained_by="contrastive", embedding=t.embedding, stages=("contrastive",))
             summary["eval_before_rl"] = _evaluate(cfg, pre, "ret", os.path.join(cfg.run.dir, "eval", "before_rl-ret"))
         if "ret" in t.eval_modes:
             del host
@@ -363,6 +365,10 @@ def run(cfg: RunConfig) -> dict:
     host = host_copy(params)  # a collective: every process takes part
     if jax.process_index() == 0:
         save_params(export_dir, host, mcfg)
+        last = "rl" if "rl" in t.stages else "contrastive"
+        write_export_info(
+            export_dir, trained_by=last, embedding="ret" if last == "rl" else t.embedding, stages=tuple(t.stages)
+        )
     del host
     if jax.process_index() == 0:
         for mode in t.eval_modes:
