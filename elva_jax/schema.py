@@ -27,8 +27,11 @@ class EvalSection:
     """What ``python -m elva_jax.eval`` evaluates and how (every field is an ``eval.*`` override)."""
 
     benchmark: str = field(default="bundled", metadata={"choices": ("bundled", "mbeir", "mrbench", "zeroshot", "mmeb")})
-    # "eol" LamRA, "ret" ELVA summary + [RET], "instruct_last" Qwen3-VL-Embedding (data.default_instruction)
-    mode: str = field(default="eol", metadata={"choices": EMBED_MODES})
+    # "eol" LamRA, "ret" ELVA summary + [RET], "instruct_last" Qwen3-VL-Embedding (data.default_instruction);
+    # "auto": the embedding the checkpoint was trained for, from its export record (elva_export.json):
+    # "ret" after the RL stage (the paper's evaluation), the contrastive stage's train.embedding otherwise
+    # ("last" -> "eol"); "eol" for a checkpoint without a record
+    mode: str = field(default="auto", metadata={"choices": ("auto", *EMBED_MODES)})
     pool: str = field(default="local", metadata={"choices": ("local", "global")})
     out: str = ""  # "" -> {run dir}/eval/{benchmark}-{mode}-{pool}
     data_root: str = ""  # "" -> data.root (bundled / mmeb: the run's bundled set, generated if absent)
@@ -42,6 +45,9 @@ class EvalSection:
     cache: str = field(default="use", metadata={"choices": CACHE_POLICIES})
     cache_dir: str = ""  # "" -> {out}/cache
     topk: int = 50
+    # order among exactly tied scores: "index" (lower candidate index first, elva_jax's rule) or "faiss"
+    # (which ties faiss's CPU IndexFlatIP keeps and in what order: UniIR's numbers; topk <= 99)
+    tie_order: str = field(default="index", metadata={"choices": ("index", "faiss")})
     recall_ks: tuple[int, ...] = (1, 5, 10, 50)
     chunk_size: int = 65536  # candidates per streaming top-k step
     instructions: bool = True
@@ -91,6 +97,10 @@ class LoraSection:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = LORA_TARGETS
+    # dropout on the LoRA branches' input in the contrastive stages' training forwards (PEFT's lora_dropout;
+    # LamRA 0.05, set in the stage-1/2 presets). 0 here keeps the tiny presets deterministic. Never at eval or
+    # export; not in the RL stage (it would change the log-probs GRPO's ratio and KL compare)
+    dropout: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,15 +152,23 @@ class RLSection:
     mining_embedding: str = field(default="eol", metadata={"choices": ("eol", "instruct_last")})
     num_hard_negatives: int = 50
     num_random_negatives: int = 50
+    # likely false negatives left out of the mined hard negatives: "absolute" drops scores above
+    # false_negative_threshold (cosine, the mining embedding); "relative" drops scores above
+    # s_pos - false_negative_margin (s_pos: the query's best positive; UniME / Qwen3-VL-Embedding-style)
+    false_negative_filter: str = field(default="absolute", metadata={"choices": ("absolute", "relative")})
     false_negative_threshold: float = 0.95
+    false_negative_margin: float = 0.1
     beta: float = 0.2
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_estimator: str = field(default="k3", metadata={"choices": ("k1", "k2", "k3")})
+    # weight the KL term by the importance ratio (TRL's use_bias_correction_kl, True by default in TRL 1.16;
+    # False here: DeepSeekMath's GRPO, which the paper cites, has the plain KL term)
+    kl_bias_correction: bool = False
     loss_type: str = field(default="grpo", metadata={"choices": ("grpo", "bnpo", "dapo", "dr_grpo")})  # TRL's names
     # advantage normalisation: std over each group (TRL's default), over the whole batch, or none
     adv_scale: str = field(default="group", metadata={"choices": ("group", "batch", "none")})
-    adv_ddof: int = 0
+    adv_ddof: int = 0  # 0: population std over the G rewards; TRL's torch std is ddof 1 (Bessel)
     adv_eps: float = 1e-4
     mu: int = 1
     temperature: float = 1.0
@@ -243,6 +261,7 @@ def _check_values(c) -> None:
             c.optim.clip_norm is None or (fin(c.optim.clip_norm) and c.optim.clip_norm > 0),
             "must be null (no clipping) or > 0",
         ),
+        ("lora.dropout", 0 <= c.lora.dropout < 1, "must be in [0, 1)"),
         ("train.tau", fin(c.train.tau) and c.train.tau > 0, "must be > 0 (the InfoNCE temperature)"),
         ("train.global_batch", c.train.global_batch >= 1, "must be >= 1"),
         ("train.micro_batches", c.train.micro_batches >= 1, "must be >= 1"),
@@ -305,6 +324,11 @@ def _check_values(c) -> None:
             "must be > 0 (eval.sampling=greedy decodes greedily)",
         ),
         ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
+        (
+            "eval.topk",
+            c.eval.tie_order != "faiss" or 1 <= c.eval.topk <= 99,
+            "must be in [1, 99] with eval.tie_order=faiss (faiss's heap search; k >= 100 uses its reservoir)",
+        ),
         ("data.max_skip_fraction", 0 <= c.data.max_skip_fraction <= 1, "must be in [0, 1]"),
         ("data.hard_negatives", c.data.hard_negatives >= 0, "must be >= 0"),
         ("data.max_text_tokens", c.data.max_text_tokens >= 1, "must be >= 1"),
@@ -321,7 +345,15 @@ def _check_values(c) -> None:
     ]
     rules += [
         (f"rl.{k}", fin(field_value(c, f"rl.{k}")), "must be finite")
-        for k in ("alpha", "epsilon", "gamma", "delta", "aux_soft_rank_weight", "false_negative_threshold")
+        for k in (
+            "alpha",
+            "epsilon",
+            "gamma",
+            "delta",
+            "aux_soft_rank_weight",
+            "false_negative_threshold",
+            "false_negative_margin",
+        )
     ]
     bad = [f"{name} = {field_value(c, name)!r} {why}" for name, ok, why in rules if not ok]
     if bad:

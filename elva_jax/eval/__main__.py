@@ -1,6 +1,6 @@
 """``python -m elva_jax.eval``: M-BEIR, MRBench, MMEB-V2, zero-shot and grain-sensitivity evaluation.
 
-    python -m elva_jax.eval --checkpoint runs/default                       # bundled set, EOL, local pools
+    python -m elva_jax.eval --checkpoint runs/default                       # bundled set, mode auto, local pools
     python -m elva_jax.eval --checkpoint DIR --config configs/qwen2vl_7b_mbeir.yaml --benchmark mbeir \\
         --mode ret --pool global data.root=/data/M-BEIR eval.batch_size=32
     python -m elva_jax.eval --checkpoint DIR --mode instruct_last                # Qwen3-VL-Embedding convention
@@ -9,7 +9,8 @@
     python -m elva_jax.eval --checkpoint DIR --benchmark mmeb --data /data/MMEB    # no --data: bundled MMEB set
     python -m elva_jax.eval --checkpoint DIR --grain-masking --compare-to runs/base/eval/bundled-eol-local/results.json
 
-Writes results.json, results.md and recall.png to --out (default {run}/eval/{benchmark}-{mode}-{pool}).
+Writes results.json, results.md and recall.png to --out (default {run}/eval/{benchmark}-{mode}-{pool}); each
+states the embedding mode and why it was chosen (--mode, or auto: the checkpoint's export record).
 Any ``eval.*`` field (elva_jax.eval.runner.EvalSection) or preset key can be overridden as key=value.
 """
 
@@ -28,15 +29,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", help="data root (eval.data_root): M-BEIR root, MMEB directory, ...")
     ap.add_argument(
         "--mode",
-        choices=("eol", "ret", "instruct_last"),  # elva_jax.schema.EMBED_MODES (not imported: keeps --help light)
-        help="eol: LamRA embedding; ret: ELVA summary + [RET]; instruct_last: Qwen3-VL-Embedding "
-        "(instruction as the system turn, last token; candidates get data.default_instruction)",
+        choices=("auto", "eol", "ret", "instruct_last"),  # elva_jax.schema.EMBED_MODES (not imported: light --help)
+        help="eol: LamRA embedding; ret: ELVA summary + [RET] (the paper's evaluation); instruct_last: "
+        "Qwen3-VL-Embedding (instruction as the system turn, last token; candidates get data.default_instruction); "
+        "auto (default): what the checkpoint's export record says it was trained for (ret after the RL stage), "
+        "else eol",
     )
     ap.add_argument("--pool", choices=("local", "global"))
     ap.add_argument("--out", help="output directory")
     ap.add_argument("--compare-to", help="a previous results.json (before/after table and bars)")
     ap.add_argument("--grain-masking", action="store_true", help="also run the grain-masking analysis")
     ap.add_argument("--cache", choices=("use", "repair", "none"), help="embedding cache policy (default use)")
+    ap.add_argument(
+        "--tie-order",
+        choices=("index", "faiss"),
+        help="exactly tied scores: index (lower candidate index first, default) or faiss (as UniIR's "
+        "faiss IndexFlatIP on CPU: its kept ties, higher index first)",
+    )
     ap.add_argument("--task", action="append", default=[], help="zero-shot task name:query:pool:qrels[:K]")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.batch_size=16")
     a = ap.parse_args(argv)
@@ -49,6 +58,7 @@ def main(argv=None) -> dict:
         ("data", "eval.data_root"),
         ("compare_to", "eval.compare_to"),
         ("cache", "eval.cache"),
+        ("tie_order", "eval.tie_order"),
     ):
         v = getattr(a, flag)
         if v:

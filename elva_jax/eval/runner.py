@@ -25,6 +25,7 @@ bars with ``eval.compare_to``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from elva_jax import configlib
 from elva_jax.eval import tasks as T
 from elva_jax.eval.embed import EmbedConfig, Embedder, records_digest
 from elva_jax.retrieval.metrics import mrr_from_topk, recall_from_topk
-from elva_jax.schema import EvalSection, RunConfig, project
+from elva_jax.schema import EMBED_MODES, EvalSection, RunConfig, project
 
 __all__ = ["EvalConfig", "EvalSection", "evaluate", "load_config", "resolve_checkpoint", "write_reports"]
 
@@ -107,6 +108,22 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None, int | None]
         except (OSError, ValueError):
             step = None
     return model_dir, run_dir, step
+
+
+def resolve_mode(mode: str, model_dir: Path | None) -> tuple[str, str]:
+    """(embedding mode, why) for ``eval.mode``: an explicit mode as given; "auto" from the checkpoint's export
+    record (``elva_export.json``: "ret" after the RL stage, else the contrastive stage's embedding), "eol"
+    without one."""
+    if mode != "auto":
+        return mode, "eval.mode / --mode"
+    from elva_jax.model.hf_checkpoint import EXPORT_INFO, read_export_info
+
+    info = read_export_info(model_dir) if model_dir is not None else None
+    if not info:
+        return "eol", f"auto: no {EXPORT_INFO} with the checkpoint, LamRA's EOL"
+    emb = info.get("embedding")
+    chosen = emb if emb in EMBED_MODES else "eol"
+    return chosen, f"auto: {EXPORT_INFO} says trained by the {info.get('trained_by')} stage with {emb}"
 
 
 def _file_crc(path: Path) -> str:
@@ -295,6 +312,11 @@ def evaluate(
         raise ValueError("in-memory params need model_cfg and tokenizer")
     else:
         ckpt_str = str(ckpt or "<in-memory>")
+    mode, mode_source = resolve_mode(e.mode, None if params is not None else model_dir)
+    if mode != e.mode:
+        e = dataclasses.replace(e, mode=mode)
+        cfg = dataclasses.replace(cfg, eval=e)
+    log(f"[elva_jax.eval] embedding mode {mode} ({mode_source})")
     base = run_dir if run_dir is not None else Path(cfg.run.dir)
     out = Path(e.out) if e.out else base / "eval" / f"{e.benchmark}-{e.mode}-{e.pool}"
     # read and validate every task first: data errors surface before the model loads
@@ -344,6 +366,7 @@ def evaluate(
     settings = {
         "benchmark": e.benchmark,
         "mode": e.mode,
+        "mode_source": mode_source,
         "embedding": ecfg.describe(),
         "pool": e.pool,
         "instruction_rule": rule.describe(),
@@ -353,6 +376,7 @@ def evaluate(
         "data_root": str(root) if root else None,
         "recall_ks": list(e.recall_ks),
         "topk": e.topk,
+        "tie_order": e.tie_order,
         "max_queries": e.max_queries,
         "dtype": cfg.model.dtype,
         "position_mode": cfg.model.position_mode,
@@ -398,7 +422,7 @@ def evaluate(
         n_c = len(lt.pool)
         k_eff = min(max(e.topk, s.k), n_c)
         t0 = time.perf_counter()
-        _, idx = streaming_topk(q_emb, c_emb, k_eff, chunk_size=e.chunk_size, mesh=mesh)
+        _, idx = streaming_topk(q_emb, c_emb, k_eff, chunk_size=e.chunk_size, mesh=mesh, tie_order=e.tie_order)
         t_topk += time.perf_counter() - t0
         recall = {str(k): recall_from_topk(idx, lt.relevant, min(k, k_eff)) for k in e.recall_ks}
         per_task[s.name] = {
@@ -465,7 +489,10 @@ def evaluate(
             raise T.EvalDataError(f"--compare-to {cp}: not a results.json of elva_jax.eval") from None
         results["compare_to"] = str(cp)
     results["files"] = write_reports(results, out, before) if writer else {}
-    log(f"[elva_jax.eval] average R@K {100 * averages['all']['recall_at_k']:.1f} over {len(per_task)} tasks; {out}")
+    log(
+        f"[elva_jax.eval] average R@K {100 * averages['all']['recall_at_k']:.1f} over {len(per_task)} tasks "
+        f"({e.mode} embedding, {mode_source}); {out}"
+    )
     return results
 
 
@@ -531,8 +558,11 @@ def _markdown(results: dict, before: dict | None) -> str:
         "Recall@K in %, K per task (UniIR: a query is a hit if any qrels positive is in its top K); "
         f"MRR truncated at the top-{s['topk']} (or the whole pool when smaller).",
         "",
+        f"- mode: {s['mode']} ({s.get('mode_source', 'eval.mode')})",
         f"- embedding: {emb['embedding']}" + (f"; summary {json.dumps(emb['summary'])}" if "summary" in emb else ""),
         f"- instructions: {s['instruction_rule']}",
+        f"- ties: {s.get('tie_order', 'index')} order"
+        + (" (faiss IndexFlatIP's, as UniIR)" if s.get("tie_order") == "faiss" else " (lower candidate index first)"),
         f"- pool: {s['pool']}; checkpoint: {s['checkpoint']}" + (f" (step {s['step']})" if s.get("step") else ""),
         f"- dtype {s['dtype']}, positions {s['position_mode']}, max length {emb['max_length']}"
         + (f", first {s['max_queries']} queries per task" if s.get("max_queries") else ""),

@@ -101,8 +101,10 @@ def forward(
     lora_scale: float = 1.0,
     with_logits: bool = False,
     return_layers: bool = False,
+    lora_dropout: tuple | None = None,
 ) -> Output:
-    """Full forward over [B, L] tokens (left or right padding)."""
+    """Full forward over [B, L] tokens (left or right padding). lora_dropout: None (eval, export, RL) or
+    (key, rate): dropout on the LoRA branches' input, for training forwards (see decoder_forward)."""
     x, deep = embed_inputs(params, inputs, cfg, opts)
     mask = causal_mask(inputs["attention_mask"])
     h, _, layers = decoder_forward(
@@ -115,6 +117,7 @@ def forward(
         lora=lora,
         lora_scale=lora_scale,
         return_layers=return_layers,
+        lora_dropout=lora_dropout,
         **({} if deep is None else {"deepstack": deep}),
     )
     logits = lm_head(params, h, cfg, opts) if with_logits else None

@@ -19,13 +19,19 @@ from elva_jax.model.rope import apply_rope, mrope_cos_sin
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _layer(x, p, lora, cos, sin, mask, kv, cache_index, cfg: TextConfig, dtype, prec, lora_scale):
+def _layer(x, p, lora, cos, sin, mask, kv, cache_index, cfg: TextConfig, dtype, prec, lora_scale, drop=None):
+    """One decoder layer. drop: None or (layer key, rate): LoRA dropout, an independent mask per target."""
     B, T, _ = x.shape
     lp = (lambda n: None) if lora is None else (lambda n: lora.get(n))
+
+    def dense_t(h, n):
+        d = None if drop is None else (jax.random.fold_in(drop[0], LORA_TARGETS.index(n)), drop[1])
+        return dense(h, p[n], dtype, prec, lp(n), lora_scale, dropout=d)
+
     h = rms_norm(x, p["input_norm"]["scale"], cfg.rms_norm_eps)
-    q = dense(h, p["q_proj"], dtype, prec, lp("q_proj"), lora_scale).reshape(B, T, cfg.num_heads, cfg.head_dim)
-    k = dense(h, p["k_proj"], dtype, prec, lp("k_proj"), lora_scale).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    v = dense(h, p["v_proj"], dtype, prec, lp("v_proj"), lora_scale).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    q = dense_t(h, "q_proj").reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = dense_t(h, "k_proj").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = dense_t(h, "v_proj").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"]["scale"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"]["scale"], cfg.rms_norm_eps)
@@ -40,11 +46,11 @@ def _layer(x, p, lora, cos, sin, mask, kv, cache_index, cfg: TextConfig, dtype, 
     else:
         new_kv = None
     o = attention(q, k, v, mask, prec).reshape(B, T, cfg.num_heads * cfg.head_dim)
-    x = x + dense(o, p["o_proj"], dtype, prec, lp("o_proj"), lora_scale)
+    x = x + dense_t(o, "o_proj")
     h = rms_norm(x, p["post_attn_norm"]["scale"], cfg.rms_norm_eps)
-    g = dense(h, p["gate_proj"], dtype, prec, lp("gate_proj"), lora_scale)
-    u = dense(h, p["up_proj"], dtype, prec, lp("up_proj"), lora_scale)
-    x = x + dense(jax.nn.silu(g) * u, p["down_proj"], dtype, prec, lp("down_proj"), lora_scale)
+    g = dense_t(h, "gate_proj")
+    u = dense_t(h, "up_proj")
+    x = x + dense_t(jax.nn.silu(g) * u, "down_proj")
     return x, new_kv
 
 
@@ -62,6 +68,7 @@ def decoder_forward(
     cache_index=0,
     return_layers: bool = False,
     deepstack: jnp.ndarray | None = None,
+    lora_dropout: tuple | None = None,
 ):
     """Run all decoder layers and the final norm.
 
@@ -70,6 +77,8 @@ def decoder_forward(
     cache: (k, v) each [layers, B, S, Hkv, head_dim], written at `cache_index`.
     deepstack: [k, B, T, D] (zeros at non-visual tokens) or None: deepstack[i] is added to the output
     of layer i for i < k (transformers' `_deepstack_process`); the input of layer i + 1 includes it.
+    lora_dropout: None or (key, rate > 0): dropout on every LoRA branch's input (training forwards only);
+    layer i uses fold_in(key, i), each target its own mask from it.
     Returns (hidden [B, T, D] after the final norm, new cache or None, per-layer inputs
     [layers, B, T, D] or None).
     """
@@ -84,9 +93,15 @@ def decoder_forward(
         deepstack = deepstack[: cfg.num_layers].astype(dtype)  # transformers ignores extra levels
         n_deep = deepstack.shape[0]
 
+    use_drop = lora is not None and lora_dropout is not None and lora_dropout[1] > 0
+    layer_keys = None
+    if use_drop:  # layer i: fold_in(key, i), carried through the scan with the layer's weights
+        layer_keys = jax.vmap(lambda i: jax.random.fold_in(lora_dropout[0], i))(jnp.arange(cfg.num_layers))
+
     def step(h, xs):
-        p, lo, kv, i = xs
-        h, new_kv = _layer(h, p, lo, cos, sin, mask, kv, cache_index, cfg, dtype, prec, lora_scale)
+        p, lo, kv, i, lk = xs
+        drop = None if lk is None else (lk, lora_dropout[1])
+        h, new_kv = _layer(h, p, lo, cos, sin, mask, kv, cache_index, cfg, dtype, prec, lora_scale, drop)
         out = h  # the layer's output before any DeepStack add (what transformers reports per layer)
         if deepstack is not None:
             # features of layer i (read in the loop: no per-layer copy padded to the layer count)
@@ -98,7 +113,8 @@ def decoder_forward(
         step = jax.checkpoint(step, prevent_cse=False)
     index = None if deepstack is None else jnp.arange(cfg.num_layers)
     x0 = x
-    x, (new_cache, outs) = jax.lax.scan(step, x, (params["layers"], lora, cache, index), unroll=opts.scan_unroll)
+    xs = (params["layers"], lora, cache, index, layer_keys)
+    x, (new_cache, outs) = jax.lax.scan(step, x, xs, unroll=opts.scan_unroll)
     # input of layer i as transformers' hidden_states[i] reports it: the embeddings, then each layer's
     # output (before a DeepStack add)
     per_layer = jnp.concatenate([x0[None], outs[:-1]]) if return_layers else None

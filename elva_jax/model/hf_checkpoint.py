@@ -272,3 +272,38 @@ def resize_vocab(params: dict, cfg: ModelConfig, new_size: int) -> tuple[dict, M
     if not cfg.tie_word_embeddings:
         new_t["lm_head"] = {"kernel": resize(t["lm_head"]["kernel"], 1)}
     return {**params, "text": new_t}, cfg.with_vocab_size(new_size)
+
+
+EXPORT_INFO = "elva_export.json"
+
+
+def write_export_info(path: str, *, trained_by: str | None, embedding: str | None, stages: tuple[str, ...]) -> str:
+    """Record next to an exported checkpoint which stage trained it last and with which embedding.
+
+    ``python -m elva_jax.eval`` reads it when ``eval.mode`` is ``auto``: a checkpoint trained by the RL
+    stage (``embedding`` "ret") is evaluated with summaries + [RET], as the paper does.
+    """
+    info = {"trained_by": trained_by, "embedding": embedding, "stages": list(stages)}
+    out = os.path.join(path, EXPORT_INFO)
+    with open(out, "w") as f:
+        json.dump(info, f, indent=1)
+        f.write("\n")
+    return out
+
+
+def read_export_info(path: str) -> dict | None:
+    """The export record of a checkpoint directory (see :func:`write_export_info`), or None if absent.
+
+    An unreadable record is a CheckpointError naming the file (never silently ignored).
+    """
+    p = os.path.join(str(path), EXPORT_INFO)
+    if not os.path.isfile(p):
+        return None
+    try:
+        with open(p) as f:
+            info = json.load(f)
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p}: unreadable export record ({e})") from None
+    return info

@@ -12,11 +12,20 @@ def precision(name: str):
     return {"default": None, "high": jax.lax.Precision.HIGH, "highest": jax.lax.Precision.HIGHEST}[name]
 
 
-def dense(x, p: dict, dtype, prec=None, lora: dict | None = None, lora_scale: float = 1.0):
-    """y = x @ kernel (+ bias) (+ lora_scale * (x @ A) @ B). kernel [in, out], A [in, r], B [r, out]."""
+def dense(x, p: dict, dtype, prec=None, lora: dict | None = None, lora_scale: float = 1.0, dropout=None):
+    """y = x @ kernel (+ bias) (+ lora_scale * (drop(x) @ A) @ B). kernel [in, out], A [in, r], B [r, out].
+
+    dropout: None, or (key, rate): inverted dropout on the LoRA branch's input only (PEFT's
+    ``lora_dropout``: each element kept with probability 1 - rate and scaled by 1 / (1 - rate)).
+    """
     y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(dtype), precision=prec)
     if lora is not None:
-        a = jnp.einsum("...i,ir->...r", x, lora["a"].astype(dtype), precision=prec)
+        xa = x
+        if dropout is not None:
+            key, rate = dropout
+            keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+            xa = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+        a = jnp.einsum("...i,ir->...r", xa, lora["a"].astype(dtype), precision=prec)
         y = y + lora_scale * jnp.einsum("...r,ro->...o", a, lora["b"].astype(dtype), precision=prec)
     if "bias" in p:
         y = y + p["bias"].astype(dtype)

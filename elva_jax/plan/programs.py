@@ -71,6 +71,7 @@ def train_program(setup: Setup) -> Program:
         emb_token_id=-1,
         lora_scale=setup.lcfg.scale,
         full_finetune=full,
+        lora_dropout=run.lora.dropout,  # as the loop jits it (the masks are part of the program)
     )
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     fn = jax.jit(

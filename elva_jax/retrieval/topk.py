@@ -37,6 +37,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from elva_jax.retrieval.ties import FAISS_MAX_K, TIE_ORDERS, faiss_flat_order
+
 __all__ = ["streaming_topk"]
 
 _SENTINEL = np.iinfo(np.int32).max  # index of "no candidate yet"; loses every tie
@@ -185,6 +187,7 @@ def streaming_topk(
     query_block_size: int | None = 4096,
     mesh: Mesh | None = None,
     block_size: int | None = None,
+    tie_order: str = "index",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of every query over all candidates, streaming over candidates.
 
@@ -197,11 +200,29 @@ def streaming_topk(
       query_block_size: queries per step (last block zero-padded); None = all at once.
       mesh: optional Mesh; each chunk's rows are sharded over all of its devices.
       block_size: override the two-stage block size b (0 = plain lax.top_k per chunk).
+      tie_order: "index" (lower candidate index first among equal scores) or "faiss": which tied
+        candidates faiss's CPU ``IndexFlatIP`` keeps and in what order (UniIR's numbers;
+        :mod:`elva_jax.retrieval.ties`, k <= 99). It widens the stable top-k until every tie at the
+        k-th place is in it (one more pass over the pool per doubling), then applies faiss's rule.
 
     Returns:
       (scores [Q, k] float32, indices [Q, k] int64) numpy arrays, ordered by (score desc, index asc):
       indices == np.argsort(-(q @ c.T), axis=1, kind="stable")[:, :k] for exactly computed scores.
+      With tie_order="faiss": faiss's kept candidates, ordered by (score desc, index desc).
     """
+    if tie_order not in TIE_ORDERS:
+        raise ValueError(f"tie_order must be one of {TIE_ORDERS}, got {tie_order!r}")
+    if tie_order == "faiss":
+        n_c = int(candidates.shape[0])
+        if isinstance(k, int | np.integer) and not 1 <= k <= FAISS_MAX_K:
+            raise ValueError(f"tie_order='faiss' models faiss's heap search, k <= {FAISS_MAX_K}; got k={k}")
+        kw = dict(chunk_size=chunk_size, query_block_size=query_block_size, mesh=mesh, block_size=block_size)
+        wide = min(n_c, 2 * k + 16)
+        while True:
+            v, i = streaming_topk(queries, candidates, wide, **kw)
+            if wide == n_c or not len(v) or np.all(v[:, wide - 1] < v[:, k - 1]):
+                return faiss_flat_order(v, i, k)
+            wide = min(n_c, 2 * wide)
     q_np = queries if isinstance(queries, jax.Array) else np.asarray(queries)
     if q_np.ndim != 2 or len(candidates.shape) != 2:
         raise ValueError(f"queries {q_np.shape} and candidates {candidates.shape} must be [Q, D] and [C, D]")

@@ -6,7 +6,11 @@ Everything is computed in at least float32 (bf16 log-prob *differences* are too 
 
 Per token, with ``ratio = exp(logp - old_logp)`` and the sequence's advantage ``A``::
 
-    loss_t = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
+    loss_t = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * w_t * KL_t
+
+with ``w_t = 1`` (DeepSeekMath), or ``w_t = ratio`` (differentiable, also on-policy where its value is
+1) under ``kl_bias_correction`` (TRL's ``use_bias_correction_kl``, DeepSeek-V3.2: the importance-weighted
+KL whose gradient is the unbiased reverse-KL gradient).
 
 Aggregation follows TRL's ``loss_type`` names but returns ``(loss_sum, denominator)`` (as in
 google/tunix) so that summing both over micro-batches or devices and dividing once gives exactly
@@ -134,6 +138,7 @@ def grpo_token_loss(
     eps_high: float,
     beta: float,
     kl_estimator: str,
+    kl_bias_correction: bool = False,
 ) -> tuple[Array, dict[str, Array]]:
     """Clipped-surrogate GRPO loss per token.
 
@@ -147,9 +152,11 @@ def grpo_token_loss(
       eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` (DAPO's decoupled clip).
       beta: KL coefficient (paper: 0.2).
       kl_estimator: ``"k1" | "k2" | "k3"`` (see :func:`kl_estimate`).
+      kl_bias_correction: weight ``KL_t`` by the (unclipped, differentiable) ``ratio``, as TRL's
+        ``use_bias_correction_kl`` (TRL 1.16 default True; here False, DeepSeekMath's plain KL term).
 
     Returns:
-      ``(loss [..., T], stats)``: ``loss_t = -min(ratio*A, clip(ratio)*A) + beta*KL_t`` on masked
+      ``(loss [..., T], stats)``: ``loss_t = -min(ratio*A, clip(ratio)*A) + beta*w_t*KL_t`` on masked
       tokens and exactly 0 elsewhere (padding inputs are neutralised first, so garbage there cannot
       leak NaNs into gradients). ``stats`` (scalars, no gradient) over masked tokens:
       ``clip_low`` = fraction with ``ratio < 1 - eps_low`` and ``A < 0``, ``clip_high`` = fraction with
@@ -179,7 +186,8 @@ def grpo_token_loss(
         kl = jnp.zeros_like(logp)
     else:
         kl = kl_estimate(logp, jnp.where(m, _as_float(ref_logp), 0.0), kl_estimator)
-    loss = jnp.where(m, pg + beta * kl, 0.0)
+    kl_term = kl * ratio if kl_bias_correction else kl
+    loss = jnp.where(m, pg + beta * kl_term, 0.0)
 
     n = jnp.sum(m).astype(logp.dtype)
     n_safe = jnp.maximum(n, 1.0)
@@ -247,6 +255,7 @@ def grpo_loss(
     kl_estimator: str,
     loss_type: str,
     max_completion_length: int | None = None,
+    kl_bias_correction: bool = False,
 ) -> tuple[Array, dict[str, Array]]:
     """Scalar GRPO loss = :func:`grpo_token_loss` reduced by :func:`aggregate`.
 
@@ -267,6 +276,7 @@ def grpo_loss(
         eps_high=eps_high,
         beta=beta,
         kl_estimator=kl_estimator,
+        kl_bias_correction=kl_bias_correction,
     )
     total, denom = aggregate(per_token, mask, loss_type, max_completion_length=max_completion_length)
     loss = jnp.where(denom > 0, total / jnp.maximum(denom, 1e-30), 0.0)

@@ -1,9 +1,14 @@
 """Balanced negatives for the RL stage (paper: 50 hard + 50 random per query).
 
 Hard: candidates ranked by the current model's cosine similarity to the query, excluding the query's
-positives and anything above `threshold` (likely false negatives), top `n_hard` of the rest.
+positives and likely false negatives, top `n_hard` of the rest. False negatives are the candidates with
+  - `filter_rule="absolute"`: score > `threshold` (the default, 0.95 in the presets), or
+  - `filter_rule="relative"`: score > s_pos - `margin`, s_pos = the query's best positive score (UniME /
+    Qwen3-VL-Embedding-style mask relative to the positive, margin 0.1; a negative margin drops only
+    candidates scoring above the positive by more than |margin|). A query without a positive in the pool
+    drops none (counted).
 Random: `n_random` drawn uniformly (seeded per query) from the remaining pool, excluding positives,
-the hard ones and every candidate found above the threshold.
+the hard ones and every candidate found to be a false negative.
 Results are cached on disk (JSON keyed by a fingerprint of the inputs) and reused.
 """
 
@@ -16,6 +21,8 @@ import zlib
 
 import numpy as np
 
+FILTERS = ("absolute", "relative")
+
 
 def mine(
     query_emb: np.ndarray,
@@ -27,13 +34,19 @@ def mine(
     threshold: float,
     seed: int = 0,
     search_k: int | None = None,
+    filter_rule: str = "absolute",
+    margin: float = 0.1,
 ) -> tuple[list[list[int]], dict]:
     """Per query: (hard + random pool indices), and stats (short lists, dropped false negatives).
 
     query_emb [Q, D], pool_emb [C, D] L2-normalised. search_k: how many nearest candidates to inspect
-    (default n_hard + max |positives| + 64); candidates above the threshold beyond it cannot be seen, so
-    the number of nearest candidates above the threshold is reported (`threshold_hits_at_cutoff`).
+    (default n_hard + max |positives| + 64); false negatives beyond it cannot be seen, so the queries
+    whose last inspected candidate is still above their cut are reported (`threshold_hits_at_cutoff`).
+    stats["dropped_per_query"][q] is the number of candidates dropped as false negatives for query q;
+    `dropped_mean` / `dropped_max` / `queries_with_drops` summarise it.
     """
+    if filter_rule not in FILTERS:
+        raise ValueError(f"false-negative filter_rule must be one of {FILTERS}, got {filter_rule!r}")
     from elva_jax.retrieval.topk import streaming_topk
 
     Q, C = len(query_emb), len(pool_emb)
@@ -42,21 +55,28 @@ def mine(
     scores, idx = streaming_topk(
         np.asarray(query_emb, np.float32), np.asarray(pool_emb, np.float32), k, chunk_size=min(C, 65536)
     )
-    out, dropped, short, cutoff_hits = [], 0, 0, 0
+    q32, p32 = np.asarray(query_emb, np.float32), np.asarray(pool_emb, np.float32)
+    out, dropped, short, cutoff_hits, no_pos = [], [], 0, 0, 0
     for q in range(Q):
         pos = positives[q]
+        if filter_rule == "absolute":
+            cut = threshold
+        elif pos:
+            cut = float(np.max(p32[sorted(pos)] @ q32[q])) - margin
+        else:
+            cut, no_pos = np.inf, no_pos + 1
         hard, above = [], set()
         for s, j in zip(scores[q], idx[q]):
             j = int(j)
             if j in pos:
                 continue
-            if s > threshold:
+            if s > cut:
                 above.add(j)
                 continue
             if len(hard) < n_hard:
                 hard.append(j)
-        dropped += len(above)
-        if scores[q][-1] > threshold:
+        dropped.append(len(above))
+        if scores[q][-1] > cut:
             cutoff_hits += 1
         excluded = pos | above | set(hard)
         rng = np.random.default_rng([seed, zlib.crc32(str(q).encode())])
@@ -67,7 +87,13 @@ def mine(
         out.append(hard + [int(r) for r in rand])
     return out, {
         "queries": Q,
-        "false_negatives_dropped": dropped,
+        "filter": filter_rule if filter_rule == "absolute" else f"relative (margin {margin})",
+        "false_negatives_dropped": int(sum(dropped)),
+        "dropped_per_query": dropped,
+        "dropped_mean": float(np.mean(dropped)) if dropped else 0.0,
+        "dropped_max": int(max(dropped, default=0)),
+        "queries_with_drops": int(sum(d > 0 for d in dropped)),
+        "queries_without_positive": no_pos,
         "short_lists": short,
         "threshold_hits_at_cutoff": cutoff_hits,
         "search_k": k,

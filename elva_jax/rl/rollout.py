@@ -37,7 +37,8 @@ class RLConfig:
     eps_low: float = 0.2  # clip range (not stated in the paper)
     eps_high: float = 0.2
     kl_estimator: str = "k3"  # not stated: k3 (never negative, unbiased)
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo (TRL's names)
+    kl_bias_correction: bool = False  # KL term weighted by the ratio (TRL's use_bias_correction_kl; its default True)
+    loss_type: str = "grpo"  # grpo | bnpo | dapo | dr_grpo (TRL's names)
     adv_ddof: int = 0  # std over the G rewards with this ddof
     adv_eps: float = 1e-4
     adv_scale: str = "group"
@@ -194,6 +195,7 @@ def rl_loss(
         eps_high=rcfg.eps_high,
         beta=rcfg.beta,
         kl_estimator=rcfg.kl_estimator,
+        kl_bias_correction=rcfg.kl_bias_correction,
         loss_type=rcfg.loss_type,
         max_completion_length=batch["mask"].shape[1],
     )

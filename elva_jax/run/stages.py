@@ -188,7 +188,14 @@ def train_encoder(cfg: RunConfig, tokenizer):
 
 
 def build_rl_instances(
-    cfg: RunConfig, root: str, *, params=None, mcfg=None, tokenizer=None, dropped: list[str] | None = None
+    cfg: RunConfig,
+    root: str,
+    *,
+    params=None,
+    mcfg=None,
+    tokenizer=None,
+    dropped: list[str] | None = None,
+    stats_out: dict | None = None,
 ) -> list[dict]:
     """RL instances: query + positive + negatives, from the training queries.
 
@@ -197,7 +204,8 @@ def build_rl_instances(
     queries and pool are embedded with the current model (`rl.mining_embedding`: "eol", LamRA's EOL
     embedding, or "instruct_last", Qwen3-VL-Embedding's with `data.default_instruction` for the pool;
     cached under {run.dir}/rl/negatives), hard negatives are the nearest candidates below the
-    false-negative threshold, random ones are drawn from the rest (`elva_jax.rl.negatives`). Short lists
+    false-negative cut (`rl.false_negative_filter`), random ones are drawn from the rest
+    (`elva_jax.rl.negatives`; its stats, dropped false negatives per query among them, go to `stats_out`). Short lists
     (small pools) are filled by cycling, so every instance has the same number of candidates.
     """
     from elva_jax.data.pipeline import contrastive_records, corpus_records
@@ -260,8 +268,18 @@ def build_rl_instances(
         n_random=r.num_random_negatives,
         threshold=r.false_negative_threshold,
         seed=cfg.train.seed,
+        filter_rule=r.false_negative_filter,
+        margin=r.false_negative_margin,
     )
-    print(f"[elva_jax] RL negatives: {stats}", flush=True)
+    stats = {k: v for k, v in stats.items() if k != "dropped_per_query"}  # per query: in negatives.json
+    if stats_out is not None:
+        stats_out.update(stats)
+    print(
+        f"[elva_jax] RL negatives: false negatives dropped per query mean {stats.get('dropped_mean', 0.0):.2f}, "
+        f"max {stats.get('dropped_max')}, {stats.get('queries_with_drops')}/{stats.get('queries')} queries with "
+        f"drops ({stats.get('filter')}); {stats}",
+        flush=True,
+    )
     n_neg = r.num_hard_negatives + r.num_random_negatives
     out = []
     for b in base:
@@ -293,7 +311,7 @@ def _has_tokenizer(path: str) -> bool:
 def run(cfg: RunConfig) -> dict:
     from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
     from elva_jax.data.tokenize import Tokenizer
-    from elva_jax.model.hf_checkpoint import resize_vocab, save_params
+    from elva_jax.model.hf_checkpoint import resize_vocab, save_params, write_export_info
     from elva_jax.model.lora import LoraConfig, merge_lora
     from elva_jax.train.loop import model_options, train
 
@@ -384,7 +402,10 @@ def run(cfg: RunConfig) -> dict:
         from elva_jax.rl.loop import run_rl
 
         rl_dropped: list[str] = []
-        instances = build_rl_instances(cfg, root, params=params, mcfg=mcfg, tokenizer=tokenizer, dropped=rl_dropped)
+        neg_stats: dict = {}
+        instances = build_rl_instances(
+            cfg, root, params=params, mcfg=mcfg, tokenizer=tokenizer, dropped=rl_dropped, stats_out=neg_stats
+        )
         summary["rl_instances_dropped"] = len(rl_dropped)
         _log_dropped(os.path.join(cfg.run.dir, "rl"), "instances_dropped", len(rl_dropped))
         print(
@@ -397,6 +418,8 @@ def run(cfg: RunConfig) -> dict:
         if "ret" in t.eval_modes and jax.process_index() == 0:
             pre = os.path.join(cfg.run.dir, "export_before_rl")
             save_params(pre, host, mcfg)
+            if "contrastive" in t.stages:
+                write_export_info(pre, trained_by="contrastive", embedding=t.embedding, stages=("contrastive",))
             summary["eval_before_rl"] = _evaluate(cfg, pre, "ret", os.path.join(cfg.run.dir, "eval", "before_rl-ret"))
         if "ret" in t.eval_modes:
             del host
@@ -414,6 +437,7 @@ def run(cfg: RunConfig) -> dict:
             return _stopped(cfg, summary, "RL", rs["steps"], rs["total"], t0)
         params = merge_lora(params, rs["lora"], rs["lcfg"])
         summary["rl"] = {
+            "negatives": neg_stats,
             "steps": rs["steps"],
             "wall_s": rs["wall_s"],
             "reward": [h["reward"] for h in rs["history"]],
@@ -428,6 +452,10 @@ def run(cfg: RunConfig) -> dict:
     host = host_copy(params)  # a collective: every process takes part
     if jax.process_index() == 0:
         save_params(export_dir, host, mcfg)
+        last = "rl" if "rl" in t.stages else "contrastive"
+        write_export_info(
+            export_dir, trained_by=last, embedding="ret" if last == "rl" else t.embedding, stages=tuple(t.stages)
+        )
     del host
     if jax.process_index() == 0:
         for mode in t.eval_modes:

@@ -107,6 +107,7 @@ def train(
         emb_token_id=emb_token_id,
         lora_scale=lcfg.scale,
         full_finetune=full,
+        lora_dropout=cfg.lora.dropout,
     )
     tx = make_optimizer(cfg.optim, total_steps)
     lr_at = schedule(cfg.optim, total_steps)

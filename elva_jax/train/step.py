@@ -9,6 +9,11 @@ batch losses would change the negatives):
   3. per micro-batch, back-propagate its embedding cotangents through the model (VJP) and sum.
 The result equals the large-batch gradient. A non-finite loss, gradient or update skips the update
 (params and optimizer state unchanged) and is counted.
+
+LoRA dropout (`StepConfig.lora_dropout`, LamRA 0.05): the training forwards drop elements of every
+LoRA branch's input. The masks come from the state's RNG (checkpointed, advanced every step), folded
+with the micro-batch index and query (0) / candidates (1), so the embedding pass and the VJP pass of a
+micro-batch see the same masks and a resumed run draws the masks of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -48,10 +53,13 @@ class StepConfig:
     emb_token_id: int = -1
     lora_scale: float = 1.0
     full_finetune: bool = False
+    lora_dropout: float = 0.0  # dropout on the LoRA branches' input in training forwards (LamRA: 0.05)
 
     def __post_init__(self):
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 
 
 def split_lm_head(params: dict) -> tuple[dict, dict | None]:
@@ -70,8 +78,10 @@ def join_lm_head(params: dict, head: dict | None) -> dict:
     return params if head is None else {**params, "text": {**params["text"], "lm_head": head}}
 
 
-def embed(params, lora, inputs, cfg: ModelConfig, opts: ModelOptions, scfg: StepConfig):
-    h = backbone.forward(params, inputs, cfg, opts, lora=lora, lora_scale=scfg.lora_scale).hidden
+def embed(params, lora, inputs, cfg: ModelConfig, opts: ModelOptions, scfg: StepConfig, dropout_key=None):
+    """Embeddings [B, D]; with ``dropout_key`` (and lora, lora_dropout > 0) the LoRA branches drop inputs."""
+    drop = None if dropout_key is None or lora is None or not scfg.lora_dropout else (dropout_key, scfg.lora_dropout)
+    h = backbone.forward(params, inputs, cfg, opts, lora=lora, lora_scale=scfg.lora_scale, lora_dropout=drop).hidden
     if scfg.embedding == "eol":
         return eol_embedding(h, inputs["input_ids"], scfg.emb_token_id, inputs["attention_mask"])
     return last_token_embedding(h, inputs["attention_mask"])  # "last" and "instruct_last"
@@ -86,16 +96,24 @@ def _global_candidates(cs: jnp.ndarray, b: int) -> jnp.ndarray:
     return jnp.concatenate([pos, cs[:, b:].reshape(A * (m - b), D)], axis=0)
 
 
-def contrastive_loss_and_grads(trainable, frozen, batch, cfg, opts, scfg: StepConfig):
+def contrastive_loss_and_grads(trainable, frozen, batch, cfg, opts, scfg: StepConfig, rng=None):
     """(loss, metrics), grads wrt `trainable` for a batch of A micro-batches.
 
     LoRA: trainable = adapters, frozen = base params. Full fine-tuning: trainable = params without an
-    untied LM head, frozen = the head (or None); see `split_lm_head`.
+    untied LM head, frozen = the head (or None); see `split_lm_head`. rng: the step's key for LoRA
+    dropout (None: no dropout); micro-batch i uses fold_in(rng, i) in both of its passes.
     """
 
-    def pair(tr, mb):
+    def pair(tr, mb, i):
         params, lora = (join_lm_head(tr, frozen), None) if scfg.full_finetune else (frozen, tr)
-        return embed(params, lora, mb["query"], cfg, opts, scfg), embed(params, lora, mb["cand"], cfg, opts, scfg)
+        kq = kc = None
+        if rng is not None:
+            k = jax.random.fold_in(rng, i)
+            kq, kc = jax.random.fold_in(k, 0), jax.random.fold_in(k, 1)
+        return (
+            embed(params, lora, mb["query"], cfg, opts, scfg, kq),
+            embed(params, lora, mb["cand"], cfg, opts, scfg, kc),
+        )
 
     A = batch["query"]["input_ids"].shape[0]
     b = batch["query"]["input_ids"].shape[1]
@@ -107,23 +125,24 @@ def contrastive_loss_and_grads(trainable, frozen, batch, cfg, opts, scfg: StepCo
         mb = jax.tree.map(lambda x: x[0], batch)
 
         def loss_fn(tr):
-            q, c = pair(tr, mb)
+            q, c = pair(tr, mb, 0)
             return loss_of_embeddings(q[None], c[None])
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         return (loss, metrics), grads
 
-    qs, cs = jax.lax.map(lambda mb: pair(trainable, mb), batch)
+    idx = jnp.arange(A)
+    qs, cs = jax.lax.map(lambda xs: pair(trainable, *xs), (batch, idx))
     (loss, metrics), (dq, dc) = jax.value_and_grad(loss_of_embeddings, argnums=(0, 1), has_aux=True)(qs, cs)
 
     def accumulate(g_acc, xs):
-        mb, dq_i, dc_i = xs
-        _, vjp = jax.vjp(lambda tr: pair(tr, mb), trainable)
+        mb, i, dq_i, dc_i = xs
+        _, vjp = jax.vjp(lambda tr: pair(tr, mb, i), trainable)
         (g,) = vjp((dq_i, dc_i))
         return jax.tree.map(jnp.add, g_acc, g), None
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
-    grads, _ = jax.lax.scan(accumulate, zeros, (batch, dq, dc))
+    grads, _ = jax.lax.scan(accumulate, zeros, (batch, idx, dq, dc))
     return (loss, metrics), grads
 
 
@@ -132,7 +151,8 @@ def train_step(state: TrainState, batch, *, cfg, opts, scfg: StepConfig, tx: opt
         trainable, frozen = split_lm_head(state.params)
     else:
         trainable, frozen = state.lora, state.params
-    (loss, metrics), grads = contrastive_loss_and_grads(trainable, frozen, batch, cfg, opts, scfg)
+    rng = state.rng if scfg.lora_dropout and not scfg.full_finetune else None
+    (loss, metrics), grads = contrastive_loss_and_grads(trainable, frozen, batch, cfg, opts, scfg, rng)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, trainable)
     # the update itself must be finite too: a NaN learning rate or optimizer state passes finite gradients

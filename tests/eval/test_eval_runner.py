@@ -408,3 +408,69 @@ def test_weights_swapped_at_the_same_path_size_and_mtime_change_the_cache_identi
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert os.stat(f).st_size == st.st_size and os.stat(f).st_mtime_ns == st.st_mtime_ns
     assert _identity(d, None) != before
+
+
+def test_auto_mode_follows_the_export_record_and_every_output_names_the_mode(env, capsys):
+    """eval.mode auto (the default): [RET] for a checkpoint whose export record says the RL stage trained it,
+    EOL without a record; results.json, results.md and the console say which mode and why. --tie-order faiss
+    reaches the top-k and is recorded."""
+    from elva_jax.eval.__main__ import main
+    from elva_jax.model.hf_checkpoint import EXPORT_INFO, write_export_info
+
+    ckpt = env / "ckpt"
+    # the same tasks and summary length as test_ret_mode_end_to_end_and_cache: its cache serves the embeddings
+    argv = [
+        "--checkpoint",
+        str(ckpt),
+        "--tie-order",
+        "faiss",
+        *BASE,
+        f"eval.data_root={env / 'data'}",
+        "eval.summary_tokens=4",
+        "eval.tasks=[multigrain_task1, multigrain_task7, mrbench_multigrain_task3]",
+        f"eval.cache_dir={env / 'out_ret' / 'cache'}",
+    ]
+    write_export_info(str(ckpt), trained_by="rl", embedding="ret", stages=("contrastive", "rl"))
+    try:
+        res = main([*argv, f"eval.out={env / 'out_auto'}"])
+    finally:
+        (ckpt / EXPORT_INFO).unlink()
+    s = res["settings"]
+    assert s["mode"] == "ret" and s["embedding"]["mode"] == "ret" and "rl stage" in s["mode_source"]
+    assert s["tie_order"] == "faiss"
+    on_disk = json.loads((env / "out_auto" / "results.json").read_text())["settings"]
+    assert on_disk["mode"] == "ret" and on_disk["mode_source"] == s["mode_source"]
+    md = (env / "out_auto" / "results.md").read_text()
+    assert "(ret embedding" in md and f"- mode: ret ({s['mode_source']})" in md and "ties: faiss" in md
+    console = capsys.readouterr().out
+    assert "embedding mode ret (auto:" in console and "(ret embedding, auto:" in console
+
+    # no record: EOL, said as such; an explicit --mode is reported as given
+    res = main(
+        [
+            *argv[:2],
+            *BASE,
+            f"eval.data_root={env / 'data'}",
+            "eval.tasks=[multigrain_task1]",
+            f"eval.out={env / 'out_auto_eol'}",
+        ]
+    )
+    assert res["settings"]["mode"] == "eol" and "no elva_export.json" in res["settings"]["mode_source"]
+    (ckpt / EXPORT_INFO).write_text("{not json")
+    try:
+        with pytest.raises(SystemExit, match="unreadable export record"):
+            main([*argv[:2], *BASE, f"eval.data_root={env / 'data'}", f"eval.out={env / 'out_bad'}"])
+        res = main(
+            [
+                *argv[:2],
+                "--mode",
+                "eol",
+                *BASE,
+                f"eval.data_root={env / 'data'}",
+                "eval.tasks=[multigrain_task1]",
+                f"eval.out={env / 'out_auto_eol'}",
+            ]
+        )
+        assert res["settings"]["mode"] == "eol" and res["settings"]["mode_source"] == "eval.mode / --mode"
+    finally:
+        (ckpt / EXPORT_INFO).unlink()

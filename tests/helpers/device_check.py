@@ -16,10 +16,10 @@ def without_device_count(flags: str) -> str:
 
 
 def run_check(script: str, *args: str, timeout: int = 600) -> dict:
-    """`python <script> <args>` with tests/ importable and no inherited fake-device count (other XLA
-    flags, such as --xla_cpu_max_isa, are kept); the last stdout line parsed as JSON. Fails the test
-    with the script's stderr when it exits non-zero."""
-    env = dict(os.environ, PYTHONPATH=TESTS)
+    """`python <script> <args>` with tests/ and this checkout's elva_jax importable (not another install of
+    it) and no inherited fake-device count (other XLA flags, such as --xla_cpu_max_isa, are kept); the last
+    stdout line parsed as JSON. Fails the test with the script's stderr when it exits non-zero."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.path.dirname(TESTS)]))
     env["XLA_FLAGS"] = without_device_count(env.get("XLA_FLAGS", ""))
     out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -87,3 +87,42 @@ def test_rl_instances_mined_with_the_instruct_last_embedding(tmp_path):
         embed = json.loads((cache / name / "index.json").read_text())["fingerprint"]["embed"]
         assert embed["mode"] == "instruct_last" and embed["default_instruction"] == "Represent the user's input."
     assert not (cache / "queries").exists()  # the EOL entries are untouched
+
+
+def test_relative_filter_and_drop_counts_equal_brute_force():
+    """filter_rule=relative drops candidates above (best positive score - margin); counts per query."""
+    q, c, pos = _data(3)
+    pos[1] = {int(j) for j in np.argsort(-(q[1] @ c.T))[3:5]}  # positives near the top: ties of rank matter
+    for margin in (0.1, 0.3, -0.05):
+        neg, stats = mine(
+            q,
+            c,
+            pos,
+            n_hard=8,
+            n_random=4,
+            threshold=0.95,
+            seed=2,
+            filter_rule="relative",
+            margin=margin,
+            search_k=len(c),
+        )
+        s = q @ c.T
+        for i in range(len(q)):
+            cut = max(s[i, j] for j in pos[i]) - margin
+            order = np.argsort(-s[i], kind="stable")
+            want = [j for j in order if j not in pos[i] and s[i, j] <= cut][:8]
+            assert neg[i][:8] == want
+            dropped = sum(1 for j in order[: stats["search_k"]] if j not in pos[i] and s[i, j] > cut)
+            assert stats["dropped_per_query"][i] == dropped
+            assert all(s[i, j] <= cut for j in neg[i][8:])
+        assert stats["false_negatives_dropped"] == sum(stats["dropped_per_query"])
+        assert stats["dropped_max"] == max(stats["dropped_per_query"])
+    assert stats["queries_with_drops"] > 0 and stats["filter"] == "relative (margin -0.05)"
+    # the absolute rule's per-query counts, by brute force
+    _, st = mine(q, c, pos, n_hard=8, n_random=4, threshold=0.5, seed=2)
+    s = q @ c.T
+    want = [
+        int(sum(1 for j in np.argsort(-s[i])[: st["search_k"]] if j not in pos[i] and s[i, j] > 0.5))
+        for i in range(len(q))
+    ]
+    assert st["dropped_per_query"] == want and st["filter"] == "absolute"

@@ -118,6 +118,9 @@ def test_eight_devices_equal_one():
     r = run_check(os.path.join(os.path.dirname(__file__), "mesh_check.py"), timeout=600)
     assert abs(r["loss_1"] - r["loss_8"]) <= 1e-5 * abs(r["loss_1"])
     assert r["max_param_diff"] <= 1e-6
+    # with LoRA dropout: the same masks on the mesh, and dropout changed the step
+    assert abs(r["drop_loss_1"] - r["drop_loss_8"]) <= 1e-5 * abs(r["drop_loss_1"])
+    assert r["drop_max_param_diff"] <= 1e-6 and r["drop_loss_1"] != r["loss_1"]
 
 
 def test_full_finetune_leaves_lm_head_untouched_and_stateless():

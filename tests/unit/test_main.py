@@ -30,6 +30,8 @@ def test_default_run_end_to_end(tmp_path, capsys):
     assert s["end_step"] == 4 and len(s["losses"]) == 4 and np.isfinite(s["losses"]).all()
     assert s["records"] == 160 and s["pipeline"]["images"] > 0
     assert os.path.exists(tmp_path / "export" / "model.safetensors")
+    # the export records the RL stage, so `python -m elva_jax.eval` defaults to the [RET] embedding
+    assert json.load(open(tmp_path / "export" / "elva_export.json"))["embedding"] == "ret"
     assert os.path.exists(tmp_path / "config.yaml")
     assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "4"
     assert s["rl"]["steps"] == 2 and len(s["rl"]["reward"]) == 2
@@ -68,9 +70,13 @@ def test_default_run_on_a_tiny_qwen3_vl_with_mined_negatives(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "RL negatives:" in out and "of 1 positive + 4 negatives" in out
+    assert "false negatives dropped per query mean" in out
     neg = json.load(open(tmp_path / "rl" / "negatives" / "negatives.json"))
     assert len(neg["negatives"]) == 16 and all(len(v) <= 4 for v in neg["negatives"].values())
+    assert len(neg["stats"]["dropped_per_query"]) == 16
     s = json.load(open(tmp_path / "summary.json"))
+    assert s["rl"]["negatives"]["queries"] == 16 and s["rl"]["negatives"]["filter"] == "absolute"
+    assert s["rl"]["negatives"]["false_negatives_dropped"] == sum(neg["stats"]["dropped_per_query"])
     assert s["end_step"] == 2 and np.isfinite(s["losses"]).all() and s["pipeline"]["images"] > 0
     assert s["rl"]["steps"] == 1 and np.isfinite(s["rl"]["reward"]).all()
     assert json.load(open(tmp_path / "export" / "config.json"))["model_type"] == "qwen3_vl"

@@ -26,15 +26,25 @@ def test_preset_loads(path):
     assert cfg.train.tau == tau and set(cfg.train.stages) <= {"contrastive", "rl"}
 
 
-def test_reference_hyperparameters():
-    nli = configlib.load(RunConfig, [p for p in CONFIGS if p.endswith("qwen2vl_7b_nli.yaml")][0])
+def _preset(name):
+    return configlib.load(RunConfig, [p for p in CONFIGS if p.endswith(name)][0])
+
+
+@pytest.mark.parametrize("size", ["7b", "2b"])
+def test_reference_hyperparameters(size):
+    """Stage 1: the paper preset ships the paper's LR 4e-5, the LamRA preset LamRA's code's 2e-4; the rest equal."""
+    nli, lamra = _preset(f"qwen2vl_{size}_nli.yaml"), _preset(f"qwen2vl_{size}_nli_lamra.yaml")
     assert (nli.train.global_batch, nli.optim.lr, nli.train.epochs, nli.lora.rank, nli.lora.alpha) == (
         576,
-        2e-4,
+        4e-5,
         2.0,
         64,
         128.0,
     )
+    assert lamra.optim.lr == 2e-4
+    a, b = configlib.to_dict(nli), configlib.to_dict(lamra)
+    a["optim"].pop("lr"), b["optim"].pop("lr"), a["run"].pop("dir"), b["run"].pop("dir")
+    assert a == b
     mb = configlib.load(RunConfig, [p for p in CONFIGS if p.endswith("qwen2vl_7b_mbeir.yaml")][0])
     assert (mb.train.global_batch, mb.optim.lr, mb.train.epochs, mb.lora.rank, mb.lora.alpha) == (
         960,
@@ -65,8 +75,10 @@ def test_every_open_rl_choice_reaches_the_step_and_rewards():
     """log_base, adv_scale and every TRL loss type are run-config fields read by the RL stage."""
     from elva_jax.rl.loop import rl_configs
 
-    cfg = configlib.load(RunConfig, None, ["rl.log_base=2", "rl.adv_scale=batch", "rl.loss_type=dapo"])
+    cfg = configlib.load(
+        RunConfig, None, ["rl.log_base=2", "rl.adv_scale=batch", "rl.loss_type=dapo", "rl.kl_bias_correction=true"]
+    )
     rcfg, reward = rl_configs(cfg)
-    assert (rcfg.adv_scale, rcfg.loss_type, reward.log_base) == ("batch", "dapo", 2.0)
+    assert (rcfg.adv_scale, rcfg.loss_type, reward.log_base, rcfg.kl_bias_correction) == ("batch", "dapo", 2.0, True)
     with pytest.raises(configlib.ConfigError, match="rl.log_base"):
         configlib.load(RunConfig, None, ["rl.log_base=1"])
