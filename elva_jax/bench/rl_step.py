@@ -138,7 +138,7 @@ def torch_side(a, recs) -> dict:
     tok, cfg, vocab = _tokenizer_and_cfg()
     cfg = cfg.with_vocab_size(vocab)
     torch.manual_seed(0)
-    model = transformers.Qwen2VLForConditionalGeneration(hf_config(cfg))
+    model = transformers.AutoModelForImageTextToText.from_config(hf_config(cfg))
     pm = lora_model(model, rank=lcfg.rank, alpha=lcfg.alpha, targets=lcfg.targets)
     # optax.adamw's defaults (b1 0.9, b2 0.999, eps 1e-8, weight decay 1e-4), as on the elva_jax side
     ref = TorchRLStep(

@@ -112,10 +112,10 @@ def trl_grpo_loss(logp, old_logp, ref_logp, adv, mask, *, eps_low, eps_high, bet
 # the model
 # --------------------------------------------------------------------------------------------
 def hf_config(model_cfg):
-    """transformers' Qwen2VLConfig of an elva_jax ModelConfig (its config.json content)."""
+    """transformers' config of an elva_jax ModelConfig (its config.json content, the family's auto class)."""
     import transformers
 
-    return transformers.Qwen2VLConfig.from_dict(dict(model_cfg.raw))
+    return transformers.AutoConfig.for_model(**dict(model_cfg.raw))
 
 
 def lora_model(model, *, rank: int, alpha: float, targets):
@@ -157,7 +157,7 @@ class TorchRLStep:
         self.ret_id, self.eos_id, self.pad_id, self.row_chunk = ret_id, eos_id, pad_id, row_chunk
         params = [p for p in pmodel.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
-        self.inner = pmodel.base_model.model  # the Qwen2VLForConditionalGeneration (LoRA layers injected)
+        self.inner = pmodel.base_model.model  # the transformers model (LoRA layers injected)
 
     # ---- rollout ----------------------------------------------------------------------------
     def _prompt_inputs(self, ids, am, pvs, grids):
