@@ -119,11 +119,49 @@ def jax_side(a, recs) -> dict:
         patch_row_len=64,
     )
     st = RLState(0, params, lora, tx.init(lora), jax.random.key(2))
+    if a.memory_plan:
+        return {"device": jax.devices()[0].device_kind, "memory_plan": memory_plan(tr, st, recs[0])}
     rows = []
     for r in recs:
         st, m = tr.step(st, [r])
         rows.append(m)
     return {"device": jax.devices()[0].device_kind, **_summary(rows)}
+
+
+def memory_plan(tr, st, rec) -> dict:
+    """XLA's memory analysis (MiB) of the three compiled pieces of one step on ``rec``'s shapes, compiled
+    and not run: the sampler, the teacher-forced re-forward and the update (fake samples, full budget)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from elva_jax.model.sampler import Samples
+
+    G, T = tr.rcfg.group_size, tr.rcfg.max_summary_tokens + 1
+    N = (2 + len(rec["cands"]) - 1) * G
+    fake = Samples(
+        np.zeros((N, T), np.int32),
+        np.zeros((N, T), np.float32),
+        np.ones((N, T), bool),
+        np.full(N, T, np.int32),
+        np.ones(N, bool),
+    )
+    _, prompts, shape, chunks = tr.rollouts(st, [rec], fake)
+    tok, ln = jnp.asarray(fake.tokens), jnp.asarray(fake.lengths)
+    z = jnp.zeros((N, T), jnp.float32)
+    batch = {"prompts": prompts, "gen_tokens": tok, "gen_lengths": ln, "mask": jnp.asarray(fake.mask)}
+    batch.update(old_logp=z, ref_logp=z, adv=jnp.zeros(N), valid=jnp.ones((1, len(rec["cands"])), bool))
+    pieces = {
+        "sampler": tr._gen.lower(st.params, st.lora, chunks[0], st.key, G),
+        "reforward": tr._tf.lower(st.params, st.lora, chunks[0], tok, ln, G),
+        "update": tr._update_for(st).lower(st.lora, st.opt_state, st.params, batch, shape),
+    }
+    out = {}
+    for k, low in pieces.items():
+        m = low.compile().memory_analysis()
+        out[k] = {
+            f: round(getattr(m, f"{f}_size_in_bytes") / 2**20, 1) for f in ("argument", "output", "temp", "alias")
+        }
+    return out
 
 
 def torch_side(a, recs) -> dict:
@@ -187,6 +225,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--micro-instances", type=int, default=0, help="rl.micro_instances of the elva_jax side")
     ap.add_argument("--row-chunk", type=int, default=72, help="rows per teacher-forced pass of the reference")
     ap.add_argument("--data", default="")
+    ap.add_argument("--memory-plan", action="store_true", help="elva_jax: compile only, print XLA's memory analysis")
     a = ap.parse_args(argv)
     root = a.data or os.path.join(tempfile.mkdtemp(), "mg")
     t_steps = a.steps if a.torch_steps is None else a.torch_steps
@@ -200,11 +239,13 @@ def main(argv=None) -> dict:
         "sequences_per_step": G * S,
         "lora": f"rank {LORA_RANK} alpha {LORA_ALPHA:g}, decoder linears",
     }
+    if a.memory_plan:
+        a.side = "jax"
     if a.side in ("both", "torch"):
         res["torch"] = torch_side(a, recs[: t_steps + 1])
     if a.side in ("both", "jax"):
         res["elva_jax"] = jax_side(a, recs[: a.steps + 1])
-    if a.side == "both":
+    if a.side == "both" and not a.memory_plan:
         j, t = res["elva_jax"], res["torch"]
         res["speedup_vs_torch"] = round(t["step_s"] / j["step_s"], 2)
         res["phase_speedup"] = {k: round(t[k] / max(j[k], 1e-9), 2) for k in KEYS}
