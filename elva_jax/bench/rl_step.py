@@ -109,7 +109,7 @@ def jax_side(a, recs) -> dict:
     tx = optax.adamw(LR)
     tr = RLTrainer.from_tokenizer(
         cfg,
-        ModelOptions(),
+        ModelOptions(remat=a.remat),
         rcfg,
         reward_cfg,
         tx,
@@ -225,6 +225,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--micro-instances", type=int, default=0, help="rl.micro_instances of the elva_jax side")
     ap.add_argument("--row-chunk", type=int, default=72, help="rows per teacher-forced pass of the reference")
     ap.add_argument("--data", default="")
+    ap.add_argument("--remat", action="store_true", help="elva_jax: rematerialise each layer in the backward")
     ap.add_argument("--memory-plan", action="store_true", help="elva_jax: compile only, print XLA's memory analysis")
     a = ap.parse_args(argv)
     root = a.data or os.path.join(tempfile.mkdtemp(), "mg")
