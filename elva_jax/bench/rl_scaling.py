@@ -32,11 +32,11 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-def run_one(side: str, cfg: dict, steps: int, timeout: int, data: str) -> dict:
+def run_one(side: str, cfg: dict, steps: int, timeout: int, data: str, remat: bool = False) -> dict:
     """One configuration on one side in a fresh process: its JSON result, or {"error": ...}."""
     cmd = [sys.executable, "-m", "elva_jax.bench.rl_step", "--side", side, "--steps", str(steps)]
     cmd += ["--negatives", str(cfg["candidates"] - 1), "--group-size", str(cfg["G"])]
-    cmd += ["--summary-tokens", str(cfg["summary"]), "--data", data]
+    cmd += ["--summary-tokens", str(cfg["summary"]), "--data", data] + (["--remat"] if remat and side == "jax" else [])
     t = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -128,6 +128,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--jax-steps", type=int, default=1)
     ap.add_argument("--torch-steps", type=int, default=0)
     ap.add_argument("--torch-max-sequences", type=int, default=300)
+    ap.add_argument("--remat", action="store_true", help="elva_jax side with --remat (1 + 101 needs it on 23 GB)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     ap.add_argument("--out", default=os.path.join("bench", "rl_scaling"))
     a = ap.parse_args(argv)
@@ -150,7 +151,7 @@ def main(argv=None) -> dict:
                         done[key] = {"skipped": f"{seqs} sequences per step > --torch-max-sequences"}
                     else:
                         steps = a.jax_steps if side == "jax" else a.torch_steps
-                        done[key] = run_one(side, cfg, steps, a.timeout, data)
+                        done[key] = run_one(side, cfg, steps, a.timeout, data, a.remat)
                     print(json.dumps({"side": side, **cfg, **done[key]}), file=sys.stderr, flush=True)
                 results.append({"axis": axis, "x": x, "side": side, **cfg, **done[key]})
                 out = finish(a, base, axes, results)  # after every configuration: a partial run keeps its points
