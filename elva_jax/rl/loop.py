@@ -41,6 +41,8 @@ def rl_configs(cfg: RunConfig) -> tuple[RLConfig, RewardConfig]:
 
 def add_random_negatives(records: list[dict], pool_sides: list[dict], n_random: int, seed: int) -> list[dict]:
     """Append n_random candidates drawn (seeded per record) from the pool, avoiding the record's own."""
+    if n_random <= 0:
+        return [dict(r) for r in records]
     out = []
     for r in records:
         own = {(c.get("text"), c.get("image")) for c in r["cands"]}

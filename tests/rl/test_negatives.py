@@ -126,3 +126,16 @@ def test_relative_filter_and_drop_counts_equal_brute_force():
         for i in range(len(q))
     ]
     assert st["dropped_per_query"] == want and st["filter"] == "absolute"
+
+
+def test_random_negatives_append_exactly_n_from_the_pool_and_none_for_zero():
+    from elva_jax.rl.loop import add_random_negatives
+
+    pool = [{"text": f"c{i}", "image": None} for i in range(20)]
+    recs = [{"id": "q", "cands": [pool[3], pool[5]]}]
+    (three,) = add_random_negatives(recs, pool, 3, seed=0)
+    extra = three["cands"][2:]
+    assert len(extra) == 3 and all(c in pool and c not in recs[0]["cands"] for c in extra)
+    assert len({c["text"] for c in extra}) == 3
+    (zero,) = add_random_negatives(recs, pool, 0, seed=0)
+    assert zero["cands"] == recs[0]["cands"]  # not the whole pool
