@@ -309,7 +309,20 @@ def _img_label(root, img_path: str | None) -> str | None:
     return str(mbeir.resolve_image_path(root, img_path)) if img_path else None
 
 
-class ContrastiveRecords(Sequence):
+class _RecordsByIndex(Sequence):
+    """Records by index: ``self[i]`` is ``self._record(i)`` for i in [0, len) (negative counts from the
+    end), a slice a list of records; subclasses give ``__len__`` and ``_record``."""
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._record(j) for j in range(*i.indices(len(self)))]
+        return self._record(_index(i, len(self)))
+
+    def _record(self, i: int) -> dict:
+        raise NotImplementedError
+
+
+class ContrastiveRecords(_RecordsByIndex):
     """Query table + pool table -> pipeline records by index, equal (``image_bytes`` aside) to
     ``contrastive_records(queries, pool, root, instructions=..., num_negatives=...)``.
 
@@ -352,12 +365,9 @@ class ContrastiveRecords(Sequence):
             "img_bytes"
         )
 
-    def __getitem__(self, i):
+    def _record(self, i: int) -> dict:
         from elva_jax.data.pipeline import _side, pick_instruction
 
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = _index(i, len(self))
         row = self.queries[self.query_rows[i]]
         where = self.queries.where(self.query_rows[i])
         q = query_from_row(row, where, src_is_json=self.queries.src_is_json)
@@ -374,7 +384,7 @@ class ContrastiveRecords(Sequence):
         return {"id": q.qid, "query": query, "cands": sides}
 
 
-class CorpusRecords(Sequence):
+class CorpusRecords(_RecordsByIndex):
     """A pool or query table -> the corpus pipeline's records ``{"id", "item"}`` by index, equal (image
     bytes aside) to ``corpus_records(items, root, instructions=..., cand_modality=...)`` (evaluation:
     M-BEIR / MRBench pools and queries)."""
@@ -386,12 +396,9 @@ class CorpusRecords(Sequence):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, i):
+    def _record(self, i: int) -> dict:
         from elva_jax.data.pipeline import _side, pick_instruction
 
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = _index(i, len(self))
         row, where = self.table[i], self.table.where(i)
         if self.is_queries:
             q = query_from_row(row, where, src_is_json=self.table.src_is_json)
@@ -407,7 +414,7 @@ class CorpusRecords(Sequence):
         return {"id": rid, "item": item}
 
 
-class NLIRecords(Sequence):
+class NLIRecords(_RecordsByIndex):
     """NLI table -> records by index, equal to ``nli_records(rows, num_negatives=...)``."""
 
     def __init__(self, table, *, num_negatives: int = 0):
@@ -418,12 +425,9 @@ class NLIRecords(Sequence):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, i):
+    def _record(self, i: int) -> dict:
         from elva_jax.data.pipeline import nli_record
 
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = _index(i, len(self))
         row = self.table[i]
         _need(row, ("sent0", "sent1"), self.table.where(i))
         return nli_record(i, (row["sent0"], row["sent1"], row.get("hard_neg")), self.num_negatives)
