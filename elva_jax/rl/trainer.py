@@ -254,6 +254,20 @@ class RLTrainer:
             sh = fitting_sharding(np.shape(tree), axes(None, tree), self.mesh)
         return place(tree, sh)
 
+    def encode_instances(self, instances: list[dict]):
+        """The generation prompts of every side (query, then each candidate) of every instance, in that
+        order: (input_ids [I*S, P], attention_mask, pixel_values, image_grid_thw) as `encode_prompts`."""
+        sides = [s for inst in instances for s in [inst["query"], *inst["cands"]]]
+        return encode_prompts(
+            sides,
+            self.encoder,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            buckets=self.buckets,
+            pad_id=self.pad_id,
+            geometry=self.cfg.vision.geometry,
+        )
+
     def rollouts(self, state: RLState, instances: list[dict], samples=None):
         """Sample every sequence of every rollout, ``rl.micro_instances`` instances per sampler call.
 
@@ -270,16 +284,7 @@ class RLTrainer:
         m = rc.micro_instances or I
         if I % m:
             raise ValueError(f"{I} instances per step do not split into micro-batches of {m} (rl.micro_instances)")
-        sides = [s for inst in instances for s in [inst["query"], *inst["cands"]]]  # [I*S]
-        ids, am, pvs, grids = encode_prompts(
-            sides,
-            self.encoder,
-            min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels,
-            buckets=self.buckets,
-            pad_id=self.pad_id,
-            geometry=self.cfg.vision.geometry,
-        )
+        ids, am, pvs, grids = self.encode_instances(instances)  # [I*S] sides
 
         def sub(rows):  # patches are packed, not one row per sequence: rebuild from the raw rows
             x = _inputs(

@@ -36,7 +36,7 @@ from elva_jax.model.params import init_params
 from elva_jax.model.tiny import preset_config
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import RLConfig
-from elva_jax.rl.trainer import RLState, RLTrainer, _inputs, encode_prompts
+from elva_jax.rl.trainer import RLState, RLTrainer, _inputs
 
 K, G, STEPS, TEMP, LR = 2, 8, 4, 0.3, 1e-2
 LCFG = LoraConfig(rank=4, alpha=8)
@@ -73,16 +73,7 @@ def toy():
         cfg, opts, rcfg, RCFG, tx, tok, lora_scale=LCFG.scale, prompt_buckets=(64,), patch_row_len=16
     )
     tr.scfg = dataclasses.replace(tr.scfg, cache_dtype="float32")
-    sides = [s for inst in INSTANCES for s in [inst["query"], *inst["cands"]]]
-    ids, am, pvs, grids = encode_prompts(
-        sides,
-        tr.encoder,
-        min_pixels=tr.min_pixels,
-        max_pixels=tr.max_pixels,
-        buckets=tr.buckets,
-        pad_id=tr.pad_id,
-        geometry=cfg.vision.geometry,
-    )
+    ids, am, pvs, grids = tr.encode_instances(INSTANCES)
     x = _inputs(cfg, opts, ids, am, pvs, grids, tr.row_len)
     D, P = ids.shape
 

@@ -28,7 +28,6 @@ def both(tmp_path_factory):
     from elva_jax.bench.rl_step_torch import TorchRLStep, load_jax_lora, lora_model
     from elva_jax.model.hf_checkpoint import save_params
     from elva_jax.model.sampler import Samples
-    from elva_jax.rl.trainer import encode_prompts
 
     torch.manual_seed(0)
     data = instances(str(tmp_path_factory.mktemp("mg")), n_neg=2)
@@ -39,16 +38,7 @@ def both(tmp_path_factory):
     hf = transformers.Qwen2VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32)
     pm = lora_model(hf, rank=LCFG.rank, alpha=LCFG.alpha, targets=LCFG.targets)
     load_jax_lora(pm, st.lora)
-    sides = [s for i in insts for s in [i["query"], *i["cands"]]]
-    ids, am, pvs, grids = encode_prompts(
-        sides,
-        tr.encoder,
-        min_pixels=tr.min_pixels,
-        max_pixels=tr.max_pixels,
-        buckets=tr.buckets,
-        pad_id=tr.pad_id,
-        geometry=tr.cfg.vision.geometry,
-    )
+    ids, am, pvs, grids = tr.encode_instances(insts)
     ref = TorchRLStep(
         pm, tr.rcfg, tr.reward_cfg, lr=1e-3, weight_decay=1e-4, ret_id=tr.ret_id, eos_id=tr.eos_id, pad_id=tr.pad_id
     )
