@@ -2,10 +2,15 @@
 
 Training flow (``kind="contrastive"``, also NLI and RL records), elastic over the host count:
 records (plain dicts) -> ``MapDataset.source`` -> seeded ``shuffle`` -> ``repeat`` -> encode (load
-images, tokenize; random access, so a record dropped by the skip policy is replaced by a substitute,
+images and videos, tokenize; random access, so a record dropped by the skip policy is replaced by a substitute,
 below) -> per-host slice ``[start + process_index :: process_count]`` -> ``to_iter_dataset`` ->
-``batch`` (pad to a sequence bucket, pack images into a fixed patch budget) -> optional
+``batch`` (pad to a sequence bucket, pack images and videos into a fixed patch budget) -> optional
 ``mp_prefetch``.
+
+A side is ``{"text", "image", "instruction"}`` plus optionally ``"video"`` (a local video file, decoded
+with :func:`elva_jax.data.video.load_video` at the config's video settings and the model's geometry; a
+video over a patch row is resampled with fewer frames). A missing or undecodable video, or one whose
+tokens overflow the largest sequence bucket, follows the image policy like a bad image.
 
 Global batch g holds the records at global indices [g*G, (g+1)*G), G = records per host batch x
 process count; host h takes indices h, h+H, ... of it. The iterator's state is the global index of
@@ -56,6 +61,7 @@ from elva_jax.data.image_processing import (
 )
 from elva_jax.data.mbeir import Candidate, Query, dataset_id_of, instruction_key, resolve_image_path
 from elva_jax.data.prompts import choose_instruction
+from elva_jax.data.video import DEFAULT_FPS, DEFAULT_MIN_FRAMES, VideoError, VideoInput, load_video
 from elva_jax.errors import UserError
 from elva_jax.model.config import DEFAULT_GEOMETRY, ModelConfig, PatchGeometry
 from elva_jax.model.inputs import pack_images, position_ids
@@ -137,6 +143,14 @@ class PipelineConfig:
     min_pixels: int = LAMRA_MIN_PIXELS
     max_pixels: int = LAMRA_MAX_PIXELS
     geometry: PatchGeometry = DEFAULT_GEOMETRY
+    # video sampling / sizing (the run's data.video_*; `elva_jax.data.video.load_video`): fps 0 = every
+    # frame; pixel limits 0 = the family's video-processor defaults (per frame for Qwen2-VL / Qwen2.5-VL,
+    # over all frames for Qwen3-VL). A video over a patch row is resampled with fewer frames.
+    video_fps: float = DEFAULT_FPS
+    video_min_frames: int = DEFAULT_MIN_FRAMES
+    video_max_frames: int = 8
+    video_min_pixels: int = LAMRA_MIN_PIXELS
+    video_max_pixels: int = 64 * 28 * 28
 
     @property
     def records_per_batch(self) -> int:
@@ -148,8 +162,8 @@ class PipelineStats:
     """Counters aggregated in the consuming process (also across mp_prefetch workers).
 
     seen: records read; skipped: records dropped for a bad image; truncated: texts cut to the largest
-    bucket; batches / examples: emitted; images: images in emitted batches; skipped_paths: last few
-    offending image paths."""
+    bucket; batches / examples: emitted; images / videos: images / videos in emitted batches; skipped_paths:
+    last few offending image or video paths."""
 
     seen: int = 0
     skipped: int = 0
@@ -157,6 +171,7 @@ class PipelineStats:
     batches: int = 0
     examples: int = 0
     images: int = 0
+    videos: int = 0
     skipped_paths: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -337,25 +352,78 @@ class _EncodeRecord:
                 raise ImageError(f"{e} (image policy 'fail'; path {path})") from e
             return None
 
-    def _encode_side(self, side: dict) -> tuple[dict | None, bool, str | None]:
+    def _row_len(self, key: str) -> int | None:
+        """Patch row length of the group that ``key``'s sides go to (None: text-only pipeline)."""
+        c = self.cfg
+        budget = c.cand_patch_budget or c.patch_budget if key == "cands" else c.patch_budget
+        return None if budget is None else budget[1]
+
+    def _load_video(self, side: dict, key: str, rid) -> VideoInput | None:
+        """The side's ``video`` file decoded, sampled and patched (`elva_jax.data.video.load_video`, the
+        model's geometry, the config's video settings, at most a patch row of patches: longer videos are
+        resampled with fewer frames). None when the skip policy drops it; "fail" raises VideoError naming
+        the file and the record."""
+        c, path = self.cfg, side["video"]
+        row_len = self._row_len(key)
+        if row_len is None:
+            raise ValueError(
+                f"record {rid!r} has a video ({path}) but this pipeline has no patch budget (text-only data)"
+            )
+        try:
+            if "://" in str(path):
+                raise VideoError(f"video {path}: only local video files are read (copy it to a local path)")
+            if not Path(path).is_file():
+                raise VideoError(f"video file not found: {path}")
+            return load_video(
+                path,
+                c.geometry,
+                fps=c.video_fps or None,
+                min_frames=c.video_min_frames,
+                max_frames=c.video_max_frames,
+                min_pixels=c.video_min_pixels or None,
+                max_pixels=c.video_max_pixels or None,
+                max_patches=row_len,
+            )
+        except VideoError as e:
+            if c.image_policy.mode == "fail":
+                raise VideoError(f"{e} (record {rid!r}; image policy 'fail'; path {path})") from e
+            return None
+
+    def _encode_side(self, side: dict, key: str = "item", rid=None) -> tuple[dict | None, bool, str | None]:
         pv, grid = None, None
         if side["image"] is not None:
             loaded = self._load(side)
             if loaded is None:
                 return None, False, side["image"]
             pv, grid = loaded
-        enc, trunc = self.encoder.encode(side, pv, grid, max(self.cfg.seq_buckets))
+        if side.get("video") is None:
+            enc, trunc = self.encoder.encode(side, pv, grid, max(self.cfg.seq_buckets))
+            return enc, trunc, None
+        video = self._load_video(side, key, rid)
+        if video is None:
+            return None, False, side["video"]
+        try:
+            enc, trunc = self.encoder.encode(side, pv, grid, max(self.cfg.seq_buckets), videos=[video])
+        except ValueError as e:  # the video's tokens alone overflow the largest sequence bucket
+            err = VideoError(
+                f"video {side['video']} of record {rid!r} ({tuple(video.grid_thw.tolist())} patches) does not fit "
+                f"a row of {max(self.cfg.seq_buckets)} tokens: {e}; raise data.seq_buckets or lower "
+                "data.video_max_pixels / data.video_max_frames"
+            )
+            if self.cfg.image_policy.mode == "fail":
+                raise err from e
+            return None, False, side["video"]
         return enc, trunc, None
 
     def encode_one(self, record: dict) -> tuple[dict | None, int, str | None]:
-        """(encoded record or None, rows truncated, the bad image path when the skip policy drops it)."""
+        """(encoded record or None, rows truncated, the bad image / video path when the skip policy drops it)."""
         out: dict[str, Any] = {"id": record["id"]}
         truncated = 0
         for key in self.group_keys:
             sides = record[key] if isinstance(record[key], list) else [record[key]]
             encs = []
             for side in sides:
-                enc, trunc, bad = self._encode_side(side)
+                enc, trunc, bad = self._encode_side(side, key, record["id"])
                 if enc is None:
                     return None, 0, bad
                 truncated += trunc
@@ -434,8 +502,10 @@ def collate_group(
     budget: tuple[int, int] | None,
 ) -> dict[str, np.ndarray]:
     """A micro-batches of encoded rows -> build_inputs-layout arrays with leading axis A, all padded to
-        one sequence bucket; images packed into ``budget`` = (R, Lv) patch rows (arrays present even when the
-    batch has no image, so shapes never change; ``budget=None`` omits them for text-only data)."""
+    one sequence bucket; images, then videos (rows with ``pixel_values_videos`` / ``video_grid_thw`` /
+    ``second_per_grid_ts``), packed into ``budget`` = (R, Lv) patch rows, each frame its own segment
+    (arrays present even when the batch has no image, so shapes never change; ``budget=None`` omits them
+    for text-only data). Equals ``build_inputs(**tokenize.collate(rows), rows=R, row_len=Lv)`` per micro-batch."""
     L = _bucket(max(len(r["input_ids"]) for rows in micro for r in rows), cfg.seq_buckets)
     outs = []
     for rows in micro:
@@ -445,17 +515,21 @@ def collate_group(
             ids[i, : len(r["input_ids"])] = r["input_ids"]
             am[i, : len(r["input_ids"])] = 1
         img_rows = [r for r in rows if r["pixel_values"] is not None]
+        vid_rows = [r for r in rows if r.get("pixel_values_videos") is not None]
         grids = np.concatenate([r["image_grid_thw"] for r in img_rows]) if img_rows else np.zeros((0, 3), np.int64)
+        vgrids = np.concatenate([r["video_grid_thw"] for r in vid_rows]) if vid_rows else None
         out = {"input_ids": ids, "attention_mask": am}
         if budget is not None:
-            pv = (
-                np.concatenate([r["pixel_values"] for r in img_rows])
-                if img_rows
-                else np.zeros((0, model_cfg.vision.patch_dim), np.float32)
-            )
+            # images of all rows first, then videos (the order embed_inputs scatters features in)
+            pv = [r["pixel_values"] for r in img_rows] + [r["pixel_values_videos"] for r in vid_rows]
+            pv = np.concatenate(pv) if pv else np.zeros((0, model_cfg.vision.patch_dim), np.float32)
+            g = grids if vgrids is None else np.concatenate([grids, vgrids])
             R, Lv = budget
-            out.update(pack_images(pv, grids, rows=R, row_len=Lv, cfg=model_cfg))
-        out["positions"] = position_ids(ids, am, grids if img_rows else None, model_cfg, cfg.position_mode)
+            out.update(pack_images(pv, g, rows=R, row_len=Lv, cfg=model_cfg))
+        elif vid_rows:
+            raise ValueError("video rows need a patch budget (patch_budget is None: text-only data)")
+        spg = np.concatenate([r["second_per_grid_ts"] for r in vid_rows]) if vid_rows else None
+        out["positions"] = position_ids(ids, am, grids if img_rows else None, model_cfg, cfg.position_mode, vgrids, spg)
         outs.append(out)
     return {k: np.stack([o[k] for o in outs]) for k in outs[0]}
 
@@ -475,6 +549,7 @@ class _Collate:
             batch = collate_group([rows], cfg, self.model_cfg, cfg.patch_budget)
             batch = {k: v[0] for k, v in batch.items()}
             n_img = sum(r["pixel_values"] is not None for r in rows)
+            n_vid = sum(r.get("pixel_values_videos") is not None for r in rows)
         else:
             micro = [recs[a * b : (a + 1) * b] for a in range(cfg.micro_batches)]
             q = [[r["query"][0] for r in m] for m in micro]
@@ -484,10 +559,12 @@ class _Collate:
                 "cand": collate_group(c, cfg, self.model_cfg, cfg.cand_patch_budget or cfg.patch_budget),
             }
             n_img = sum(x["pixel_values"] is not None for rows in q + c for x in rows)
+            n_vid = sum(x.get("pixel_values_videos") is not None for rows in q + c for x in rows)
         batch["_meta"] = {
             "ids": [r["id"] for r in recs],
             "truncated": truncated,
             "images": n_img,
+            "videos": n_vid,
             "skipped_paths": skipped,
         }
         return batch
@@ -545,6 +622,7 @@ class PipelineIterator:
                 flush=True,
             )
         s.images += meta["images"]
+        s.videos += meta["videos"]
         s.truncated += meta["truncated"]
         self.last_ids = meta["ids"]
         pol = self.cfg.image_policy

@@ -65,6 +65,8 @@ __all__ = [
     "LAMRA_IMAGE_SUFFIX",
     "LAMRA_IMAGE_TEXT_SUFFIX",
     "LAMRA_TEXT_SUFFIX",
+    "LAMRA_VIDEO_SUFFIX",
+    "LAMRA_VIDEO_TEXT_SUFFIX",
     "QWEN_VL_CHAT_TEMPLATE",
     "RET_TOKEN",
     "VIDEO_PLACEHOLDER",
@@ -91,6 +93,9 @@ VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 LAMRA_TEXT_SUFFIX = "\nSummarize above sentence in one word: "
 LAMRA_IMAGE_SUFFIX = "\nSummarize above image in one word: "
 LAMRA_IMAGE_TEXT_SUFFIX = "\nSummarize above image and sentence in one word: "
+#: LamRA has no video prompt; a video side reads as an image side with "video" for "image" (this project's choice)
+LAMRA_VIDEO_SUFFIX = "\nSummarize above video in one word: "
+LAMRA_VIDEO_TEXT_SUFFIX = "\nSummarize above video and sentence in one word: "
 LAMRA_ASSISTANT = EMB_TOKEN + "."
 
 #: ELVA's fixed request (method.md), verbatim.
@@ -256,20 +261,29 @@ def _check(text: str, n_images: int, n_videos: int = 0) -> None:
 
 
 def lamra_prompt(
-    text: str | None = None, n_images: int = 0, instruction: str | None = None, *, with_assistant: bool = True
+    text: str | None = None,
+    n_images: int = 0,
+    instruction: str | None = None,
+    *,
+    with_assistant: bool = True,
+    n_videos: int = 0,
 ) -> Prompt:
     """LamRA EOL prompt: user turn by modality (text / image / image+text template), assistant ``<emb>.``.
 
     Queries pass their instruction (image-only queries then use the image+text template with the
     instruction as text); candidates pass none. ``with_assistant=False`` leaves the assistant turn out.
+    Videos (``n_videos``, placed before the images) use :data:`LAMRA_VIDEO_SUFFIX` /
+    :data:`LAMRA_VIDEO_TEXT_SUFFIX` (rows with videos are encoded by ``Tokenizer.encode_prompt(videos=...)``).
     """
     txt = prompt_text(text, instruction)
-    _check(txt, n_images)
-    if n_images:
+    _check(txt, n_images, n_videos)
+    if n_videos:
+        suffix = LAMRA_VIDEO_TEXT_SUFFIX if txt else LAMRA_VIDEO_SUFFIX
+    elif n_images:
         suffix = LAMRA_IMAGE_TEXT_SUFFIX if txt else LAMRA_IMAGE_SUFFIX
     else:
         suffix = LAMRA_TEXT_SUFFIX
-    msgs = [{"role": "user", "content": _user_content(n_images, txt, suffix)}]
+    msgs = [{"role": "user", "content": _user_content(n_images, txt, suffix, n_videos)}]
     if with_assistant:
         msgs.append({"role": "assistant", "content": [{"type": "text", "text": LAMRA_ASSISTANT}]})
     return Prompt(tuple(msgs))
@@ -282,16 +296,17 @@ def elva_prompt(
     *,
     summary: str | None = None,
     generation: bool = False,
+    n_videos: int = 0,
 ) -> Prompt:
-    """ELVA generative prompt: user turn ``{image}{TXT}`` + :data:`ELVA_SUFFIX`.
+    """ELVA generative prompt: user turn ``{video}{image}{TXT}`` + :data:`ELVA_SUFFIX`.
 
     ``generation=True``: no assistant turn, an open ``<|im_start|>assistant\\n`` (the model writes the
     summary and ``[RET]``). Otherwise the teacher-forced assistant turn ``f"{summary} [RET]"``
     (just ``[RET]`` when ``summary`` is empty or None).
     """
     txt = prompt_text(text, instruction)
-    _check(txt, n_images)
-    msgs = [{"role": "user", "content": _user_content(n_images, txt, ELVA_SUFFIX)}]
+    _check(txt, n_images, n_videos)
+    msgs = [{"role": "user", "content": _user_content(n_images, txt, ELVA_SUFFIX, n_videos)}]
     if generation:
         if summary:
             raise ValueError("generation=True takes no summary (the model writes it)")

@@ -272,14 +272,21 @@ class Tokenizer:
         *,
         max_length: int | None = None,
         max_text_tokens: int | None = None,
+        videos: Sequence[Any] = (),
     ) -> dict[str, Any]:
-        """Prompt (+ one grid per image, in order) -> ``input_ids`` int32 [L] with image pads expanded,
-        ``n_image_tokens`` int32 [n_images], ``n_text_tokens``, ``truncated`` (see the module rule)."""
+        """Prompt (+ one grid per image, in order; one `elva_jax.data.video.VideoInput` per video item) ->
+        ``input_ids`` int32 [L] with image and video pads expanded, ``n_image_tokens`` int32 [n_images],
+        ``n_video_tokens`` int32 [n_videos], ``n_text_tokens``, ``truncated`` (see the module rule; video
+        tokens, like image tokens, are never cut). The k-th rendered video placeholder becomes
+        ``video.video_prompt_text(videos[k], self.geometry)``, as :meth:`encode_video_prompt` does."""
         grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw, np.int64)
         grids = grids.reshape(-1, 3)
         counts = [int(np.prod(g)) // self.merge_size**2 for g in grids]
-        extra = sum(counts) - len(counts)
         pre, text, post = self._split(prompt)
+        vid_counts: list[int] = []
+        if videos or VIDEO_PLACEHOLDER in pre + post:
+            pre, post, vid_counts = self._put_videos(pre, post, videos)
+        extra = sum(counts) - len(counts) + sum(vid_counts) - len(vid_counts)
         lo = len(pre)
 
         def tok(cut: int) -> tuple[list[int], list[int]]:
@@ -313,12 +320,40 @@ class Tokenizer:
         if truncated:
             self.n_truncated += 1
         out = expand_image_pads(ids, self.image_token_id, counts)
+        if vid_counts:
+            where = np.flatnonzero(out == self.video_token_id)
+            if len(where) != len(vid_counts):
+                raise ValueError(f"{len(where)} <|video_pad|> runs in the row but the videos need {len(vid_counts)}")
+            reps = np.ones(len(out), np.int64)
+            reps[where] = vid_counts
+            out = np.repeat(out, reps).astype(np.int32)
         return {
             "input_ids": out,
             "n_image_tokens": np.asarray(counts, np.int32),
+            "n_video_tokens": np.asarray([int(np.prod(v.grid_thw)) // self.merge_size**2 for v in videos], np.int32),
             "n_text_tokens": n_text,
             "truncated": truncated,
         }
+
+    def _put_videos(self, pre: str, post: str, videos: Sequence[Any]) -> tuple[str, str, list[int]]:
+        """Replace the video placeholders of ``pre`` then ``post`` by each video's prompt text (one pad per
+        run); returns the new strings and every pad run's token count, in order."""
+        from elva_jax.data.video import video_pad_counts, video_prompt_text
+
+        n = (pre + post).count(VIDEO_PLACEHOLDER)
+        if n != len(videos):
+            raise ValueError(f"the prompt renders {n} video placeholders for {len(videos)} videos")
+        it = iter(videos)
+        out, counts = [], []
+        for s in (pre, post):
+            parts = s.split(VIDEO_PLACEHOLDER)
+            acc = parts[0]
+            for rest in parts[1:]:
+                v = next(it)
+                acc += video_prompt_text(v, self.geometry, expand=False) + rest
+                counts += video_pad_counts(v, self.geometry)
+            out.append(acc)
+        return out[0], out[1], counts
 
     def encode_video_prompt(
         self,
@@ -404,18 +439,38 @@ class PromptEncoder:
 
     def prompt(self, side: dict) -> Prompt:
         n = int(side.get("image") is not None)
+        nv = int(side.get("video") is not None)
         if self.template == "eol":
-            return lamra_prompt(side.get("text"), n, side.get("instruction"))
+            return lamra_prompt(side.get("text"), n, side.get("instruction"), n_videos=nv)
         if self.template == "instruct_last":
             return instruct_prompt(
-                side.get("text"), n, side.get("instruction"), default_instruction=self.default_instruction
+                side.get("text"),
+                n,
+                side.get("instruction"),
+                default_instruction=self.default_instruction,
+                n_videos=nv,
             )
-        return elva_prompt(side.get("text"), n, side.get("instruction"), generation=self.generation)
+        return elva_prompt(side.get("text"), n, side.get("instruction"), generation=self.generation, n_videos=nv)
 
-    def encode(self, side: dict, pixel_values, image_grid_thw, max_len: int) -> tuple[dict, bool]:
-        enc = self.tokenizer.encode_prompt(self.prompt(side), image_grid_thw, max_length=max_len)
+    def encode(self, side: dict, pixel_values, image_grid_thw, max_len: int, *, videos=()) -> tuple[dict, bool]:
+        """``videos``: the side's processed video (`elva_jax.data.video.VideoInput`, one when ``side["video"]``
+        is set). The row also carries pixel_values_videos / video_grid_thw / second_per_grid_ts (None
+        without a video)."""
+        enc = self.tokenizer.encode_prompt(self.prompt(side), image_grid_thw, max_length=max_len, videos=videos)
         row = {"input_ids": enc["input_ids"], "pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+        row.update(_video_arrays(videos))
         return row, enc["truncated"]
+
+
+def _video_arrays(videos: Sequence[Any]) -> dict:
+    """pixel_values_videos [Nv, patch_dim], video_grid_thw [n, 3], second_per_grid_ts [n] (None when none)."""
+    if not videos:
+        return {"pixel_values_videos": None, "video_grid_thw": None, "second_per_grid_ts": None}
+    return {
+        "pixel_values_videos": np.concatenate([v.patches for v in videos]).astype(np.float32),
+        "video_grid_thw": np.stack([np.asarray(v.grid_thw, np.int64) for v in videos]),
+        "second_per_grid_ts": np.asarray([v.second_per_grid_t for v in videos], np.float32),
+    }
 
 
 def _as_images(images) -> list:

@@ -1,0 +1,221 @@
+"""Video sides through the Grain pipeline: batches equal the direct path (`load_video` +
+`Tokenizer.encode_video_prompt` + `tokenize.collate` + `model.inputs.build_inputs`, each tested against
+transformers in tests/data/test_video.py and tests/model), static shapes, bad-video policies."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+av = pytest.importorskip("av")
+
+from elva_jax.data import pipeline as P  # noqa: E402
+from elva_jax.data.image_processing import preprocess_images  # noqa: E402
+from elva_jax.data.prompts import elva_prompt, instruct_prompt, lamra_prompt  # noqa: E402
+from elva_jax.data.tokenize import PromptEncoder, Tokenizer, collate  # noqa: E402
+from elva_jax.data.video import VideoError, load_video  # noqa: E402
+from elva_jax.model.config import ModelOptions  # noqa: E402
+from elva_jax.model.inputs import build_inputs  # noqa: E402
+from elva_jax.model.tiny import preset_config  # noqa: E402
+
+BUCKETS = (96, 160, 256)
+BUDGET = (4, 128)
+VIDEO_KW = dict(video_fps=2.0, video_min_frames=4, video_max_frames=8, video_min_pixels=4 * 28 * 28)
+
+
+def _write(path, n=8, h=48, w=64, fps=4, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            f = np.stack([20 + xx * 2 + i * 9, 30 + yy * 3 + i * 5, 10 + (xx + yy) + i * 7], -1)
+            f = np.clip(f + rng.integers(0, 8, f.shape), 0, 255).astype(np.uint8)
+            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    _write(d / "a.mp4", seed=0)
+    _write(d / "b.mp4", n=12, h=40, w=40, fps=6, seed=1)
+    from PIL import Image
+
+    Image.fromarray(np.full((56, 84, 3), (200, 60, 30), np.uint8)).save(d / "img.png")
+    (d / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video stream")
+    return d
+
+
+def _side(text=None, image=None, video=None, instruction=None):
+    s = {"text": text, "image": image, "instruction": instruction}
+    if video is not None:
+        s["video"] = video
+    return s
+
+
+def _corpus(media):
+    return [
+        {"id": "v", "item": _side(video=str(media / "a.mp4"), instruction="Recognize the motion in the video.")},
+        {"id": "vt", "item": _side("a clip of a gradient", video=str(media / "b.mp4"))},
+        {"id": "i", "item": _side("a red page", image=str(media / "img.png"))},
+        {"id": "t", "item": _side("just some words")},
+    ]
+
+
+def _cfg(model_cfg, tok, **kw):
+    base = dict(batch_size=4, seq_buckets=BUCKETS, patch_budget=BUDGET, shuffle=False, process_index=0)
+    base.update(process_count=1, pad_token_id=tok.pad_token_id, geometry=model_cfg.vision.geometry, **VIDEO_KW)
+    return P.PipelineConfig(**{**base, **kw})
+
+
+def _direct_rows(records, tok, template, cfg):
+    """Each side by the direct path: load_video / preprocess_images, the template's prompt, then
+    encode_video_prompt (video rows) or encode_prompt; rows in tokenize.collate's format."""
+    prompt_of = {
+        "eol": lambda s, n, nv: lamra_prompt(s["text"], n, s["instruction"], n_videos=nv),
+        "ret": lambda s, n, nv: elva_prompt(s["text"], n, s["instruction"], generation=True, n_videos=nv),
+        "instruct_last": lambda s, n, nv: instruct_prompt(s["text"], n, s["instruction"], n_videos=nv),
+    }[template]
+    geo = cfg.geometry
+    rows = []
+    for r in records:
+        s = r["item"]
+        row, grid = {}, None
+        if s["image"]:
+            from PIL import Image
+
+            pv, grid = preprocess_images(
+                [Image.open(s["image"]).convert("RGB")],
+                min_pixels=cfg.min_pixels,
+                max_pixels=cfg.max_pixels,
+                geometry=geo,
+            )
+            row.update(pixel_values=pv, image_grid_thw=grid)
+        p = prompt_of(s, int(bool(s["image"])), int("video" in s))
+        if "video" in s:
+            v = load_video(
+                s["video"], geo, fps=2.0, min_frames=4, max_frames=8, min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28
+            )
+            row.update(tok.encode_video_prompt(p, [v], grid))
+            row.update(
+                pixel_values_videos=v.patches, video_grid_thw=v.grid_thw[None], second_per_grid_ts=[v.second_per_grid_t]
+            )
+        else:
+            row.update(tok.encode_prompt(p, grid))
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize(
+    "preset,template",
+    [("tiny", "eol"), ("tiny", "ret"), ("tiny_qwen2_5_vl", "instruct_last"), ("tiny_qwen3_vl", "instruct_last")],
+)
+def test_corpus_batch_with_videos_equals_the_direct_path(media, preset, template):
+    model_cfg = preset_config(preset)
+    tok = Tokenizer.from_dir(geometry=model_cfg.vision.geometry)
+    cfg = _cfg(model_cfg, tok)
+    recs = _corpus(media)
+    it = P.make_pipeline(
+        recs, PromptEncoder(tok, template, generation=template == "ret"), model_cfg, cfg, kind="corpus"
+    )
+    got = next(it)
+    assert it.last_ids == ["v", "vt", "i", "t"] and it.stats.videos == 2 and it.stats.images == 1
+    ref = collate(_direct_rows(recs, tok, template, cfg), tok.pad_token_id, "right", length_bucket=BUCKETS)
+    assert ref["video_grid_thw"].shape == (2, 3) and "pixel_values" in ref
+    want = build_inputs(model_cfg, ModelOptions(), **ref, rows=BUDGET[0], row_len=BUDGET[1])
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert int((got["input_ids"] == model_cfg.video_token_id).sum()) == sum(
+        int(np.prod(g)) // 4 for g in ref["video_grid_thw"]
+    )
+    if template == "eol":
+        assert "Summarize above video and sentence in one word:" in tok.decode(got["input_ids"][0])
+
+
+def test_contrastive_batches_with_video_queries_keep_static_shapes(media):
+    model_cfg = preset_config("tiny")
+    tok = Tokenizer.from_dir()
+    cfg = dataclasses.replace(_cfg(model_cfg, tok), batch_size=2, cand_patch_budget=(2, 128), shuffle=True)
+    recs = [
+        {
+            "id": f"q{i}",
+            "query": _side(video=str(media / ("a.mp4" if i % 2 else "b.mp4")), instruction="Find it."),
+            "cands": [_side(f"caption {i}")],
+        }
+        for i in range(4)
+    ] + [
+        {"id": "qi", "query": _side("words", image=str(media / "img.png")), "cands": [_side("x")]},
+        {"id": "qt", "query": _side("only text"), "cands": [_side("y")]},
+    ]
+    it = P.make_pipeline(recs, PromptEncoder(tok, "eol"), model_cfg, cfg)
+    shapes = set()
+    for b in it:
+        shapes.add(
+            tuple((g, k, v.shape) for g in ("query", "cand") for k, v in sorted(b[g].items()) if k != "input_ids")
+        )
+        assert b["query"]["patches"].shape == (1, 4, 128, model_cfg.vision.patch_dim)
+    assert it.stats.batches == 3 and it.stats.videos == 4
+    assert (
+        len({tuple((g, k, s[1:]) for g, k, s in x if k != "positions" and k != "attention_mask") for x in shapes}) == 1
+    )
+
+
+def test_a_missing_or_undecodable_video_fails_naming_file_and_record(media):
+    model_cfg = preset_config("tiny")
+    tok = Tokenizer.from_dir()
+    enc = PromptEncoder(tok, "eol")
+    for name, what in (("gone.mp4", "not found"), ("broken.mp4", "cannot decode")):
+        recs = [{"id": "bad-rec", "item": _side("x", video=str(media / name))}] + _corpus(media)[1:]
+        it = P.make_pipeline(recs, enc, model_cfg, _cfg(model_cfg, tok), kind="corpus")
+        with pytest.raises(VideoError, match=rf"(?s){what}.*{name}.*record 'bad-rec'"):
+            next(it)
+
+
+def test_the_skip_policy_drops_a_bad_video_and_counts_it(media):
+    model_cfg = preset_config("tiny")
+    tok = Tokenizer.from_dir()
+    cfg = _cfg(model_cfg, tok, batch_size=2, image_policy=P.ImagePolicy("skip", max_skip_fraction=0.5, min_seen=100))
+    bad = str(media / "broken.mp4")
+    recs = [{"id": "bad", "item": _side("x", video=bad)}] + _corpus(media)[:2]
+    it = P.make_pipeline(recs, PromptEncoder(tok, "eol"), model_cfg, cfg, kind="corpus")
+    next(it)
+    assert it.last_ids == ["v", "vt"] and it.stats.skipped == 1 and it.stats.skipped_paths == [bad]
+    # the elastic (training) flow substitutes the record one global batch later
+    recs = [
+        {"id": "bad", "query": _side(video=str(media / "gone.mp4"), instruction="i"), "cands": [_side("c0")]},
+        {"id": "ok1", "query": _side(video=str(media / "a.mp4"), instruction="i"), "cands": [_side("c1")]},
+        {"id": "ok2", "query": _side("t2"), "cands": [_side("c2")]},
+        {"id": "ok3", "query": _side("t3"), "cands": [_side("c3")]},
+    ]
+    it = P.make_pipeline(
+        recs, PromptEncoder(tok, "eol"), model_cfg, dataclasses.replace(cfg, cand_patch_budget=(2, 128))
+    )
+    next(it)
+    assert it.last_ids == ["ok2", "ok1"] and it.stats.skipped == 1
+
+
+def test_a_video_over_the_sequence_bucket_is_a_named_bad_video(media):
+    model_cfg = preset_config("tiny")
+    tok = Tokenizer.from_dir()
+    cfg = _cfg(model_cfg, tok, seq_buckets=(32,), batch_size=1)
+    recs = [{"id": "long", "item": _side("x", video=str(media / "a.mp4"))}]
+    with pytest.raises(VideoError, match=r"a\.mp4 of record 'long'.*does not fit a row of 32 tokens"):
+        next(P.make_pipeline(recs, PromptEncoder(tok, "eol"), model_cfg, cfg, kind="corpus"))
+
+
+def test_a_video_longer_than_a_patch_row_is_resampled_to_fit(media):
+    model_cfg = preset_config("tiny")
+    tok = Tokenizer.from_dir()
+    # 16 patches per frame, 2 temporal patches at 2 fps: a row of 16 keeps 2 frames (one temporal patch)
+    cfg = _cfg(model_cfg, tok, batch_size=1, patch_budget=(1, 16))
+    it = P.make_pipeline([_corpus(media)[0]], PromptEncoder(tok, "eol"), model_cfg, cfg, kind="corpus")
+    b = next(it)
+    assert int((b["vision_segment_ids"] > 0).sum()) == 16 and int(b["vision_segment_ids"].max()) == 1
+    assert int((b["input_ids"] == model_cfg.video_token_id).sum()) == 4
