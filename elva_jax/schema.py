@@ -127,6 +127,15 @@ class DataSection:
     patch_row_len: int = 1200  # LamRA max 300 visual tokens = 1200 patches
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 300 * 28 * 28
+    # video sides (elva_jax.data.video.load_video): frames sampled per second (0: every frame), frame-count
+    # bounds, pixel limits per frame (Qwen2-VL / Qwen2.5-VL) or over all frames (Qwen3-VL; 0: the family's
+    # video-processor default). Not from a paper: chosen so a clip fits a 1200-patch row (8 frames of
+    # <= 64*28*28 px = 4 temporal patches of <= 256 patches); a longer video is resampled to fit the row
+    video_fps: float = 2.0
+    video_min_frames: int = 4
+    video_max_frames: int = 8
+    video_min_pixels: int = 4 * 28 * 28
+    video_max_pixels: int = 64 * 28 * 28
     image_policy: str = field(default="fail", metadata={"choices": ("fail", "skip")})
     max_skip_fraction: float = 0.01
     instruction_seed: int = 0
@@ -284,6 +293,16 @@ def _check_values(c) -> None:
             "must be 'files' for the RL stage (its negative mining reads the M-BEIR files)",
         ),
         ("data.min_pixels", 0 < c.data.min_pixels <= c.data.max_pixels, "must be > 0 and <= data.max_pixels"),
+        ("data.video_fps", fin(c.data.video_fps) and c.data.video_fps >= 0, "must be >= 0 (0: every frame)"),
+        ("data.video_min_frames", c.data.video_min_frames >= 1, "must be >= 1"),
+        ("data.video_max_frames", c.data.video_max_frames >= c.data.video_min_frames, "must be >= video_min_frames"),
+        (
+            "data.video_min_pixels",
+            c.data.video_min_pixels >= 0
+            and c.data.video_max_pixels >= 0
+            and (not c.data.video_max_pixels or c.data.video_min_pixels <= c.data.video_max_pixels),
+            "must be >= 0 (0: the processor default) and <= data.video_max_pixels",
+        ),
         # the RL policy samples; 0 would make log-probs and KL undefined (greedy decoding is eval's "greedy")
         ("rl.temperature", fin(c.rl.temperature) and c.rl.temperature > 0, "must be > 0 (the policy samples)"),
         ("rl.top_p", 0 < c.rl.top_p <= 1, "must be in (0, 1]"),

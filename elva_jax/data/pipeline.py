@@ -61,7 +61,7 @@ from elva_jax.data.image_processing import (
 )
 from elva_jax.data.mbeir import Candidate, Query, dataset_id_of, instruction_key, resolve_image_path
 from elva_jax.data.prompts import choose_instruction
-from elva_jax.data.video import DEFAULT_FPS, DEFAULT_MIN_FRAMES, VideoError, VideoInput, load_video
+from elva_jax.data.video import VideoError, VideoInput, load_video
 from elva_jax.errors import UserError
 from elva_jax.model.config import DEFAULT_GEOMETRY, ModelConfig, PatchGeometry
 from elva_jax.model.inputs import pack_images, position_ids
@@ -73,6 +73,7 @@ __all__ = [
     "PipelineIterator",
     "PipelineStats",
     "SkippedFractionError",
+    "VIDEO_FIELDS",
     "collate_group",
     "contrastive_records",
     "corpus_records",
@@ -111,6 +112,10 @@ class ImagePolicy:
             raise ValueError(f"image policy mode must be 'fail' or 'skip', got {self.mode!r}")
 
 
+#: the video settings PipelineConfig and EmbedConfig take from the run's data section (same names)
+VIDEO_FIELDS = ("video_fps", "video_min_frames", "video_max_frames", "video_min_pixels", "video_max_pixels")
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Static-shape and ordering knobs.
@@ -143,13 +148,13 @@ class PipelineConfig:
     min_pixels: int = LAMRA_MIN_PIXELS
     max_pixels: int = LAMRA_MAX_PIXELS
     geometry: PatchGeometry = DEFAULT_GEOMETRY
-    # video sampling / sizing (the run's data.video_*; `elva_jax.data.video.load_video`): fps 0 = every
+    # video sampling / sizing (the run's data.video_*, same defaults; `elva_jax.data.video.load_video`): fps 0 = every
     # frame; pixel limits 0 = the family's video-processor defaults (per frame for Qwen2-VL / Qwen2.5-VL,
     # over all frames for Qwen3-VL). A video over a patch row is resampled with fewer frames.
-    video_fps: float = DEFAULT_FPS
-    video_min_frames: int = DEFAULT_MIN_FRAMES
+    video_fps: float = 2.0
+    video_min_frames: int = 4
     video_max_frames: int = 8
-    video_min_pixels: int = LAMRA_MIN_PIXELS
+    video_min_pixels: int = 4 * 28 * 28
     video_max_pixels: int = 64 * 28 * 28
 
     @property

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elva_jax.data.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS
-from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
+from elva_jax.data.pipeline import VIDEO_FIELDS, ImagePolicy, PipelineConfig, make_pipeline
 from elva_jax.data.progress import Progress
 from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION
 from elva_jax.data.tokenize import PromptEncoder, Tokenizer
@@ -105,6 +105,12 @@ class EmbedConfig:
     # image pixel limits (the run's data.min_pixels / max_pixels; LamRA's by default)
     min_pixels: int = LAMRA_MIN_PIXELS
     max_pixels: int = LAMRA_MAX_PIXELS
+    # video sampling / sizing of video records (the run's data.video_*; see elva_jax.data.pipeline)
+    video_fps: float = PipelineConfig.video_fps
+    video_min_frames: int = PipelineConfig.video_min_frames
+    video_max_frames: int = PipelineConfig.video_max_frames
+    video_min_pixels: int = PipelineConfig.video_min_pixels
+    video_max_pixels: int = PipelineConfig.video_max_pixels
 
     def __post_init__(self):
         if self.mode not in EMBED_MODES:
@@ -130,6 +136,9 @@ class EmbedConfig:
         d: dict[str, Any] = {"mode": self.mode, "max_length": max(self.seq_buckets), "part_size": self.part_size}
         if (self.min_pixels, self.max_pixels) != (LAMRA_MIN_PIXELS, LAMRA_MAX_PIXELS):  # (keeps older fingerprints)
             d["pixels"] = [self.min_pixels, self.max_pixels]
+        video = {k: getattr(self, k) for k in VIDEO_FIELDS}
+        if video != {k: getattr(PipelineConfig, k) for k in VIDEO_FIELDS}:  # (keeps older fingerprints)
+            d["video"] = video
         if self.mode == "eol":
             d["embedding"] = "LamRA EOL: hidden state before <emb>, L2-normalised"
         elif self.mode == "instruct_last":
@@ -268,10 +277,16 @@ def ret_embed(params, prompts: dict, key, cfg: ModelConfig, opts: ModelOptions, 
 class Embedder:
     """Embeds record lists with one model; caches per (name) under a cache directory.
 
+    Records may carry a ``video`` (a local file) on their side: it goes into the prompt and the patch
+    budget like an image (:mod:`elva_jax.data.pipeline`), in every mode; ``video_inputs`` says so to the
+    MMEB runner.
+
     identity: what names the weights (checkpoint path, step, weight files); it enters the fingerprint.
     stats[name] = {"n", "computed", "reused", "seconds", "items_per_s", "truncated"} of the last ``embed``
     call of that name (truncated: rows whose text was cut to fit max(seq_buckets)).
     """
+
+    video_inputs = True  # video records are embedded (elva_jax.eval.mmeb scores video tasks)
 
     def __init__(
         self,
@@ -344,7 +359,7 @@ class Embedder:
 
     def _pipeline_config(self, records: Sequence[dict]) -> PipelineConfig:
         e = self.ecfg
-        has_img = any(r["item"].get("image") for r in records)
+        has_img = any(r["item"].get("image") or r["item"].get("video") for r in records)
         return PipelineConfig(
             batch_size=e.batch_size,
             micro_batches=1,
@@ -361,6 +376,7 @@ class Embedder:
             geometry=self.cfg.vision.geometry,  # the model's patches (Qwen3-VL: 16-pixel)
             min_pixels=e.min_pixels,
             max_pixels=e.max_pixels,
+            **{k: getattr(e, k) for k in VIDEO_FIELDS},
         )
 
     def _put(self, batch: dict):

@@ -13,8 +13,9 @@ ties to the earlier position (a stable sort; VLM2Vec's
   ranked grades r (qrels scores), divided by the same over the grades sorted descending.
 
 Averages (``experiments/report_score_v2.py``): the mean of the reported metric over the scored tasks of
-each meta-task, of each modality, and over all scored tasks. Skipped tasks (e.g. video tasks without
-video inputs) are listed, never scored.
+each meta-task, of each modality, and over all scored tasks. Skipped tasks (a parser not implemented, or
+video tasks with an embedder that takes no video) are listed, never scored. Video queries / candidates
+are embedded from their files (:mod:`elva_jax.data.video`, at the run's ``data.video_*`` settings).
 """
 
 from __future__ import annotations
@@ -127,8 +128,8 @@ def averages(per_task: dict[str, dict]) -> dict:
 
 
 def video_inputs_available() -> bool:
-    """Whether the embedder takes video records (an ``Embedder.video_inputs`` flag set by the video input
-    path); until then video tasks are read and reported as skipped."""
+    """Whether the embedder takes video records (``Embedder.video_inputs``, True since the corpus pipeline
+    decodes video sides); an embedder without it gets video tasks reported as skipped."""
     return bool(getattr(Embedder, "video_inputs", False))
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from elva_jax import configlib
+from elva_jax.data.pipeline import VIDEO_FIELDS
 from elva_jax.eval import tasks as T
 from elva_jax.eval.embed import EmbedConfig, Embedder, records_digest
 from elva_jax.retrieval.metrics import mrr_from_topk, recall_from_topk
@@ -61,7 +62,14 @@ EvalConfig = RunConfig  # a training preset's sections, `eval` among them
 
 
 # EmbedConfig fields that the run's data section sets (the rest come from the eval section)
-_FROM_DATA = ("seq_buckets", "patch_rows", "patch_row_len", "min_pixels", "max_pixels", "default_instruction")
+_FROM_DATA = (
+    "seq_buckets",
+    "patch_rows",
+    "patch_row_len",
+    "min_pixels",
+    "max_pixels",
+    "default_instruction",
+) + VIDEO_FIELDS
 
 
 def default_config_path() -> str | None:

@@ -309,7 +309,7 @@ def _has_tokenizer(path: str) -> bool:
 
 
 def run(cfg: RunConfig) -> dict:
-    from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, make_pipeline
+    from elva_jax.data.pipeline import VIDEO_FIELDS, ImagePolicy, PipelineConfig, make_pipeline
     from elva_jax.data.tokenize import Tokenizer
     from elva_jax.model.hf_checkpoint import resize_vocab, save_params, write_export_info
     from elva_jax.model.lora import LoraConfig, merge_lora
@@ -368,6 +368,7 @@ def run(cfg: RunConfig) -> dict:
         min_pixels=d.min_pixels,
         max_pixels=d.max_pixels,
         geometry=mcfg.vision.geometry,
+        **{k: getattr(d, k) for k in VIDEO_FIELDS},
     )
     summary: dict = {"records": len(records), "records_dropped": len(dropped), "records_dropped_first": dropped[:20]}
     _log_dropped(cfg.run.dir, "records_dropped", len(dropped))

@@ -211,21 +211,18 @@ def test_mmeb_cli_end_to_end(bundled, tmp_path):
     res = json.loads((out / "results.json").read_text())
     tasks = res["tasks"]
     assert list(tasks) == [t["name"] for t in TASKS]
-    for r in tasks.values():
-        if r["modality"] == "video":
-            assert r["status"] == "skipped: video inputs not available" and r["score"] is None
-        else:
-            assert r["status"] == "ok" and 0.0 <= r["score"] <= 1.0
-            assert r["score"] == r["ndcg_linear@5" if r["modality"] == "visdoc" else "hit@1"]
-    scored = [r["score"] for r in tasks.values() if r["status"] == "ok"]
+    for r in tasks.values():  # video tasks included: the embedder takes video records
+        assert r["status"] == "ok" and 0.0 <= r["score"] <= 1.0
+        assert r["score"] == r["ndcg_linear@5" if r["modality"] == "visdoc" else "hit@1"]
+    scored = [r["score"] for r in tasks.values()]
     a = res["averages"]
-    assert a["all"]["score"] == pytest.approx(np.mean(scored)) and a["all"]["n_tasks"] == 6
+    assert a["all"]["score"] == pytest.approx(np.mean(scored)) and a["all"]["n_tasks"] == 8
     assert a["image/RET"]["score"] == pytest.approx(
         np.mean([tasks[n]["score"] for n in ("Bundled-T2I", "Bundled-I2T")])
     )
-    assert a["video"]["score"] is None and sorted(a["video"]["skipped"]) == ["Bundled-VideoMotion", "Bundled-VideoRET"]
+    assert a["video"]["n_tasks"] == 2 and not a["video"]["skipped"]
     md = (out / "results.md").read_text()
-    assert "| Bundled-VideoRET | video | RET | hit@1 | – |" in md and "**Overall**" in md
+    assert "| Bundled-VideoRET | video | RET | hit@1 |" in md and "**Overall**" in md
     # the embedding cache: a second scoring of one task reads every embedding back
     p2 = subprocess.run(cmd + ["eval.tasks=[Bundled-ShapeQA]"], capture_output=True, text=True, env=env, timeout=900)
     assert p2.returncode == 0, p2.stderr[-3000:]
@@ -301,17 +298,81 @@ class _FakeEmbedder:
         return np.asarray(out, dtype=np.float32)
 
 
-def test_video_tasks_are_skipped_until_video_inputs_exist(bundled, tmp_path, monkeypatch):
+def test_video_tasks_are_skipped_only_without_video_inputs(bundled, tmp_path, monkeypatch):
     tasks = M.load_tasks(bundled, ["Bundled-VideoRET", "Bundled-ShapeQA"], materialize_dir=tmp_path)
+    assert M.video_inputs_available()  # the embedder takes video records
+    monkeypatch.setattr(M.Embedder, "video_inputs", False)
     fake = _FakeEmbedder()
     res = M.evaluate_tasks(tasks, fake, {}, log=lambda s: None)
     assert res["tasks"]["Bundled-VideoRET"]["status"] == "skipped: video inputs not available"
     assert res["tasks"]["Bundled-VideoRET"]["score"] is None and res["averages"]["all"]["n_tasks"] == 1
     assert not any("video" in r["item"] for r in fake.seen)  # nothing of the video task was embedded
-    monkeypatch.setattr(M.Embedder, "video_inputs", True, raising=False)
+    monkeypatch.undo()
     fake = _FakeEmbedder()
     res = M.evaluate_tasks(tasks, fake, {}, log=lambda s: None)
     r = res["tasks"]["Bundled-VideoRET"]
     assert r["status"] == "ok" and r["metric"] == "hit@1" and res["averages"]["video/RET"]["n_tasks"] == 1
     videos = [x["item"]["video"] for x in fake.seen if "video" in x["item"]]
     assert len(videos) == 3 and all(Path(v).is_file() and v.endswith(".mp4") for v in videos)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import jax
+
+    from elva_jax.data.tokenize import Tokenizer
+    from elva_jax.model.params import init_params
+    from elva_jax.model.tiny import preset_config
+
+    cfg = preset_config("tiny")
+    return cfg, init_params(cfg, jax.random.key(0)), Tokenizer.from_dir()
+
+
+@pytest.mark.parametrize("mode", ["eol", "ret", "instruct_last"])
+def test_bundled_video_tasks_are_embedded_and_scored(bundled, tmp_path, tiny_model, mode):
+    """A tiny random model embeds the bundled video tasks (video queries / candidates) in each mode and
+    they are scored; a video query's embedding equals a forward over the direct path's inputs
+    (load_video + encode_video_prompt + collate + build_inputs) and depends on the clip."""
+    from elva_jax.eval.embed import EmbedConfig, Embedder
+
+    cfg, params, tok = tiny_model
+    ecfg = EmbedConfig(mode=mode, batch_size=4, seq_buckets=(160,), patch_row_len=64, summary_tokens=3)
+    emb = Embedder(params, cfg, tok, ecfg, identity={"test": 1}, log=lambda s: None)
+    tasks = M.load_tasks(bundled, ["Bundled-VideoMotion", "Bundled-VideoRET"], materialize_dir=tmp_path)
+    res = M.evaluate_tasks(tasks, emb, {}, log=lambda s: None)
+    for name in ("Bundled-VideoMotion", "Bundled-VideoRET"):
+        r = res["tasks"][name]
+        assert r["status"] == "ok" and r["metric"] == "hit@1" and 0.0 <= r["score"] <= 1.0, r
+    assert res["averages"]["video"]["n_tasks"] == 2 and not res["averages"]["video"]["skipped"]
+    motion = next(t for t in tasks if t.name == "Bundled-VideoMotion")
+    recs = [{"id": f"q{i}", "item": q.item()} for i, q in enumerate(motion.queries[:2])]
+    e = emb.compute(recs)[0]
+    assert np.all(np.isfinite(e)) and not np.allclose(e[0], e[1], atol=1e-4)  # two clips, two embeddings
+    if mode == "ret":
+        return
+    import jax
+
+    from elva_jax.data.prompts import instruct_prompt, lamra_prompt
+    from elva_jax.data.tokenize import collate
+    from elva_jax.data.video import load_video
+    from elva_jax.model.backbone import forward
+    from elva_jax.model.config import ModelOptions
+    from elva_jax.model.embedding import eol_embedding, last_token_embedding
+    from elva_jax.model.inputs import build_inputs
+
+    side = recs[0]["item"]
+    geo = cfg.vision.geometry
+    v = load_video(side["video"], geo, fps=2.0, min_frames=4, max_frames=8, min_pixels=3136, max_pixels=50176)
+    if mode == "eol":
+        p = lamra_prompt(side["text"], 0, side["instruction"], n_videos=1)
+    else:
+        p = instruct_prompt(side["text"], 0, side["instruction"], n_videos=1)
+    row = tok.encode_video_prompt(p, [v])
+    row.update(pixel_values_videos=v.patches, video_grid_thw=v.grid_thw[None], second_per_grid_ts=[v.second_per_grid_t])
+    x = build_inputs(cfg, ModelOptions(), **collate([row], tok.pad_token_id), rows=1, row_len=64)
+    h = forward(params, jax.tree.map(np.asarray, x), cfg, ModelOptions()).hidden
+    if mode == "eol":
+        want = eol_embedding(h, x["input_ids"], tok.emb_token_id, x["attention_mask"])
+    else:
+        want = last_token_embedding(h, x["attention_mask"])
+    np.testing.assert_allclose(e[0], np.asarray(want)[0], atol=2e-5)
