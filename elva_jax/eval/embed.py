@@ -14,7 +14,8 @@ Three modes (:class:`EmbedConfig.mode`):
   prompt; one forward over the right-padded batch; the embedding is the L2-normalised final hidden state of
   the last real token (:func:`elva_jax.model.embedding.last_token_embedding`).
 
-Records are ``{"id", "item": {"text", "image", "instruction"}}`` (:func:`elva_jax.data.pipeline.corpus_records`).
+Records are ``{"id", "item": {"text", "image", "instruction"}}`` (:func:`elva_jax.data.pipeline.corpus_records`),
+the item optionally with ``"video"`` (a local video file; prompt and patch budget as for an image).
 They go through the corpus pipeline (``make_pipeline(kind="corpus")``, no shuffle, image policy
 ``fail``) in batches of ``batch_size`` padded to a sequence bucket and a fixed patch budget (the record
 list is padded with copies of its last record, so every batch is full and a run compiles one program
