@@ -14,9 +14,12 @@ Columns, per VLM2Vec's V2 loaders (``src/data/eval_dataset/*``):
 - visual documents (BEIR triple ``queries`` / ``corpus`` / ``qrels``): ``query-id``, ``query``;
   ``corpus-id``, ``image``; ``query-id``, ``corpus-id``, ``score``. Qrels with score <= 0 are dropped,
   a repeated pair keeps its highest score (``load_qrels_mapping``); the corpus is ranked whole.
-- video: ``video_classification`` (``video_id``, ``pos_text``; global over the label list), ``msrvtt``
-  (``video_id``, ``video``, ``caption``; text -> video over all videos), ``videomme`` (``question``,
-  ``videoID``, ``options``, ``answer``; local over the options, label ``options["ABCD...".index(answer)]``).
+- video: ``video_classification`` (``video_id``, ``pos_text``; global over the label list), ``ssv2``
+  (``video_id``, ``pos_text``, ``neg_text``; local over the row's labels), text -> video retrieval over
+  all videos (:data:`VIDEO_RET`: ``msrvtt``, ``msvd``, ``didemo``, ``vatex``, ``youcook2``), ``videomme``
+  (``question``, ``videoID``, ``options``, ``answer``; local over the options, label
+  ``options["ABCD...".index(answer)]``), ``nextqa`` / ``egoschema`` / ``activitynetqa`` (local over the
+  options, see ``_video_qa_rows``). Not implemented: MVBench and the moment-retrieval tasks.
 
 Directory layout (``root``; a task directory holds a ``save_to_disk`` dataset or ``*.parquet`` files)::
 
@@ -74,7 +77,24 @@ VIDEO_CLS_INSTRUCTION = {
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 IMAGE_PARSERS = ("image_cls", "image_qa", "image_i2t", "image_t2i", "image_i2i_vg")
-VIDEO_PARSERS = ("video_classification", "msrvtt", "videomme")
+#: VLM2Vec's text -> video retrieval loaders: parser -> (id column, path column or None, caption column,
+#: query instruction); a list caption keeps its first entry; the video file is ``{video_root}/`` + the
+#: path column (didemo / youcook2: its base name) or ``{id}.mp4``; the candidate's name is the id (didemo:
+#: the file's stem)
+VIDEO_RET = {
+    "msrvtt": ("video_id", "video", "caption", VIDEO_RET_QUERY_INSTRUCTION),
+    "msvd": ("video_id", "video", "caption", "Find the video snippet that corresponds to the given summary:"),
+    "didemo": (None, "video", "caption", "Find a video that includes the following described scenes:"),
+    "vatex": ("videoID", None, "enCap", "Select a video that fits the description provided:"),
+    "youcook2": (
+        "id",
+        "video_path",
+        "sentence",
+        "Find a video that demonstrates the following action while making a recipe:",
+    ),
+}
+SSV2_INSTRUCTION = "What actions or object interactions are being performed by the person in the video?"
+VIDEO_PARSERS = ("video_classification", "ssv2", *VIDEO_RET, "videomme", "nextqa", "egoschema", "activitynetqa")
 VISDOC_PARSERS = ("vidore", "visrag")
 SUPPORTED_PARSERS = IMAGE_PARSERS + VIDEO_PARSERS + VISDOC_PARSERS
 
@@ -109,6 +129,7 @@ def _table() -> dict[str, tuple[str, str, str]]:
     }
     parsers = {"HMDB51": "video_classification", "UCF101": "video_classification", "K700": "video_classification"}
     parsers |= {"Breakfast": "video_classification", "MSR-VTT": "msrvtt", "Video-MME": "videomme"}
+    parsers |= {"SmthSmthV2": "ssv2"}
     for meta, names in video.items():
         for n in names.split():
             t[n] = ("video", meta, parsers.get(n, n.lower()))
@@ -464,14 +485,40 @@ def _video_task(spec: dict, root: Path) -> MMEBTask:
         for lab in spec.get("labels") or []:  # the label corpus after the queries' labels, as VLM2Vec orders them
             cand(lab, Side(text=lab))
         local_out = None
-    elif parser == "msrvtt":
-        vids, paths, caps = (_column(ds, c, where) for c in ("video_id", "video", "caption"))
-        for i, (v, p, cap) in enumerate(zip(vids, paths, caps)):
-            j = cand(str(v), Side(video=str(vroot / p), instruction=VIDEO_RET_CAND_INSTRUCTION))
-            queries.append(Side(text=cap, instruction=VIDEO_RET_QUERY_INSTRUCTION))
+    elif parser == "ssv2":  # local: each row's own label list (neg_text holds the positive too)
+        vids, pos, negs = (_column(ds, c, where) for c in ("video_id", "pos_text", "neg_text"))
+        inst = spec.get("query_instruction", SSV2_INSTRUCTION)
+        for i, (v, lab, row) in enumerate(zip(vids, pos, negs)):
+            _nonempty(row, where, i, "neg_text")
+            if lab not in row:
+                raise MMEBDataError(f"{where}, row {i}: pos_text {lab!r} is not among its neg_text labels")
+            queries.append(Side(video=str(vroot / f"{v}.mp4"), instruction=inst))
+            qids.append(f"{name}:{i}")
+            local.append([cand(t, Side(text=t)) for t in row])
+            relevant.append({index[lab]: 1.0})
+        local_out = local
+    elif parser in VIDEO_RET:
+        id_col, path_col, cap_col, inst = VIDEO_RET[parser]
+        n = len(ds)
+        paths = _column(ds, path_col, where) if path_col else [None] * n
+        ids = _column(ds, id_col, where) if id_col else [Path(str(p)).stem for p in paths]
+        caps = _column(ds, cap_col, where)
+        for i, (v, p, cap) in enumerate(zip(ids, paths, caps)):
+            if isinstance(cap, list):
+                _nonempty(cap, where, i, cap_col)
+                cap = cap[0]
+            if p is None:
+                f = vroot / f"{v}.mp4"
+            else:
+                f = vroot / (Path(str(p)).name if parser in ("didemo", "youcook2") else str(p))
+            j = cand(str(v), Side(video=str(f), instruction=VIDEO_RET_CAND_INSTRUCTION))
+            queries.append(Side(text=cap, instruction=spec.get("query_instruction", inst)))
             qids.append(f"{name}:{i}")
             relevant.append({j: 1.0})
         local_out = None
+    elif parser in ("nextqa", "egoschema", "activitynetqa"):
+        _video_qa_rows(parser, name, ds, where, vroot, queries, qids, local, relevant, cand)
+        local_out = local
     else:  # videomme
         cols = {c: _column(ds, c, where) for c in ("question", "videoID", "options", "answer")}
         for i in range(len(ds)):
@@ -496,6 +543,52 @@ def _video_task(spec: dict, root: Path) -> MMEBTask:
     if not queries:
         raise MMEBDataError(f"{where}: no rows")
     return MMEBTask(name, "video", spec["meta_task"], parser, where, qids, queries, cands, names, relevant, local_out)
+
+
+def _video_qa_rows(parser: str, name: str, ds, where: str, vroot: Path, queries, qids, local, relevant, cand) -> None:
+    """Rows of VLM2Vec's nextqa / egoschema / activitynetqa loaders (local over each row's options; query =
+    :data:`VIDEO_QA_INSTRUCTION` + the question with its options, as the loaders write it):
+
+    - nextqa: ``video``, ``question``, ``answer`` (int), ``a0``..``a4``; text ``question + "\nOptions:\n(A)
+      a0\n(B) a1..."``; candidates the option texts.
+    - egoschema: ``video_idx``, ``question``, ``answer`` (int as str), ``option`` (["A. ...", ...]); text
+      ``question + " ".join(option)``; candidate text the option without its "A. " prefix, name as written.
+    - activitynetqa: ``video_name``, ``question``, ``answer`` ("yes" / "no"); file ``v_{video_name}.mp4``;
+      text ``question + "? (A) yes; (B) no."``; candidates "yes", "no".
+    """
+    if parser == "nextqa":
+        cols = {c: _column(ds, c, where) for c in ("video", "question", "answer", "a0", "a1", "a2", "a3", "a4")}
+    elif parser == "egoschema":
+        cols = {c: _column(ds, c, where) for c in ("video_idx", "question", "answer", "option")}
+    else:
+        cols = {c: _column(ds, c, where) for c in ("video_name", "question", "answer")}
+    for i in range(len(ds)):
+        q, ans = cols["question"][i], cols["answer"][i]
+        if parser == "nextqa":
+            opts = [cols[f"a{k}"][i] for k in range(5)]
+            text = q + "\nOptions:\n" + "\n".join(f"({OPTION_LETTERS[k]}) {o}" for k, o in enumerate(opts))
+            names, texts, video = opts, opts, f"{cols['video'][i]}.mp4"
+        elif parser == "egoschema":
+            opts = cols["option"][i]
+            _nonempty(opts, where, i, "option")
+            text = q + " ".join(opts)
+            names, texts, video = opts, [o[o.find(". ") :].strip(". ") for o in opts], f"{cols['video_idx'][i]}.mp4"
+        else:
+            names = texts = ["yes", "no"]
+            text, video = q + "? (A) yes; (B) no.", f"v_{cols['video_name'][i]}.mp4"
+        try:
+            k = names.index(ans) if parser == "activitynetqa" else int(ans)
+            if not 0 <= k < len(names):
+                raise ValueError
+        except (ValueError, TypeError):
+            raise MMEBDataError(
+                f"{where}, row {i}: answer {ans!r} does not name one of the {len(names)} options"
+            ) from None
+        queries.append(Side(text=text, video=str(vroot / video), instruction=VIDEO_QA_INSTRUCTION))
+        qids.append(f"{name}:{i}")
+        idx = [cand(nm, Side(text=t)) for nm, t in zip(names, texts)]
+        local.append(idx)
+        relevant.append({idx[k]: 1.0})
 
 
 def load_task(spec: dict, root: str | Path, *, materialize_dir: str | Path | None = None) -> MMEBTask:

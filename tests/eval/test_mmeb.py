@@ -376,3 +376,121 @@ def test_bundled_video_tasks_are_embedded_and_scored(bundled, tmp_path, tiny_mod
     else:
         want = last_token_embedding(h, x["attention_mask"])
     np.testing.assert_allclose(e[0], np.asarray(want)[0], atol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# more of VLM2Vec's video loaders, each on hand-written rows
+
+
+def _video_spec(tmp_path, name, parser, cols):
+    import datasets
+
+    datasets.Dataset.from_dict(cols).save_to_disk(str(tmp_path / "video" / name))
+    return {"name": name, "modality": "video", "meta_task": "X", "parser": parser}
+
+
+@pytest.mark.parametrize(
+    "parser,cols,files,query,inst",
+    [
+        (
+            "msvd",
+            {"video_id": ["a", "b"], "video": ["x/a.avi", "b.avi"], "caption": [["c1", "alt"], ["c2"]]},
+            ["x/a.avi", "b.avi"],
+            "c1",
+            "Find the video snippet that corresponds to the given summary:",
+        ),
+        (
+            "didemo",
+            {"video": ["d/v1.mp4", "d/v2.mp4"], "caption": ["s1", "s2"]},
+            ["v1.mp4", "v2.mp4"],
+            "s1",
+            "Find a video that includes the following described scenes:",
+        ),
+        (
+            "vatex",
+            {"videoID": ["k1", "k2"], "enCap": [["e1", "e1b"], ["e2"]]},
+            ["k1.mp4", "k2.mp4"],
+            "e1",
+            "Select a video that fits the description provided:",
+        ),
+        (
+            "youcook2",
+            {"id": ["y1", "y2"], "video_path": ["p/q/y1.mp4", "p/y2.mp4"], "sentence": ["cut", "fry"]},
+            ["y1.mp4", "y2.mp4"],
+            "cut",
+            "Find a video that demonstrates the following action while making a recipe:",
+        ),
+    ],
+)
+def test_video_retrieval_parsers(tmp_path, parser, cols, files, query, inst):
+    t = D.load_task(_video_spec(tmp_path, "T", parser, cols), tmp_path)
+    root = tmp_path / "video-tasks" / "T"
+    assert [c.video for c in t.candidates] == [str(root / f) for f in files]
+    assert all(
+        c.instruction == "Understand the content of the provided video." and c.text is None for c in t.candidates
+    )
+    assert t.queries[0].text == query and t.queries[0].instruction == inst and t.queries[0].video is None
+    assert t.local is None and t.relevant == [{0: 1.0}, {1: 1.0}] and t.has_video
+    ids = [Path(f).stem for f in files] if parser == "didemo" else cols[next(iter(cols))]
+    assert t.cand_names == ids
+
+
+def test_ssv2_parser_is_local_over_each_rows_labels(tmp_path):
+    cols = {
+        "video_id": [7, 8],
+        "pos_text": ["Opening something", "Closing something"],
+        "neg_text": [["Closing something", "Opening something"], ["Closing something", "Folding something"]],
+    }
+    spec = {**_video_spec(tmp_path, "SmthSmthV2", "ssv2", cols), "parser": D.MMEB_V2_TASKS["SmthSmthV2"][2]}
+    t = D.load_task(spec, tmp_path)
+    assert t.cand_names == ["Closing something", "Opening something", "Folding something"]
+    assert t.local == [[0, 1], [0, 2]] and t.relevant == [{1: 1.0}, {0: 1.0}]
+    assert t.queries[0].video.endswith("video-tasks/SmthSmthV2/7.mp4")
+    assert (
+        t.queries[0].instruction
+        == "What actions or object interactions are being performed by the person in the video?"
+    )
+    bad = {**cols, "pos_text": ["Nope", "Closing something"]}
+    with pytest.raises(D.MMEBDataError, match=r"row 0: pos_text 'Nope' is not among"):
+        D.load_task(_video_spec(tmp_path / "b", "S2", "ssv2", bad), tmp_path / "b")
+
+
+def test_video_qa_parsers(tmp_path):
+    nq = {
+        "video": [11],
+        "question": ["why?"],
+        "answer": [2],
+        "qid": [0],
+        "type": ["CW"],
+        **{f"a{k}": [f"opt{k}"] for k in range(5)},
+    }
+    t = D.load_task(_video_spec(tmp_path, "NExTQA", "nextqa", nq), tmp_path)
+    q = t.queries[0]
+    assert q.text == "why?\nOptions:\n(A) opt0\n(B) opt1\n(C) opt2\n(D) opt3\n(E) opt4"
+    assert q.instruction == D.VIDEO_QA_INSTRUCTION and q.video.endswith("video-tasks/NExTQA/11.mp4")
+    assert t.cand_names == [f"opt{k}" for k in range(5)] and [c.text for c in t.candidates] == t.cand_names
+    assert t.local == [[0, 1, 2, 3, 4]] and t.relevant == [{2: 1.0}]
+    eg = {
+        "video_idx": ["vid9"],
+        "question": ["What does c do?"],
+        "answer": ["1"],
+        "question_idx": ["q"],
+        "option": [["A. c cooks.", "B. c reads a book.", "C. c sleeps."]],
+    }
+    t = D.load_task(_video_spec(tmp_path, "EgoSchema", "egoschema", eg), tmp_path)
+    assert t.queries[0].text == "What does c do?A. c cooks. B. c reads a book. C. c sleeps."
+    assert [c.text for c in t.candidates] == ["c cooks", "c reads a book", "c sleeps"]
+    assert t.cand_names == eg["option"][0] and t.relevant == [{1: 1.0}]
+    an = {
+        "video_name": ["abc", "def"],
+        "question": ["is it raining", "is it day"],
+        "answer": ["no", "yes"],
+        "question_id": ["1", "2"],
+    }
+    t = D.load_task(_video_spec(tmp_path, "ActivityNetQA", "activitynetqa", an), tmp_path)
+    assert t.queries[0].text == "is it raining? (A) yes; (B) no." and t.queries[1].video.endswith("/v_def.mp4")
+    assert t.cand_names == ["yes", "no"] and t.local == [[0, 1], [0, 1]] and t.relevant == [{1: 1.0}, {0: 1.0}]
+    with pytest.raises(D.MMEBDataError, match=r"row 0: answer 'maybe' does not name one of the 2 options"):
+        D.load_task(
+            _video_spec(tmp_path / "b", "A2", "activitynetqa", {**an, "answer": ["maybe", "yes"]}), tmp_path / "b"
+        )
