@@ -4,6 +4,7 @@ the images' bytes inside, read back through :mod:`elva_jax.data.sources` (``data
 
     python -m elva_jax.data.prepare --root MBEIR_DIR --out OUT --format array_record [--rows-per-shard 2048]
     python -m elva_jax.data.prepare --root MBEIR_DIR --out OUT --format hf
+    python -m elva_jax.data.prepare --mmeb --root MMEB_DIR --out OUT [--tasks NAME ...]
 
 Tables: every ``query/**/*.jsonl`` (queries), ``cand_pool/**/*.jsonl`` (pool) and ``nli/*.csv`` (NLI)
 under the root, plus each ``--nli CSV`` given; each keeps the relative path of its file as its name, so
@@ -12,6 +13,15 @@ are copied as they are. Every jsonl/csv is parsed by the same readers as the fil
 line fails here, naming file and line). An image file that is missing is stored as ``None`` and
 counted: at training time the image policy (skip / fail) treats it like a missing file. ``--out`` may
 be a ``gs://`` path (written locally, then copied through epath).
+
+``--mmeb``: an MMEB-V2 directory (:mod:`elva_jax.data.mmeb`'s layout; tasks named with ``--tasks`` that
+are absent from it are read from the local HF cache, offline) -> a self-contained copy under ``--out``
+that ``python -m elva_jax.eval --benchmark mmeb --data OUT`` reads without the HF cache or the source
+tree: each task's dataset written with ``save_to_disk`` under ``{modality}/{Task}/`` (visual documents:
+``queries``, ``corpus``, ``qrels``), every image and video file its queries and candidates name copied
+to the same path relative to ``OUT`` (a missing one is counted and listed, not fatal: the eval's image
+policy decides), and ``mmeb_tasks.json`` listing the tasks. Each task is read back from ``OUT`` by the
+eval's reader before the command succeeds; tasks whose parser is not implemented are left out and listed.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from elva_jax.data import mbeir, nli
 from elva_jax.data.progress import Progress
 from elva_jax.data.sources import MANIFEST, MANIFEST_FORMAT, POOL_COLUMNS, QUERY_COLUMNS, pool_row, query_row
 
-__all__ = ["FORMATS", "main", "prepare"]
+__all__ = ["FORMATS", "main", "prepare", "prepare_mmeb"]
 
 FORMATS = ("array_record", "hf")
 TEXT_DIRS = ("instructions", "qrels")
@@ -219,15 +229,109 @@ def prepare(
         with open(os.path.join(local, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         if remote_out:
-            dst = epath.Path(out)
-            for dirpath, _, names in os.walk(local):
-                for nm in names:
-                    src = os.path.join(dirpath, nm)
-                    target = dst / os.path.relpath(src, local)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with open(src, "rb") as fi, target.open("wb") as fo:
-                        shutil.copyfileobj(fi, fo, 1 << 22)
+            _upload(local, out)
     return manifest
+
+
+def _upload(local: str, out: str) -> None:
+    """Copy the local tree ``local`` to ``out`` (any epath URL) file by file."""
+    dst = epath.Path(out)
+    for dirpath, _, names in os.walk(local):
+        for nm in names:
+            src = os.path.join(dirpath, nm)
+            target = dst / os.path.relpath(src, local)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(src, "rb") as fi, target.open("wb") as fo:
+                shutil.copyfileobj(fi, fo, 1 << 22)
+
+
+def _mmeb_specs(root: str, names) -> list[dict]:
+    """The task specs to prepare: ``root``'s table (all, or the named ones); a named task absent from it
+    gets its MMEB-V2 table entry (read from the HF cache)."""
+    from elva_jax.data import mmeb as M
+
+    try:
+        table = M.task_table(root)
+    except M.MMEBDataError:
+        if not names:
+            raise
+        table = []
+    if not names:
+        return table
+    known = {t["name"]: t for t in table}
+    out = []
+    for n in names:
+        if n in known:
+            out.append(known[n])
+        elif n in M.MMEB_V2_TASKS:
+            mod, meta, parser = M.MMEB_V2_TASKS[n]
+            out.append({"name": n, "modality": mod, "meta_task": meta, "parser": parser})
+        else:
+            raise M.MMEBDataError(f"unknown MMEB task {n!r}: not under {root} and not an MMEB-V2 task name")
+    return out
+
+
+def prepare_mmeb(root: str, out: str, *, tasks=(), log=None) -> dict:
+    """Write the self-contained MMEB copy of ``root`` (all its tasks, or ``tasks``) under ``out`` (module
+    docstring); returns {"tasks": [names], "skipped": {name: why}, "media": {"copied", "missing"},
+    "missing_media": [first 100 paths]}."""
+    from elva_jax.data import mmeb as M
+
+    log = log or (lambda s: print(s, flush=True))
+    remote_out = "://" in str(out)
+    if not remote_out and os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"--out {out} exists and is not empty")
+    if "://" in str(root):
+        raise ValueError("--mmeb reads a local MMEB directory (--root); copy a remote one locally first")
+    src = os.path.abspath(root)
+    specs = _mmeb_specs(src, tuple(tasks))
+    summary: dict = {"tasks": [], "skipped": {}, "media": {"copied": 0, "missing": 0}, "missing_media": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "out") if remote_out else str(out)
+        os.makedirs(local, exist_ok=True)
+        kept = []
+        for spec in specs:
+            name, mod = spec["name"], spec["modality"]
+            if spec["parser"] not in M.SUPPORTED_PARSERS:
+                summary["skipped"][name] = f"parser {spec['parser']!r} not implemented"
+                continue
+            d = epath.Path(src) / mod / name
+            parts = ("queries", "corpus", "qrels") if mod == "visdoc" else (None,)
+            for part in parts:
+                where = d / part if part else d
+                if d.is_dir():
+                    ds = M.load_dataset_dir(where)
+                else:
+                    ds = M._from_cache(name, part, d)
+                target = os.path.join(local, mod, name, *([part] if part else []))
+                ds.save_to_disk(target)
+            t = M.load_task(spec, src, materialize_dir=os.path.join(tmp, "materialized"))
+            media = sorted({p for s in t.queries + t.candidates for p in (s.image, s.video) if p})
+            with Progress(f"prepare mmeb {name}", total=len(media), unit="files", log=log) as prog:
+                for p in media:
+                    prog.update(1)
+                    rel = os.path.relpath(os.path.abspath(p), src)
+                    if rel.startswith(".."):  # written by the reader (visual-document bytes): inside the dataset
+                        continue
+                    if not os.path.isfile(p):
+                        summary["media"]["missing"] += 1
+                        summary["missing_media"].append(str(p))
+                        continue
+                    dst = os.path.join(local, str(rel))
+                    if not os.path.exists(dst):
+                        os.makedirs(os.path.dirname(dst), exist_ok=True)
+                        shutil.copyfile(p, dst)
+                        summary["media"]["copied"] += 1
+            kept.append(spec)
+            summary["tasks"].append(name)
+        with open(os.path.join(local, "mmeb_tasks.json"), "w") as f:
+            json.dump({"tasks": kept}, f, indent=1)
+        for spec in kept:  # the copy reads back with the eval's reader
+            M.load_task(spec, local, materialize_dir=os.path.join(tmp, "check"))
+        summary["missing_media"] = summary["missing_media"][:100]
+        if remote_out:
+            _upload(local, out)
+    return summary
 
 
 def main(argv=None) -> int:
@@ -238,7 +342,24 @@ def main(argv=None) -> int:
     ap.add_argument("--nli", nargs="*", default=(), help="extra NLI csv files (table name: the file name)")
     ap.add_argument("--rows-per-shard", type=int, default=2048)
     ap.add_argument("--image-root", help="directory the image paths are relative to (MRBench: its M-BEIR root)")
+    ap.add_argument("--mmeb", action="store_true", help="--root is an MMEB-V2 directory: write a self-contained copy")
+    ap.add_argument("--tasks", nargs="*", default=(), help="--mmeb: the tasks to copy (default: all under --root)")
     a = ap.parse_args(argv)
+    if a.mmeb:
+        if not a.root:
+            ap.error("--mmeb needs --root (the MMEB directory)")
+        s = prepare_mmeb(a.root, a.out, tasks=tuple(a.tasks))
+        print(
+            f"[elva_jax] prepared {len(s['tasks'])} MMEB tasks ({s['media']['copied']} media files copied, "
+            f"{s['media']['missing']} missing) under {a.out}"
+        )
+        for n, why in s["skipped"].items():
+            print(f"[elva_jax]   left out {n}: {why}")
+        for p in s["missing_media"][:10]:
+            print(f"[elva_jax]   missing file: {p}")
+        return 0
+    if a.tasks:
+        ap.error("--tasks needs --mmeb")
     if not a.root and not a.nli:
         ap.error("give --root and/or --nli")
     m = prepare(

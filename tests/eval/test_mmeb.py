@@ -494,3 +494,60 @@ def test_video_qa_parsers(tmp_path):
         D.load_task(
             _video_spec(tmp_path / "b", "A2", "activitynetqa", {**an, "answer": ["maybe", "yes"]}), tmp_path / "b"
         )
+
+
+# ----------------------------------------------------------------------------------------------------
+# python -m elva_jax.data.prepare --mmeb
+
+
+def _sides(task, root, mat):
+    """A task's sides with its root and materialize directory replaced by placeholders."""
+
+    def rel(f):
+        return f and f.replace(str(mat), "<mat>").replace(str(root), "<root>")
+
+    return [(x.text, rel(x.image), rel(x.video), x.instruction) for x in task.queries + task.candidates]
+
+
+def test_prepare_mmeb_writes_a_self_contained_copy(bundled, tmp_path, capsys):
+    from elva_jax.data.prepare import main as prepare_main
+
+    out = tmp_path / "copy"
+    assert prepare_main(["--mmeb", "--root", str(bundled), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "prepared 8 MMEB tasks" in printed and "0 missing" in printed
+    assert [t["name"] for t in D.task_table(out)] == [t["name"] for t in TASKS]
+    for spec in TASKS:
+        a = D.load_task(spec, bundled, materialize_dir=tmp_path / "ma")
+        b = D.load_task(spec, out, materialize_dir=tmp_path / "mb")
+        assert (a.query_ids, a.cand_names, a.relevant, a.local) == (b.query_ids, b.cand_names, b.relevant, b.local)
+        assert _sides(a, bundled, tmp_path / "ma") == _sides(b, out, tmp_path / "mb")
+        for s in b.queries + b.candidates:  # every file the copy names is inside it
+            for f in (s.image, s.video):
+                assert f is None or (Path(f).is_file() and (str(out) in f or str(tmp_path / "mb") in f))
+
+
+def test_prepare_mmeb_counts_missing_media_and_reads_named_tasks_from_the_hf_cache(bundled, tmp_path, monkeypatch):
+    import shutil
+
+    from elva_jax.data.prepare import prepare_mmeb
+
+    src = tmp_path / "src"
+    shutil.copytree(bundled, src)
+    gone = next((src / "video-tasks" / "Bundled-VideoRET").glob("*.mp4"))
+    gone.unlink()
+    s = prepare_mmeb(str(src), str(tmp_path / "o1"), tasks=["Bundled-VideoRET"], log=lambda x: None)
+    assert s["tasks"] == ["Bundled-VideoRET"] and s["media"]["missing"] == 1 and s["missing_media"] == [str(gone)]
+    # a named MMEB-V2 task absent under the root comes from the HF cache (a local parquet "hub id" here)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    D.load_dataset_dir(bundled / "image" / "Bundled-ColourCLS").to_parquet(str(repo / "test-00000-of-00001.parquet"))
+    monkeypatch.setitem(D.HUB, "ImageNet-1K", (str(repo), None, "test"))
+    s = prepare_mmeb(str(src), str(tmp_path / "o2"), tasks=["ImageNet-1K", "QVHighlight"], log=lambda x: None)
+    assert s["tasks"] == ["ImageNet-1K"] and "QVHighlight" in s["skipped"] and s["media"]["copied"] > 0
+    t = D.load_task(D.task_table(tmp_path / "o2")[0], tmp_path / "o2")
+    assert t.name == "ImageNet-1K" and all(Path(q.image).is_file() for q in t.queries)
+    with pytest.raises(D.MMEBDataError, match="unknown MMEB task 'Nope'"):
+        prepare_mmeb(str(src), str(tmp_path / "o3"), tasks=["Nope"], log=lambda x: None)
+    with pytest.raises(FileExistsError, match="not empty"):
+        prepare_mmeb(str(src), str(tmp_path / "o2"), log=lambda x: None)
