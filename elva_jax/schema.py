@@ -114,6 +114,9 @@ class MeshSection:
 class DataSection:
     kind: str = field(default="mbeir", metadata={"choices": ("mbeir", "nli", "bundled")})
     root: str = ""  # M-BEIR root, NLI csv, or "" for the bundled multi-grain set (generated on demand)
+    # kind bundled: base scenes per split of the generated set (elva_jax.data.multigrain; queries per task)
+    bundled_train_scenes: int = 32
+    bundled_test_scenes: int = 16
     # how `root` is read (elva_jax.data.sources): "files" (jsonl/csv + image files), "hf" / "array_record"
     # (a directory written by `python -m elva_jax.data.prepare --format ...`, images inside); local or gs://
     source: str = field(default="files", metadata={"choices": SOURCES})
@@ -237,7 +240,10 @@ class TrainSection:
     embedding: str = field(default="eol", metadata={"choices": ("eol", "last", "instruct_last")})
     seed: int = 0
     max_nonfinite: int = 10  # stop after this many skipped (non-finite) updates
-    eval_modes: tuple[str, ...] = ()  # evaluate the final model with these embedding modes (of EMBED_MODES)
+    # evaluate the final model with these embedding modes (of EMBED_MODES); with an RL stage also the model
+    # before it ({run.dir}/eval/before_rl-{mode}), compared in the final results
+    eval_modes: tuple[str, ...] = ()
+    eval_at_start: bool = False  # also evaluate the starting model (random or loaded) in eval_modes: eval/start-{mode}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,6 +355,8 @@ def _check_values(c) -> None:
             "must be in [1, 99] with eval.tie_order=faiss (faiss's heap search; k >= 100 uses its reservoir)",
         ),
         ("data.max_skip_fraction", 0 <= c.data.max_skip_fraction <= 1, "must be in [0, 1]"),
+        ("data.bundled_train_scenes", c.data.bundled_train_scenes >= 1, "must be >= 1"),
+        ("data.bundled_test_scenes", c.data.bundled_test_scenes >= 1, "must be >= 1"),
         ("data.hard_negatives", c.data.hard_negatives >= 0, "must be >= 0"),
         ("data.max_text_tokens", c.data.max_text_tokens >= 1, "must be >= 1"),
         ("data.patch_rows", c.data.patch_rows >= 0, "must be >= 0 (0: one row per example)"),

@@ -62,6 +62,7 @@ __all__ = [
     "TASKS",
     "Obj",
     "caption",
+    "ensure_generated",
     "generate",
     "main",
 ]
@@ -673,6 +674,30 @@ def generate(root: str | Path, *, seed: int = 0, n_train: int = 32, n_test: int 
     written = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p not in before)
     marker.write_text("\n".join(written) + "\n", encoding="utf-8")
     return {**summary, "root": str(root)}
+
+
+class BundledSizeError(UserError, ValueError):
+    """An existing bundled set was generated with other sizes than the run asks for."""
+
+
+def ensure_generated(root: str | Path, *, n_train: int = 32, n_test: int = 16, announce: bool = False) -> Path:
+    """The bundled set under ``root``: generated (seed 0) when ``root`` holds none, else checked to have
+    ``n_train`` / ``n_test`` base scenes (an existing set of other sizes is refused, never overwritten)."""
+    root = Path(root)
+    summary = root / "meta" / "summary.json"
+    if not summary.is_file():
+        if announce:
+            print(f"[elva_jax] {root} has no bundled data: generating the synthetic bundled set there", flush=True)
+        generate(root, seed=0, n_train=n_train, n_test=n_test)
+        return root
+    have = json.loads(summary.read_text(encoding="utf-8"))
+    if (have.get("n_train"), have.get("n_test")) != (n_train, n_test):
+        raise BundledSizeError(
+            f"{summary}: this bundled set has {have.get('n_train')} train / {have.get('n_test')} test scenes, the "
+            f"run asks for {n_train} / {n_test} (data.bundled_train_scenes / data.bundled_test_scenes): use another "
+            "data.root or run.dir, or the sizes it was made with"
+        )
+    return root
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

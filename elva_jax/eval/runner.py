@@ -176,12 +176,12 @@ def _bundled_root(cfg: EvalConfig, run_dir: Path | None) -> Path:
         return Path(cfg.data.root)
     if run_dir is not None and (run_dir / "bundled_data" / "meta" / "summary.json").is_file():
         return run_dir / "bundled_data"
-    root = Path(cfg.run.dir) / "bundled_data"
-    if not (root / "meta" / "summary.json").is_file():
-        from elva_jax.data.multigrain import generate
+    from elva_jax.data.multigrain import ensure_generated
 
-        generate(root, seed=0, overwrite=True)
-    return root
+    d = cfg.data
+    return ensure_generated(
+        Path(cfg.run.dir) / "bundled_data", n_train=d.bundled_train_scenes, n_test=d.bundled_test_scenes
+    )
 
 
 def _mmeb_root(cfg: EvalConfig, run_dir: Path | None) -> Path:

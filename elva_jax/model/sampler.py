@@ -42,10 +42,31 @@ class Samples(NamedTuple):
     forced_ret: jnp.ndarray  # [N] bool: [RET] appended because max_new_tokens was reached
 
 
+#: vocabulary block of the two-stage top-k (`kth_largest`)
+TOP_K_BLOCK = 8192
+
+
+def kth_largest(logits: jnp.ndarray, k: int, block: int = TOP_K_BLOCK) -> jnp.ndarray:
+    """The k-th largest value of each row [..., V] -> [..., 1], exactly as ``lax.top_k(x, k)[0][..., -1:]``.
+
+    Two stages: the top k of each vocabulary block of ``block``, then the top k of those (each of the
+    row's k largest is among its block's k largest, so the k-th value is the same, ties included). XLA's
+    CPU top-k over a 150k vocabulary is sort-bound: 17 s for 144 x 151936 rows, 0.5 s in two stages (2-core
+    AVX2 CPU)."""
+    V = logits.shape[-1]
+    if V <= 2 * block or k > block:
+        return jax.lax.top_k(logits, k)[0][..., -1:]
+    pad = (-V) % block
+    x = jnp.pad(logits, [(0, 0)] * (logits.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
+    x = x.reshape(*logits.shape[:-1], (V + pad) // block, block)
+    cand = jax.lax.top_k(x, k)[0].reshape(*logits.shape[:-1], -1)
+    return jax.lax.top_k(cand, k)[0][..., -1:]
+
+
 def filter_logits(logits: jnp.ndarray, top_k: int, top_p: float) -> jnp.ndarray:
     """Mask (to -inf) tokens outside the top-k and outside the smallest nucleus with mass >= top_p."""
     if top_k and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        kth = kth_largest(logits, top_k)
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
         srt = jnp.sort(logits, axis=-1)[..., ::-1]

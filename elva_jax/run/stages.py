@@ -63,12 +63,13 @@ def params_digest(params) -> str:
 
 def bundled_root(cfg: RunConfig) -> str:
     root = cfg.data.root or os.path.join(cfg.run.dir, "bundled_data")
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(root, "meta", "summary.json")):
-        from elva_jax.data.multigrain import generate
+    if jax.process_index() == 0:
+        from elva_jax.data.multigrain import ensure_generated
 
-        if cfg.data.root:  # the user named a directory: say what happens there (a foreign one is refused)
-            print(f"[elva_jax] data.root {root} has no bundled data: generating the synthetic bundled set there")
-        generate(root, seed=0)
+        d = cfg.data  # a user-named directory: say what happens there (a foreign one is refused)
+        ensure_generated(
+            root, n_train=d.bundled_train_scenes, n_test=d.bundled_test_scenes, announce=bool(cfg.data.root)
+        )
     if jax.process_count() > 1:  # every process meets here; the others then read what process 0 wrote
         from jax.experimental import multihost_utils
 
@@ -373,6 +374,8 @@ def run(cfg: RunConfig) -> dict:
     summary: dict = {"records": len(records), "records_dropped": len(dropped), "records_dropped_first": dropped[:20]}
     _log_dropped(cfg.run.dir, "records_dropped", len(dropped))
     lora_cfg = project(LoraConfig, cfg.lora)
+    if t.eval_at_start:  # the starting point of the learning curves: the loaded (or random) model
+        _evaluate_all(cfg, params, mcfg, "start", summary)
     if "contrastive" in t.stages:
         steps_per_epoch = len(records) // t.global_batch
         total = max(1, int(steps_per_epoch * t.epochs))
@@ -414,16 +417,9 @@ def run(cfg: RunConfig) -> dict:
             f"G={cfg.rl.group_size}",
             flush=True,
         )
-        if "ret" in t.eval_modes:  # the "before RL" side of the comparison
-            host = host_copy(params)  # a collective: every process takes part
-        if "ret" in t.eval_modes and jax.process_index() == 0:
-            pre = os.path.join(cfg.run.dir, "export_before_rl")
-            save_params(pre, host, mcfg)
-            if "contrastive" in t.stages:
-                write_export_info(pre, trained_by="contrastive", embedding=t.embedding, stages=("contrastive",))
-            summary["eval_before_rl"] = _evaluate(cfg, pre, "ret", os.path.join(cfg.run.dir, "eval", "before_rl-ret"))
-        if "ret" in t.eval_modes:
-            del host
+        if t.eval_modes:  # the "before RL" side of the comparison, in every evaluated mode
+            trained_by = "contrastive" if "contrastive" in t.stages else None
+            _evaluate_all(cfg, params, mcfg, "before_rl", summary, trained_by=trained_by, embedding=t.embedding)
         rs = run_rl(
             cfg,
             mcfg,
@@ -460,7 +456,7 @@ def run(cfg: RunConfig) -> dict:
     del host
     if jax.process_index() == 0:
         for mode in t.eval_modes:
-            before = summary.get("eval_before_rl", {}).get("files", {}).get("json", "") if mode == "ret" else ""
+            before = summary.get(_before_key("before_rl", mode), {}).get("files", {}).get("json", "")
             summary[f"eval_{mode}"] = _evaluate(
                 cfg, export_dir, mode, os.path.join(cfg.run.dir, "eval", f"final-{mode}"), compare_to=before
             )
@@ -469,6 +465,33 @@ def run(cfg: RunConfig) -> dict:
         with open(os.path.join(cfg.run.dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _before_key(when: str, mode: str) -> str:
+    """summary.json key of an evaluation before a stage: ``eval_before_rl`` is the [RET] one (the paper's
+    mode), other modes and the start carry their name (``eval_before_rl_eol``, ``eval_start_ret``)."""
+    return "eval_before_rl" if (when, mode) == ("before_rl", "ret") else f"eval_{when}_{mode}"
+
+
+def _evaluate_all(cfg: RunConfig, params, mcfg, when: str, summary: dict, **export_info) -> None:
+    """Export ``params`` to ``{run.dir}/export_{when}`` and evaluate it in every ``train.eval_modes`` mode
+    into ``{run.dir}/eval/{when}-{mode}``; the results go to ``summary`` (see `_before_key`)."""
+    from elva_jax.model.hf_checkpoint import save_params, write_export_info
+
+    host = host_copy(params)  # a collective: every process takes part
+    if jax.process_index() == 0:
+        out = os.path.join(cfg.run.dir, f"export_{when}")
+        save_params(out, host, mcfg)
+        if export_info.get("trained_by"):
+            stages = tuple(s for s in cfg.train.stages if s != "rl")
+            write_export_info(
+                out, trained_by=export_info["trained_by"], embedding=export_info["embedding"], stages=stages
+            )
+        for mode in cfg.train.eval_modes:
+            summary[_before_key(when, mode)] = _evaluate(
+                cfg, out, mode, os.path.join(cfg.run.dir, "eval", f"{when}-{mode}")
+            )
+    del host
 
 
 def _log_dropped(run_dir: str, key: str, n: int) -> None:

@@ -161,3 +161,17 @@ def test_inverse_cdf_sampling_matches_the_distribution():
     freq = np.bincount(draws, minlength=6) / len(draws)
     assert freq[4] == 0
     assert np.all(np.abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / len(draws)) + 1e-9), (freq, p)
+
+
+def test_kth_largest_two_stage_matches_sort():
+    """The two-stage k-th largest equals the k-th value of a full descending sort (numpy), ties and a
+    vocabulary that is not a multiple of the block included."""
+    from elva_jax.model.sampler import kth_largest
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3 * 64 + 17)).astype(np.float32)
+    x[0, :40] = 9.0  # 40 tied maxima spread over the first blocks
+    x[1] = np.round(x[1])  # many ties everywhere
+    for k in (1, 7, 20, 64):
+        want = -np.sort(-x, axis=-1)[:, k - 1 : k]
+        np.testing.assert_array_equal(np.asarray(kth_largest(jnp.asarray(x), k, block=64)), want)

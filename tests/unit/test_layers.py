@@ -17,7 +17,7 @@ LAYERS = [
     {"runtime"},
     {"train", "rl", "eval"},
     {"run"},
-    {"compare", "plan", "bench"},
+    {"compare", "plan", "bench", "report"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # entry points only (never imported by the library): `python -m elva_jax.train` hands over to elva_jax.run

@@ -65,6 +65,7 @@ def test_default_run_on_a_tiny_qwen3_vl_with_mined_negatives(tmp_path, capsys):
             "rl.num_hard_negatives=2",
             "rl.num_random_negatives=2",
             "train.eval_modes=[eol]",
+            "train.eval_at_start=true",
             "eval.grain_masking=false",
         ]
     )
@@ -78,6 +79,10 @@ def test_default_run_on_a_tiny_qwen3_vl_with_mined_negatives(tmp_path, capsys):
     assert s["rl"]["negatives"]["queries"] == 16 and s["rl"]["negatives"]["filter"] == "absolute"
     assert s["rl"]["negatives"]["false_negatives_dropped"] == sum(neg["stats"]["dropped_per_query"])
     assert s["end_step"] == 2 and np.isfinite(s["losses"]).all() and s["pipeline"]["images"] > 0
+    # the learning curve's three points in the evaluated mode: the start, before RL, after it (compared)
+    assert {"eval_start_eol", "eval_before_rl_eol", "eval_eol"} <= set(s)
+    final = json.load(open(tmp_path / "eval" / "final-eol" / "results.json"))
+    assert final["compare_to"] and final["compare_to"].endswith(os.path.join("before_rl-eol", "results.json"))
     assert s["rl"]["steps"] == 1 and np.isfinite(s["rl"]["reward"]).all()
     assert json.load(open(tmp_path / "export" / "config.json"))["model_type"] == "qwen3_vl"
     assert os.path.exists(tmp_path / "eval" / "final-eol" / "results.json")

@@ -1,0 +1,83 @@
+"""The learning report's statistics against hand-computed values and numpy's polyfit; the figure from a
+synthetic report; the bundled set's sizes are checked, never silently reused or overwritten."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from elva_jax.data.multigrain import BundledSizeError, ensure_generated
+from elva_jax.report.learning import aggregate, recall_summary, slope, t_interval, targets
+from elva_jax.report.plot import learning_curves
+
+
+def test_slope_matches_polyfit():
+    y = np.random.default_rng(0).standard_normal(30) + 0.01 * np.arange(30)
+    assert slope(y) == pytest.approx(np.polyfit(np.arange(1, 31), y, 1)[0], rel=1e-12)
+    assert slope([1.0, 3.0]) == pytest.approx(2.0)
+    assert math.isnan(slope([1.0]))
+
+
+def test_t_interval_by_hand():
+    m, lo, hi = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    half = 4.303 / math.sqrt(3)
+    assert (m, lo, hi) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+
+
+def _results(path, r1s, n_cand=64, gm=0.01):
+    tasks = {
+        f"t{i}": {"group": "bundled", "recall": {"1": r, "5": min(1.0, 3 * r)}, "n_candidates": n_cand}
+        for i, r in enumerate(r1s)
+    }
+    tasks["m0"] = {"group": "mrbench", "recall": {"1": 1.0, "5": 1.0}, "n_candidates": 8}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({"settings": {"mode": "eol"}, "tasks": tasks, "grain_masking": {"mean_cosine_distance": gm}})
+    )
+    return path
+
+
+def test_recall_summary_and_targets(tmp_path):
+    s = recall_summary(_results(tmp_path / "a" / "results.json", [0.0, 0.25]))
+    assert s["r1"] == pytest.approx(0.125) and s["r5"] == pytest.approx(0.375)  # mrbench task left out
+    assert s["chance_r1"] == pytest.approx(1 / 64) and s["chance_r5"] == pytest.approx(5 / 64)
+    runs = [
+        {"eval": {"before_rl-eol": s}, "rl": {"reward": list(0.1 * np.arange(5) + k), "slope": 0.1 + 0.01 * k}}
+        for k in range(3)
+    ]
+    agg = aggregate(runs)
+    assert agg["reward_slope"]["excludes_zero"] and agg["reward_slope"]["mean"] == pytest.approx(0.11)
+    t = targets(agg)
+    assert t["contrastive_r1_x_chance"]["value"] == pytest.approx(8.0) and t["contrastive_r1_x_chance"]["met"]
+    assert t["rl_reward_slope"]["met"]
+    flat = aggregate([{**r, "rl": {**r["rl"], "slope": (-1) ** k * 0.1}} for k, r in enumerate(runs)])
+    assert not targets(flat)["rl_reward_slope"]["met"]
+
+
+def test_learning_curves_png(tmp_path):
+    s = recall_summary(_results(tmp_path / "a" / "results.json", [0.1, 0.2]))
+    run = {
+        "seed": 0,
+        "loss": list(np.linspace(3, 1, 50)),
+        "rl": {k: list(np.linspace(0.2, 0.3, 10)) for k in ("reward", "margin", "ranking")},
+        "eval": {"start-eol": s, "before_rl-eol": s, "final-ret": s},
+    }
+    run["rl"]["slope"] = slope(run["rl"]["reward"])
+    report = {"chance_loss": math.log(16), "variants": {}}
+    for name in ("main", "soft_rank"):
+        report["variants"][name] = {"runs": [run, {**run, "seed": 1}], "aggregate": aggregate([run, run])}
+    learning_curves(report, tmp_path / "curves.png")
+    assert Image.open(tmp_path / "curves.png").size == (1120, 660)
+
+
+def test_bundled_sizes_are_checked(tmp_path):
+    root = ensure_generated(tmp_path / "b", n_train=2, n_test=1)
+    before = sorted(p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file())
+    assert ensure_generated(root, n_train=2, n_test=1) == root  # reused as it is
+    with pytest.raises(BundledSizeError, match="2 train / 1 test scenes, the run asks for 3 / 1"):
+        ensure_generated(root, n_train=3, n_test=1)
+    assert sorted(p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()) == before  # nothing rewritten
