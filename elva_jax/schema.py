@@ -183,6 +183,17 @@ class RLSection:
     adv_ddof: int = 0  # 0: population std over the G rewards; TRL's torch std is ddof 1 (Bessel)
     adv_eps: float = 1e-4
     mu: int = 1
+    # passes of a step beyond sampling and the update (issue 17: none that the math does not need).
+    # old log-probs: "auto" = with mu = 1 the sampling policy is the one being updated, so the update uses
+    # stop_gradient(its own logp) (ratio 1 in value, the same gradient; as TRL) and no teacher-forced pass
+    # runs for them; with mu > 1 they are recomputed. "recompute": always the teacher-forced pass (oracle)
+    old_logp: str = field(default="auto", metadata={"choices": ("auto", "recompute")})
+    # [RET] embeddings: "sampler" = the final hidden state where the sampler feeds [RET] (sampled, or
+    # appended at the budget / in place of EOS), the same vector as "recompute" (the teacher-forced pass)
+    ret_embedding: str = field(default="sampler", metadata={"choices": ("sampler", "recompute")})
+    # the sampler's KV cache: "compute" = model.dtype (its log-probs and embeddings are then the
+    # trainer's up to summation order); "bfloat16" halves the cache of a float32 model
+    cache_dtype: str = field(default="compute", metadata={"choices": ("compute", "float32", "bfloat16")})
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

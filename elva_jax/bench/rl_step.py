@@ -2,6 +2,8 @@
 
     python -m elva_jax.bench.rl_step [--steps 3] [--side both|jax|torch] [--negatives 8] [--group-size 8]
                                      [--summary-tokens 16] [--micro-instances 0] [--row-chunk 72] [--data DIR]
+                                     [--old-logp auto|recompute] [--ret-embedding sampler|recompute]
+                                     [--cache-dtype compute|float32|bfloat16] [--compare-passes]
 
 Workload (benchmarks.md): G = 8 rollouts, 1 positive + 8 negatives, 16-token summaries (no early stop
 is forced: random weights rarely emit [RET], so summaries run to the budget), one instance per step
@@ -16,6 +18,7 @@ and the process's peak RSS; with both sides, the ratio reference / elva_jax.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -62,7 +65,14 @@ def _configs(a):
     from elva_jax.rl.rewards import RewardConfig
     from elva_jax.rl.rollout import RLConfig
 
-    rcfg = RLConfig(group_size=a.group_size, max_summary_tokens=a.summary_tokens, micro_instances=a.micro_instances)
+    rcfg = RLConfig(
+        group_size=a.group_size,
+        max_summary_tokens=a.summary_tokens,
+        micro_instances=a.micro_instances,
+        old_logp=a.old_logp,
+        ret_embedding=a.ret_embedding,
+        cache_dtype=a.cache_dtype,
+    )
     return rcfg, RewardConfig(), LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA)
 
 
@@ -105,22 +115,41 @@ def jax_side(a, recs) -> dict:
     tok, cfg, vocab = _tokenizer_and_cfg()
     params = init_params(cfg, jax.random.key(0))
     params, cfg = resize_vocab(params, cfg, vocab)
-    lora = init_lora(cfg, lcfg, jax.random.key(1))
     tx = optax.adamw(LR)
-    tr = RLTrainer.from_tokenizer(
-        cfg,
-        ModelOptions(remat=a.remat),
-        rcfg,
-        reward_cfg,
-        tx,
-        tok,
-        lora_scale=lcfg.scale,
-        prompt_buckets=(256, 384),
-        patch_row_len=64,
-    )
-    st = RLState(0, params, lora, tx.init(lora), jax.random.key(2))
+
+    def trainer(rc):
+        tr = RLTrainer.from_tokenizer(
+            cfg,
+            ModelOptions(remat=a.remat),
+            rc,
+            reward_cfg,
+            tx,
+            tok,
+            lora_scale=lcfg.scale,
+            prompt_buckets=(256, 384),
+            patch_row_len=64,
+        )
+        lora = init_lora(cfg, lcfg, jax.random.key(1))
+        return tr, RLState(0, params, lora, tx.init(lora), jax.random.key(2))
+
+    tr, st = trainer(rcfg)
     if a.memory_plan:
         return {"device": jax.devices()[0].device_kind, "memory_plan": memory_plan(tr, st, recs[0])}
+    if a.compare_passes:  # the step before issue 17 and the default one, alternating (the same load)
+        old = dataclasses.replace(rcfg, old_logp="recompute", ret_embedding="recompute", cache_dtype="bfloat16")
+        new = dataclasses.replace(rcfg, old_logp="auto", ret_embedding="sampler", cache_dtype="compute")
+        sides = {"recompute": trainer(old), "default": trainer(new)}
+        rows = {k: [] for k in sides}
+        for r in recs:
+            for k, (tr_k, st_k) in sides.items():
+                st_k, m = tr_k.step(st_k, [r])
+                sides[k] = (tr_k, st_k)
+                rows[k].append(m)
+        out = {k: _summary(v) for k, v in rows.items()}
+        o, n = out["recompute"], out["default"]
+        out["saved"] = {k: round(o[k] - n[k], 3) for k in ("step_s", *KEYS)}
+        out["speedup"] = round(o["step_s"] / n["step_s"], 3)
+        return {"device": jax.devices()[0].device_kind, **out}
     rows = []
     for r in recs:
         st, m = tr.step(st, [r])
@@ -225,6 +254,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--micro-instances", type=int, default=0, help="rl.micro_instances of the elva_jax side")
     ap.add_argument("--row-chunk", type=int, default=72, help="rows per teacher-forced pass of the reference")
     ap.add_argument("--data", default="")
+    # the step's passes (rl.old_logp / rl.ret_embedding / rl.cache_dtype; elva_jax side): "recompute" for
+    # both and a bfloat16 cache is the step before issue 17's fast paths
+    ap.add_argument("--old-logp", default="auto", choices=["auto", "recompute"])
+    ap.add_argument("--ret-embedding", default="sampler", choices=["sampler", "recompute"])
+    ap.add_argument("--cache-dtype", default="compute", choices=["compute", "float32", "bfloat16"])
+    ap.add_argument(
+        "--compare-passes",
+        action="store_true",
+        help="elva_jax: the recomputing step (both passes, bf16 cache) vs the default, alternating steps",
+    )
     ap.add_argument("--remat", action="store_true", help="elva_jax: rematerialise each layer in the backward")
     ap.add_argument("--memory-plan", action="store_true", help="elva_jax: compile only, print XLA's memory analysis")
     a = ap.parse_args(argv)
@@ -239,8 +278,9 @@ def main(argv=None) -> dict:
         "summary_tokens": a.summary_tokens,
         "sequences_per_step": G * S,
         "lora": f"rank {LORA_RANK} alpha {LORA_ALPHA:g}, decoder linears",
+        "passes": {"old_logp": a.old_logp, "ret_embedding": a.ret_embedding, "cache_dtype": a.cache_dtype},
     }
-    if a.memory_plan:
+    if a.memory_plan or a.compare_passes:
         a.side = "jax"
     if a.side in ("both", "torch"):
         res["torch"] = torch_side(a, recs[: t_steps + 1])

@@ -1,13 +1,17 @@
 """W1: the contrastive train step, elva_jax vs the PyTorch reference, side by side in one process.
 
     python -m elva_jax.bench.train_step [--reps 5] [--reference ../shared/bench/torch_reference.py]
-                                        [--dtype float32|bfloat16] [--remat]
+                                        [--dtype float32|bfloat16] [--remat] [--lora RANK]
 
 Workload (benchmarks.md): the "small" Qwen2-VL (random weights), full-parameter AdamW, 8 text
 queries of 64 tokens + 8 image+text candidates of 64 tokens (one 8x8-patch image = 16 image tokens
 each), InfoNCE tau 0.05 on the last token's embedding. Both sides warm up first (JAX compile time is
 reported apart); the median of `reps` steps is reported, with the ratio, XLA's FLOPs per step and
 the achieved FLOP/s against the matmul peak measured here (jnp.dot of 2048^2 fp32).
+
+``--lora RANK`` (issue 17): the LoRA step instead (frozen base, LoRA rank RANK, alpha 2 * RANK, on
+every decoder linear of the LLM, AdamW on the adapters only), against the same reference model
+wrapped by peft with the same LoRA config (`elva_jax.bench.rl_step_torch.lora_model`).
 """
 
 from __future__ import annotations
@@ -62,8 +66,10 @@ def make_batch(cfg, opts, B=8, L=64, grid_hw=8, seed=0):
     return {"query": jax.tree.map(lambda x: x[None], q), "cand": jax.tree.map(lambda x: x[None], c)}
 
 
-def jax_step_time(dtype: str, remat: bool, reps: int, scan_unroll: int = 1) -> dict:
+def jax_step_time(dtype: str, remat: bool, reps: int, scan_unroll: int = 1, lora_rank: int = 0) -> dict:
+    """elva_jax's step: full fine-tuning, or (``lora_rank`` > 0) LoRA on the LLM with a frozen base."""
     from elva_jax.model.config import ModelOptions
+    from elva_jax.model.lora import LoraConfig, init_lora
     from elva_jax.model.params import init_params
     from elva_jax.model.tiny import preset_config
     from elva_jax.runtime.observe import lowered_flops, unrolled
@@ -73,15 +79,17 @@ def jax_step_time(dtype: str, remat: bool, reps: int, scan_unroll: int = 1) -> d
     opts = ModelOptions(dtype=dtype, param_dtype="float32", remat=remat, scan_unroll=scan_unroll)
     params = init_params(cfg, jax.random.key(0))
     tx = optax.adamw(1e-5)
+    lcfg = LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank) if lora_rank else None
+    lora = init_lora(cfg, lcfg, jax.random.key(2)) if lcfg else None
     state = TrainState(
         jnp.zeros((), jnp.int32),
         params,
-        None,
-        tx.init(split_lm_head(params)[0]),
+        lora,
+        tx.init(lora if lcfg else split_lm_head(params)[0]),
         jax.random.key(1),
         jnp.zeros((), jnp.int32),
     )
-    scfg = StepConfig(tau=0.05, embedding="last", full_finetune=True)
+    scfg = StepConfig(tau=0.05, embedding="last", full_finetune=lcfg is None, lora_scale=lcfg.scale if lcfg else 1.0)
     batch = jax.device_put(make_batch(cfg, opts))
     fn = jax.jit(lambda s, b: train_step(s, b, cfg=cfg, opts=opts, scfg=scfg, tx=tx), donate_argnums=(0,))
     t = time.perf_counter()
@@ -123,13 +131,18 @@ def torch_module(ref_path: str):
     return mod
 
 
-def torch_step_time(ref_path: str, reps: int) -> dict | None:
+def torch_step_time(ref_path: str, reps: int, lora_rank: int = 0) -> dict | None:
     mod = torch_module(ref_path)
     if mod is None:
         return None
     import torch
 
     model = _reference_model(mod)
+    if lora_rank:  # peft injects the adapters in place and freezes the base; AdamW skips frozen params
+        from elva_jax.bench.rl_step_torch import lora_model
+        from elva_jax.model.lora import LORA_TARGETS
+
+        lora_model(model, rank=lora_rank, alpha=2.0 * lora_rank, targets=LORA_TARGETS)
     model.train()
     return {
         "step_s": mod.train_step_time(model, reps=reps),
@@ -146,16 +159,18 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (8 = fully unrolled)")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank: the LoRA step (frozen base); 0: full fine-tuning")
     a = ap.parse_args(argv)
     peak = jax_matmul_peak()
     res = {
         "workload": "W1",
         "device": jax.devices()[0].device_kind,
         "dtype": a.dtype,
+        "trained": f"LoRA rank {a.lora} alpha {2 * a.lora}, LLM decoder linears" if a.lora else "all parameters",
         "peak_gflops_jax": round(peak / 1e9, 1),
     }
-    ref = torch_step_time(a.reference, a.reps) if a.reference else None
-    got = jax_step_time(a.dtype, a.remat, a.reps, a.scan_unroll)
+    ref = torch_step_time(a.reference, a.reps, a.lora) if a.reference else None
+    got = jax_step_time(a.dtype, a.remat, a.reps, a.scan_unroll, a.lora)
     res["elva_jax_step_s"] = round(got["step_s"], 4)
     res["compile_s"] = round(got["compile_s"], 2)
     if got["flops_per_step"]:

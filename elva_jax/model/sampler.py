@@ -7,6 +7,12 @@ log-prob under the *full-vocabulary* `log_softmax(logits / temperature)` (the qu
 recomputes), and stops a row at any stop id ([RET], EOS). Rows that reach `max_new_tokens` without
 a stop get [RET] appended; a row that stops on another stop id (EOS) has that token replaced by [RET]
 (neither is a sampled token: both are masked out of the log-probs). Every sequence ends in one [RET].
+
+With ``ret_embedding``, the sampler also returns the [RET] embedding of each row: the final hidden state
+(after the last RMSNorm) where [RET] is fed to the model, L2-normalised -- the vector a teacher-forced
+pass over prompt + tokens reads at position ``lengths - 1``. A row that stops on [RET] gets it from that
+decode step; one that stops on EOS is fed [RET] in its place (its tokens say [RET] there); one that
+runs out of budget is fed the appended [RET] in one extra decode step (run only when such a row exists).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import jax.numpy as jnp
 
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelConfig, ModelOptions
+from elva_jax.model.embedding import l2_normalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +47,7 @@ class Samples(NamedTuple):
     mask: jnp.ndarray  # [N, T] bool: sampled tokens (an appended or substituted [RET] is not: False)
     lengths: jnp.ndarray  # [N] int32 number of tokens including the final [RET]
     forced_ret: jnp.ndarray  # [N] bool: [RET] appended because max_new_tokens was reached
+    ret_emb: jnp.ndarray | None = None  # [N, D] fp32 L2-normalised [RET] hidden state (``ret_embedding``)
 
 
 #: vocabulary block of the two-stage top-k (`kth_largest`)
@@ -135,10 +143,12 @@ def generate(
     pad_id: int,
     lora: dict | None = None,
     lora_scale: float = 1.0,
+    ret_embedding: bool = False,
 ) -> Samples:
     """Sample `num_samples` continuations of each prompt. prompts: model inputs [P, L] (left padded).
 
-    Jittable with static config/ids; returns rows ordered prompt-major ([P * G, T]).
+    Jittable with static config/ids; returns rows ordered prompt-major ([P * G, T]). ``ret_embedding``:
+    also return each row's [RET] embedding (``Samples.ret_emb``, see the module docstring).
     """
     P, L = prompts["input_ids"].shape
     T = scfg.max_new_tokens + 1  # room for a forced [RET]
@@ -148,22 +158,29 @@ def generate(
     cache = repeat_rows(cache, num_samples)
     N = P * num_samples
     stops = jnp.asarray(stop_ids, jnp.int32)
+    dec = lambda tok, cache: backbone.decode_step(params, tok, cache, cfg, opts, lora=lora, lora_scale=lora_scale)  # noqa: E731
 
     def cond(c):
         t, _, _, done, *_ = c
         return (t < scfg.max_new_tokens) & ~jnp.all(done)
 
     def body(c):
-        t, logits, cache, done, toks, logps, mask, key = c
+        t, logits, cache, done, toks, logps, mask, key, ret_h = c
         key, sub = jax.random.split(key)
         tok, lp = sample_token(sub, logits, scfg)
         tok = jnp.where(done, pad_id, tok)
         toks = toks.at[:, t].set(tok)
         logps = logps.at[:, t].set(jnp.where(done, 0.0, lp))
         mask = mask.at[:, t].set(~done)
-        done = done | jnp.isin(tok, stops)
-        _, logits, cache = backbone.decode_step(params, tok, cache, cfg, opts, lora=lora, lora_scale=lora_scale)
-        return t + 1, logits, cache, done, toks, logps, mask, key
+        stop_now = ~done & jnp.isin(tok, stops)
+        done = done | stop_now
+        # a row that stops is fed [RET] (for an EOS, in its place): only that row's embedding reads it,
+        # the row's later steps are discarded
+        feed = jnp.where(stop_now, ret_id, tok) if ret_embedding else tok
+        h, logits, cache = dec(feed, cache)
+        if ret_embedding:
+            ret_h = jnp.where(stop_now[:, None], h.astype(jnp.float32), ret_h)
+        return t + 1, logits, cache, done, toks, logps, mask, key, ret_h
 
     init = (
         jnp.zeros((), jnp.int32),
@@ -174,8 +191,9 @@ def generate(
         jnp.zeros((N, T), jnp.float32),
         jnp.zeros((N, T), bool),
         key,
+        jnp.zeros((N, cfg.text.hidden_size) if ret_embedding else (0,), jnp.float32),
     )
-    _, _, _, done, toks, logps, mask, _ = jax.lax.while_loop(cond, body, init)
+    _, _, cache, done, toks, logps, mask, _, ret_h = jax.lax.while_loop(cond, body, init)
     n = jnp.sum(mask, axis=1).astype(jnp.int32)
     pos = jnp.arange(T)[None]
     last = jnp.take_along_axis(toks, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
@@ -188,4 +206,12 @@ def generate(
     # ran out of budget: [RET] appended after the last sampled token
     forced = ~done
     toks = jnp.where(forced[:, None] & (pos == n[:, None]), ret_id, toks)
-    return Samples(toks, logps, mask, n + forced.astype(jnp.int32), forced)
+    emb = None
+    if ret_embedding:
+        # rows out of budget: one more decode step feeds the appended [RET] (slot L + max_new_tokens)
+        def appended(ret_h):
+            h, _, _ = dec(jnp.where(forced, ret_id, pad_id).astype(jnp.int32), cache)
+            return jnp.where(forced[:, None], h.astype(jnp.float32), ret_h)
+
+        emb = l2_normalize(jax.lax.cond(jnp.any(forced), appended, lambda r: r, ret_h))
+    return Samples(toks, logps, mask, n + forced.astype(jnp.int32), forced, emb)

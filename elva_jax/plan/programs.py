@@ -150,8 +150,14 @@ def decode_program(setup: Setup) -> Program:
 
     shp, mesh, mcfg = setup.shapes, setup.mesh, setup.mcfg
     rc, _ = _rl_configs(setup)
+    cache_dtype = setup.opts.dtype if rc.cache_dtype == "compute" else rc.cache_dtype  # as `RLTrainer`
     scfg = SamplerConfig(
-        max_new_tokens=shp.T - 1, temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p, mesh=mesh
+        max_new_tokens=shp.T - 1,
+        temperature=rc.temperature,
+        top_k=rc.top_k,
+        top_p=rc.top_p,
+        cache_dtype=cache_dtype,
+        mesh=mesh,
     )
     # the trainer samples rl.micro_instances instances per call (all of them when 0)
     m = rc.micro_instances if rc.micro_instances and shp.I % rc.micro_instances == 0 else shp.I

@@ -51,6 +51,18 @@ class RLConfig:
     aux_soft_rank_weight: float = 0.0  # optional differentiable ranking loss through the embeddings
     logp_chunk: int = 16  # rows per chunk when computing log-probs over the vocabulary
     micro_instances: int = 0  # instances per gradient micro-batch of the update (0: all at once); exact
+    # which passes a step runs (see RLSection): old log-probs "auto" (on-policy, no pass, when mu = 1) |
+    # "recompute"; [RET] embeddings "sampler" | "recompute"; the sampler's KV cache dtype ("compute": opts.dtype)
+    old_logp: str = "auto"
+    ret_embedding: str = "sampler"
+    cache_dtype: str = "compute"
+
+    def recompute_old_logp(self) -> bool:
+        """Whether a step needs the teacher-forced pass for the old log-probs: with mu = 1 they equal the
+        current policy's, so the update uses stop_gradient(logp) (ratio 1, the same gradient)."""
+        if self.old_logp not in ("auto", "recompute"):
+            raise ValueError(f"rl.old_logp must be 'auto' or 'recompute', got {self.old_logp!r}")
+        return self.old_logp == "recompute" or self.mu > 1
 
 
 def token_logps(
@@ -118,12 +130,14 @@ def teacher_forced_shared(
     cfg: ModelConfig,
     opts: ModelOptions,
     rcfg: RLConfig,
+    with_logps: bool = True,
 ):
     """`teacher_forced` with prefix sharing: each of the D distinct prompts [D, P] is encoded once and its
     KV cache broadcast to its G samples (rows prompt-major: d*G .. d*G+G-1 of gen_tokens [D*G, T]).
 
     Same values and gradients as running every full sequence (the broadcast is differentiable, so the
     prompt's share of the gradient is summed over its samples), at 1/G of the prompt compute.
+    ``with_logps=False``: the embeddings only (log-probs None; no LM head over the vocabulary).
     """
     D, P = prompts["input_ids"].shape
     T = gen_tokens.shape[1]
@@ -131,9 +145,11 @@ def teacher_forced_shared(
     out, cache = backbone.prefill(params, prompts, cache, cfg, opts, lora=lora, lora_scale=lora_scale, logits="none")
     cache = repeat_rows(cache, num_samples)
     h = backbone.extend(params, gen_tokens, gen_lengths, cache, cfg, opts, lora=lora, lora_scale=lora_scale)
+    emb = l2_normalize(jnp.take_along_axis(h, (gen_lengths - 1)[:, None, None], axis=1)[:, 0])
+    if not with_logps:
+        return None, emb
     pred = jnp.concatenate([jnp.repeat(out.hidden[:, -1:], num_samples, axis=0), h[:, :-1]], axis=1)
     logps = token_logps(params, pred, gen_tokens, cfg, opts, rcfg.temperature, rcfg.logp_chunk)
-    emb = l2_normalize(jnp.take_along_axis(h, (gen_lengths - 1)[:, None, None], axis=1)[:, 0])
     return logps, emb
 
 
@@ -180,6 +196,10 @@ def rl_loss(
     (gen_tokens, gen_lengths, mask, old_logp, ref_logp: [D * G, ...]); adv [D * G] is the
     advantage of the rollout each row belongs to; valid [I, C]. The forward shares each prompt's
     prefill across its G samples (`teacher_forced_shared`).
+
+    Without ``old_logp`` the update is on-policy: old log-probs = stop_gradient(logp) (mu = 1, where the
+    sampling policy is the current one). With ``sampler_logp`` (the sampler's log-probs [D * G, T]), the
+    metric ``sampler_vs_trainer_logp`` = token mean of |logp - sampler_logp| (0 of T when they agree).
     """
     I, G, S = shape
     logp, emb = teacher_forced_shared(
@@ -187,7 +207,7 @@ def rl_loss(
     )
     loss, m = grpo.grpo_loss(
         logp,
-        batch["old_logp"],
+        batch.get("old_logp"),
         batch["ref_logp"],
         batch["adv"],
         batch["mask"],
@@ -202,6 +222,11 @@ def rl_loss(
     if denominator is not None:  # loss_sum / denominator of the whole batch (the mask is not a parameter)
         loss = loss * (m["denominator"] / jnp.maximum(denominator, 1e-9))
     metrics = {**m, "grpo_loss": loss}
+    if "sampler_logp" in batch:
+        gap = jnp.abs(jax.lax.stop_gradient(logp) - batch["sampler_logp"])
+        metrics["sampler_vs_trainer_logp"] = jnp.sum(jnp.where(batch["mask"], gap, 0.0)) / jnp.maximum(
+            m["num_tokens"], 1.0
+        )
     if rcfg.aux_soft_rank_weight:
         sims = rollout_similarities(prompt_major_to_rollouts(emb, I, G, S), I, G, S)
         aux = soft_ranking_loss(sims, reward_cfg, jnp.repeat(batch["valid"][:, None, :], G, axis=1))

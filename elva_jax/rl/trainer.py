@@ -1,5 +1,10 @@
 """One ELVA RL step on the host: rollouts -> re-forward -> rewards -> GRPO update(s), timed by phase.
 
+Passes (rl.old_logp, rl.ret_embedding; the defaults run none that the math does not need): the
+sampler returns the [RET] embeddings with the tokens, and with mu = 1 the update is on-policy
+(old log-probs = stop_gradient of its own), so the re-forward is only the reference pass (beta > 0).
+"recompute" restores the teacher-forced policy pass for either quantity (the oracle of the fast path).
+
 Instances are records {"id", "query": side, "cands": [positive, *negatives]} (sides as in
 `elva_jax.data.pipeline`). For each instance the S = 1 + C distinct prompts (query, candidates; ELVA
 generative template with an open assistant turn) are prefilled once and sampled G times
@@ -156,11 +161,17 @@ class RLTrainer:
         self.ret_id, self.eos_id, self.pad_id = ret_id, eos_id, pad_id
         self.buckets, self.row_len = tuple(sorted(prompt_buckets)), patch_row_len
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        if rcfg.ret_embedding not in ("sampler", "recompute"):
+            raise ValueError(f"rl.ret_embedding must be 'sampler' or 'recompute', got {rcfg.ret_embedding!r}")
+        rcfg.recompute_old_logp()  # checks rl.old_logp
+        if rcfg.cache_dtype not in ("compute", "float32", "bfloat16"):
+            raise ValueError(f"rl.cache_dtype must be compute, float32 or bfloat16, got {rcfg.cache_dtype!r}")
         self.scfg = SamplerConfig(
             max_new_tokens=rcfg.max_summary_tokens,
             temperature=rcfg.temperature,
             top_k=rcfg.top_k,
             top_p=rcfg.top_p,
+            cache_dtype=opts.dtype if rcfg.cache_dtype == "compute" else rcfg.cache_dtype,
             mesh=mesh,
         )
         self._gen = jax.jit(
@@ -177,12 +188,18 @@ class RLTrainer:
                 pad_id=pad_id,
                 lora=lo,
                 lora_scale=lora_scale,
+                ret_embedding=rcfg.ret_embedding == "sampler",
             ),
             static_argnums=(4,),
             **rep,
         )
         self._tf = jax.jit(
             lambda p, lo, x, t, n, g: teacher_forced_shared(p, lo, lora_scale, x, t, n, g, cfg, opts, rcfg),
+            static_argnums=(5,),
+            **rep,
+        )
+        self._tf_emb = jax.jit(  # the [RET] embeddings only (no LM head)
+            lambda p, lo, x, t, n, g: teacher_forced_shared(p, lo, lora_scale, x, t, n, g, cfg, opts, rcfg, False)[1],
             static_argnums=(5,),
             **rep,
         )
@@ -329,20 +346,39 @@ class RLTrainer:
         chunk) each chunk's inputs stacked [M, ...]."""
         return chunks[0] if len(chunks) == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *chunks)
 
-    def reforward(self, state: RLState, chunks: list[dict], tokens: np.ndarray, lengths: np.ndarray, G: int):
+    def reforward(
+        self,
+        state: RLState,
+        chunks: list[dict],
+        tokens: np.ndarray,
+        lengths: np.ndarray,
+        G: int,
+        *,
+        logps: bool = True,
+        embeddings: bool = True,
+    ):
         """(policy log-probs, reference log-probs or None, [RET] embeddings) of the sampled rows, one
-        instance chunk at a time (rows are prompt-major, so chunk c is a contiguous block)."""
+        instance chunk at a time (rows are prompt-major, so chunk c is a contiguous block).
+
+        The policy pass (LoRA) runs when ``logps`` or ``embeddings`` is asked for (the LM head only for
+        ``logps``; what is not asked for is None); the reference pass (no LoRA) only when rl.beta > 0.
+        The reference cannot reuse the policy's prompt prefill: the LoRA is on the LLM's projections,
+        so every prompt token's keys and values differ between the two (only the vision tower's patch
+        embeddings are common, a small part of the prefill on the RL workloads)."""
         n = len(tokens) // len(chunks)
         olds, refs, embs = [], [], []
         for c, x in enumerate(chunks):
             t, ln = self._put(tokens[c * n : (c + 1) * n]), self._put(lengths[c * n : (c + 1) * n])
-            old, emb = self._tf(state.params, state.lora, x, t, ln, G)
-            olds.append(old)
-            embs.append(emb)
+            if logps:
+                old, emb = self._tf(state.params, state.lora, x, t, ln, G)
+                olds.append(old)
+                embs.append(emb)
+            elif embeddings:
+                embs.append(self._tf_emb(state.params, state.lora, x, t, ln, G))
             if self.rcfg.beta:
                 refs.append(self._tf(state.params, None, x, t, ln, G)[0])
-        cat = (lambda xs: xs[0]) if len(chunks) == 1 else (lambda xs: jnp.concatenate(xs, 0))  # noqa: E731
-        return cat(olds), (cat(refs) if refs else None), cat(embs)
+        cat = lambda xs: (xs[0] if len(xs) == 1 else jnp.concatenate(xs, 0)) if xs else None  # noqa: E731
+        return cat(olds), cat(refs), (cat(embs) if embeddings else None)
 
     def step(
         self, state: RLState, instances: list[dict], valid: np.ndarray | None = None, samples=None
@@ -356,10 +392,16 @@ class RLTrainer:
         I, G, S = shape
         t_rollout = time.perf_counter() - t0
         t1 = time.perf_counter()
-        old_logp, ref_logp, emb = self.reforward(state, chunks, out.tokens, out.lengths, G)
-        ref_logp = jnp.zeros_like(old_logp) if ref_logp is None else ref_logp
+        need_old = rc.recompute_old_logp()
+        # replayed samples without embeddings (or rl.ret_embedding=recompute): the teacher-forced pass
+        need_emb = rc.ret_embedding == "recompute" or out.ret_emb is None
+        old_logp, ref_logp, emb = self.reforward(
+            state, chunks, out.tokens, out.lengths, G, logps=need_old, embeddings=need_emb
+        )
+        emb = out.ret_emb if emb is None else emb
+        ref_logp = jnp.zeros(np.shape(out.tokens), jnp.float32) if ref_logp is None else ref_logp
         tokens, lengths = out.tokens, out.lengths
-        jax.block_until_ready((old_logp, ref_logp))
+        jax.block_until_ready((old_logp, ref_logp, emb))
         t_reforward = time.perf_counter() - t1
         t2 = time.perf_counter()
         valid = np.ones((I, S - 1), bool) if valid is None else valid
@@ -376,10 +418,11 @@ class RLTrainer:
             "gen_tokens": tokens,
             "gen_lengths": lengths,
             "mask": out.mask,
-            "old_logp": old_logp,
             "ref_logp": ref_logp,
             "adv": adv_rows,
         }
+        # on-policy update (no old_logp): it reports the sampler-vs-trainer log-prob gap itself
+        rows.update({"old_logp": old_logp} if need_old else {"sampler_logp": out.logps})
         rows = self._put(rows) if self.mesh is not None else {k: jnp.asarray(v) for k, v in rows.items()}
         batch = {"prompts": prompts, **rows, "valid": valid}
         t3 = time.perf_counter()
@@ -405,7 +448,11 @@ class RLTrainer:
             "summary_len": float(lens.mean()),
             "summary_len_max": int(lens.max()),
             "forced_ret": float(np.mean(out.forced_ret)),
-            "sampler_vs_trainer_logp": float(np.sum(np.abs(np.asarray(old_logp) - out.logps) * out.mask)) / n_tok,
+            **(
+                {"sampler_vs_trainer_logp": float(np.sum(np.abs(np.asarray(old_logp) - out.logps) * out.mask)) / n_tok}
+                if need_old
+                else {}
+            ),
             "time_rollout_s": t_rollout,
             "time_reforward_s": t_reforward,
             "time_reward_s": t_reward,
