@@ -157,8 +157,9 @@ class EmbedRLTrainer:
         self.policy, self.embedder, self.tokenizer, self.reward_cfg = policy, embedder, tokenizer, reward_cfg
         self.format_check, self.key_frame_base = format_check, key_frame_base
         self.mesh = policy.mesh
-        self.last_samples = None
-        self.last_texts: list[str] = []
+        self.last_samples = None  # the last step's samples, texts, embeddings [2*I*G, D] (prompt-major)
+        self.last_texts: list[str] = []  # and rewards {"query", "positive"} (pair-major), for inspection
+        self.last_embeddings = self.last_rewards = self.last_advantages = None
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
         """Each row's response text: its tokens up to its length, special tokens (the final
@@ -192,6 +193,7 @@ class EmbedRLTrainer:
         total = jnp.stack([r["query"]["total"].reshape(I, G), r["positive"]["total"].reshape(I, G)], axis=1)
         adv, zero_var = grpo.group_advantages(total, ddof=rc.adv_ddof, eps=rc.adv_eps, scale=rc.adv_scale)
         adv_rows = adv.reshape(-1)  # prompt-major, as the rows
+        self.last_embeddings, self.last_rewards, self.last_advantages = emb, r, adv
         jax.block_until_ready(adv_rows)
         t_reward = time.perf_counter() - t2
         valid = np.ones((I, S - 1), bool)
