@@ -166,11 +166,13 @@ class EmbedRLTrainer:
         ``<|im_end|>``) dropped."""
         return [self.tokenizer.decode(t[:n].tolist(), skip_special_tokens=True) for t, n in zip(tokens, lengths)]
 
-    def step(self, state: RLState, instances: list[dict]) -> tuple[RLState, dict]:
+    def step(self, state: RLState, instances: list[dict], samples=None) -> tuple[RLState, dict]:
+        """One step; ``samples``: replay given reasoner samples (host arrays, as ``last_samples``) instead
+        of sampling (see `RLTrainer.rollouts`)."""
         pol, rc = self.policy, self.policy.rcfg
         pairs = [{"id": x.get("id"), "query": x["query"], "cands": [x["cands"][0]]} for x in instances]
         t0 = time.perf_counter()
-        out, prompts, (I, G, S), chunks = pol.rollouts(state, pairs)
+        out, prompts, (I, G, S), chunks = pol.rollouts(state, pairs, samples)
         self.last_samples = out
         t_rollout = time.perf_counter() - t0
         t1 = time.perf_counter()

@@ -6,48 +6,18 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-import optax
 import pytest
+from helpers.embed_rl_setup import PAIRS, G, make_embed_rl
 
-from elva_jax.data.prompts import TCOT_REASONER_INSTRUCTION, TCOT_SUMMARISE_INSTRUCTION, tcot_embed_prompt
-from elva_jax.data.tokenize import Tokenizer
+from elva_jax.data.prompts import tcot_embed_prompt
 from elva_jax.model import backbone
-from elva_jax.model.config import ModelOptions
 from elva_jax.model.inputs import build_inputs
-from elva_jax.model.lora import LoraConfig, init_lora
-from elva_jax.model.params import init_params
-from elva_jax.model.tiny import preset_config
-from elva_jax.rl.embed_rl_rewards import EmbedRLRewardConfig, batch_rewards
-from elva_jax.rl.embed_rl_trainer import EmbedRLTrainer, FrozenEmbedder, reasoner_policy
-from elva_jax.rl.rollout import RLConfig
-from elva_jax.rl.trainer import RLState
-
-G = 3
-PAIRS = [
-    {"id": "a", "query": {"text": "a red car on a road"}, "cands": [{"text": "red automobile"}, {"text": "x"}]},
-    {"id": "b", "query": {"text": "two dogs playing", "instruction": "Find a caption."}, "cands": [{"text": "pups"}]},
-]
-LCFG = LoraConfig(rank=4, alpha=8)
+from elva_jax.rl.embed_rl_rewards import batch_rewards
 
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = Tokenizer.from_dir()
-    rcfg, ecfg, opts = preset_config("tiny"), preset_config("tiny_qwen3_vl"), ModelOptions()
-    rl = RLConfig(group_size=G, max_summary_tokens=6, beta=0.01, adv_ddof=1, adv_eps=1e-6, loss_type="bnpo")
-    policy = reasoner_policy(
-        rcfg, opts, rl, optax.adamw(1e-3), tok, request=TCOT_REASONER_INSTRUCTION, lora_scale=LCFG.scale,
-        prompt_buckets=(256,), patch_row_len=64,
-    )  # fmt: skip
-    policy.scfg = policy.scfg.__class__(**{**policy.scfg.__dict__, "cache_dtype": "float32"})
-    emb = FrozenEmbedder(
-        ecfg, opts, init_params(ecfg, jax.random.key(5), std=0.05), tok, request=TCOT_SUMMARISE_INSTRUCTION,
-        buckets=(256,), patch_row_len=64, min_pixels=3136, max_pixels=12544,
-    )  # fmt: skip
-    tr = EmbedRLTrainer(policy, emb, tok, EmbedRLRewardConfig(), format_check="tags")
-    params = init_params(rcfg, jax.random.key(0), std=0.05)
-    lora = jax.tree.map(lambda x: x + 0.01, init_lora(rcfg, LCFG, jax.random.key(1)))
-    return tr, RLState(0, params, lora, policy.tx.init(lora), jax.random.key(2)), tok
+    return make_embed_rl()
 
 
 def _host(tree):
@@ -106,3 +76,47 @@ def test_step_scores_every_rollout_with_the_frozen_embedder_and_moves_only_the_l
     tot = np.stack([np.asarray(r["query"]["total"]).reshape(I, G), np.asarray(r["positive"]["total"]).reshape(I, G)], 1)
     adv = (tot - tot.mean(-1, keepdims=True)) / (tot.std(-1, ddof=1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(np.asarray(tr.last_advantages), adv, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_tiny_embed_rl_run_end_to_end(tmp_path):
+    """`python -m elva_jax.train --config configs/tiny_embed_rl.yaml`: the bundled pairs, two RL steps with
+    finite metrics, an RL checkpoint, and the reasoner exported as a reasoner (not an embedder)."""
+    import json
+    import os
+
+    from elva_jax import configlib
+    from elva_jax.run.stages import run
+    from elva_jax.schema import RunConfig
+
+    preset = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_embed_rl.yaml")
+    cfg = configlib.load(RunConfig, preset, [f"run.dir={tmp_path}", "rl.steps=2", "rl.group_size=2"])
+    s = run(cfg)
+    assert s["rl"]["recipe"] == "embed_rl" and s["rl"]["steps"] == 2 and np.all(np.isfinite(s["rl"]["reward"]))
+    lines = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
+    steps = [x for x in lines if "orm" in x]
+    assert len(steps) == 2 and all(np.isfinite(x[k]) for x in steps for k in ("loss", "orm", "kl_mean"))
+    assert os.listdir(tmp_path / "rl" / "checkpoints")
+    info = json.load(open(os.path.join(s["export"], "elva_export.json")))
+    assert info["trained_by"] == "embed_rl_reasoner" and info["embedding"] is None
+
+
+@pytest.mark.slow
+def test_one_step_on_a_2x2x2_mesh_matches_one_device():
+    """The same step (the one-device samples replayed) on 8 CPU devices: same texts, embeddings, rewards,
+    loss and LoRA update up to float reduction order; the embedder laid out on the mesh stays unchanged."""
+    import os
+
+    from helpers.device_check import run_check
+
+    r = run_check(os.path.join(os.path.dirname(__file__), "embed_rl_loop_mesh_check.py"), timeout=900)
+    assert r["devices"] == 8 and r["mesh"] == [2, 2, 2] and r["same_texts"] and r["embedder_unchanged"]
+    assert r["emb_diff"] <= 1e-5, r
+    a, b = r["single"], r["sharded"]
+    assert a["tokens_sampled"] == b["tokens_sampled"] and a["cot_len"] == b["cot_len"]
+    for k in ("reward", "orm", "acc", "margin"):
+        assert abs(a[k] - b[k]) <= 1e-5, (k, a, b)
+    assert abs(a["kl_mean"] - b["kl_mean"]) <= 1e-3 * abs(a["kl_mean"]) + 1e-7, (a, b)
+    assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]) + 2e-6, (a, b)
+    assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * a["grad_norm"], (a, b)
+    assert r["lora_moved"] > 0 and r["lora_diff"] <= 1e-3 * r["lora_moved"], r
