@@ -407,7 +407,7 @@ def check_recipe_available(c) -> None:
     rl.recipe=embed_rl trains a reasoner against a frozen embedder: no contrastive stage in the same run
     (the embedder is trained contrastively in its own run; `embed_rl.embedder_checkpoint` names its
     export), no judge yet (`embed_rl.prm_enabled`), no embedding evaluation of the reasoner
-    (`train.eval_modes`), and ELVA-only RL options off."""
+    (`train.eval_modes`), no full fine-tuning yet (`lora.enabled`), and ELVA-only RL options off."""
     if c.rl.recipe != "embed_rl" or "rl" not in c.train.stages:
         return
     bad = []
@@ -415,6 +415,11 @@ def check_recipe_available(c) -> None:
         bad.append(
             "train.stages has 'contrastive': the Embed-RL embedder is trained contrastively in its own run "
             "(rl.recipe=elva, train.stages=[contrastive]) and given by embed_rl.embedder_checkpoint"
+        )
+    if not c.lora.enabled:
+        bad.append(
+            "lora.enabled false: full fine-tuning of the reasoner (with a frozen reference copy) is not implemented; "
+            "the loop trains a LoRA (reference = LoRA off)"
         )
     if c.embed_rl.prm_enabled:
         bad.append("embed_rl.prm_enabled: the judge model (PRM) is not implemented yet; set it false")

@@ -86,6 +86,7 @@ def test_embed_rl_run_refuses_what_it_cannot_run_up_front(tmp_path, capsys):
         ("train.eval_modes=[eol]", "train.eval_modes"),
         ("rl.candidate_sampling=shared", "per_rollout"),
         ("rl.aux_soft_rank_weight=0.1", "aux_soft_rank_weight"),
+        ("lora.enabled=false", "full fine-tuning"),
     ):
         with pytest.raises(configlib.ConfigError, match=what):
             check_recipe_available(configlib.load(RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[rl]", over]))
