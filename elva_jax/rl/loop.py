@@ -168,7 +168,7 @@ def run_rl(
         keep=cfg.run.keep_checkpoints,
         async_save=cfg.run.async_checkpoint,
         with_data_iter=False,
-        fingerprint=run_fingerprint(cfg, "rl"),
+        fingerprint=run_fingerprint(cfg, "embed_rl" if r.recipe == "embed_rl" else "rl"),
         allow_changed=cfg.run.allow_changed,
     )
     if ckpt.steps() and not cfg.run.resume:

@@ -101,3 +101,16 @@ def test_plan_refuses_the_recipe(capsys):
     with pytest.raises(SystemExit) as e:
         errors.cli(main, ["--config", PRESET, "--topology", "local"], prog="python -m elva_jax.plan")
     assert e.value.code == 2 and "not available yet" in capsys.readouterr().err
+
+
+def test_embed_rl_checkpoints_are_fingerprinted_with_the_embedder():
+    from elva_jax.runtime.checkpointing import fingerprint_diff
+    from elva_jax.runtime.fingerprint import run_fingerprint
+
+    a = configlib.load(RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[rl]"])
+    b = configlib.load(RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[rl]", "embed_rl.embedder_checkpoint=/e"])
+    assert fingerprint_diff(run_fingerprint(a, "embed_rl"), run_fingerprint(b, "embed_rl")) == [
+        "embed_rl.embedder_checkpoint: checkpoint '', now '/e'"
+    ]
+    # ELVA's RL fingerprint is unchanged (its existing checkpoints keep resuming)
+    assert not any(k.startswith("embed_rl.") or k == "rl.recipe" for k in run_fingerprint(a, "rl"))
