@@ -142,21 +142,23 @@ def run_rl(
     key = jax.random.key(cfg.train.seed + 17)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     lora = init_lora(mcfg, lcfg, jax.random.fold_in(key, 1), dtype=cfg.model.param_dtype)
-    trainer = build_trainer(tx, mesh, lcfg) if build_trainer is not None else None
-    trainer = trainer or RLTrainer.from_tokenizer(
-        mcfg,
-        opts,
-        rcfg,
-        reward_cfg,
-        tx,
-        tokenizer,
-        lora_scale=lcfg.scale,
-        prompt_buckets=tuple(r.prompt_buckets),
-        patch_row_len=cfg.data.patch_row_len,
-        min_pixels=cfg.data.min_pixels,
-        max_pixels=cfg.data.max_pixels,
-        mesh=mesh,
-    )
+    if build_trainer is not None:
+        trainer = build_trainer(tx, mesh, lcfg)
+    else:
+        trainer = RLTrainer.from_tokenizer(
+            mcfg,
+            opts,
+            rcfg,
+            reward_cfg,
+            tx,
+            tokenizer,
+            lora_scale=lcfg.scale,
+            prompt_buckets=tuple(r.prompt_buckets),
+            patch_row_len=cfg.data.patch_row_len,
+            min_pixels=cfg.data.min_pixels,
+            max_pixels=cfg.data.max_pixels,
+            mesh=mesh,
+        )
     state = place_rl_state(RLState(0, params, lora, None, jax.random.fold_in(key, 2)), mcfg, lcfg, tx, mesh)
     # step s trains on batch s of a seeded endless shuffle: the position is the step itself, so a resume
     # (on any number of hosts, each running the same RL program) needs no data state
