@@ -13,7 +13,7 @@ import math
 from dataclasses import field
 
 from elva_jax.configlib import ConfigError
-from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION
+from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION, TCOT_REASONER_INSTRUCTION, TCOT_SUMMARISE_INSTRUCTION
 from elva_jax.data.sources import SOURCES
 from elva_jax.model.decoder import LORA_TARGETS
 
@@ -209,8 +209,8 @@ class RLSection:
     prompt_buckets: tuple[int, ...] = (256, 512, 1024)
     steps: int = 0  # 0: one pass over the instances
     lr: float = 1e-6  # paper
-    # "elva": train the embedder itself (this section); "embed_rl": train a reasoner whose T-CoT a frozen
-    # embedder scores (the `embed_rl` section; its two-model training loop is not available yet)
+    # "elva": train the embedder itself (this section); "embed_rl": train a reasoner (`model`, `lora`) whose
+    # T-CoT a frozen embedder (`embed_rl.embedder_*`) scores (the `embed_rl` section; elva_jax.rl.embed_rl_trainer)
     recipe: str = field(default="elva", metadata={"choices": ("elva", "embed_rl")})
 
 
@@ -236,6 +236,19 @@ class EmbedRLSection:
     # nothing outside the blocks, well-formed JSON evidence (`elva_jax.data.tcot`)
     format_check: str = field(default="strict", metadata={"choices": ("strict", "tags")})
     key_frame_base: int = 1  # index of a video's first frame in `key_frames` (Embed-RL's prompt: 1-based)
+    # the frozen embedder, a second model with its own checkpoint and family ("" = a random model of
+    # `embedder_random_preset`: tests and tiny runs); it runs with the run's `model.dtype` / `position_mode`
+    embedder_checkpoint: str = ""
+    embedder_random_preset: str = field(
+        default="tiny_qwen3_vl", metadata={"choices": ("tiny", "tiny_qwen2_5_vl", "tiny_qwen3_vl", "small")}
+    )
+    embedder_tokenizer: str = ""  # "" = the embedder checkpoint's tokenizer files, else the bundled Qwen2 files
+    # length buckets of the embedder's rows (side + its CoT + the summarise instruction + <emb>); static shapes
+    embedder_seq_buckets: tuple[int, ...] = (256, 512, 1024)
+    # ours (the official prompts are not reproduced): what the reasoner is asked after the side's text
+    reasoner_instruction: str = TCOT_REASONER_INSTRUCTION
+    # ours: what follows the CoT in the embedder's user turn; the embedding is the hidden state at <emb>
+    summarise_instruction: str = TCOT_SUMMARISE_INSTRUCTION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +363,11 @@ def _check_values(c) -> None:
         ("embed_rl.prm_hard_pairs", c.embed_rl.prm_hard_pairs >= 1, "must be >= 1"),
         ("embed_rl.key_frame_base", c.embed_rl.key_frame_base in (0, 1), "must be 0 or 1"),
         (
+            "embed_rl.embedder_seq_buckets",
+            len(c.embed_rl.embedder_seq_buckets) > 0 and min(c.embed_rl.embedder_seq_buckets) > 0,
+            "must be non-empty, > 0",
+        ),
+        (
             "embed_rl.prm_off_weights",
             c.embed_rl.prm_off_weights == "keep" or c.embed_rl.format_weight + c.embed_rl.orm_weight > 0,
             "cannot renormalise zero format and ORM weights",
@@ -402,19 +420,51 @@ def _check_values(c) -> None:
         )
 
 
-#: RL recipes with a schema section but no training loop yet: a run or plan with them is refused up front
-RECIPES_WITHOUT_LOOP = ("embed_rl",)
-
-
 def check_recipe_available(c) -> None:
-    """Refuse (ConfigError) a run whose RL stage asks for a recipe without a training loop, rather than
-    run another recipe's loop in its place."""
-    if "rl" in c.train.stages and c.rl.recipe in RECIPES_WITHOUT_LOOP:
-        raise ConfigError(
-            f"rl.recipe={c.rl.recipe}: the Embed-RL training loop (a reasoner trained against a frozen embedder) "
-            "is not available yet; only its rewards and T-CoT parser are (set rl.recipe=elva or drop 'rl' from "
-            "train.stages)"
+    """Refuse (ConfigError) up front what the chosen RL recipe cannot run, rather than run something else.
+
+    rl.recipe=embed_rl trains a reasoner against a frozen embedder: no contrastive stage in the same run
+    (the embedder is trained contrastively in its own run; `embed_rl.embedder_checkpoint` names its
+    export), no judge yet (`embed_rl.prm_enabled`), no embedding evaluation of the reasoner
+    (`train.eval_modes`), no full fine-tuning yet (`lora.enabled`), and ELVA-only RL options off."""
+    if c.rl.recipe != "embed_rl" or "rl" not in c.train.stages:
+        return
+    bad = []
+    if "contrastive" in c.train.stages:
+        bad.append(
+            "train.stages has 'contrastive': the Embed-RL embedder is trained contrastively in its own run "
+            "(rl.recipe=elva, train.stages=[contrastive]) and given by embed_rl.embedder_checkpoint"
         )
+    if not c.lora.enabled:
+        bad.append(
+            "lora.enabled false: full fine-tuning of the reasoner (with a frozen reference copy) is not implemented; "
+            "the loop trains a LoRA (reference = LoRA off)"
+        )
+    if c.embed_rl.prm_enabled:
+        bad.append("embed_rl.prm_enabled: the judge model (PRM) is not implemented yet; set it false")
+    if c.train.eval_modes:
+        bad.append("train.eval_modes: the Embed-RL reasoner is not an embedder; leave it empty")
+    if c.rl.candidate_sampling != "per_rollout":
+        bad.append("rl.candidate_sampling must be per_rollout (every query and positive rollout has its own CoT)")
+    if c.rl.aux_soft_rank_weight:
+        bad.append("rl.aux_soft_rank_weight is ELVA's (a loss through the policy's own embeddings); set it 0")
+    if bad:
+        raise ConfigError("rl.recipe=embed_rl: " + "; ".join(bad))
+
+
+#: RL recipes whose memory plan (`python -m elva_jax.plan`) does not exist yet
+RECIPES_WITHOUT_PLAN = ("embed_rl",)
+
+
+def check_plan_available(c) -> None:
+    """Refuse (ConfigError) a plan of an RL stage whose recipe has no plan programs yet (its RL rows
+    would be another recipe's), then what `check_recipe_available` refuses."""
+    if "rl" in c.train.stages and c.rl.recipe in RECIPES_WITHOUT_PLAN:
+        raise ConfigError(
+            f"rl.recipe={c.rl.recipe}: the two-model memory plan (reasoner + frozen embedder) is not available "
+            "yet (the training loop is); plan rl.recipe=elva or drop 'rl' from train.stages"
+        )
+    check_recipe_available(c)
 
 
 def field_value(c, dotted: str):

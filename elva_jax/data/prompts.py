@@ -69,6 +69,8 @@ __all__ = [
     "LAMRA_VIDEO_TEXT_SUFFIX",
     "QWEN_VL_CHAT_TEMPLATE",
     "RET_TOKEN",
+    "TCOT_REASONER_INSTRUCTION",
+    "TCOT_SUMMARISE_INSTRUCTION",
     "VIDEO_PLACEHOLDER",
     "Prompt",
     "choose_instruction",
@@ -80,6 +82,8 @@ __all__ = [
     "raw_prompt",
     "render_chat",
     "render_content",
+    "tcot_embed_prompt",
+    "tcot_reasoner_prompt",
 ]
 
 EMB_TOKEN = "<emb>"
@@ -105,6 +109,17 @@ ELVA_INSTRUCTION = (
 )
 #: What follows the user's text (or the image when there is no text): one newline, then the request.
 ELVA_SUFFIX = "\n" + ELVA_INSTRUCTION
+
+#: Embed-RL reasoner request (ours, in the spirit of the official T-CoT prompts, not their text): after
+#: the side's text (or image), the reasoner writes its evidence, a rethink and an answer.
+TCOT_REASONER_INSTRUCTION = (
+    "Reason about the input above. In <thinking></thinking> give your evidence as one JSON object: "
+    '{"text_keywords": [...]} for text, {"bbox_2d": [x1, y1, x2, y2]} in 0-1000 coordinates for an image, '
+    'or {"key_frames": [...]} (1-based) for a video. Then check it in <rethink></rethink> and state what '
+    "the input is about in <answer></answer>."
+)
+#: What follows the CoT in the Embed-RL embedder's user turn (ours); the assistant turn is ``<emb>``.
+TCOT_SUMMARISE_INSTRUCTION = "Summarize the above input and its reasoning in one word: "
 
 #: Qwen2-VL's chat template (jinja, for transformers' ``apply_chat_template``). A default system turn
 #: when the first message is not a system message; images / videos render as vision placeholders
@@ -346,3 +361,36 @@ def raw_prompt(text: str | None = None, n_images: int = 0, *, n_videos: int = 0)
     text = text or ""
     _check(text, n_images, n_videos)
     return Prompt(({"role": "user", "content": _user_content(n_images, text, "", n_videos)},), chat=False)
+
+
+def tcot_reasoner_prompt(
+    text: str | None = None, n_images: int = 0, instruction: str | None = None, *, request: str, n_videos: int = 0
+) -> Prompt:
+    """Embed-RL reasoner generation prompt: user turn ``{video}{image}{TXT}\n{request}``, an open
+    assistant turn (the reasoner writes the T-CoT and ``<|im_end|>``)."""
+    txt = prompt_text(text, instruction)
+    _check(txt, n_images, n_videos)
+    msgs = ({"role": "user", "content": _user_content(n_images, txt, "\n" + request, n_videos)},)
+    return Prompt(msgs, add_generation_prompt=True)
+
+
+def tcot_embed_prompt(
+    text: str | None = None,
+    n_images: int = 0,
+    instruction: str | None = None,
+    *,
+    cot: str,
+    request: str,
+    n_videos: int = 0,
+) -> Prompt:
+    """Embed-RL embedder prompt: the CoT appended to the side's user turn, then the summarise request:
+    user ``{video}{image}{TXT}\n{cot}\n{request}``, assistant ``<emb>``. TXT and CoT form the truncatable
+    item (an over-long row loses the CoT's tail first); the embedding is the hidden state at ``<emb>``."""
+    txt = prompt_text(text, instruction)
+    body = f"{txt}\n{cot}" if txt else cot
+    _check(body, n_images, n_videos)
+    msgs = (
+        {"role": "user", "content": _user_content(n_images, body, "\n" + request, n_videos)},
+        {"role": "assistant", "content": [{"type": "text", "text": EMB_TOKEN}]},
+    )
+    return Prompt(msgs)

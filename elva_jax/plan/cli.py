@@ -13,7 +13,7 @@ from elva_jax.plan.measure import plan
 from elva_jax.plan.programs import PROGRAMS
 from elva_jax.plan.setup import load_run
 from elva_jax.plan.targets import EXIT_NOT_FIT, PlanError, resolve_target
-from elva_jax.schema import check_recipe_available
+from elva_jax.schema import check_plan_available
 
 
 def _parse_mesh(text: str) -> list[str]:
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         target = resolve_target(a.topology, hbm_gib=a.hbm_gib, peak_tflops=a.peak_tflops)
         run = load_run(a.config, _parse_mesh(a.mesh) + list(a.overrides))
-        check_recipe_available(run)  # its RL programs would be another recipe's
+        check_plan_available(run)  # its RL programs would be another recipe's
         programs = tuple(p.strip() for p in a.programs.split(",") if p.strip()) or stage_programs(run)
         bad = [p for p in programs if p not in PROGRAMS]
         if bad:

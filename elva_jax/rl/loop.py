@@ -116,8 +116,22 @@ def restore_rl_state(ckpt: Checkpointer, state: RLState) -> tuple[int, RLState]:
 
 
 def run_rl(
-    cfg: RunConfig, mcfg: ModelConfig, params: dict, instances: list[dict], tokenizer, opts, *, run_dir: str
+    cfg: RunConfig,
+    mcfg: ModelConfig,
+    params: dict,
+    instances: list[dict],
+    tokenizer,
+    opts,
+    *,
+    run_dir: str,
+    build_trainer=None,
 ) -> dict:
+    """The RL stage's resumable loop over the LoRA of ``params`` (the policy's base).
+
+    ``build_trainer(tx, mesh, lcfg)``: another recipe's step object (`step(state, batch) -> (state,
+    metrics)` with ``reward`` and ``skipped_update``, optionally ``log_line(metrics)``), e.g. Embed-RL's
+    (`elva_jax.rl.embed_rl_trainer`); None is ELVA's `RLTrainer`. Checkpoints, resume, data order and
+    logging are the same for every recipe."""
     r = cfg.rl
     rcfg, reward_cfg = rl_configs(cfg)
     lcfg = project(LoraConfig, cfg.lora)
@@ -128,20 +142,23 @@ def run_rl(
     key = jax.random.key(cfg.train.seed + 17)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     lora = init_lora(mcfg, lcfg, jax.random.fold_in(key, 1), dtype=cfg.model.param_dtype)
-    trainer = RLTrainer.from_tokenizer(
-        mcfg,
-        opts,
-        rcfg,
-        reward_cfg,
-        tx,
-        tokenizer,
-        lora_scale=lcfg.scale,
-        prompt_buckets=tuple(r.prompt_buckets),
-        patch_row_len=cfg.data.patch_row_len,
-        min_pixels=cfg.data.min_pixels,
-        max_pixels=cfg.data.max_pixels,
-        mesh=mesh,
-    )
+    if build_trainer is not None:
+        trainer = build_trainer(tx, mesh, lcfg)
+    else:
+        trainer = RLTrainer.from_tokenizer(
+            mcfg,
+            opts,
+            rcfg,
+            reward_cfg,
+            tx,
+            tokenizer,
+            lora_scale=lcfg.scale,
+            prompt_buckets=tuple(r.prompt_buckets),
+            patch_row_len=cfg.data.patch_row_len,
+            min_pixels=cfg.data.min_pixels,
+            max_pixels=cfg.data.max_pixels,
+            mesh=mesh,
+        )
     state = place_rl_state(RLState(0, params, lora, None, jax.random.fold_in(key, 2)), mcfg, lcfg, tx, mesh)
     # step s trains on batch s of a seeded endless shuffle: the position is the step itself, so a resume
     # (on any number of hosts, each running the same RL program) needs no data state
@@ -153,7 +170,7 @@ def run_rl(
         keep=cfg.run.keep_checkpoints,
         async_save=cfg.run.async_checkpoint,
         with_data_iter=False,
-        fingerprint=run_fingerprint(cfg, "rl"),
+        fingerprint=run_fingerprint(cfg, "embed_rl" if r.recipe == "embed_rl" else "rl"),
         allow_changed=cfg.run.allow_changed,
     )
     if ckpt.steps() and not cfg.run.resume:
@@ -193,8 +210,11 @@ def run_rl(
             m["lr"] = float(lr_at(state.step - 1))
             logger.log(state.step, m)
             history.append(m)
+            line = getattr(trainer, "log_line", None)
             print(
-                f"[elva_jax] RL step {state.step}/{n_steps} reward {m['reward']:.4f} (margin "
+                f"[elva_jax] RL step {state.step}/{n_steps} {line(m)}"
+                if line
+                else f"[elva_jax] RL step {state.step}/{n_steps} reward {m['reward']:.4f} (margin "
                 f"{m['reward_margin']:.3f}, ranking {m['reward_ranking']:.3f}) kl {m['kl_mean']:.4f} "
                 f"len {m['summary_len']:.1f} | rollout {m['time_rollout_s']:.2f}s re-forward "
                 f"{m['time_reforward_s']:.2f}s reward {m['time_reward_s']:.3f}s update {m['time_update_s']:.2f}s",

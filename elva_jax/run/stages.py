@@ -402,7 +402,19 @@ def run(cfg: RunConfig) -> dict:
         summary.update(cs, steps=total)
         if cs["end_step"] < total:  # preempted or time-boxed: the later stages wait for the rerun
             return _stopped(cfg, summary, "contrastive", cs["end_step"], total, t0)
-    if "rl" in t.stages:
+    if "rl" in t.stages and cfg.rl.recipe == "embed_rl":
+        rs = run_embed_rl(cfg, root, mcfg, params, tokenizer)
+        if rs["stopped"]:
+            summary["rl"] = {"steps": rs["steps"]}
+            return _stopped(cfg, summary, "RL", rs["steps"], rs["total"], t0)
+        params = merge_lora(params, rs["lora"], rs["lcfg"])
+        summary["rl"] = {
+            "recipe": "embed_rl",
+            "steps": rs["steps"],
+            "wall_s": rs["wall_s"],
+            "reward": [h["reward"] for h in rs["history"]],
+        }
+    elif "rl" in t.stages:
         from elva_jax.rl.loop import run_rl
 
         rl_dropped: list[str] = []
@@ -450,9 +462,12 @@ def run(cfg: RunConfig) -> dict:
     if jax.process_index() == 0:
         save_params(export_dir, host, mcfg)
         last = "rl" if "rl" in t.stages else "contrastive"
-        write_export_info(
-            export_dir, trained_by=last, embedding="ret" if last == "rl" else t.embedding, stages=tuple(t.stages)
-        )
+        if last == "rl" and cfg.rl.recipe == "embed_rl":  # the reasoner: a generator, not an embedder
+            write_export_info(export_dir, trained_by="embed_rl_reasoner", embedding=None, stages=tuple(t.stages))
+        else:
+            write_export_info(
+                export_dir, trained_by=last, embedding="ret" if last == "rl" else t.embedding, stages=tuple(t.stages)
+            )
     del host
     if jax.process_index() == 0:
         for mode in t.eval_modes:
@@ -492,6 +507,95 @@ def _evaluate_all(cfg: RunConfig, params, mcfg, when: str, summary: dict, **expo
                 cfg, out, mode, os.path.join(cfg.run.dir, "eval", f"{when}-{mode}")
             )
     del host
+
+
+def load_embedder(cfg: RunConfig):
+    """Embed-RL's frozen embedder: (model config, params, tokenizer) from ``embed_rl.embedder_checkpoint``
+    or a random ``embed_rl.embedder_random_preset`` (seeded apart from the reasoner), its token table
+    resized to its tokenizer as `run` does for the reasoner."""
+    import dataclasses
+
+    from elva_jax.data.tokenize import Tokenizer
+    from elva_jax.model.hf_checkpoint import resize_vocab
+
+    e = cfg.embed_rl
+    model = dataclasses.replace(cfg.model, checkpoint=e.embedder_checkpoint, random_preset=e.embedder_random_preset)
+    ecfg, eparams = load_model(
+        dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 1))
+    )
+    tok_dir = e.embedder_tokenizer or (e.embedder_checkpoint if _has_tokenizer(e.embedder_checkpoint) else None)
+    etok = Tokenizer.from_dir(tok_dir, geometry=ecfg.vision.geometry)
+    if etok.vocab_size > ecfg.text.vocab_size:
+        eparams, ecfg = resize_vocab(eparams, ecfg, etok.vocab_size)
+    return ecfg, eparams, etok
+
+
+def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
+    """The RL stage under rl.recipe=embed_rl: pairs (query, positive) from the training queries, the
+    reasoner (``model``, a fresh LoRA) trained against the frozen embedder (`load_embedder`) in
+    `rl.loop.run_rl`'s resumable loop. Returns what `run_rl` returns."""
+    import dataclasses
+
+    from elva_jax.rl.embed_rl_rewards import embed_rl_reward_config
+    from elva_jax.rl.embed_rl_trainer import EmbedRLTrainer, FrozenEmbedder, reasoner_policy
+    from elva_jax.rl.loop import rl_configs, run_rl
+    from elva_jax.train.loop import model_options
+
+    # pairs only: the rewards' negatives are the other pairs' rollouts (no mining, no sampled negatives)
+    r = dataclasses.replace(cfg.rl, negatives="dataset", num_hard_negatives=0, num_random_negatives=0)
+    dropped: list[str] = []
+    instances = build_rl_instances(dataclasses.replace(cfg, rl=r), root, dropped=dropped)
+    _log_dropped(os.path.join(cfg.run.dir, "rl"), "instances_dropped", len(dropped))
+    if len(instances) < cfg.rl.instances_per_step:
+        raise configlib.ConfigError(
+            f"rl.instances_per_step {cfg.rl.instances_per_step} exceeds the {len(instances)} Embed-RL pairs"
+        )
+    ecfg, eparams, etok = load_embedder(cfg)
+    opts = model_options(cfg)
+    rcfg, _ = rl_configs(cfg)
+    e, d = cfg.embed_rl, cfg.data
+    print(
+        f"[elva_jax] Embed-RL: {len(instances)} pairs, G={cfg.rl.group_size}, reasoner {mcfg.text.num_layers}-layer, "
+        f"frozen embedder {e.embedder_checkpoint or e.embedder_random_preset} ({ecfg.text.num_layers}-layer)",
+        flush=True,
+    )
+
+    def build(tx, mesh, lcfg):
+        pix = {"patch_row_len": d.patch_row_len, "min_pixels": d.min_pixels, "max_pixels": d.max_pixels}
+        policy = reasoner_policy(
+            mcfg,
+            opts,
+            rcfg,
+            tx,
+            tokenizer,
+            request=e.reasoner_instruction,
+            lora_scale=lcfg.scale,
+            prompt_buckets=tuple(cfg.rl.prompt_buckets),
+            mesh=mesh,
+            **pix,
+        )
+        emb = FrozenEmbedder(
+            ecfg,
+            opts,
+            eparams,
+            etok,
+            request=e.summarise_instruction,
+            buckets=tuple(e.embedder_seq_buckets),
+            mesh=mesh,
+            **pix,
+        )
+        return EmbedRLTrainer(
+            policy,
+            emb,
+            tokenizer,
+            embed_rl_reward_config(cfg),
+            format_check=e.format_check,
+            key_frame_base=e.key_frame_base,
+        )
+
+    return run_rl(
+        cfg, mcfg, params, instances, tokenizer, opts, run_dir=os.path.join(cfg.run.dir, "rl"), build_trainer=build
+    )
 
 
 def _log_dropped(run_dir: str, key: str, n: int) -> None:

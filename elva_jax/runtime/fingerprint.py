@@ -46,6 +46,15 @@ FIELDS = {
         "train.seed",
     ),
 }
+# Embed-RL's RL stage: ELVA's fields (the reasoner is `model.*`) plus the recipe and the frozen embedder (a
+# separate key so that ELVA RL checkpoints written before it keep resuming)
+FIELDS["embed_rl"] = FIELDS["rl"] + (
+    "rl.recipe",
+    "embed_rl.embedder_checkpoint",
+    "embed_rl.embedder_random_preset",
+    "embed_rl.reasoner_instruction",
+    "embed_rl.summarise_instruction",
+)
 
 
 def run_fingerprint(cfg, stage: str) -> dict:

@@ -1,5 +1,6 @@
 """The Embed-RL part of the run schema: the paper-scale preset's values, the reward config read off the
-`embed_rl` section, and the up-front refusal of rl.recipe=embed_rl (no training loop yet) in runs and plans."""
+`embed_rl` section, what a run of rl.recipe=embed_rl refuses up front, and the plan's refusal (no
+two-model plan yet)."""
 
 from __future__ import annotations
 
@@ -60,24 +61,36 @@ def test_defaults_and_checks():
             configlib.load(RunConfig, None, over)
 
 
-def test_embed_rl_recipe_is_refused_up_front(tmp_path, capsys):
+def test_embed_rl_run_refuses_what_it_cannot_run_up_front(tmp_path, capsys):
     from elva_jax.run.stages import main, run
 
     run_dir = tmp_path / "run"
     cfg = configlib.load(
         RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[contrastive, rl]", f"run.dir={run_dir}"]
     )
-    with pytest.raises(configlib.ConfigError, match="rl.recipe=embed_rl: the Embed-RL training loop .* not available"):
+    with pytest.raises(configlib.ConfigError, match="rl.recipe=embed_rl: train.stages has 'contrastive'"):
         run(cfg)
     assert not run_dir.exists()  # refused before anything was written or trained
+    # the judge (PRM) is not implemented: the paper preset's prm_enabled is refused in one line
     with pytest.raises(SystemExit) as e:
         errors.cli(
-            main, ["rl.recipe=embed_rl", "train.stages=[rl]", f"run.dir={run_dir}"], prog="python -m elva_jax.train"
+            main,
+            ["--config", PRESET, "train.stages=[rl]", f"run.dir={run_dir}"],
+            prog="python -m elva_jax.train",
         )
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not available yet" in err[0] and "ConfigError" in err[0]
+    assert len(err) == 1 and "prm_enabled" in err[0] and "ConfigError" in err[0]
     assert not run_dir.exists()
+    for over, what in (
+        ("train.eval_modes=[eol]", "train.eval_modes"),
+        ("rl.candidate_sampling=shared", "per_rollout"),
+        ("rl.aux_soft_rank_weight=0.1", "aux_soft_rank_weight"),
+        ("lora.enabled=false", "full fine-tuning"),
+    ):
+        with pytest.raises(configlib.ConfigError, match=what):
+            check_recipe_available(configlib.load(RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[rl]", over]))
+    check_recipe_available(configlib.load(RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[rl]"]))
     # a contrastive-only run may carry the recipe (the embedder is trained contrastively first)
     check_recipe_available(configlib.load(RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[contrastive]"]))
 
@@ -88,3 +101,16 @@ def test_plan_refuses_the_recipe(capsys):
     with pytest.raises(SystemExit) as e:
         errors.cli(main, ["--config", PRESET, "--topology", "local"], prog="python -m elva_jax.plan")
     assert e.value.code == 2 and "not available yet" in capsys.readouterr().err
+
+
+def test_embed_rl_checkpoints_are_fingerprinted_with_the_embedder():
+    from elva_jax.runtime.checkpointing import fingerprint_diff
+    from elva_jax.runtime.fingerprint import run_fingerprint
+
+    a = configlib.load(RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[rl]"])
+    b = configlib.load(RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[rl]", "embed_rl.embedder_checkpoint=/e"])
+    assert fingerprint_diff(run_fingerprint(a, "embed_rl"), run_fingerprint(b, "embed_rl")) == [
+        "embed_rl.embedder_checkpoint: checkpoint '', now '/e'"
+    ]
+    # ELVA's RL fingerprint is unchanged (its existing checkpoints keep resuming)
+    assert not any(k.startswith("embed_rl.") or k == "rl.recipe" for k in run_fingerprint(a, "rl"))
