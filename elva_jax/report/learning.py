@@ -5,7 +5,8 @@
 
 Each run is the main command, ``python -m elva_jax.train --config C run.dir=OUT/{name}seed{s}
 train.seed={s}``, in its own process (the model's random init follows ``train.seed``; the bundled
-data, and so the test set, stay the same). A finished run (its ``summary.json`` present) is reused.
+data, and so the test set, stay the same). A finished run (see `finished`) is reused; an unfinished
+one is continued by the same command (the run resumes from its checkpoints).
 From the runs' ``summary.json`` / ``metrics.jsonl`` / ``rl/metrics.jsonl`` and eval results it writes:
 
 - ``summary.json``: per run and aggregated: test R@1 / R@5 of the bundled tasks (mean over tasks)
@@ -112,8 +113,21 @@ def collect(run_dir: str | Path) -> dict:
     }
 
 
+def finished(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a completed run: the run's final summary.json (the contrastive loop writes
+    an earlier one; a time-boxed or preempted run records ``stopped``)."""
+    p = Path(run_dir) / "summary.json"
+    if not p.is_file():
+        return False
+    try:
+        s = json.loads(p.read_text())
+    except ValueError:
+        return False
+    return "wall_s" in s and "export" in s and "stopped" not in s
+
+
 def _run(config: str, run_dir: Path, seed: int, overrides: list[str], log) -> float:
-    if (run_dir / "summary.json").is_file():
+    if finished(run_dir):
         log(f"{run_dir}: finished earlier, reused")
         return 0.0
     cmd = [sys.executable, "-m", "elva_jax.train", "--config", config, f"run.dir={run_dir}", f"train.seed={seed}"]
@@ -123,7 +137,7 @@ def _run(config: str, run_dir: Path, seed: int, overrides: list[str], log) -> fl
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "w") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if rc != 0 or not (run_dir / "summary.json").is_file():
+    if rc != 0 or not finished(run_dir):
         tail = (run_dir / "train.log").read_text().splitlines()[-5:]
         raise ReportError(f"{run_dir}: the run failed (exit {rc}); last lines of its train.log:\n" + "\n".join(tail))
     return time.perf_counter() - t0

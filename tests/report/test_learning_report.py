@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from elva_jax.data.multigrain import BundledSizeError, ensure_generated
-from elva_jax.report.learning import aggregate, recall_summary, slope, t_interval, targets
+from elva_jax.report.learning import aggregate, finished, recall_summary, slope, t_interval, targets
 from elva_jax.report.plot import learning_curves
 
 
@@ -81,3 +81,13 @@ def test_bundled_sizes_are_checked(tmp_path):
     with pytest.raises(BundledSizeError, match="2 train / 1 test scenes, the run asks for 3 / 1"):
         ensure_generated(root, n_train=3, n_test=1)
     assert sorted(p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()) == before  # nothing rewritten
+
+
+def test_only_a_completed_run_counts_as_finished(tmp_path):
+    assert not finished(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"losses": [1.0], "end_step": 1}))  # the contrastive loop's
+    assert not finished(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"wall_s": 1.0, "export": "x", "stopped": {"stage": "RL"}}))
+    assert not finished(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"wall_s": 1.0, "export": "x"}))
+    assert finished(tmp_path)
