@@ -146,7 +146,8 @@ def _run(config: str, run_dir: Path, seed: int, overrides: list[str], log) -> fl
 def aggregate(runs: list[dict]) -> dict:
     """Over the seeds: mean / min / max of every recall number, the reward slope interval."""
     out: dict = {"n": len(runs)}
-    keys = sorted({k for r in runs for k in r["eval"]})
+    stage = {"start": 0, "before_rl": 1, "final": 2}
+    keys = sorted({k for r in runs for k in r["eval"]}, key=lambda k: (stage.get(k.split("-")[0], 9), k))
     for k in keys:
         have = [r["eval"][k] for r in runs if k in r["eval"]]
         out[k] = {}

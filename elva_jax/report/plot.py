@@ -162,7 +162,7 @@ def learning_curves(report: dict, path: str | Path) -> None:
         agg = v["aggregate"]
         for k in order:
             if k in agg and (vi == 0 or k.startswith("final")):
-                bars.append((f"{k}" if vi == 0 else f"{k} {name}", agg[k], COLOURS[vi % len(COLOURS)]))
+                bars.append((f"{k}" if vi == 0 else f"{k}\n{name}", agg[k], COLOURS[vi % len(COLOURS)]))
     top = max([b[1]["r5"]["max"] for b in bars] + [0.1])
     p.axes(0, max(1, len(bars)), 0, min(1.0, top * 1.15), xticks=False)
     l, t, r, b = p.box
@@ -174,9 +174,8 @@ def learning_curves(report: dict, path: str | Path) -> None:
             x0, x1 = x + 4 + j * (w - 8) / 2, x + 4 + (j + 1) * (w - 8) / 2 - 1
             p.d.rectangle([x0, p.ty(e[f]["mean"]), x1, b], fill=c)
             p.d.line([((x0 + x1) / 2, p.ty(e[f]["min"])), ((x0 + x1) / 2, p.ty(e[f]["max"]))], fill=(0, 0, 0))
-        p.d.text(
-            (x + 2, b + 4), label.replace("before_rl", "pre-RL"), fill=(0, 0, 0), font=ImageFont.load_default(size=9)
-        )
+        small = ImageFont.load_default(size=9)
+        p.d.multiline_text((x + 2, b + 4), label.replace("before_rl", "pre-RL"), fill=(0, 0, 0), font=small, spacing=1)
     if bars:
         p.hline(bars[0][1]["chance_r1"]["mean"], GREY, label="chance R@1")
         p.hline(bars[0][1]["chance_r5"]["mean"], (90, 90, 90), label="chance R@5")
