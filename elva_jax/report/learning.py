@@ -183,16 +183,12 @@ def targets(agg: dict) -> dict:
 
 
 def _machine() -> dict:
-    flags = ""
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    model = ""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+        info = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        info = []
+    flags = next((line for line in info if line.startswith("flags")), "")
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
     return {
         "cpu": model or platform.processor(),
         "cores": os.cpu_count(),

@@ -176,8 +176,12 @@ class EmbedRLTrainer:
         self.last_samples = out
         t_rollout = time.perf_counter() - t0
         t1 = time.perf_counter()
-        old_logp, ref_logp, _ = pol.reforward(state, chunks, out.tokens, out.lengths, G)
-        ref_logp = jnp.zeros_like(old_logp) if ref_logp is None else ref_logp
+        # no [RET] embeddings (the embedder scores the text); old log-probs only off-policy (as RLTrainer.step)
+        need_old = rc.recompute_old_logp()
+        old_logp, ref_logp, _ = pol.reforward(
+            state, chunks, out.tokens, out.lengths, G, logps=need_old, embeddings=False
+        )
+        ref_logp = jnp.zeros(np.shape(out.tokens), jnp.float32) if ref_logp is None else ref_logp
         jax.block_until_ready((old_logp, ref_logp))
         t_reforward = time.perf_counter() - t1
         t2 = time.perf_counter()
@@ -204,22 +208,14 @@ class EmbedRLTrainer:
             "gen_tokens": out.tokens,
             "gen_lengths": out.lengths,
             "mask": out.mask,
-            "old_logp": old_logp,
             "ref_logp": ref_logp,
             "adv": adv_rows,
         }
-        rows = pol._put(rows) if self.mesh is not None else {k: jnp.asarray(v) for k, v in rows.items()}
-        batch = {"prompts": prompts, **rows, "valid": valid}
+        # on-policy update (no old_logp): it reports the sampler-vs-trainer log-prob gap itself
+        rows.update({"old_logp": old_logp} if need_old else {"sampler_logp": out.logps})
         t3 = time.perf_counter()
-        m = {}
-        for _ in range(rc.mu):
-            update = pol._update_for(state)
-            state.lora, state.opt_state, m = update(state.lora, state.opt_state, state.params, batch, (I, G, S))
-        jax.block_until_ready(state.lora)
+        m, skipped_now = pol.apply_update(state, prompts, rows, valid, (I, G, S))
         t_update = time.perf_counter() - t3
-        state.step += 1
-        skipped_now = not bool(m.pop("finite", True))
-        state.skipped += int(skipped_now)
         lens = np.asarray(out.lengths)
         mask = np.asarray(out.mask)
         n_tok = max(1, int(mask.sum()))
@@ -237,7 +233,11 @@ class EmbedRLTrainer:
             "cot_len": float(lens.mean()),
             "cot_len_max": int(lens.max()),
             "truncated_cot": float(np.mean(out.forced_ret)),
-            "sampler_vs_trainer_logp": float(np.sum(np.abs(np.asarray(old_logp) - out.logps) * mask)) / n_tok,
+            **(
+                {"sampler_vs_trainer_logp": float(np.sum(np.abs(np.asarray(old_logp) - out.logps) * mask)) / n_tok}
+                if need_old
+                else {}
+            ),
             "time_rollout_s": t_rollout,
             "time_reforward_s": t_reforward,
             "time_reward_s": t_reward,

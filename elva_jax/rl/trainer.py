@@ -380,6 +380,22 @@ class RLTrainer:
         cat = lambda xs: (xs[0] if len(xs) == 1 else jnp.concatenate(xs, 0)) if xs else None  # noqa: E731
         return cat(olds), cat(refs), (cat(embs) if embeddings else None)
 
+    def apply_update(self, state: RLState, prompts, rows: dict, valid, shape) -> tuple[dict, bool]:
+        """The step's ``rl.mu`` GRPO updates of ``state`` (in place) from its prompt inputs and per-row arrays
+        (host or device; placed on the mesh here), then ``state.step`` + 1 and the skip count. Returns (the
+        last update's metrics without "finite", whether that update was skipped as non-finite)."""
+        rows = self._put(rows) if self.mesh is not None else {k: jnp.asarray(v) for k, v in rows.items()}
+        batch = {"prompts": prompts, **rows, "valid": valid}
+        m = {}
+        for _ in range(self.rcfg.mu):
+            update = self._update_for(state)
+            state.lora, state.opt_state, m = update(state.lora, state.opt_state, state.params, batch, shape)
+        jax.block_until_ready(state.lora)
+        state.step += 1
+        skipped_now = not bool(m.pop("finite", True))
+        state.skipped += int(skipped_now)
+        return m, skipped_now
+
     def step(
         self, state: RLState, instances: list[dict], valid: np.ndarray | None = None, samples=None
     ) -> tuple[RLState, dict]:
@@ -423,18 +439,9 @@ class RLTrainer:
         }
         # on-policy update (no old_logp): it reports the sampler-vs-trainer log-prob gap itself
         rows.update({"old_logp": old_logp} if need_old else {"sampler_logp": out.logps})
-        rows = self._put(rows) if self.mesh is not None else {k: jnp.asarray(v) for k, v in rows.items()}
-        batch = {"prompts": prompts, **rows, "valid": valid}
         t3 = time.perf_counter()
-        m = {}
-        for _ in range(rc.mu):
-            update = self._update_for(state)
-            state.lora, state.opt_state, m = update(state.lora, state.opt_state, state.params, batch, shape)
-        jax.block_until_ready(state.lora)
+        m, skipped_now = self.apply_update(state, prompts, rows, valid, shape)
         t_update = time.perf_counter() - t3
-        state.step += 1
-        skipped_now = not bool(m.pop("finite", True))
-        state.skipped += int(skipped_now)
         lens = np.asarray(out.lengths)
         n_tok = max(1, int(np.asarray(out.mask).sum()))
         metrics = {
