@@ -2,7 +2,8 @@
 
     python -m elva_jax.bench.rl_scaling [--candidates 9,33,102] [--groups 4,8,16] [--summaries 16,32,64]
                                         [--sides jax,torch] [--jax-steps 1] [--torch-steps 0]
-                                        [--torch-max-sequences 300] [--timeout 3600] [--out bench/rl_scaling]
+                                        [--torch-max-sequences 300] [--remat | --remat-above 300]
+                                        [--timeout 3600] [--out bench/rl_scaling]
 
 One axis varies at a time around W4 (1 + 8 candidates, G 8, 16-token summaries); 1 + 101 is the paper's
 candidate count. Every (side, configuration) runs `python -m elva_jax.bench.rl_step --side ...` in a
@@ -128,7 +129,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--jax-steps", type=int, default=1)
     ap.add_argument("--torch-steps", type=int, default=0)
     ap.add_argument("--torch-max-sequences", type=int, default=300)
-    ap.add_argument("--remat", action="store_true", help="elva_jax side with --remat (1 + 101 needs it on 23 GB)")
+    ap.add_argument("--remat", action="store_true", help="elva_jax side with --remat everywhere")
+    ap.add_argument(
+        "--remat-above",
+        type=int,
+        default=0,
+        help="elva_jax side with --remat only above this many sequences per step (1 + 101 at G 8 needs it on 23 GB)",
+    )
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     ap.add_argument("--out", default=os.path.join("bench", "rl_scaling"))
     a = ap.parse_args(argv)
@@ -151,7 +158,9 @@ def main(argv=None) -> dict:
                         done[key] = {"skipped": f"{seqs} sequences per step > --torch-max-sequences"}
                     else:
                         steps = a.jax_steps if side == "jax" else a.torch_steps
-                        done[key] = run_one(side, cfg, steps, a.timeout, data, a.remat)
+                        remat = a.remat or bool(a.remat_above and seqs > a.remat_above)
+                        res = run_one(side, cfg, steps, a.timeout, data, remat)
+                        done[key] = {**res, "remat": remat and side == "jax"}
                     print(json.dumps({"side": side, **cfg, **done[key]}), file=sys.stderr, flush=True)
                 results.append({"axis": axis, "x": x, "side": side, **cfg, **done[key]})
                 out = finish(a, base, axes, results)  # after every configuration: a partial run keeps its points
