@@ -453,16 +453,16 @@ def check_recipe_available(c) -> None:
 
 
 #: RL recipes whose memory plan (`python -m elva_jax.plan`) does not exist yet
-RECIPES_WITHOUT_PLAN = ("embed_rl",)
+RECIPES_WITHOUT_PLAN: tuple[str, ...] = ()  # every recipe's RL stage has its plan programs
 
 
 def check_plan_available(c) -> None:
-    """Refuse (ConfigError) a plan of an RL stage whose recipe has no plan programs yet (its RL rows
-    would be another recipe's), then what `check_recipe_available` refuses."""
+    """Refuse (ConfigError) a plan of an RL stage whose recipe has no plan programs (its RL rows would be
+    another recipe's), then what `check_recipe_available` refuses."""
     if "rl" in c.train.stages and c.rl.recipe in RECIPES_WITHOUT_PLAN:
         raise ConfigError(
-            f"rl.recipe={c.rl.recipe}: the two-model memory plan (reasoner + frozen embedder) is not available "
-            "yet (the training loop is); plan rl.recipe=elva or drop 'rl' from train.stages"
+            f"rl.recipe={c.rl.recipe}: no memory plan for this recipe; plan another recipe or drop 'rl' from "
+            "train.stages"
         )
     check_recipe_available(c)
 

@@ -31,6 +31,8 @@ def stage_programs(run) -> tuple[str, ...]:
     paper's RL sizes, as a preview of its stage 3)."""
     stages = run.train.stages
     out = ("train",) if "contrastive" in stages else ()
+    if "rl" in stages and run.rl.recipe == "embed_rl":  # the reasoner's update and decode, the embedder's pass
+        return out + ("rl_update", "decode", "embed")
     return out + ("rl_update", "decode") if "rl" in stages or out else out
 
 
@@ -57,10 +59,15 @@ def main(argv=None) -> int:
         "--model", default="auto", help="auto | 2b | 7b | qwen3vl_2b | qwen3vl_8b | or any elva_jax.model.tiny preset"
     )
     ap.add_argument(
+        "--embedder-model",
+        default="auto",
+        help="rl.recipe=embed_rl: the frozen embedder's sizes, as --model (auto: embed_rl.embedder_checkpoint's)",
+    )
+    ap.add_argument(
         "--programs",
         default="",
         help="comma list of " + ",".join(PROGRAMS) + " (default: the run's stages: contrastive -> train, "
-        "rl -> rl_update,decode)",
+        "rl -> rl_update,decode, Embed-RL's rl -> rl_update,decode,embed)",
     )
     ap.add_argument("--text-only", action="store_true", help="no image patch arrays in the batches")
     ap.add_argument(
@@ -117,6 +124,7 @@ def main(argv=None) -> int:
             rl_group=a.rl_group,
             programs=programs,
             mfu=a.mfu,
+            embedder_model=a.embedder_model,
         )
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)

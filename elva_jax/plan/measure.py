@@ -7,10 +7,18 @@ import dataclasses
 import re
 import time
 
+from elva_jax.configlib import ConfigError
 from elva_jax.plan.flops import jaxpr_flops, xla_flops
 from elva_jax.plan.programs import PROGRAMS, Program
 from elva_jax.plan.report import Result, format_report, gib, suggest
-from elva_jax.plan.setup import build_setup, per_device_bytes, plan_shapes, resolve_model
+from elva_jax.plan.setup import (
+    build_setup,
+    is_embed_rl,
+    per_device_bytes,
+    plan_shapes,
+    resolve_embedder,
+    resolve_model,
+)
 from elva_jax.plan.targets import PlanError, Target
 
 _OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\)")
@@ -66,6 +74,7 @@ def plan(
     rl_group: int = 0,
     programs: tuple[str, ...] = tuple(PROGRAMS),
     mfu: float = 0.4,
+    embedder_model: str = "auto",
     log=print,
 ) -> dict:
     """Build, compile and measure; returns a JSON-able report (raises PlanError on mesh/shape errors)."""
@@ -73,6 +82,19 @@ def plan(
     from elva_jax.parallel.sharding import MeshError, make_mesh
 
     mcfg, model_desc = resolve_model(run, model)
+    emb_mcfg = emb_desc = None
+    if is_embed_rl(run):
+        if not run.lora.enabled:
+            raise ConfigError(
+                "rl.recipe=embed_rl with lora.enabled=false: the plan's RL update differentiates a LoRA; the full "
+                "fine-tuning update of the reasoner is not planned yet (plan lora.enabled=true)"
+            )
+        if getattr(run.embed_rl, "prm_enabled", False):
+            raise ConfigError(
+                "embed_rl.prm_enabled: the judge (a third model) is not in the plan yet; "
+                "plan embed_rl.prm_enabled=false"
+            )
+        emb_mcfg, emb_desc = resolve_embedder(run, embedder_model)
     try:
         mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor, devices=target.devices)
     except MeshError as e:
@@ -88,7 +110,7 @@ def plan(
         rl_candidates=rl_candidates,
         rl_group=rl_group,
     )
-    setup = build_setup(run, mcfg, mesh, shapes)
+    setup = build_setup(run, mcfg, mesh, shapes, emb_mcfg)
     n_params = count_params(setup.params)
     m = run.model
     log(f"target  {target.describe()}")
@@ -97,6 +119,9 @@ def plan(
         f"remat {'on' if m.remat else 'off'}, "
         + (f"LoRA r{run.lora.rank} on {','.join(run.lora.targets)}" if run.lora.enabled else "full fine-tuning")
     )
+    if setup.embedder is not None:
+        n_emb = count_params(setup.embedder[1])
+        log(f"embedder {emb_desc}: {n_emb / 1e9:.2f}B params ({m.param_dtype}), frozen, on the same mesh")
     log(f"mesh    data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']}")
     results, failures = [], {}
     for name in programs:
@@ -122,6 +147,11 @@ def plan(
         "assumed_mfu": mfu,
         "model": model_desc,
         "params": n_params,
+        **(
+            {"embedder": emb_desc, "embedder_params": count_params(setup.embedder[1])}
+            if setup.embedder is not None
+            else {}
+        ),
         "mesh": sizes,
         "shapes": dataclasses.asdict(shapes),
         "programs": {

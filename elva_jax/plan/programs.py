@@ -1,9 +1,10 @@
-"""The three programs a run compiles, built as the training code jits them: the contrastive train step,
-the RL update and one iteration of the sampler's decode loop."""
+"""The programs a run compiles, built as the training code jits them: the contrastive train step, the RL
+update, one iteration of the sampler's decode loop and, under Embed-RL, the frozen embedder's pass."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from elva_jax.plan.setup import (
     check_split,
     contrastive_batch,
     kv_cache,
+    model_inputs,
     opt_state,
     rl_batch,
     rl_batch_shardings,
@@ -135,7 +137,7 @@ def rl_update_program(setup: Setup) -> Program:
         )
 
     fn = jax.jit(update, donate_argnums=(0, 1))
-    groups = {"params": setup.params, "lora": setup.lora, "optimizer": opt, "batch": batch}
+    groups = {"params": setup.params, "lora": setup.lora, "optimizer": opt, "batch": batch, **_resident_embedder(setup)}
     note = f"I={shp.I} x S={shp.S} = {shp.D} prompts of P={shp.P} x G={shp.G} = {shp.N} rows of T={shp.T}" + (
         f", {shp.Lv} patches/row" if shp.rl_images else ", text only"
     )
@@ -180,9 +182,54 @@ def decode_program(setup: Setup) -> Program:
         return tok, lp, logits, cache, key
 
     fn = jax.jit(step, donate_argnums=(2, 3))
-    groups = {"params": setup.params, "lora": setup.lora, "kv_cache": cache, "logits": logits}
+    groups = {
+        "params": setup.params,
+        "lora": setup.lora,
+        "kv_cache": cache,
+        "logits": logits,
+        **_resident_embedder(setup),
+    }
     note = f"{rows} rows ({m} of {shp.I} instances per sampler call), cache {shp.P + shp.T} slots ({scfg.cache_dtype})"
     return Program("decode", fn, (setup.params, setup.lora, logits, cache, key), groups, note)
 
 
-PROGRAMS = {"train": train_program, "rl_update": rl_update_program, "decode": decode_program}
+def _resident_embedder(setup: Setup) -> dict:
+    """Embed-RL: the frozen embedder's params stay on the devices while the reasoner's programs run (not
+    an argument of them, so XLA's argument size leaves them out; the plan counts them)."""
+    return {} if setup.embedder is None else {"embedder params (resident)": setup.embedder[1]}
+
+
+def embed_program(setup: Setup) -> Program:
+    """Embed-RL's frozen embedder over one step's rollouts (`elva_jax.rl.embed_rl_trainer.embed_rows`, as
+    `FrozenEmbedder` jits it): N = I pairs x 2 sides x G rows of max(embed_rl.embedder_seq_buckets)
+    tokens (the side + its T-CoT + the summarise request), rows over the batch axes, output replicated.
+    The reasoner's params, LoRA and optimizer state are resident meanwhile."""
+    from elva_jax.model.inputs import input_axes
+    from elva_jax.parallel.sharding import logical_spec, replicated
+    from elva_jax.rl.embed_rl_trainer import embed_rows
+
+    if setup.embedder is None:
+        raise PlanError("the embed program is Embed-RL's frozen embedder: plan an rl stage with rl.recipe=embed_rl")
+    shp, mesh = setup.shapes, setup.mesh
+    ecfg, eparams = setup.embedder
+    E = max(setup.run.embed_rl.embedder_seq_buckets)
+    x = model_inputs(ecfg, shp.N, E, shp.rl_images, shp.Lv)
+    x_sh = {k: NamedSharding(mesh, logical_spec(input_axes(k, len(v.shape)))) for k, v in x.items()}
+    check_split(x, x_sh, "embed")
+    x = with_shardings(x, x_sh)
+    # the <emb> id only selects each row's embedding position: any value compiles the same program
+    fn = jax.jit(functools.partial(embed_rows, cfg=ecfg, opts=setup.opts, emb_id=0), out_shardings=replicated(mesh))
+    groups = {
+        "embedder params": eparams,
+        "batch": x,
+        "reasoner params (resident)": setup.params,
+        "reasoner lora (resident)": setup.lora,
+        "optimizer (resident)": opt_state(setup, setup.lora),
+    }
+    note = f"{shp.N} rows = I={shp.I} pairs x 2 sides x G={shp.G} rollouts of E={E} tokens" + (
+        f", {shp.Lv} patches/row" if shp.rl_images else ", text only"
+    )
+    return Program("embed", fn, (eparams, x), groups, note)
+
+
+PROGRAMS = {"train": train_program, "rl_update": rl_update_program, "decode": decode_program, "embed": embed_program}

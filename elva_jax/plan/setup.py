@@ -50,6 +50,18 @@ def resolve_model(run, name: str = "auto"):
     return model_config(run.model.random_preset), f"random preset {run.model.random_preset!r}"
 
 
+def resolve_embedder(run, name: str = "auto"):
+    """Embed-RL's frozen embedder: (ModelConfig, description), resolved as `resolve_model` from
+    ``embed_rl.embedder_checkpoint`` / ``embed_rl.embedder_random_preset`` (as `run.stages.load_embedder`)."""
+    e = run.embed_rl
+    model = dataclasses.replace(run.model, checkpoint=e.embedder_checkpoint, random_preset=e.embedder_random_preset)
+    return resolve_model(dataclasses.replace(run, model=model), name)
+
+
+def is_embed_rl(run) -> bool:
+    return "rl" in run.train.stages and run.rl.recipe == "embed_rl"
+
+
 def load_run(config: str, overrides: list[str] | None = None):
     from elva_jax import configlib
     from elva_jax.schema import RunConfig
@@ -112,6 +124,10 @@ def plan_shapes(
     P = seq or (max(r.prompt_buckets) if "rl" in t.stages else L)
     G = rl_group or r.group_size
     C = rl_candidates or 1 + r.num_hard_negatives + r.num_random_negatives
+    if is_embed_rl(run):  # Embed-RL samples pairs: the query and its positive, no candidate list
+        if rl_candidates not in (0, 1):
+            raise PlanError(f"--rl-candidates {rl_candidates}: rl.recipe=embed_rl samples pairs (1 positive)")
+        C = 1
     S = 1 + C
     # an RL run updates on rl.instances_per_step instances at once; otherwise plan the smallest number of
     # instances whose D = I*S prompts (and so the N = D*G rows) split over the batch shards
@@ -272,10 +288,12 @@ class Setup:
     mesh: object
     params: dict
     lora: dict
+    embedder: tuple | None = None  # Embed-RL: (embedder ModelConfig, its abstract sharded params)
 
 
-def build_setup(run, mcfg, mesh, shapes: Shapes) -> Setup:
-    """Abstract params / LoRA (sharded by the logical-axis table); no array is allocated."""
+def build_setup(run, mcfg, mesh, shapes: Shapes, embedder_mcfg=None) -> Setup:
+    """Abstract params / LoRA (sharded by the logical-axis table), and the frozen embedder's params
+    when ``embedder_mcfg`` is given; no array is allocated."""
     from elva_jax.model.lora import LoraConfig, init_lora, lora_axes
     from elva_jax.model.params import abstract_params, logical_axes
     from elva_jax.parallel.sharding import MeshError, tree_shardings
@@ -291,9 +309,13 @@ def build_setup(run, mcfg, mesh, shapes: Shapes) -> Setup:
     try:
         params = with_shardings(p_abs, tree_shardings(logical_axes(mcfg), p_abs, mesh))
         lora = with_shardings(l_abs, tree_shardings(lora_axes(mcfg, lcfg), l_abs, mesh))
+        embedder = None
+        if embedder_mcfg is not None:  # laid out by its own config's logical rules, as `FrozenEmbedder`
+            e_abs = abstract_params(embedder_mcfg, pdt)
+            embedder = (embedder_mcfg, with_shardings(e_abs, tree_shardings(logical_axes(embedder_mcfg), e_abs, mesh)))
     except MeshError as e:
         raise PlanError(f"{e}") from None
-    return Setup(run, mcfg, model_options(run), lcfg, tx, shapes, mesh, params, lora)
+    return Setup(run, mcfg, model_options(run), lcfg, tx, shapes, mesh, params, lora, embedder)
 
 
 def opt_state(setup: Setup, trainable):

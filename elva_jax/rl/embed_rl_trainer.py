@@ -15,6 +15,7 @@ The embedder and the reasoner's base never change.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 
@@ -61,6 +62,13 @@ def reasoner_encoder(tokenizer, request: str) -> PromptFnEncoder:
     )
 
 
+def embed_rows(params, x: dict, *, cfg, opts, emb_id: int) -> jax.Array:
+    """The frozen embedder's program: rows [R, L] (`elva_jax.model.inputs` layout) -> [R, D] fp32, the final
+    hidden state at each row's last ``emb_id`` token, L2-normalised (the memory plan compiles this too)."""
+    h = backbone.forward(params, x, cfg, opts).hidden
+    return l2_normalize(gather_rows(h, jnp.maximum(last_index_of(x["input_ids"], emb_id), 0)))
+
+
 class FrozenEmbedder:
     """The frozen embedder: ``embed(sides, cots)`` -> [n, D] fp32 L2-normalised, replicated on the mesh.
 
@@ -90,12 +98,7 @@ class FrozenEmbedder:
         self.request = request
         self.emb_id, self.pad_id = tokenizer.emb_token_id, tokenizer.pad_token_id
         rep = {} if mesh is None else {"out_shardings": replicated(mesh)}
-
-        def embed(p, x):
-            h = backbone.forward(p, x, cfg, opts).hidden
-            return l2_normalize(gather_rows(h, jnp.maximum(last_index_of(x["input_ids"], self.emb_id), 0)))
-
-        self._embed = jax.jit(embed, **rep)
+        self._embed = jax.jit(functools.partial(embed_rows, cfg=cfg, opts=opts, emb_id=self.emb_id), **rep)
 
     def encoder(self, cot: str) -> PromptFnEncoder:
         return PromptFnEncoder(

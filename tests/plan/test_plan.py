@@ -54,6 +54,37 @@ def test_tiny_config_compiles_all_three_programs_on_8_cpu_devices(tmp_path):
     assert "GiB per device" in r.stdout and "TFLOP/step" in r.stdout
 
 
+def test_embed_rl_plan_holds_both_models_on_8_cpu_devices(tmp_path):
+    """rl.recipe=embed_rl: the reasoner's update and decode, and the frozen embedder's pass over the
+    step's N = I x 2 x G rollouts; each program counts the other model as resident. The embedder's
+    size is checked against its initialised params (arrays, not the plan's abstract tree)."""
+    from elva_jax.model.params import init_params
+    from elva_jax.model.tiny import preset_config
+
+    out = tmp_path / "plan.json"
+    cfg = os.path.join(ROOT, "configs", "tiny_embed_rl.yaml")
+    r = run_plan("--config", cfg, "--topology", "cpu:8", "--mesh", "data=2,fsdp=2,tensor=2", "--json", str(out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert set(rep["programs"]) == {"rl_update", "decode", "embed"} and rep["fits"]
+    assert rep["shapes"]["S"] == 2  # pairs: the query and its positive
+    leaves = jax.tree.leaves(init_params(preset_config("tiny_qwen3_vl"), jax.random.key(0), jnp.float32))
+    assert rep["embedder_params"] == sum(x.size for x in leaves)
+    emb_bytes = sum(x.size * 4 for x in leaves)
+    progs = rep["programs"]
+    embedded = progs["embed"]["arguments_per_device"]["embedder params"]
+    assert emb_bytes / 8 <= embedded <= emb_bytes  # laid out by its own logical rules over the mesh
+    for name in ("rl_update", "decode"):
+        assert progs[name]["arguments_per_device"]["embedder params (resident)"] == embedded, name
+    resident = progs["embed"]["arguments_per_device"]
+    assert resident["reasoner params (resident)"] == progs["rl_update"]["arguments_per_device"]["params"]
+    assert resident["optimizer (resident)"] == progs["rl_update"]["arguments_per_device"]["optimizer"]
+    I, G = 2, 2  # the preset's rl.instances_per_step, rl.group_size
+    assert progs["embed"]["note"].startswith(f"{I * 2 * G} rows = I={I} pairs x 2 sides x G={G}")
+    for p in progs.values():  # the resident model is in the total
+        assert p["total"] >= sum(p["arguments_per_device"].values()) and p["error"] is None
+
+
 def test_jaxpr_flops_multiplies_scanned_layers_and_counts_remat():
     L, B, D = 6, 16, 32
 

@@ -1,6 +1,6 @@
 """The Embed-RL part of the run schema: the paper-scale preset's values, the reward config read off the
-`embed_rl` section, what a run of rl.recipe=embed_rl refuses up front, and the plan's refusal (no
-two-model plan yet)."""
+`embed_rl` section, what a run of rl.recipe=embed_rl refuses up front, and what the plan refuses (full
+fine-tuning, the judge)."""
 
 from __future__ import annotations
 
@@ -95,12 +95,16 @@ def test_embed_rl_run_refuses_what_it_cannot_run_up_front(tmp_path, capsys):
     check_recipe_available(configlib.load(RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[contrastive]"]))
 
 
-def test_plan_refuses_the_recipe(capsys):
+def test_plan_refuses_what_it_cannot_plan(capsys):
+    """The paper preset asks for full fine-tuning and the judge: the plan names what it cannot plan yet
+    (exit 2), it does not plan a LoRA update or leave a resident model out in silence."""
     from elva_jax.plan.cli import main
 
     with pytest.raises(SystemExit) as e:
         errors.cli(main, ["--config", PRESET, "--topology", "local"], prog="python -m elva_jax.plan")
-    assert e.value.code == 2 and "not available yet" in capsys.readouterr().err
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "full fine-tuning" in err or "prm_enabled" in err
 
 
 def test_embed_rl_checkpoints_are_fingerprinted_with_the_embedder():
