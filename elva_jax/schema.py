@@ -245,6 +245,9 @@ class EmbedRLSection:
     embedder_tokenizer: str = ""  # "" = the embedder checkpoint's tokenizer files, else the bundled Qwen2 files
     # length buckets of the embedder's rows (side + its CoT + the summarise instruction + <emb>); static shapes
     embedder_seq_buckets: tuple[int, ...] = (256, 512, 1024)
+    # rows (of the step's I pairs x 2 sides x G rollouts) per embedder call, 0 = all in one call; must divide
+    # 2 I G and be a multiple of the mesh's data x fsdp (ours: bounds the embedder's activations at scale)
+    embedder_micro_rows: int = 0
     # ours (the official prompts are not reproduced): what the reasoner is asked after the side's text
     reasoner_instruction: str = TCOT_REASONER_INSTRUCTION
     # ours: what follows the CoT in the embedder's user turn; the embedding is the hidden state at <emb>
@@ -361,6 +364,13 @@ def _check_values(c) -> None:
         ),
         ("embed_rl.top_n", c.embed_rl.top_n >= 0, "must be >= 0 (0: the row's own-pair count)"),
         ("embed_rl.prm_hard_pairs", c.embed_rl.prm_hard_pairs >= 1, "must be >= 1"),
+        (
+            "embed_rl.embedder_micro_rows",
+            c.embed_rl.embedder_micro_rows >= 0
+            and (2 * c.rl.instances_per_step * c.rl.group_size) % max(1, c.embed_rl.embedder_micro_rows) == 0,
+            f"must be 0 or divide the 2 x rl.instances_per_step x rl.group_size = "
+            f"{2 * c.rl.instances_per_step * c.rl.group_size} rows of a step",
+        ),
         ("embed_rl.key_frame_base", c.embed_rl.key_frame_base in (0, 1), "must be 0 or 1"),
         (
             "embed_rl.embedder_seq_buckets",

@@ -202,7 +202,8 @@ def _resident_embedder(setup: Setup) -> dict:
 def embed_program(setup: Setup) -> Program:
     """Embed-RL's frozen embedder over one step's rollouts (`elva_jax.rl.embed_rl_trainer.embed_rows`, as
     `FrozenEmbedder` jits it): N = I pairs x 2 sides x G rows of max(embed_rl.embedder_seq_buckets)
-    tokens (the side + its T-CoT + the summarise request), rows over the batch axes, output replicated.
+    tokens (the side + its T-CoT + the summarise request), `embed_rl.embedder_micro_rows` of them per call
+    (0: all), rows over the batch axes, output replicated.
     The reasoner's params, LoRA and optimizer state are resident meanwhile."""
     from elva_jax.model.inputs import input_axes
     from elva_jax.parallel.sharding import logical_spec, replicated
@@ -213,7 +214,8 @@ def embed_program(setup: Setup) -> Program:
     shp, mesh = setup.shapes, setup.mesh
     ecfg, eparams = setup.embedder
     E = max(setup.run.embed_rl.embedder_seq_buckets)
-    x = model_inputs(ecfg, shp.N, E, shp.rl_images, shp.Lv)
+    R = setup.run.embed_rl.embedder_micro_rows or shp.N  # rows per call, as `FrozenEmbedder.embed`
+    x = model_inputs(ecfg, R, E, shp.rl_images, shp.Lv)
     x_sh = {k: NamedSharding(mesh, logical_spec(input_axes(k, len(v.shape)))) for k, v in x.items()}
     check_split(x, x_sh, "embed")
     x = with_shardings(x, x_sh)
@@ -226,7 +228,8 @@ def embed_program(setup: Setup) -> Program:
         "reasoner lora (resident)": setup.lora,
         "optimizer (resident)": opt_state(setup, setup.lora),
     }
-    note = f"{shp.N} rows = I={shp.I} pairs x 2 sides x G={shp.G} rollouts of E={E} tokens" + (
+    per_call = f", {R} per call" if R != shp.N else ""
+    note = f"{shp.N} rows = I={shp.I} pairs x 2 sides x G={shp.G} rollouts of E={E} tokens{per_call}" + (
         f", {shp.Lv} patches/row" if shp.rl_images else ", text only"
     )
     return Program("embed", fn, (eparams, x), groups, note)

@@ -73,7 +73,8 @@ class FrozenEmbedder:
     """The frozen embedder: ``embed(sides, cots)`` -> [n, D] fp32 L2-normalised, replicated on the mesh.
 
     Rows: `tcot_embed_prompt(side, cot)` left-padded to the smallest of ``buckets`` that fits (an
-    over-long row loses the CoT's tail), embedding = final hidden state at the last ``<emb>``. Its params
+    over-long row loses the CoT's tail), embedding = final hidden state at the last ``<emb>``; ``micro_rows``
+    rows per model call (0: all; `embed_rl.embedder_micro_rows`). Its params
     are laid out on ``mesh`` by the logical rules of its own config and only ever read.
     """
 
@@ -90,8 +91,10 @@ class FrozenEmbedder:
         min_pixels: int,
         max_pixels: int,
         mesh=None,
+        micro_rows: int = 0,
     ):
         self.cfg, self.opts, self.tokenizer, self.mesh = cfg, opts, tokenizer, mesh
+        self.micro_rows = micro_rows
         self.params = params if mesh is None else place(params, tree_shardings(logical_axes(cfg), params, mesh))
         self.buckets, self.row_len = tuple(sorted(buckets)), patch_row_len
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
@@ -109,8 +112,9 @@ class FrozenEmbedder:
         )
 
     def embed(self, sides: list[dict], cots: list[str], put=lambda x: x) -> jax.Array:
-        """``put``: places the model inputs on the mesh (rows over the batch axes)."""
-        ids, am, pvs, grids = [], [], [], []
+        """``put``: places the model inputs on the mesh (rows over the batch axes). The rows go through the
+        model ``micro_rows`` at a time (0: all in one call), each call padded to its own bucket."""
+        rows = []
         for side, cot in zip(sides, cots, strict=True):
             i, a, pv, g = encode_prompts(
                 [side],
@@ -121,16 +125,20 @@ class FrozenEmbedder:
                 pad_id=self.pad_id,
                 geometry=self.cfg.vision.geometry,
             )
-            ids.append(i[0])
-            am.append(a[0])
-            pvs += pv
-            grids += g
-        P = min(b for b in self.buckets if b >= max(len(r) for r in ids))  # rows came padded to their own bucket
-        pad = lambda r, v: np.concatenate([np.full(P - len(r), v, r.dtype), r])  # noqa: E731
-        ids = np.stack([pad(r, self.pad_id) for r in ids])
-        am = np.stack([pad(r, 0) for r in am])
-        x = _inputs(self.cfg, self.opts, ids, am, pvs, grids, self.row_len)
-        return self._embed(self.params, put(x))
+            rows.append((i[0], a[0], pv, g))
+        step = self.micro_rows or len(rows)
+        out = []
+        for c in range(0, len(rows), step):
+            part = rows[c : c + step]
+            P = min(b for b in self.buckets if b >= max(len(r[0]) for r in part))  # each row came in its own bucket
+            pad = lambda r, v, P=P: np.concatenate([np.full(P - len(r), v, r.dtype), r])  # noqa: E731
+            ids = np.stack([pad(r[0], self.pad_id) for r in part])
+            am = np.stack([pad(r[1], 0) for r in part])
+            pvs = [x for r in part for x in r[2]]
+            grids = [x for r in part for x in r[3]]
+            x = _inputs(self.cfg, self.opts, ids, am, pvs, grids, self.row_len)
+            out.append(self._embed(self.params, put(x)))
+        return out[0] if len(out) == 1 else jnp.concatenate(out)
 
 
 class EmbedRLTrainer:

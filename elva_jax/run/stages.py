@@ -582,6 +582,7 @@ def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
             request=e.summarise_instruction,
             buckets=tuple(e.embedder_seq_buckets),
             mesh=mesh,
+            micro_rows=e.embedder_micro_rows,
             **pix,
         )
         return EmbedRLTrainer(

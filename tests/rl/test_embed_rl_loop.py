@@ -63,6 +63,15 @@ def test_step_scores_every_rollout_with_the_frozen_embedder_and_moves_only_the_l
                 want.append(v / np.linalg.norm(v))
     want = np.asarray(want)
     np.testing.assert_allclose(got, want, atol=2e-5)
+    # embed_rl.embedder_micro_rows: the same rows through the model 5 at a time (3 calls, the last one short)
+    sides = [side for pair in PAIRS for side in (pair["query"], pair["cands"][0]) for _ in range(G)]
+    calls, jitted = [], e._embed
+    e._embed, e.micro_rows = (lambda p, x: calls.append(x["input_ids"].shape) or jitted(p, x)), 5
+    try:
+        np.testing.assert_allclose(np.asarray(e.embed(sides, texts)), want, atol=2e-5)
+    finally:
+        e._embed, e.micro_rows = jitted, 0
+    assert [c[0] for c in calls] == [5, 5, 2]
     # pair-major query / positive rollouts and their in-batch similarity matrix
     w = want.reshape(I, S, G, -1)
     q, p = w[:, 0].reshape(I * G, -1), w[:, 1].reshape(I * G, -1)

@@ -52,6 +52,8 @@ def test_defaults_and_checks():
         (["embed_rl.key_frame_base=2"], "embed_rl.key_frame_base"),
         (["embed_rl.ties=random"], "embed_rl.ties"),
         (["rl.recipe=dpo"], "rl.recipe"),
+        # 2 x 2 instances x 4 rollouts = 16 rows per step: 6 does not divide them
+        (["rl.instances_per_step=2", "rl.group_size=4", "embed_rl.embedder_micro_rows=6"], "embedder_micro_rows"),
         (
             ["embed_rl.prm_off_weights=renormalise", "embed_rl.format_weight=0", "embed_rl.orm_weight=0"],
             "embed_rl.prm_off_weights",
@@ -59,6 +61,8 @@ def test_defaults_and_checks():
     ):
         with pytest.raises(configlib.ConfigError, match=field):
             configlib.load(RunConfig, None, over)
+    ok = ["rl.instances_per_step=2", "rl.group_size=4", "embed_rl.embedder_micro_rows=8"]
+    assert configlib.load(RunConfig, None, ok).embed_rl.embedder_micro_rows == 8
 
 
 def test_embed_rl_run_refuses_what_it_cannot_run_up_front(tmp_path, capsys):
