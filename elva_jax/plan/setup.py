@@ -55,7 +55,8 @@ def resolve_embedder(run, name: str = "auto"):
     ``embed_rl.embedder_checkpoint`` / ``embed_rl.embedder_random_preset`` (as `run.stages.load_embedder`)."""
     e = run.embed_rl
     model = dataclasses.replace(run.model, checkpoint=e.embedder_checkpoint, random_preset=e.embedder_random_preset)
-    return resolve_model(dataclasses.replace(run, model=model), name)
+    mcfg, desc = resolve_model(dataclasses.replace(run, model=model), name)
+    return mcfg, desc.replace("(--model)", "(--embedder-model)")
 
 
 def is_embed_rl(run) -> bool:
