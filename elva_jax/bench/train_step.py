@@ -1,7 +1,7 @@
 """W1: the contrastive train step, elva_jax vs the PyTorch reference, side by side in one process.
 
     python -m elva_jax.bench.train_step [--reps 5] [--reference ../shared/bench/torch_reference.py]
-                                        [--dtype float32|bfloat16] [--remat] [--lora RANK]
+                                        [--dtype float32|bfloat16] [--remat] [--lora RANK] [--profile DIR]
 
 Workload (benchmarks.md): the "small" Qwen2-VL (random weights), full-parameter AdamW, 8 text
 queries of 64 tokens + 8 image+text candidates of 64 tokens (one 8x8-patch image = 16 image tokens
@@ -66,8 +66,11 @@ def make_batch(cfg, opts, B=8, L=64, grid_hw=8, seed=0):
     return {"query": jax.tree.map(lambda x: x[None], q), "cand": jax.tree.map(lambda x: x[None], c)}
 
 
-def jax_step_time(dtype: str, remat: bool, reps: int, scan_unroll: int = 1, lora_rank: int = 0) -> dict:
-    """elva_jax's step: full fine-tuning, or (``lora_rank`` > 0) LoRA on the LLM with a frozen base."""
+def jax_step_time(
+    dtype: str, remat: bool, reps: int, scan_unroll: int = 1, lora_rank: int = 0, profile_dir: str = ""
+) -> dict:
+    """elva_jax's step: full fine-tuning, or (``lora_rank`` > 0) LoRA on the LLM with a frozen base.
+    ``profile_dir``: also trace ``reps`` more steps there and summarise them op by op (`profile_ops`)."""
     from elva_jax.model.config import ModelOptions
     from elva_jax.model.lora import LoraConfig, init_lora
     from elva_jax.model.params import init_params
@@ -105,7 +108,16 @@ def jax_step_time(dtype: str, remat: bool, reps: int, scan_unroll: int = 1, lora
         state, m = compiled(state, batch)
         jax.block_until_ready((state.step, m["loss"]))
         ts.append(time.perf_counter() - t)
-    return {"step_s": statistics.median(ts), "compile_s": compile_s, "flops_per_step": flops, "loss": float(m["loss"])}
+    out = {"step_s": statistics.median(ts), "compile_s": compile_s, "flops_per_step": flops, "loss": float(m["loss"])}
+    if profile_dir:
+        from elva_jax.bench.profile_ops import hlo_categories, summarize, xla_op_times
+
+        with jax.profiler.trace(profile_dir):
+            for _ in range(reps):
+                state, m = compiled(state, batch)
+                jax.block_until_ready((state.step, m["loss"]))
+        out["profile"] = summarize(xla_op_times(profile_dir), hlo_categories(compiled.as_text()), reps)
+    return out
 
 
 def default_reference() -> str:
@@ -131,7 +143,7 @@ def torch_module(ref_path: str):
     return mod
 
 
-def torch_step_time(ref_path: str, reps: int, lora_rank: int = 0) -> dict | None:
+def torch_step_time(ref_path: str, reps: int, lora_rank: int = 0, profile: bool = False) -> dict | None:
     mod = torch_module(ref_path)
     if mod is None:
         return None
@@ -144,11 +156,16 @@ def torch_step_time(ref_path: str, reps: int, lora_rank: int = 0) -> dict | None
 
         lora_model(model, rank=lora_rank, alpha=2.0 * lora_rank, targets=LORA_TARGETS)
     model.train()
-    return {
+    out = {
         "step_s": mod.train_step_time(model, reps=reps),
         "peak_gflops_torch": mod.peak_gflops(),
         "torch": torch.__version__,
     }
+    if profile:  # the reference's timing function runs a warm-up step, then the timed one: 2 steps
+        from elva_jax.bench.profile_ops import torch_profile
+
+        out["profile"] = torch_profile(lambda: mod.train_step_time(model, reps=1), steps=2)
+    return out
 
 
 def main(argv=None) -> None:
@@ -160,6 +177,13 @@ def main(argv=None) -> None:
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (8 = fully unrolled)")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank: the LoRA step (frozen base); 0: full fine-tuning")
+    ap.add_argument(
+        "--profile",
+        default="",
+        metavar="DIR",
+        help="also trace --reps steps of each side (jax.profiler into DIR, torch.profiler) and print where the "
+        "time goes: per-op self time by category (matmul / elementwise / data movement ...) and the top ops",
+    )
     a = ap.parse_args(argv)
     peak = jax_matmul_peak()
     res = {
@@ -169,8 +193,8 @@ def main(argv=None) -> None:
         "trained": f"LoRA rank {a.lora} alpha {2 * a.lora}, LLM decoder linears" if a.lora else "all parameters",
         "peak_gflops_jax": round(peak / 1e9, 1),
     }
-    ref = torch_step_time(a.reference, a.reps, a.lora) if a.reference else None
-    got = jax_step_time(a.dtype, a.remat, a.reps, a.scan_unroll, a.lora)
+    ref = torch_step_time(a.reference, a.reps, a.lora, bool(a.profile)) if a.reference else None
+    got = jax_step_time(a.dtype, a.remat, a.reps, a.scan_unroll, a.lora, a.profile)
     res["elva_jax_step_s"] = round(got["step_s"], 4)
     res["compile_s"] = round(got["compile_s"], 2)
     if got["flops_per_step"]:
@@ -181,6 +205,14 @@ def main(argv=None) -> None:
         res["torch_step_s"] = round(ref["step_s"], 4)
         res["peak_gflops_torch"] = round(ref["peak_gflops_torch"], 1)
         res["speedup_vs_torch"] = round(ref["step_s"] / got["step_s"], 2)
+    if a.profile:
+        prof = got["profile"]
+        matmul_s = prof["op_time_per_step_s"] * prof["categories"]["matmul"]
+        if got["flops_per_step"] and matmul_s:  # the rate inside the matmuls: is it the matmuls or the rest?
+            prof["gflops_inside_matmuls"] = round(got["flops_per_step"] / matmul_s / 1e9, 1)
+        res["profile_elva_jax"] = prof
+        if ref:
+            res["profile_torch"] = ref["profile"]
     print(json.dumps(res))
 
 
