@@ -106,18 +106,34 @@ def suggest(res: Result, setup: Setup, target: Target) -> list[str]:
                 f"train.micro_batches={shp.A * k}: micro-batch {shp.b} -> {shp.b // k} rows (exact accumulation; "
                 f"temporaries ~{t:.1f} -> ~{t / k:.1f} GiB, est. total {est_k(k) / GIB:.1f} GiB)"
             )
+    embed_rl = setup.embedder is not None
     if res.name in ("rl_update", "decode"):
+        micro = run.rl.micro_instances
         out.append(
-            f"fewer RL rows per step: --rl-instances / --rl-candidates (now {shp.N} = {shp.I}x{shp.S}x{shp.G}), "
-            f"or a shorter prompt (--seq {shp.P})"
+            f"fewer RL rows per pass: rl.micro_instances (now {micro or 'all'} of {shp.I} instances per sampler "
+            f"call and gradient micro-batch; exact accumulation)"
+            if embed_rl and micro != 1
+            else f"fewer RL rows per step: --rl-instances{'' if embed_rl else ' / --rl-candidates'} (now {shp.N} = "
+            f"{shp.I}x{shp.S}x{shp.G}), or a shorter prompt (--seq {shp.P})"
         )
         shards = data * fsdp
-        if shp.I > 1 and shp.S % shards:
+        if shp.I > 1 and shp.S % shards and not embed_rl:  # Embed-RL's S = 2 is fixed
             c = -(-shp.S // shards) * shards - 1
             out.append(
                 f"{shp.I} instances is the fewest whose I x S prompts split over data x fsdp = {shards}; with "
                 f"--rl-candidates {c} (S = {c + 1}) one instance splits"
             )
+    if res.name == "embed":
+        e = run.embed_rl
+        rows = e.embedder_micro_rows or shp.N
+        shards = data * fsdp
+        ok = [k for k in range(shards, rows, shards) if shp.N % k == 0]
+        if ok:
+            out.append(
+                f"embed_rl.embedder_micro_rows={ok[0]}: the embedder takes {ok[0]} of the step's {shp.N} rows per "
+                f"call (now {rows}; a multiple of data x fsdp = {shards} that divides {shp.N})"
+            )
+        out.append(f"shorter embedder rows: embed_rl.embedder_seq_buckets (now up to {max(e.embedder_seq_buckets)})")
     out.append(f"a larger slice: per-device state and batch shrink with more devices (now {len(target.devices)})")
     return out
 

@@ -83,6 +83,11 @@ def test_embed_rl_plan_holds_both_models_on_8_cpu_devices(tmp_path):
     assert progs["embed"]["note"].startswith(f"{I * 2 * G} rows = I={I} pairs x 2 sides x G={G}")
     for p in progs.values():  # the resident model is in the total
         assert p["total"] >= sum(p["arguments_per_device"].values()) and p["error"] is None
+    # an embedder pass that does not fit is told to split its rows (8 rows, data x fsdp = 4)
+    mesh = ("--mesh", "data=2,fsdp=2,tensor=2")
+    r = run_plan("--config", cfg, "--topology", "cpu:8", *mesh, "--programs", "embed", "--hbm-gib", "0.0001")
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "embed_rl.embedder_micro_rows=4" in r.stdout and "embedder_seq_buckets" in r.stdout
 
 
 def test_jaxpr_flops_multiplies_scanned_layers_and_counts_remat():
