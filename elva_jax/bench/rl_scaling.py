@@ -3,7 +3,7 @@
     python -m elva_jax.bench.rl_scaling [--candidates 9,33,102] [--groups 4,8,16] [--summaries 16,32,64]
                                         [--sides jax,torch] [--jax-steps 1] [--torch-steps 0]
                                         [--torch-max-sequences 300] [--remat | --remat-above 300]
-                                        [--timeout 3600] [--out bench/rl_scaling]
+                                        [--timeout 3600] [--out bench/rl_scaling] [--resume]
 
 One axis varies at a time around W4 (1 + 8 candidates, G 8, 16-token summaries); 1 + 101 is the paper's
 candidate count. Every (side, configuration) runs `python -m elva_jax.bench.rl_step --side ...` in a
@@ -138,6 +138,9 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     ap.add_argument("--out", default=os.path.join("bench", "rl_scaling"))
+    ap.add_argument(
+        "--resume", action="store_true", help="reuse the measured points of an earlier OUT.json (same side and sizes)"
+    )
     a = ap.parse_args(argv)
     base = dict(zip(("candidates", "G", "summary"), _ints(a.base), strict=True))
     axes = {"candidates": _ints(a.candidates), "G": _ints(a.groups), "summary": _ints(a.summaries)}
@@ -146,6 +149,12 @@ def main(argv=None) -> dict:
 
     bench_instances(data, 1, 1)  # generate the bundled data once, shared by every subprocess
     done: dict = {}
+    if a.resume and os.path.exists(a.out + ".json"):
+        with open(a.out + ".json") as f:
+            for r in json.load(f)["results"]:
+                if "step_s" in r:  # errors and skips are measured again
+                    keep = {k: v for k, v in r.items() if k not in ("axis", "x", "side", "candidates", "G", "summary")}
+                    done[(r["side"], r["candidates"], r["G"], r["summary"])] = keep
     results = []
     for axis, xs in axes.items():
         for x in xs:
