@@ -105,7 +105,7 @@ def rl_update_program(setup: Setup) -> Program:
     shp, mesh = setup.shapes, setup.mesh
     rcfg, reward_cfg = _rl_configs(setup)
     opt = opt_state(setup, setup.lora)
-    batch = rl_batch(setup.mcfg, shp)
+    batch = rl_batch(setup.mcfg, shp, "old_logp" if rcfg.recompute_old_logp() else "sampler_logp")  # as the trainer
     b_sh = rl_batch_shardings(batch, mesh)
     check_split(batch, b_sh, "rl_batch")
     batch = with_shardings(batch, b_sh)

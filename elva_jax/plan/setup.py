@@ -188,15 +188,16 @@ def contrastive_batch(mcfg, shp: Shapes) -> dict:
     }
 
 
-def rl_batch(mcfg, shp: Shapes) -> dict:
-    """The batch `rl_loss` takes (see `elva_jax.rl.trainer.RLTrainer.step`)."""
+def rl_batch(mcfg, shp: Shapes, logp_key: str = "old_logp") -> dict:
+    """The batch `rl_loss` takes (see `elva_jax.rl.trainer.RLTrainer.step`); ``logp_key``: "old_logp"
+    (recomputed, mu > 1 or rl.old_logp=recompute) or "sampler_logp" (the on-policy default's rows)."""
     N, T = shp.N, shp.T
     return {
         "prompts": model_inputs(mcfg, shp.D, shp.P, shp.rl_images, shp.Lv),
         "gen_tokens": _sds((N, T), jnp.int32),
         "gen_lengths": _sds((N,), jnp.int32),
         "mask": _sds((N, T), jnp.bool_),
-        "old_logp": _sds((N, T), jnp.float32),
+        logp_key: _sds((N, T), jnp.float32),
         "ref_logp": _sds((N, T), jnp.float32),
         "adv": _sds((N,), jnp.float32),
         "valid": _sds((shp.I, shp.S - 1), jnp.bool_),
