@@ -7,10 +7,12 @@ below) -> per-host slice ``[start + process_index :: process_count]`` -> ``to_it
 ``batch`` (pad to a sequence bucket, pack images and videos into a fixed patch budget) -> optional
 ``mp_prefetch``.
 
-A side is ``{"text", "image", "instruction"}`` plus optionally ``"video"`` (a local video file, decoded
-with :func:`elva_jax.data.video.load_video` at the config's video settings and the model's geometry; a
-video over a patch row is resampled with fewer frames). A missing or undecodable video, or one whose
-tokens overflow the largest sequence bucket, follows the image policy like a bad image.
+A side is ``{"text", "image", "instruction"}`` plus optionally ``"video"`` (a video file or a frame
+folder, local or an epath URL such as ``gs://``; a folder's frame rate is the side's ``"video_fps"``,
+when it has one), decoded with :func:`elva_jax.data.video.load_video` at the config's video settings and
+the model's geometry; a video over a patch row is resampled with fewer frames. A missing or undecodable
+video, or one whose tokens overflow the largest sequence bucket, follows the image policy like a bad
+image.
 
 Global batch g holds the records at global indices [g*G, (g+1)*G), G = records per host batch x
 process count; host h takes indices h, h+H, ... of it. The iterator's state is the global index of
@@ -364,10 +366,10 @@ class _EncodeRecord:
         return None if budget is None else budget[1]
 
     def _load_video(self, side: dict, key: str, rid) -> VideoInput | None:
-        """The side's ``video`` file decoded, sampled and patched (`elva_jax.data.video.load_video`, the
-        model's geometry, the config's video settings, at most a patch row of patches: longer videos are
-        resampled with fewer frames). None when the skip policy drops it; "fail" raises VideoError naming
-        the file and the record."""
+        """The side's ``video`` (file or frame folder; ``video_fps``: the folder's rate) decoded, sampled
+        and patched (`elva_jax.data.video.load_video`, the model's geometry, the config's video settings, at
+        most a patch row of patches: longer videos are resampled with fewer frames). None when the skip
+        policy drops it; "fail" raises VideoError naming the file and the record."""
         c, path = self.cfg, side["video"]
         row_len = self._row_len(key)
         if row_len is None:
@@ -375,9 +377,7 @@ class _EncodeRecord:
                 f"record {rid!r} has a video ({path}) but this pipeline has no patch budget (text-only data)"
             )
         try:
-            if "://" in str(path):
-                raise VideoError(f"video {path}: only local video files are read (copy it to a local path)")
-            if not Path(path).is_file():
+            if not (epath.Path(path).exists() if "://" in str(path) else Path(path).exists()):
                 raise VideoError(f"video file not found: {path}")
             return load_video(
                 path,
@@ -388,6 +388,7 @@ class _EncodeRecord:
                 min_pixels=c.video_min_pixels or None,
                 max_pixels=c.video_max_pixels or None,
                 max_patches=row_len,
+                folder_fps=side.get("video_fps"),
             )
         except VideoError as e:
             if c.image_policy.mode == "fail":

@@ -243,3 +243,33 @@ def test_an_over_long_video_row_loses_only_user_text(media, preset):
     )
     with pytest.raises(ValueError, match="1 video placeholders for 2 videos"):
         tok.encode_prompt(instruct_prompt(text, n_videos=1), videos=[v, v])
+
+
+def test_gs_videos_and_frame_folders_batch_as_local_files(media, tmp_path):
+    """A gs:// container (through epath) and a frame folder holding the container's decoded frames (PNG,
+    lossless; its rate the side's video_fps) give the batch of the local file, array for array."""
+    from helpers.epath_fake import fake_bucket
+    from PIL import Image
+
+    from elva_jax.data.video import decode_video
+
+    frames, rate = decode_video(media / "a.mp4")
+    folder = tmp_path / "a_frames"
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(folder / f"frame_{i}.png")
+    model_cfg = preset_config("tiny")
+    tok = Tokenizer.from_dir()
+    enc, cfg = PromptEncoder(tok, "eol"), _cfg(model_cfg, tok, batch_size=2)
+
+    def batch(video, **extra):
+        recs = [{"id": f"r{i}", "item": {**_side("a clip", video=video), **extra}} for i in range(2)]
+        return next(P.make_pipeline(recs, enc, model_cfg, cfg, kind="corpus"))
+
+    want = batch(str(media / "a.mp4"))
+    with fake_bucket(media):
+        remote = batch("gs://bucket/a.mp4")
+    for got in (remote, batch(str(folder), video_fps=rate)):
+        assert sorted(got) == sorted(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
