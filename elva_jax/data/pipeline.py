@@ -190,8 +190,17 @@ class PipelineStats:
 # record builders (pure python, picklable dicts)
 
 
-def _side(text: str | None, image: str | None, instruction: str | None = None) -> dict:
-    return {"text": text, "image": image, "instruction": instruction}
+def _side(text: str | None, image: str | None, instruction: str | None = None, video: str | None = None) -> dict:
+    """A side dict; ``"video"`` only when there is one (records without video are unchanged)."""
+    s = {"text": text, "image": image, "instruction": instruction}
+    if video is not None:
+        s["video"] = video
+    return s
+
+
+def _media(root, path: str | None) -> str | None:
+    """An image or video path of a record resolved against the data root (None stays None)."""
+    return str(resolve_image_path(root, path)) if path else None
 
 
 def pick_instruction(instructions: dict[str, tuple[str, ...]] | None, qid: str, qmod: str, cmod: str) -> str | None:
@@ -204,7 +213,7 @@ def pick_instruction(instructions: dict[str, tuple[str, ...]] | None, qid: str, 
 
 
 def _cand_side(c: Candidate, root: str | Path) -> dict:
-    return _side(c.txt, str(resolve_image_path(root, c.img_path)) if c.img_path else None)
+    return _side(c.txt, _media(root, c.img_path), None, _media(root, c.video_path))
 
 
 def take_negatives(negs: Sequence[str], k: int, qid: str) -> list[str]:
@@ -250,8 +259,8 @@ def _contrastive_record(q: Query, pool: dict[str, Candidate], root, instructions
     if missing:
         raise RecordError(f"query {q.qid!r}: candidates {missing} are not in the pool")
     cmod = pool[dids[0]].modality
-    img = str(resolve_image_path(root, q.query_img_path)) if q.query_img_path else None
-    query = _side(q.query_txt, img, pick_instruction(instructions, q.qid, q.query_modality, cmod))
+    instr = pick_instruction(instructions, q.qid, q.query_modality, cmod)
+    query = _side(q.query_txt, _media(root, q.query_img_path), instr, _media(root, q.query_video_path))
     return {"id": q.qid, "query": query, "cands": [_cand_side(pool[d], root) for d in dids]}
 
 
@@ -282,11 +291,11 @@ def rl_records(
     for inst in instances:
         q: Query = inst["query"]
         dids = [inst["positive"], *take_negatives(list(inst["negatives"]), num_negatives, q.qid)]
-        img = str(resolve_image_path(root, q.query_img_path)) if q.query_img_path else None
+        img, vid = _media(root, q.query_img_path), _media(root, q.query_video_path)
         out.append(
             {
                 "id": q.qid,
-                "query": _side(q.query_txt, img, inst.get("instruction")),
+                "query": _side(q.query_txt, img, inst.get("instruction"), vid),
                 "cands": [_cand_side(pool[d], root) for d in dids],
             }
         )
@@ -305,9 +314,9 @@ def corpus_records(
     out = []
     for it in items:
         if isinstance(it, Query):
-            img = str(resolve_image_path(root, it.query_img_path)) if it.query_img_path else None
+            img, vid = _media(root, it.query_img_path), _media(root, it.query_video_path)
             instr = pick_instruction(instructions, it.qid, it.query_modality, cand_modality) if cand_modality else None
-            out.append({"id": it.qid, "item": _side(it.query_txt, img, instr)})
+            out.append({"id": it.qid, "item": _side(it.query_txt, img, instr, vid)})
         else:
             out.append({"id": it.did, "item": _cand_side(it, root)})
     return out

@@ -101,6 +101,14 @@ def _table_rows(root, rel: str, kind: str, counts: dict, image_root) -> tuple[in
         items = nli.read_nli_csv(path)
         rows = ({"sent0": a, "sent1": b, "hard_neg": c} for a, b, c in items)
         cols = {}
+    if kind != "nli":
+        vid = next((x for x in items if getattr(x, "query_video_path", None) or getattr(x, "video_path", None)), None)
+        if vid is not None:
+            rid = getattr(vid, "qid", None) or vid.did
+            raise ValueError(
+                f"{path}: record {rid!r} has a video; prepared shards do not carry video fields yet "
+                "(read this data with data.source='files')"
+            )
     return len(items), rows, cols
 
 
