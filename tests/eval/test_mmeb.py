@@ -148,6 +148,10 @@ def test_reader_on_the_bundled_set(bundled, tmp_path):
     assert all(Path(q.video).is_file() for q in mot.queries)
     ret = got["Bundled-VideoRET"]
     assert ret.eval_type == "global" and ret.relevant == [{0: 1.0}, {1: 1.0}, {2: 1.0}]
+    mom = got["Bundled-MomentRET"]  # frame folders: the whole video as the query's, 3 segments as clips
+    assert mom.eval_type == "local" and mom.local == [[0, 1, 2], [3, 4, 5]] and mom.relevant == [{2: 1.0}, {5: 1.0}]
+    assert mom.queries[0].text == "the green square moves right"
+    assert [len(list(Path(x.video).iterdir())) for x in (mom.queries[0], *mom.candidates[:3])] == [12, 4, 4, 4]
 
 
 def test_bundled_clips_decode(bundled):
@@ -223,11 +227,11 @@ def test_mmeb_cli_end_to_end(bundled, tmp_path):
         assert r["score"] == r["ndcg_linear@5" if r["modality"] == "visdoc" else "hit@1"]
     scored = [r["score"] for r in tasks.values()]
     a = res["averages"]
-    assert a["all"]["score"] == pytest.approx(np.mean(scored)) and a["all"]["n_tasks"] == 8
+    assert a["all"]["score"] == pytest.approx(np.mean(scored)) and a["all"]["n_tasks"] == 9
     assert a["image/RET"]["score"] == pytest.approx(
         np.mean([tasks[n]["score"] for n in ("Bundled-T2I", "Bundled-I2T")])
     )
-    assert a["video"]["n_tasks"] == 2 and not a["video"]["skipped"]
+    assert a["video"]["n_tasks"] == 3 and not a["video"]["skipped"] and a["video/MRET"]["n_tasks"] == 1
     md = (out / "results.md").read_text()
     assert "| Bundled-VideoRET | video | RET | hit@1 |" in md and "**Overall**" in md
     # the embedding cache: a second scoring of one task reads every embedding back
@@ -345,12 +349,13 @@ def test_bundled_video_tasks_are_embedded_and_scored(bundled, tmp_path, tiny_mod
     cfg, params, tok = tiny_model
     ecfg = EmbedConfig(mode=mode, batch_size=4, seq_buckets=(160,), patch_row_len=64, summary_tokens=3)
     emb = Embedder(params, cfg, tok, ecfg, identity={"test": 1}, log=lambda s: None)
-    tasks = M.load_tasks(bundled, ["Bundled-VideoMotion", "Bundled-VideoRET"], materialize_dir=tmp_path)
+    names = ["Bundled-VideoMotion", "Bundled-VideoRET", "Bundled-MomentRET"]  # the last from frame folders
+    tasks = M.load_tasks(bundled, names, materialize_dir=tmp_path)
     res = M.evaluate_tasks(tasks, emb, {}, log=lambda s: None)
-    for name in ("Bundled-VideoMotion", "Bundled-VideoRET"):
+    for name in names:
         r = res["tasks"][name]
         assert r["status"] == "ok" and r["metric"] == "hit@1" and 0.0 <= r["score"] <= 1.0, r
-    assert res["averages"]["video"]["n_tasks"] == 2 and not res["averages"]["video"]["skipped"]
+    assert res["averages"]["video"]["n_tasks"] == 3 and not res["averages"]["video"]["skipped"]
     motion = next(t for t in tasks if t.name == "Bundled-VideoMotion")
     recs = [{"id": f"q{i}", "item": q.item()} for i, q in enumerate(motion.queries[:2])]
     e = emb.compute(recs)[0]
@@ -701,7 +706,7 @@ def test_prepare_mmeb_writes_a_self_contained_copy(bundled, tmp_path, capsys):
     out = tmp_path / "copy"
     assert prepare_main(["--mmeb", "--root", str(bundled), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "prepared 8 MMEB tasks" in printed and "0 missing" in printed
+    assert f"prepared {len(TASKS)} MMEB tasks" in printed and "0 missing" in printed
     assert [t["name"] for t in D.task_table(out)] == [t["name"] for t in TASKS]
     for spec in TASKS:
         a = D.load_task(spec, bundled, materialize_dir=tmp_path / "ma")
@@ -710,7 +715,7 @@ def test_prepare_mmeb_writes_a_self_contained_copy(bundled, tmp_path, capsys):
         assert _sides(a, bundled, tmp_path / "ma") == _sides(b, out, tmp_path / "mb")
         for s in b.queries + b.candidates:  # every file the copy names is inside it
             for f in (s.image, s.video):
-                assert f is None or (Path(f).is_file() and (str(out) in f or str(tmp_path / "mb") in f))
+                assert f is None or (Path(f).exists() and (str(out) in f or str(tmp_path / "mb") in f))
 
 
 def test_prepare_mmeb_counts_missing_media_and_reads_named_tasks_from_the_hf_cache(bundled, tmp_path, monkeypatch):
