@@ -702,7 +702,8 @@ def _mvbench_rows(name: str, ds, where: str, vroot: Path, queries, qids, local, 
     (one of the candidates). Query: :data:`VIDEO_QA_INSTRUCTION` with text ``question + "\nOptions:\n(A)
     c0\n(B) c1..."`` (its ``qa_template``) and the video ``{video root}/{subset folder}/{video}``, a frame
     folder at the subset's rate for episodic_reasoning; candidates (text and name) the options as written
-    there, ``"(A) c0"``, ...; local over the row's options, the answer's option relevant."""
+    there, ``"(A) c0"``, ...; local over the row's options, the answer's option relevant. The subsets'
+    start / end bounds are not used (VLM2Vec's V2 loader samples the whole video too)."""
     cols = {c: _column(ds, c, where) for c in ("subset", "video", "question", "candidates", "answer")}
     for i in range(len(ds)):
         sub, opts, ans = cols["subset"][i], cols["candidates"][i], cols["answer"][i]
@@ -726,19 +727,15 @@ def _mvbench_rows(name: str, ds, where: str, vroot: Path, queries, qids, local, 
         relevant.append({idx[opts.index(ans)]: 1.0})
 
 
-def _natural_key(name: str) -> list:
-    import re
-
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name) if t]
-
-
 def _clip_entries(d: Path, where: str) -> dict[str, Path]:
     """stem -> path of each clip of a moment-retrieval video directory: its subdirectories (frame folders)
     and its video files (:data:`CLIP_EXTENSIONS`), other files ignored; a stem twice is an error."""
+    from elva_jax.data.video import natural_key
+
     if not d.is_dir():
         raise MMEBDataError(f"{where}: clip directory {d} not found")
     out: dict[str, Path] = {}
-    for p in sorted(d.iterdir(), key=lambda x: _natural_key(x.name)):
+    for p in sorted(d.iterdir(), key=lambda x: natural_key(x.name)):
         if p.is_dir():
             stem = p.name
         elif p.suffix.lower() in CLIP_EXTENSIONS:

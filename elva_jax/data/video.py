@@ -66,6 +66,7 @@ __all__ = [
     "frame_timestamps",
     "is_frame_folder",
     "load_video",
+    "natural_key",
     "preprocess_frames",
     "sample_frame_indices",
     "temporal_smart_resize",
@@ -124,7 +125,8 @@ def is_frame_folder(path: str | Path) -> bool:
     return _epath(path).is_dir() if _is_remote(path) else Path(path).is_dir()
 
 
-def _natural_key(name: str) -> list:
+def natural_key(name: str) -> list:
+    """Sort key of a file name with digit runs compared as numbers ("2.jpg" before "10.jpg")."""
     return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name) if t]
 
 
@@ -138,7 +140,7 @@ def frame_folder_files(path: str | Path) -> list[str]:
     if not names:
         raise VideoError(f"{path}: frame folder without image files ({', '.join(FRAME_EXTENSIONS)})")
     sep = "" if str(path).endswith("/") else "/"
-    return [f"{path}{sep}{n}" for n in sorted(names, key=_natural_key)]
+    return [f"{path}{sep}{n}" for n in sorted(names, key=natural_key)]
 
 
 def _read_frame(file: str, shape: tuple[int, int] | None) -> np.ndarray:
