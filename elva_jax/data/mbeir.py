@@ -10,7 +10,10 @@ File formats (one JSON object per line for the two jsonl kinds; ids stay strings
   prompt_1 ... prompt_k``; key ``"{dataset_id}, {query_modality}, {cand_modality}"``.
 
 Modality rules (a field is *present* when it is a non-blank string): ``"text"`` needs text and no image,
-``"image"`` an image and no text, ``"image,text"`` both. Every violation raises
+``"image"`` an image and no text, ``"image,text"`` both. Video (this project's extension, not M-BEIR's):
+an optional ``query_video_path`` (queries) / ``video_path`` (pool), a video file or frame folder relative
+to the root like an image path, with modality ``"video"`` (video only) or ``"video,text"``; a record
+without the field reads as before. Every violation raises
 :class:`~elva_jax.data.errors.DataFormatError` naming the file and the 1-based line.
 
 Directory layout (M-BEIR's, also used by MRBench and the bundled multi-grain set)::
@@ -55,7 +58,7 @@ __all__ = [
     "resolve_image_path",
 ]
 
-MODALITIES = ("text", "image", "image,text")
+MODALITIES = ("text", "image", "image,text", "video", "video,text")
 _MISSING = object()
 
 
@@ -71,6 +74,7 @@ class Query:
     neg_cand_list: tuple[str, ...]
     task_id: int
     query_src_content: Any = dataclasses.field(default=None, hash=False, compare=False)
+    query_video_path: str | None = None
 
     @property
     def dataset_id(self) -> int:
@@ -86,6 +90,7 @@ class Candidate:
     img_path: str | None
     modality: str
     src_content: Any = dataclasses.field(default=None, hash=False, compare=False)
+    video_path: str | None = None
 
     @property
     def dataset_id(self) -> int:
@@ -192,8 +197,8 @@ class _Fields:
             raise self.error(f"field {name!r} must be a non-empty string, got {value!r}")
         return value
 
-    def optional_string(self, name: str) -> str | None:
-        value = self.get(name)
+    def optional_string(self, name: str, *, required: bool = True) -> str | None:
+        value = self.get(name, required=required)
         if value is not None and not isinstance(value, str):
             raise self.error(f"field {name!r} must be a string or null, got {type(value).__name__}")
         return value
@@ -212,18 +217,16 @@ class _Fields:
             raise self.error(f"field {name!r} must not be empty")
         return tuple(value)
 
-    def modality(self, name: str, txt: str | None, img: str | None, txt_name: str, img_name: str) -> str:
+    def modality(self, name: str, fields: dict[str, str | None]) -> str:
+        """``fields``: {field name: value} of the text, image and video fields, in that order."""
         value = self.get(name)
         if value not in MODALITIES:
             raise self.error(f"unknown {name} {value!r} (expected one of {', '.join(MODALITIES)})")
-        has_txt = txt is not None and bool(txt.strip())
-        has_img = img is not None and bool(img.strip())
-        if (has_txt, has_img) != ("text" in value, "image" in value):
-            raise self.error(
-                f"{name} {value!r} inconsistent with the fields present "
-                f"({txt_name}: {'present' if has_txt else 'absent'}, "
-                f"{img_name}: {'present' if has_img else 'absent'})"
-            )
+        has = [v is not None and bool(v.strip()) for v in fields.values()]
+        want = [k in value.split(",") for k in ("text", "image", "video")][: len(has)]
+        if has != want:
+            present = ", ".join(f"{k}: {'present' if h else 'absent'}" for k, h in zip(fields, has))
+            raise self.error(f"{name} {value!r} inconsistent with the fields present ({present})")
         return value
 
 
@@ -244,16 +247,19 @@ def read_queries(path: str | Path) -> list[Query]:
         seen[qid] = lineno
         txt = f.optional_string("query_txt")
         img = f.optional_string("query_img_path")
+        vid = f.optional_string("query_video_path", required=False)
+        fields = {"query_txt": txt, "query_img_path": img, "query_video_path": vid}
         queries.append(
             Query(
                 qid=qid,
                 query_txt=txt,
                 query_img_path=img,
-                query_modality=f.modality("query_modality", txt, img, "query_txt", "query_img_path"),
+                query_modality=f.modality("query_modality", fields),
                 pos_cand_list=f.id_list("pos_cand_list", non_empty=True),
                 neg_cand_list=f.id_list("neg_cand_list", non_empty=False),
                 task_id=f.integer("task_id"),
                 query_src_content=f.get("query_src_content"),
+                query_video_path=vid,
             )
         )
     return queries
@@ -272,12 +278,14 @@ def read_pool(path: str | Path) -> dict[str, Candidate]:
         first_line[did] = lineno
         txt = f.optional_string("txt")
         img = f.optional_string("img_path")
+        vid = f.optional_string("video_path", required=False)
         pool[did] = Candidate(
             did=did,
             txt=txt,
             img_path=img,
-            modality=f.modality("modality", txt, img, "txt", "img_path"),
+            modality=f.modality("modality", {"txt": txt, "img_path": img, "video_path": vid}),
             src_content=f.get("src_content", required=False),
+            video_path=vid,
         )
     if not pool:
         raise DataFormatError(path, _count_lines(path) + 1, "candidate pool is empty")

@@ -19,7 +19,9 @@ Columns, per VLM2Vec's V2 loaders (``src/data/eval_dataset/*``):
   all videos (:data:`VIDEO_RET`: ``msrvtt``, ``msvd``, ``didemo``, ``vatex``, ``youcook2``), ``videomme``
   (``question``, ``videoID``, ``options``, ``answer``; local over the options, label
   ``options["ABCD...".index(answer)]``), ``nextqa`` / ``egoschema`` / ``activitynetqa`` (local over the
-  options, see ``_video_qa_rows``). Not implemented: MVBench and the moment-retrieval tasks.
+  options, see ``_video_qa_rows``), ``mvbench`` (20 subsets, local over each row's options; see
+  :data:`MVBENCH_SUBSETS`), and the moment-retrieval tasks ``moment_retrieval`` (QVHighlight,
+  Charades-STA) and ``momentseeker`` (local over each query's clips; see ``_moment_rows``).
 
 Directory layout (``root``; a task directory holds a ``save_to_disk`` dataset or ``*.parquet`` files)::
 
@@ -27,7 +29,8 @@ Directory layout (``root``; a task directory holds a ``save_to_disk`` dataset or
     image-tasks/...
     visdoc/{Task}/{queries,corpus,qrels}/ visual-document tasks (corpus images embedded or relative paths)
     video/{Task}/                         video tasks; video paths relative to video-tasks/{Task}/
-    video-tasks/{Task}/...
+    video/MVBench/{subset}/               MVBench: one dataset per subset, or one with a ``subset`` column
+    video-tasks/{Task}/...                video files or frame folders (directories of images)
     mmeb_tasks.json                       optional: {"tasks": [{"name", "modality", "meta_task", "parser",
                                           "labels"?, "query_instruction"?}]}; default: the MMEB-V2 table
 
@@ -50,6 +53,7 @@ __all__ = [
     "MMEB_V2_TASKS",
     "MMEBDataError",
     "MMEBTask",
+    "MVBENCH_SUBSETS",
     "SUPPORTED_PARSERS",
     "Side",
     "VISDOC_CAND_INSTRUCTION",
@@ -57,6 +61,7 @@ __all__ = [
     "load_dataset_dir",
     "load_task",
     "task_table",
+    "video_dataset",
 ]
 
 VISDOC_QUERY_INSTRUCTION = "Find a document image that matches the given query:"
@@ -94,7 +99,51 @@ VIDEO_RET = {
     ),
 }
 SSV2_INSTRUCTION = "What actions or object interactions are being performed by the person in the video?"
-VIDEO_PARSERS = ("video_classification", "ssv2", *VIDEO_RET, "videomme", "nextqa", "egoschema", "activitynetqa")
+#: VLM2Vec's MVBench subsets (mvbench_dataset.subset_meta, in its order): subset -> (folder of its videos
+#: under the task's video root, frame rate of a frame-folder subset or None for video files)
+MVBENCH_SUBSETS: dict[str, tuple[str, float | None]] = {
+    "episodic_reasoning": ("tvqa/frames_fps3_hq", 3.0),  # frame folders of 3 fps
+    "action_sequence": ("star/Charades_v1_480", None),
+    "action_prediction": ("star/Charades_v1_480", None),
+    "action_antonym": ("ssv2_video", None),
+    "fine_grained_action": ("Moments_in_Time_Raw/videos", None),
+    "unexpected_action": ("FunQA_test/test", None),
+    "object_existence": ("clevrer/video_validation", None),
+    "object_interaction": ("star/Charades_v1_480", None),
+    "object_shuffle": ("perception/videos", None),
+    "moving_direction": ("clevrer/video_validation", None),
+    "action_localization": ("sta/sta_video", None),
+    "scene_transition": ("scene_qa/video", None),
+    "action_count": ("perception/videos", None),
+    "moving_count": ("clevrer/video_validation", None),
+    "moving_attribute": ("clevrer/video_validation", None),
+    "state_change": ("perception/videos", None),
+    "fine_grained_pose": ("nturgbd", None),
+    "character_order": ("perception/videos", None),
+    "egocentric_navigation": ("vlnqa", None),
+    "counterfactual_inference": ("clevrer/video_validation", None),
+}
+MVBENCH_HUB = ("VLM2Vec/MVBench", "train")  # one config per subset
+#: moment retrieval (VLM2Vec moment_retrieval_datasets / momentseeker_dataset)
+MOMENT_QUERY_INSTRUCTION = "Find the clip that corresponds to the described scene in the given video:"
+MOMENTSEEKER_INSTRUCTION = {
+    "text": "Find the clip that corresponds to the given text:",
+    "image": "Select the video clip that aligns with the given text and image:",
+    "video": "Find the clip that corresponds to the given sentence and video segment:",
+}
+MOMENTSEEKER_CAND_INSTRUCTION = "Understand the content of the provided video clip."
+#: clip files of a moment-retrieval video directory (frame folders are its subdirectories)
+CLIP_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+VIDEO_PARSERS = (
+    "video_classification",
+    "ssv2",
+    *VIDEO_RET,
+    "videomme",
+    "nextqa",
+    "egoschema",
+    "activitynetqa",
+    "mvbench",
+) + ("moment_retrieval", "momentseeker")
 VISDOC_PARSERS = ("vidore", "visrag")
 SUPPORTED_PARSERS = IMAGE_PARSERS + VIDEO_PARSERS + VISDOC_PARSERS
 
@@ -129,7 +178,7 @@ def _table() -> dict[str, tuple[str, str, str]]:
     }
     parsers = {"HMDB51": "video_classification", "UCF101": "video_classification", "K700": "video_classification"}
     parsers |= {"Breakfast": "video_classification", "MSR-VTT": "msrvtt", "Video-MME": "videomme"}
-    parsers |= {"SmthSmthV2": "ssv2"}
+    parsers |= {"SmthSmthV2": "ssv2", "QVHighlight": "moment_retrieval", "Charades-STA": "moment_retrieval"}
     for meta, names in video.items():
         for n in names.split():
             t[n] = ("video", meta, parsers.get(n, n.lower()))
@@ -167,6 +216,9 @@ HUB: dict[str, tuple[str, str | None, str]] = {
     "NExTQA": ("VLM2Vec/NExTQA", "MC", "test"),
     "EgoSchema": ("VLM2Vec/EgoSchema", "Subset", "test"),
     "ActivityNetQA": ("VLM2Vec/ActivityNetQA", None, "test"),
+    "QVHighlight": ("VLM2Vec/QVHighlight", None, "test"),
+    "Charades-STA": ("VLM2Vec/Charades-STA", None, "test"),
+    "MomentSeeker": ("VLM2Vec/MomentSeeker", None, "test"),
     "ViDoRe_arxivqa": ("vidore/arxivqa_test_subsampled_beir", None, "test"),
     "ViDoRe_docvqa": ("vidore/docvqa_test_subsampled_beir", None, "test"),
     "ViDoRe_infovqa": ("vidore/infovqa_test_subsampled_beir", None, "test"),
@@ -186,17 +238,21 @@ HUB: dict[str, tuple[str, str | None, str]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Side:
-    """One query or candidate: any of text, image path, video path, and its instruction."""
+    """One query or candidate: any of text, image path, video path (a file or a frame folder), its
+    instruction, and the frame rate of a frame folder when the task knows it (``video_fps``)."""
 
     text: str | None = None
     image: str | None = None
     video: str | None = None
     instruction: str | None = None
+    video_fps: float | None = None
 
     def item(self) -> dict:
         d = {"text": self.text, "image": self.image, "instruction": self.instruction}
         if self.video is not None:
             d["video"] = self.video
+        if self.video_fps is not None:
+            d["video_fps"] = self.video_fps
         return d
 
 
@@ -465,10 +521,46 @@ def _visdoc_task(spec: dict, root: Path, materialize_dir: Path | None) -> MMEBTa
     return MMEBTask(name, "visdoc", spec["meta_task"], spec["parser"], where, qids, queries, cands, names, relevant)
 
 
+def video_dataset(name: str, parser: str, root: str | Path):
+    """The rows of video task ``name``: the dataset directory ``video/{name}``, else the local HF cache.
+    MVBench: the subset directories ``video/MVBench/{subset}`` present (in :data:`MVBENCH_SUBSETS` order)
+    concatenated with a ``subset`` column, or one dataset that has that column; from the cache, every
+    subset of :data:`MVBENCH_HUB` (as VLM2Vec's ``load_hf_dataset_multiple_subset``)."""
+    d = Path(root) / "video" / name
+    if parser != "mvbench":
+        return load_dataset_dir(d) if d.is_dir() else _from_cache(name, None, d)
+    import datasets
+
+    if d.is_dir():
+        subs = [x for x in MVBENCH_SUBSETS if (d / x).is_dir()]
+        if not subs:
+            ds = load_dataset_dir(d)
+            if "subset" not in ds.column_names:
+                raise MMEBDataError(
+                    f"{d}: MVBench needs one directory per subset ({', '.join(MVBENCH_SUBSETS)}) or a 'subset' column"
+                )
+            return ds
+        parts = [(x, load_dataset_dir(d / x)) for x in subs]
+    else:
+        _offline()
+        repo, split = MVBENCH_HUB
+        parts = []
+        for x in MVBENCH_SUBSETS:
+            try:
+                parts.append((x, datasets.load_dataset(repo, x, split=split)))
+            except Exception as e:  # offline: a missing cache entry raises several kinds
+                raise MMEBDataError(
+                    f"task {name}: {d} not found and {repo} ({x}) is not in the local HF cache (offline mode): "
+                    f"{type(e).__name__}"
+                ) from None
+    parts = [p if "subset" in p.column_names else p.add_column("subset", [x] * len(p)) for x, p in parts]
+    return datasets.concatenate_datasets(parts)
+
+
 def _video_task(spec: dict, root: Path) -> MMEBTask:
     name, parser = spec["name"], spec["parser"]
     d = root / "video" / name
-    ds = load_dataset_dir(d) if d.is_dir() else _from_cache(name, None, d)
+    ds = video_dataset(name, parser, root)
     where = str(d)
     vroot = root / spec.get("video_root", f"video-tasks/{name}")
     queries, qids, relevant, local = [], [], [], []
@@ -526,6 +618,12 @@ def _video_task(spec: dict, root: Path) -> MMEBTask:
         local_out = None
     elif parser in ("nextqa", "egoschema", "activitynetqa"):
         _video_qa_rows(parser, name, ds, where, vroot, queries, qids, local, relevant, cand)
+        local_out = local
+    elif parser == "mvbench":
+        _mvbench_rows(name, ds, where, vroot, queries, qids, local, relevant, cand)
+        local_out = local
+    elif parser in ("moment_retrieval", "momentseeker"):
+        _moment_rows(parser, name, ds, where, vroot, queries, qids, local, relevant, cand)
         local_out = local
     else:  # videomme
         cols = {c: _column(ds, c, where) for c in ("question", "videoID", "options", "answer")}
@@ -597,6 +695,130 @@ def _video_qa_rows(parser: str, name: str, ds, where: str, vroot: Path, queries,
         idx = [cand(nm, Side(text=t)) for nm, t in zip(names, texts)]
         local.append(idx)
         relevant.append({idx[k]: 1.0})
+
+
+def _mvbench_rows(name: str, ds, where: str, vroot: Path, queries, qids, local, relevant, cand) -> None:
+    """VLM2Vec's mvbench loader: columns ``subset``, ``video``, ``question``, ``candidates`` (list), ``answer``
+    (one of the candidates). Query: :data:`VIDEO_QA_INSTRUCTION` with text ``question + "\nOptions:\n(A)
+    c0\n(B) c1..."`` (its ``qa_template``) and the video ``{video root}/{subset folder}/{video}``, a frame
+    folder at the subset's rate for episodic_reasoning; candidates (text and name) the options as written
+    there, ``"(A) c0"``, ...; local over the row's options, the answer's option relevant. The subsets'
+    start / end bounds are not used (VLM2Vec's V2 loader samples the whole video too)."""
+    cols = {c: _column(ds, c, where) for c in ("subset", "video", "question", "candidates", "answer")}
+    for i in range(len(ds)):
+        sub, opts, ans = cols["subset"][i], cols["candidates"][i], cols["answer"][i]
+        if sub not in MVBENCH_SUBSETS:
+            raise MMEBDataError(
+                f"{where}, row {i}: unknown MVBench subset {sub!r} (known: {', '.join(MVBENCH_SUBSETS)})"
+            )
+        _nonempty(opts, where, i, "candidates")
+        if ans not in opts:
+            raise MMEBDataError(f"{where}, row {i}: answer {ans!r} is not one of its candidates {opts!r}")
+        if len(opts) > len(OPTION_LETTERS):
+            raise MMEBDataError(f"{where}, row {i}: {len(opts)} candidates, more than {len(OPTION_LETTERS)} letters")
+        named = [f"({OPTION_LETTERS[k]}) {o}" for k, o in enumerate(opts)]
+        folder, fps = MVBENCH_SUBSETS[sub]
+        text = cols["question"][i] + "\nOptions:\n" + "\n".join(named)
+        video = str(vroot / folder / str(cols["video"][i]))
+        queries.append(Side(text=text, video=video, instruction=VIDEO_QA_INSTRUCTION, video_fps=fps))
+        qids.append(f"{name}:{i}")
+        idx = [cand(o, Side(text=o)) for o in named]
+        local.append(idx)
+        relevant.append({idx[opts.index(ans)]: 1.0})
+
+
+def _clip_entries(d: Path, where: str) -> dict[str, Path]:
+    """stem -> path of each clip of a moment-retrieval video directory: its subdirectories (frame folders)
+    and its video files (:data:`CLIP_EXTENSIONS`), other files ignored; a stem twice is an error."""
+    from elva_jax.data.video import natural_key
+
+    if not d.is_dir():
+        raise MMEBDataError(f"{where}: clip directory {d} not found")
+    out: dict[str, Path] = {}
+    for p in sorted(d.iterdir(), key=lambda x: natural_key(x.name)):
+        if p.is_dir():
+            stem = p.name
+        elif p.suffix.lower() in CLIP_EXTENSIONS:
+            stem = p.stem
+        else:
+            continue
+        if stem in out:
+            raise MMEBDataError(f"{where}: clip {stem!r} of {d} is both {out[stem].name} and {p.name}")
+        out[stem] = p
+    return out
+
+
+def _moment_rows(parser: str, name: str, ds, where: str, vroot: Path, queries, qids, local, relevant, cand) -> None:
+    """VLM2Vec's moment-retrieval loaders (local: each query ranks its own clips; hit@1 as every video task).
+
+    - moment_retrieval (QVHighlight, Charades-STA): ``query``, ``video_path``. With ``v`` the stem of
+      ``video_path``, ``{video root}/{v}/`` holds the clips, each a frame folder (subdirectory) or a clip
+      file: ``query`` is the whole video (else the file ``{video root}/{basename(video_path)}``), the one
+      clip whose name starts with ``positive`` is relevant, every other clip a negative. Query:
+      :data:`MOMENT_QUERY_INSTRUCTION`, the text and the whole video; candidates: the clip with
+      :data:`VIDEO_RET_CAND_INSTRUCTION`, named ``{v}/{clip}``; clips in natural name order (VLM2Vec
+      takes ``os.listdir``'s order, which only matters for exact ties).
+    - momentseeker: ``query``, ``positive_frames`` / ``negative_frames`` (lists of {``output_path``}),
+      ``input_frames`` ("", an .mp4 or a .jpg). A clip at ``output_path`` is named ``output_path`` with
+      "/" -> "_" and ".mp4" cut, read from the frame folder ``{video root}/video_frames/{name}`` when it
+      exists, else the file ``{video root}/{output_path}``; every positive is relevant. Query (instruction
+      by kind, :data:`MOMENTSEEKER_INSTRUCTION`): text only; text + image ``{video root}/query_{input}``;
+      or text + video (named and found like a clip). Candidates: :data:`MOMENTSEEKER_CAND_INSTRUCTION`.
+
+    Frame folders carry no frame rate: they are taken as already sampled (`elva_jax.data.video.load_video`).
+    """
+    if parser == "moment_retrieval":
+        texts, vpaths = _column(ds, "query", where), _column(ds, "video_path", where)
+        for i, (q, vp) in enumerate(zip(texts, vpaths)):
+            v = Path(str(vp)).stem
+            clips = _clip_entries(vroot / v, f"{where}, row {i}")
+            qvideo = clips.pop("query", None) or vroot / Path(str(vp)).name
+            pos = [k for k in clips if k.startswith("positive")]
+            if len(pos) != 1 or len(clips) < 2:
+                raise MMEBDataError(
+                    f"{where}, row {i}: {vroot / v} needs exactly one 'positive*' clip and at least one other, "
+                    f"has {sorted(clips)}"
+                )
+            queries.append(Side(text=q, video=str(qvideo), instruction=MOMENT_QUERY_INSTRUCTION))
+            qids.append(f"{name}:{i}")
+            idx = [
+                cand(f"{v}/{k}", Side(video=str(p), instruction=VIDEO_RET_CAND_INSTRUCTION)) for k, p in clips.items()
+            ]
+            local.append(idx)
+            relevant.append({idx[list(clips).index(pos[0])]: 1.0})
+        return
+
+    def clip(path: str) -> tuple[str, Path]:
+        key = path.replace("/", "_").split(".mp4")[0]
+        folder = vroot / "video_frames" / key
+        return key, folder if folder.is_dir() else vroot / path
+
+    cols = {c: _column(ds, c, where) for c in ("query", "positive_frames", "negative_frames", "input_frames")}
+    for i in range(len(ds)):
+        q, inp = cols["query"][i], cols["input_frames"][i] or ""
+        try:
+            pos = [str(e["output_path"]) for e in cols["positive_frames"][i]]
+            neg = [str(e["output_path"]) for e in cols["negative_frames"][i] or []]
+        except (TypeError, KeyError):
+            raise MMEBDataError(
+                f"{where}, row {i}: positive_frames / negative_frames entries need 'output_path'"
+            ) from None
+        if not pos:
+            raise MMEBDataError(f"{where}, row {i}: no positive clip")
+        if inp.endswith(".mp4"):
+            side = Side(text=q, video=str(clip(inp)[1]), instruction=MOMENTSEEKER_INSTRUCTION["video"])
+        elif inp.endswith(".jpg"):
+            side = Side(text=q, image=str(vroot / f"query_{inp}"), instruction=MOMENTSEEKER_INSTRUCTION["image"])
+        else:
+            side = Side(text=q, instruction=MOMENTSEEKER_INSTRUCTION["text"])
+        queries.append(side)
+        qids.append(f"{name}:{i}")
+        idx = []
+        for path in pos + neg:
+            key, src = clip(path)
+            idx.append(cand(key, Side(video=str(src), instruction=MOMENTSEEKER_CAND_INSTRUCTION)))
+        local.append(idx)
+        relevant.append(dict.fromkeys(idx[: len(pos)], 1.0))
 
 
 def load_task(spec: dict, root: str | Path, *, materialize_dir: str | Path | None = None) -> MMEBTask:

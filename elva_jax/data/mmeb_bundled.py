@@ -13,6 +13,9 @@ Tasks (names, parser and meta-task in ``mmeb_tasks.json``):
   bytes), BEIR qrels with graded scores (1, 2), two relevant pages for some queries, one score-0 row.
 - video CLS ``Bundled-VideoMotion`` (video_classification, global over 4 direction labels) and video RET
   ``Bundled-VideoRET`` (msrvtt: caption -> clip).
+- video MRET ``Bundled-MomentRET`` (moment_retrieval): two 12-frame videos stored as frame folders (PNG),
+  each three 4-frame segments of a differently coloured square moving one way; query: a segment's caption
+  + the whole video; candidates: the video's three segments (frame folders), the captioned one positive.
 
     python -m elva_jax.data.mmeb_bundled --out DIR [--seed S]
 
@@ -62,6 +65,7 @@ TASKS = [
         "query_instruction": "Recognize the motion in the video.",
     },
     {"name": "Bundled-VideoRET", "modality": "video", "meta_task": "RET", "parser": "msrvtt"},
+    {"name": "Bundled-MomentRET", "modality": "video", "meta_task": "MRET", "parser": "moment_retrieval"},
 ]
 
 
@@ -240,27 +244,59 @@ def _doc_tasks(root: Path, rng: random.Random) -> None:
     _dataset(qrels, base / "qrels")
 
 
-def _clip(path: Path, direction: str, colour: str, rng: random.Random, n_frames: int = 8, side: int = 64) -> None:
-    import av
+def _motion_frames(direction: str, colour: str, rng: random.Random, n_frames: int = 8, side: int = 64) -> list:
+    """uint8 [side, side, 3] frames of a 16-px square of ``colour`` moving ``direction`` on light grey."""
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
     x, y = side // 2 - 8 - 12 * dx, side // 2 - 8 - 12 * dy
     step = rng.randint(3, 4)
+    frames = []
+    for f in range(n_frames):
+        a = np.full((side, side, 3), 235, dtype=np.uint8)
+        px, py = x + dx * step * f, y + dy * step * f
+        a[max(py, 0) : py + 16, max(px, 0) : px + 16] = COLOURS[colour]
+        frames.append(a)
+    return frames
+
+
+def _clip(path: Path, direction: str, colour: str, rng: random.Random, n_frames: int = 8, side: int = 64) -> None:
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as out:
         st = out.add_stream("libx264", rate=4)
         st.width = st.height = side
         st.pix_fmt = "yuv420p"
         st.options = {"crf": "18"}
-        for f in range(n_frames):
-            a = np.full((side, side, 3), 235, dtype=np.uint8)
-            px, py = x + dx * step * f, y + dy * step * f
-            a[max(py, 0) : py + 16, max(px, 0) : px + 16] = COLOURS[colour]
+        for a in _motion_frames(direction, colour, rng, n_frames, side):
             for pkt in st.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
                 out.mux(pkt)
         for pkt in st.encode():
             out.mux(pkt)
+
+
+def _frame_folder(d: Path, frames: list) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(frames):
+        Image.fromarray(a).save(d / f"{i:04d}.png")
+
+
+def _moment_task(root: Path, rng: random.Random) -> None:
+    rows = {"query": [], "video_path": []}
+    colours = list(COLOURS)
+    for i in range(2):
+        vid = f"movie{i}"
+        d = root / "video-tasks" / "Bundled-MomentRET" / vid
+        segs = [(DIRECTIONS[(i + k) % 4], colours[(2 * i + k) % len(colours)]) for k in range(3)]
+        frames = [_motion_frames(direction, colour, rng, n_frames=4) for direction, colour in segs]
+        _frame_folder(d / "query", [f for seg in frames for f in seg])
+        pos = (i + 1) % 3
+        for k, seg in enumerate(frames):
+            _frame_folder(d / ("positive" if k == pos else f"negative_{k}"), seg)
+        rows["query"].append(f"the {segs[pos][1]} square moves {segs[pos][0]}")
+        rows["video_path"].append(f"{vid}.mp4")
+    _dataset(rows, root / "video" / "Bundled-MomentRET")
 
 
 def _video_tasks(root: Path, rng: random.Random) -> None:
@@ -302,6 +338,7 @@ def generate(root: str | Path, *, seed: int = 0, n_image: int = 6, overwrite: bo
     _image_tasks(root, rng, n_image)
     _doc_tasks(root, rng)
     _video_tasks(root, rng)
+    _moment_task(root, rng)
     (root / "mmeb_tasks.json").write_text(json.dumps({"tasks": TASKS}, indent=1) + "\n", encoding="utf-8")
     (root / MARKER).write_text(f"seed {seed}\n", encoding="utf-8")
     return {"root": str(root), "tasks": [t["name"] for t in TASKS], "seed": seed}

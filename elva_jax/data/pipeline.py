@@ -7,10 +7,12 @@ below) -> per-host slice ``[start + process_index :: process_count]`` -> ``to_it
 ``batch`` (pad to a sequence bucket, pack images and videos into a fixed patch budget) -> optional
 ``mp_prefetch``.
 
-A side is ``{"text", "image", "instruction"}`` plus optionally ``"video"`` (a local video file, decoded
-with :func:`elva_jax.data.video.load_video` at the config's video settings and the model's geometry; a
-video over a patch row is resampled with fewer frames). A missing or undecodable video, or one whose
-tokens overflow the largest sequence bucket, follows the image policy like a bad image.
+A side is ``{"text", "image", "instruction"}`` plus optionally ``"video"`` (a video file or a frame
+folder, local or an epath URL such as ``gs://``; a folder's frame rate is the side's ``"video_fps"``,
+when it has one), decoded with :func:`elva_jax.data.video.load_video` at the config's video settings and
+the model's geometry; a video over a patch row is resampled with fewer frames. A missing or undecodable
+video, or one whose tokens overflow the largest sequence bucket, follows the image policy like a bad
+image.
 
 Global batch g holds the records at global indices [g*G, (g+1)*G), G = records per host batch x
 process count; host h takes indices h, h+H, ... of it. The iterator's state is the global index of
@@ -188,8 +190,17 @@ class PipelineStats:
 # record builders (pure python, picklable dicts)
 
 
-def _side(text: str | None, image: str | None, instruction: str | None = None) -> dict:
-    return {"text": text, "image": image, "instruction": instruction}
+def _side(text: str | None, image: str | None, instruction: str | None = None, video: str | None = None) -> dict:
+    """A side dict; ``"video"`` only when there is one (records without video are unchanged)."""
+    s = {"text": text, "image": image, "instruction": instruction}
+    if video is not None:
+        s["video"] = video
+    return s
+
+
+def _media(root, path: str | None) -> str | None:
+    """An image or video path of a record resolved against the data root (None stays None)."""
+    return str(resolve_image_path(root, path)) if path else None
 
 
 def pick_instruction(instructions: dict[str, tuple[str, ...]] | None, qid: str, qmod: str, cmod: str) -> str | None:
@@ -202,7 +213,7 @@ def pick_instruction(instructions: dict[str, tuple[str, ...]] | None, qid: str, 
 
 
 def _cand_side(c: Candidate, root: str | Path) -> dict:
-    return _side(c.txt, str(resolve_image_path(root, c.img_path)) if c.img_path else None)
+    return _side(c.txt, _media(root, c.img_path), None, _media(root, c.video_path))
 
 
 def take_negatives(negs: Sequence[str], k: int, qid: str) -> list[str]:
@@ -248,8 +259,8 @@ def _contrastive_record(q: Query, pool: dict[str, Candidate], root, instructions
     if missing:
         raise RecordError(f"query {q.qid!r}: candidates {missing} are not in the pool")
     cmod = pool[dids[0]].modality
-    img = str(resolve_image_path(root, q.query_img_path)) if q.query_img_path else None
-    query = _side(q.query_txt, img, pick_instruction(instructions, q.qid, q.query_modality, cmod))
+    instr = pick_instruction(instructions, q.qid, q.query_modality, cmod)
+    query = _side(q.query_txt, _media(root, q.query_img_path), instr, _media(root, q.query_video_path))
     return {"id": q.qid, "query": query, "cands": [_cand_side(pool[d], root) for d in dids]}
 
 
@@ -280,11 +291,11 @@ def rl_records(
     for inst in instances:
         q: Query = inst["query"]
         dids = [inst["positive"], *take_negatives(list(inst["negatives"]), num_negatives, q.qid)]
-        img = str(resolve_image_path(root, q.query_img_path)) if q.query_img_path else None
+        img, vid = _media(root, q.query_img_path), _media(root, q.query_video_path)
         out.append(
             {
                 "id": q.qid,
-                "query": _side(q.query_txt, img, inst.get("instruction")),
+                "query": _side(q.query_txt, img, inst.get("instruction"), vid),
                 "cands": [_cand_side(pool[d], root) for d in dids],
             }
         )
@@ -303,9 +314,9 @@ def corpus_records(
     out = []
     for it in items:
         if isinstance(it, Query):
-            img = str(resolve_image_path(root, it.query_img_path)) if it.query_img_path else None
+            img, vid = _media(root, it.query_img_path), _media(root, it.query_video_path)
             instr = pick_instruction(instructions, it.qid, it.query_modality, cand_modality) if cand_modality else None
-            out.append({"id": it.qid, "item": _side(it.query_txt, img, instr)})
+            out.append({"id": it.qid, "item": _side(it.query_txt, img, instr, vid)})
         else:
             out.append({"id": it.did, "item": _cand_side(it, root)})
     return out
@@ -364,10 +375,10 @@ class _EncodeRecord:
         return None if budget is None else budget[1]
 
     def _load_video(self, side: dict, key: str, rid) -> VideoInput | None:
-        """The side's ``video`` file decoded, sampled and patched (`elva_jax.data.video.load_video`, the
-        model's geometry, the config's video settings, at most a patch row of patches: longer videos are
-        resampled with fewer frames). None when the skip policy drops it; "fail" raises VideoError naming
-        the file and the record."""
+        """The side's ``video`` (file or frame folder; ``video_fps``: the folder's rate) decoded, sampled
+        and patched (`elva_jax.data.video.load_video`, the model's geometry, the config's video settings, at
+        most a patch row of patches: longer videos are resampled with fewer frames). None when the skip
+        policy drops it; "fail" raises VideoError naming the file and the record."""
         c, path = self.cfg, side["video"]
         row_len = self._row_len(key)
         if row_len is None:
@@ -375,9 +386,7 @@ class _EncodeRecord:
                 f"record {rid!r} has a video ({path}) but this pipeline has no patch budget (text-only data)"
             )
         try:
-            if "://" in str(path):
-                raise VideoError(f"video {path}: only local video files are read (copy it to a local path)")
-            if not Path(path).is_file():
+            if not (epath.Path(path).exists() if "://" in str(path) else Path(path).exists()):
                 raise VideoError(f"video file not found: {path}")
             return load_video(
                 path,
@@ -388,6 +397,7 @@ class _EncodeRecord:
                 min_pixels=c.video_min_pixels or None,
                 max_pixels=c.video_max_pixels or None,
                 max_patches=row_len,
+                folder_fps=side.get("video_fps"),
             )
         except VideoError as e:
             if c.image_policy.mode == "fail":

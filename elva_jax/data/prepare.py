@@ -18,10 +18,11 @@ be a ``gs://`` path (written locally, then copied through epath).
 are absent from it are read from the local HF cache, offline) -> a self-contained copy under ``--out``
 that ``python -m elva_jax.eval --benchmark mmeb --data OUT`` reads without the HF cache or the source
 tree: each task's dataset written with ``save_to_disk`` under ``{modality}/{Task}/`` (visual documents:
-``queries``, ``corpus``, ``qrels``), every image and video file its queries and candidates name copied
-to the same path relative to ``OUT`` (a missing one is counted and listed, not fatal: the eval's image
-policy decides), and ``mmeb_tasks.json`` listing the tasks. Each task is read back from ``OUT`` by the
-eval's reader before the command succeeds; tasks whose parser is not implemented are left out and listed.
+``queries``, ``corpus``, ``qrels``), every image and video file (or frame folder) its queries and
+candidates name copied to the same path relative to ``OUT`` (a missing one is counted and listed, not
+fatal: the eval's image policy decides), and ``mmeb_tasks.json`` listing the tasks. Each task is read
+back from ``OUT`` by the eval's reader before the command succeeds; tasks whose parser is not implemented
+are left out and listed.
 """
 
 from __future__ import annotations
@@ -100,6 +101,14 @@ def _table_rows(root, rel: str, kind: str, counts: dict, image_root) -> tuple[in
         items = nli.read_nli_csv(path)
         rows = ({"sent0": a, "sent1": b, "hard_neg": c} for a, b, c in items)
         cols = {}
+    if kind != "nli":
+        vid = next((x for x in items if getattr(x, "query_video_path", None) or getattr(x, "video_path", None)), None)
+        if vid is not None:
+            rid = getattr(vid, "qid", None) or vid.did
+            raise ValueError(
+                f"{path}: record {rid!r} has a video; prepared shards do not carry video fields yet "
+                "(read this data with data.source='files')"
+            )
     return len(items), rows, cols
 
 
@@ -299,7 +308,9 @@ def prepare_mmeb(root: str, out: str, *, tasks=(), log=None) -> dict:
             parts = ("queries", "corpus", "qrels") if mod == "visdoc" else (None,)
             for part in parts:
                 where = d / part if part else d
-                if d.is_dir():
+                if mod == "video":
+                    ds = M.video_dataset(name, spec["parser"], src)  # MVBench: its subsets, one table
+                elif d.is_dir():
                     ds = M.load_dataset_dir(where)
                 else:
                     ds = M._from_cache(name, part, d)
@@ -313,14 +324,17 @@ def prepare_mmeb(root: str, out: str, *, tasks=(), log=None) -> dict:
                     rel = os.path.relpath(os.path.abspath(p), src)
                     if rel.startswith(".."):  # written by the reader (visual-document bytes): inside the dataset
                         continue
-                    if not os.path.isfile(p):
+                    if not os.path.exists(p):
                         summary["media"]["missing"] += 1
                         summary["missing_media"].append(str(p))
                         continue
                     dst = os.path.join(local, str(rel))
                     if not os.path.exists(dst):
                         os.makedirs(os.path.dirname(dst), exist_ok=True)
-                        shutil.copyfile(p, dst)
+                        if os.path.isdir(p):  # a frame folder
+                            shutil.copytree(p, dst)
+                        else:
+                            shutil.copyfile(p, dst)
                         summary["media"]["copied"] += 1
             kept.append(spec)
             summary["tasks"].append(name)

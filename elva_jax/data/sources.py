@@ -97,6 +97,7 @@ def query_row(q: mbeir.Query, img_bytes: bytes | None = None, *, src_as_json: bo
         "task_id": q.task_id,
         "query_src_content": src,
         "img_bytes": img_bytes,
+        **({"query_video_path": q.query_video_path} if q.query_video_path else {}),
     }
 
 
@@ -109,6 +110,7 @@ def pool_row(c: mbeir.Candidate, img_bytes: bytes | None = None, *, src_as_json:
         "modality": c.modality,
         "src_content": src,
         "img_bytes": img_bytes,
+        **({"video_path": c.video_path} if c.video_path else {}),
     }
 
 
@@ -131,6 +133,7 @@ def query_from_row(row: dict, where: str, *, src_is_json: bool) -> mbeir.Query:
         neg_cand_list=tuple(row["neg_cand_list"]),
         task_id=row.get("task_id", -1),
         query_src_content=_json_or_none(src) if src_is_json else src,
+        query_video_path=row.get("query_video_path"),
     )
 
 
@@ -143,6 +146,7 @@ def candidate_from_row(row: dict, where: str, *, src_is_json: bool) -> mbeir.Can
         img_path=row["img_path"],
         modality=row["modality"],
         src_content=_json_or_none(src) if src_is_json else src,
+        video_path=row.get("video_path"),
     )
 
 
@@ -373,8 +377,12 @@ class ContrastiveRecords(_RecordsByIndex):
         q = query_from_row(row, where, src_is_json=self.queries.src_is_json)
         cands = [self.candidate(j) for j in self.cand_rows[i]]
         instr = pick_instruction(self.instructions, q.qid, q.query_modality, cands[0][0].modality)
-        query = _side(q.query_txt, _img_label(self.root, q.query_img_path), instr)
-        sides = [_side(c.txt, _img_label(self.root, c.img_path)) for c, _ in cands]
+        query = _side(
+            q.query_txt, _img_label(self.root, q.query_img_path), instr, _img_label(self.root, q.query_video_path)
+        )
+        sides = [
+            _side(c.txt, _img_label(self.root, c.img_path), None, _img_label(self.root, c.video_path)) for c, _ in cands
+        ]
         # prepared tables carry the image bytes (None: missing at preparation), the files source the path only
         if self.queries.prepared and query["image"] is not None:
             query["image_bytes"], query["where"] = row.get("img_bytes"), where
@@ -405,10 +413,14 @@ class CorpusRecords(_RecordsByIndex):
             instr = None
             if self.cand_modality:
                 instr = pick_instruction(self.instructions, q.qid, q.query_modality, self.cand_modality)
-            rid, item = q.qid, _side(q.query_txt, _img_label(self.root, q.query_img_path), instr)
+            video = _img_label(self.root, q.query_video_path)
+            rid, item = q.qid, _side(q.query_txt, _img_label(self.root, q.query_img_path), instr, video)
         else:
             c = candidate_from_row(row, where, src_is_json=self.table.src_is_json)
-            rid, item = c.did, _side(c.txt, _img_label(self.root, c.img_path))
+            rid, item = (
+                c.did,
+                _side(c.txt, _img_label(self.root, c.img_path), None, _img_label(self.root, c.video_path)),
+            )
         if self.table.prepared and item["image"] is not None:
             item["image_bytes"], item["where"] = row.get("img_bytes"), where
         return {"id": rid, "item": item}

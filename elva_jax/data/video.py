@@ -7,7 +7,12 @@ transformers video processor does.
 second_per_grid_ts).
 
 Decoding: PyAV (`av`, FFmpeg bundled in the wheel), the first video stream, every frame as RGB uint8;
-the frame rate is the stream's average rate.
+the frame rate is the stream's average rate. A *frame folder* (a directory of image files, e.g. MVBench's
+episodic_reasoning frames) is a video too: its images (:data:`FRAME_EXTENSIONS`, other files ignored) in
+natural order (digit runs compared as numbers: 2.jpg before 10.jpg), each converted to RGB, all of one
+size, at the rate `folder_fps` given with it (only the sampled frames are read). A path with a scheme
+(`gs://...`, any `etils.epath` backend) is read through epath: a container's bytes are read into memory
+and handed to PyAV as a file object; a remote frame folder is listed and its images read the same way.
 
 Sampling (`sample_frame_indices`), by the geometry's `video_rule`:
 - "stride" (transformers' Qwen2-VL video processor, used by Qwen2-VL and Qwen2.5-VL): with fps f and a
@@ -38,7 +43,10 @@ fit raises `VideoError`.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +58,15 @@ from elva_jax.model.config import DEFAULT_GEOMETRY, PatchGeometry
 
 __all__ = [
     "DEFAULT_FPS",
+    "FRAME_EXTENSIONS",
     "VideoError",
     "VideoInput",
     "decode_video",
+    "frame_folder_files",
     "frame_timestamps",
+    "is_frame_folder",
     "load_video",
+    "natural_key",
     "preprocess_frames",
     "sample_frame_indices",
     "temporal_smart_resize",
@@ -69,6 +81,8 @@ DEFAULT_MAX_FRAMES = 768
 #: transformers' video processors' per-video pixel limits (`size`): Qwen2-VL 14-px, Qwen3-VL 16-px geometry
 DEFAULT_MIN_PIXELS = {14: 128 * 28 * 28, 16: 128 * 32 * 32}
 DEFAULT_MAX_PIXELS = {14: 768 * 28 * 28, 16: 768 * 32 * 32}
+#: image files that make up a frame folder (case-insensitive; VLM2Vec's frame loader takes .jpg / .jpeg / .png)
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class VideoError(ImageError):
@@ -96,13 +110,85 @@ class VideoInput:
     timestamps: tuple[float, ...]
 
 
-def decode_video(path: str | Path) -> tuple[np.ndarray, float]:
-    """All frames of the first video stream as uint8 [N, H, W, 3] RGB and the stream's frame rate."""
+def _is_remote(path) -> bool:
+    return "://" in str(path)
+
+
+def _epath(path):
+    from etils import epath
+
+    return epath.Path(str(path))
+
+
+def is_frame_folder(path: str | Path) -> bool:
+    """Whether ``path`` (local or an epath URL) is a directory, i.e. a frame folder rather than a container."""
+    return _epath(path).is_dir() if _is_remote(path) else Path(path).is_dir()
+
+
+def natural_key(name: str) -> list:
+    """Sort key of a file name with digit runs compared as numbers ("2.jpg" before "10.jpg")."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name) if t]
+
+
+def frame_folder_files(path: str | Path) -> list[str]:
+    """The frame files of a frame folder in natural order (full paths; :data:`FRAME_EXTENSIONS` only)."""
+    if _is_remote(path):
+        names = [p.name for p in _epath(path).iterdir()]
+    else:
+        names = [p.name for p in Path(path).iterdir()]
+    names = [n for n in names if n.lower().endswith(FRAME_EXTENSIONS)]
+    if not names:
+        raise VideoError(f"{path}: frame folder without image files ({', '.join(FRAME_EXTENSIONS)})")
+    sep = "" if str(path).endswith("/") else "/"
+    return [f"{path}{sep}{n}" for n in sorted(names, key=natural_key)]
+
+
+def _read_frame(file: str, shape: tuple[int, int] | None) -> np.ndarray:
+    try:
+        if _is_remote(file):
+            im = Image.open(io.BytesIO(_epath(file).read_bytes()))
+        else:
+            im = Image.open(file)
+        with im:
+            f = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise VideoError(f"{file}: cannot read frame ({type(e).__name__}: {e})") from None
+    if shape is not None and f.shape[:2] != shape:
+        raise VideoError(f"{file}: frame of {f.shape[1]}x{f.shape[0]} px in a folder of {shape[1]}x{shape[0]} frames")
+    return f
+
+
+def _open_video(path, folder_fps: float | None) -> tuple[int, int, int, float, Callable[[np.ndarray], np.ndarray]]:
+    """(N frames, H, W, frame rate, frames(indices) -> uint8 [n, H, W, 3]); a frame folder reads only the
+    frames asked for, a container is decoded whole."""
+    if is_frame_folder(path):
+        if folder_fps is None or not folder_fps > 0:
+            raise VideoError(f"{path}: a frame folder needs its frame rate (folder_fps > 0), got {folder_fps}")
+        files = frame_folder_files(path)
+        H, W = _read_frame(files[0], None).shape[:2]
+
+        def frames(idx: np.ndarray) -> np.ndarray:
+            return np.stack([_read_frame(files[int(i)], (H, W)) for i in idx])
+
+        return len(files), H, W, float(folder_fps), frames
+    all_frames, rate = _decode_container(path)
+    N, H, W = all_frames.shape[:3]
+    return N, H, W, rate, lambda idx: all_frames[idx]
+
+
+def _decode_container(path) -> tuple[np.ndarray, float]:
     import av
 
     path = str(path)
     try:
-        with av.open(path) as container:
+        if _is_remote(path):
+            p = _epath(path)
+            if not p.exists():
+                raise VideoError(f"video file not found: {path}")
+            src = io.BytesIO(p.read_bytes())  # PyAV reads (and seeks in) a file object
+        else:
+            src = path
+        with av.open(src) as container:
             if not container.streams.video:
                 raise VideoError(f"{path}: no video stream")
             stream = container.streams.video[0]
@@ -115,6 +201,14 @@ def decode_video(path: str | Path) -> tuple[np.ndarray, float]:
     if rate is None or float(rate) <= 0:
         raise VideoError(f"{path}: the video stream has no frame rate")
     return np.stack(frames), float(rate)
+
+
+def decode_video(path: str | Path, *, folder_fps: float | None = None) -> tuple[np.ndarray, float]:
+    """All frames as uint8 [N, H, W, 3] RGB and the frame rate: the first video stream of a container
+    (its average rate), or the images of a frame folder (at ``folder_fps``, required for a folder).
+    Local paths or epath URLs (``gs://``)."""
+    N, _, _, rate, frames = _open_video(path, folder_fps)
+    return frames(np.arange(N)), rate
 
 
 def sample_frame_indices(
@@ -222,14 +316,18 @@ def load_video(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     max_patches: int | None = None,
+    folder_fps: float | None = None,
 ) -> VideoInput:
-    """Decode, sample and patch one video file for the model whose geometry is `geometry`
-    (`cfg.vision.geometry`).
+    """Decode, sample and patch one video (a container file or a frame folder, local or an epath URL) for
+    the model whose geometry is `geometry` (`cfg.vision.geometry`).
 
     fps: frames sampled per second (None: every frame); min_frames / max_frames bound the count;
     min_pixels / max_pixels: the processor's pixel limits (per frame for "stride", over all frames for
     "timestamps"; default: transformers' video processor defaults for the patch size); max_patches: the
-    patch budget t * h * w (None: no bound). Returns a `VideoInput` (patches, grid_thw, frame indices,
+    patch budget t * h * w (None: no bound); folder_fps: a frame folder's frame rate (None: the folder is
+    taken as already sampled, at `fps` (or DEFAULT_FPS when fps is None), so the rule keeps its frames up
+    to max_frames, evenly spaced, as VLM2Vec samples its saved frame folders; ignored for containers).
+    Returns a `VideoInput` (patches, grid_thw, frame indices,
     the stream's fps, second_per_grid_t, timestamps).
 
     Raises:
@@ -237,8 +335,9 @@ def load_video(
     """
     lo = DEFAULT_MIN_PIXELS.get(geometry.patch_size, 128 * geometry.factor**2) if min_pixels is None else min_pixels
     hi = DEFAULT_MAX_PIXELS.get(geometry.patch_size, 768 * geometry.factor**2) if max_pixels is None else max_pixels
-    frames, video_fps = decode_video(path)
-    N, H, W = frames.shape[:3]
+    if folder_fps is None and is_frame_folder(path):
+        folder_fps = DEFAULT_FPS if fps is None else fps
+    N, H, W, video_fps, read_frames = _open_video(path, folder_fps)
     T = geometry.temporal_patch_size
     idx = sample_frame_indices(
         N, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames, geometry=geometry, source=str(path)
@@ -267,7 +366,7 @@ def load_video(
                 geometry=geometry,
             )
             size = _frame_size(len(idx), H, W, geometry, lo, hi)
-    patches, grid = preprocess_frames(frames[idx], size, geometry)
+    patches, grid = preprocess_frames(read_frames(idx), size, geometry)
     sampled_fps = len(idx) / N * video_fps
     return VideoInput(
         patches=patches,

@@ -139,8 +139,31 @@ QUERY_CASES = {
     "empty_positives": ({**GOOD_QUERY, "qid": "9:3", "pos_cand_list": []}, "pos_cand_list"),
     "text_with_image": ({**GOOD_QUERY, "qid": "9:3", "query_img_path": "a.png"}, "inconsistent"),
     "image_without_path": ({**GOOD_QUERY, "qid": "9:3", "query_modality": "image"}, "inconsistent"),
+    "text_with_video": ({**GOOD_QUERY, "qid": "9:3", "query_video_path": "v.mp4"}, r"query_video_path: present"),
+    "video_without_path": ({**GOOD_QUERY, "qid": "9:3", "query_modality": "video,text"}, "inconsistent"),
+    "video_path_not_a_string": (
+        {**GOOD_QUERY, "qid": "9:3", "query_modality": "video,text", "query_video_path": 7},
+        "'query_video_path' must be a string or null",
+    ),
     "duplicate_qid": (GOOD_QUERY, "duplicate qid"),
 }
+
+
+def test_video_fields_are_optional_and_read(tmp_path):
+    """This project's video extension: query_video_path / video_path with modality video or video,text;
+    records without them read as before (None)."""
+    q = tmp_path / "q.jsonl"
+    vq = {**GOOD_QUERY, "qid": "9:2", "query_modality": "video,text", "query_video_path": "clips/a.mp4"}
+    q.write_text(_lines(GOOD_QUERY, vq, {**vq, "qid": "9:3", "query_txt": None, "query_modality": "video"}))
+    got = read_queries(q)
+    assert [x.query_video_path for x in got] == [None, "clips/a.mp4", "clips/a.mp4"]
+    assert [x.query_modality for x in got] == ["text", "video,text", "video"]
+    p = tmp_path / "p.jsonl"
+    p.write_text(
+        _lines(GOOD_CAND, {"did": "9:6", "txt": "t", "img_path": None, "video_path": "f/", "modality": "video,text"})
+    )
+    pool = read_pool(p)
+    assert pool["9:5"].video_path is None and pool["9:6"] == Candidate("9:6", "t", None, "video,text", video_path="f/")
 
 
 @pytest.mark.parametrize("case", sorted(QUERY_CASES))
@@ -154,7 +177,9 @@ def test_bad_query_file(tmp_path, case):
 
 POOL_CASES = {
     "malformed_json": ("{did: 1}", "malformed JSON"),
-    "unknown_modality": ({**GOOD_CAND, "did": "9:7", "modality": "video"}, "unknown modality"),
+    "unknown_modality": ({**GOOD_CAND, "did": "9:7", "modality": "audio"}, "unknown modality"),
+    "video_without_path": ({**GOOD_CAND, "did": "9:7", "img_path": None, "modality": "video"}, "video_path: absent"),
+    "image_and_video": ({**GOOD_CAND, "did": "9:7", "video_path": "v.mp4", "modality": "video"}, "inconsistent"),
     "missing_did": ({k: v for k, v in GOOD_CAND.items() if k != "did"}, "'did'"),
     "missing_txt": ({k: v for k, v in GOOD_CAND.items() if k != "txt"} | {"did": "9:7"}, "'txt'"),
     "inconsistent": ({**GOOD_CAND, "did": "9:7", "modality": "image,text"}, "inconsistent"),

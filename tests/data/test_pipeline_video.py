@@ -243,3 +243,114 @@ def test_an_over_long_video_row_loses_only_user_text(media, preset):
     )
     with pytest.raises(ValueError, match="1 video placeholders for 2 videos"):
         tok.encode_prompt(instruct_prompt(text, n_videos=1), videos=[v, v])
+
+
+def test_gs_videos_and_frame_folders_batch_as_local_files(media, tmp_path):
+    """A gs:// container (through epath) and a frame folder holding the container's decoded frames (PNG,
+    lossless; its rate the side's video_fps) give the batch of the local file, array for array."""
+    from helpers.epath_fake import fake_bucket
+    from PIL import Image
+
+    from elva_jax.data.video import decode_video
+
+    frames, rate = decode_video(media / "a.mp4")
+    folder = tmp_path / "a_frames"
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(folder / f"frame_{i}.png")
+    model_cfg = preset_config("tiny")
+    tok = Tokenizer.from_dir()
+    enc, cfg = PromptEncoder(tok, "eol"), _cfg(model_cfg, tok, batch_size=2)
+
+    def batch(video, **extra):
+        recs = [{"id": f"r{i}", "item": {**_side("a clip", video=video), **extra}} for i in range(2)]
+        return next(P.make_pipeline(recs, enc, model_cfg, cfg, kind="corpus"))
+
+    want = batch(str(media / "a.mp4"))
+    with fake_bucket(media):
+        remote = batch("gs://bucket/a.mp4")
+    for got in (remote, batch(str(folder), video_fps=rate)):
+        assert sorted(got) == sorted(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def _contains_block(patches: np.ndarray, block: np.ndarray) -> bool:
+    """Whether ``block`` [n, D] lies contiguously in one row of ``patches`` [..., rows, row_len, D]."""
+    rows = patches.reshape(-1, *patches.shape[-2:])
+    n = len(block)
+    return any(
+        np.array_equal(row[o : o + n], block)
+        for row in rows
+        for o in range(len(row) - n + 1)
+        if row[o, 0] == block[0, 0]
+    )
+
+
+def test_mbeir_records_with_video_fields_make_training_batches_with_video(media, tmp_path):
+    """M-BEIR-format training files with query_video_path / video_path (files source): the records equal
+    the hand-written sides, and the contrastive batch packs each video's patches (pixel_values_videos)
+    with its <|video_pad|> tokens."""
+    import json
+    import shutil
+
+    from elva_jax.data import mbeir
+    from elva_jax.data.sources import ContrastiveRecords, open_source
+
+    root = tmp_path / "mbeir"
+    (root / "clips").mkdir(parents=True)
+    for f in ("a.mp4", "b.mp4"):
+        shutil.copy(media / f, root / "clips" / f)
+    q = {"query_img_path": None, "query_src_content": None, "task_id": 0}
+    queries = [
+        {**q, "qid": "10:1", "query_txt": "what happens", "query_modality": "video,text"}
+        | {"query_video_path": "clips/a.mp4", "pos_cand_list": ["10:11"], "neg_cand_list": ["10:12"]},
+        {**q, "qid": "10:2", "query_txt": "find the clip", "query_modality": "text"}
+        | {"pos_cand_list": ["10:12"], "neg_cand_list": ["10:11"]},
+    ]
+    pool = [
+        {"did": "10:11", "txt": "a gradient moves", "img_path": None, "modality": "text"},
+        {"did": "10:12", "txt": None, "img_path": None, "video_path": "clips/b.mp4", "modality": "video"},
+    ]
+    for rel, rows in (("query/train/v_train.jsonl", queries), ("cand_pool/global/v_pool.jsonl", pool)):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = str(root / "clips/a.mp4"), str(root / "clips/b.mp4")
+    t_cand, v_cand = _side("a gradient moves"), _side(video=b)
+    want = [
+        {"id": "10:1", "query": _side("what happens", video=a), "cands": [t_cand, v_cand]},
+        {"id": "10:2", "query": _side("find the clip"), "cands": [v_cand, t_cand]},
+    ]
+    src = open_source(str(root), "files")
+    recs = ContrastiveRecords(
+        src.queries("query/train/v_train.jsonl"),
+        src.pool("cand_pool/global/v_pool.jsonl"),
+        src.image_root,
+        num_negatives=1,
+    )
+    assert list(recs) == want
+    listed = P.contrastive_records(
+        mbeir.read_queries(root / "query/train/v_train.jsonl"),
+        mbeir.read_pool(root / "cand_pool/global/v_pool.jsonl"),
+        root,
+        num_negatives=1,
+    )
+    assert listed == want
+    model_cfg = preset_config("tiny")
+    tok = Tokenizer.from_dir()
+    cfg = dataclasses.replace(_cfg(model_cfg, tok), batch_size=2, num_negatives=1, cand_patch_budget=(4, 128))
+    it = P.make_pipeline(recs, PromptEncoder(tok, "eol"), model_cfg, cfg)
+    batch = next(it)
+    assert it.stats.videos == 3  # a.mp4 in a query, b.mp4 as two candidates
+    kw = dict(fps=2.0, min_frames=4, max_frames=8, min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28, max_patches=128)
+    va, vb = load_video(a, **kw), load_video(b, **kw)
+    vid = model_cfg.video_token_id
+    assert int((batch["query"]["input_ids"] == vid).sum()) == int(np.prod(va.grid_thw)) // 4
+    assert int((batch["cand"]["input_ids"] == vid).sum()) == 2 * int(np.prod(vb.grid_thw)) // 4
+    assert _contains_block(batch["query"]["patches"], va.patches)
+    assert _contains_block(batch["cand"]["patches"], vb.patches)
+    # prepared shards do not carry the video fields: prepare refuses rather than dropping them
+    from elva_jax.data.prepare import prepare
+
+    with pytest.raises(ValueError, match=r"record '10:1' has a video; prepared shards do not carry"):
+        prepare(str(root), str(tmp_path / "prepared"), fmt="array_record", log=lambda s: None)

@@ -335,3 +335,85 @@ def test_video_rows_collate_into_model_inputs(videos):
     assert dict(zip(seg.tolist(), counts.tolist(), strict=True)) == {0: 16, 1: 16, 2: 16, 3: 16}
     with pytest.raises(ValueError, match="1 video placeholders for 2 videos"):
         tok.encode_video_prompt(instruct_prompt("clip", n_videos=1), [v, v])
+
+
+# ---------------------------------------------------------------- frame folders and epath (gs://) videos
+
+
+def _frame_folder(d, frames, ext=".png"):
+    """frames written as 1.png .. N.png (natural order differs from string order past 9) + a stray file."""
+    from PIL import Image
+
+    d.mkdir()
+    for i, f in enumerate(frames, 1):
+        Image.fromarray(f).save(d / f"{i}{ext}")
+    (d / "notes.txt").write_text("not a frame")
+    return d
+
+
+@pytest.fixture(scope="module")
+def folder(videos, tmp_path_factory):
+    frames, _ = videos
+    return _frame_folder(tmp_path_factory.mktemp("frames") / "clip", frames)
+
+
+@pytest.mark.parametrize(
+    "geometry, fps",
+    [(DEFAULT_GEOMETRY, 5.0), (DEFAULT_GEOMETRY, None), (QWEN3_GEOMETRY, 3.0)],
+    ids=["stride_fps5", "stride_all_frames", "timestamps_fps3"],
+)
+def test_frame_folder_equals_the_same_frames_in_a_container(videos, folder, geometry, fps):
+    """PNG frames and the FFV1 (RGB) container hold the same pixels (both lossless), so the two videos
+    must give identical patches, grids, sampled indices and times (tolerance 0)."""
+    frames, paths = videos
+    got, rate = decode_video(folder, folder_fps=10)
+    assert rate == 10.0 and np.array_equal(got, frames)
+    kw = dict(fps=fps, min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28)
+    a = load_video(folder, geometry, folder_fps=10, **kw)
+    b = load_video(paths["mkv_ffv1"], geometry, **kw)
+    assert np.array_equal(a.patches, b.patches) and np.array_equal(a.grid_thw, b.grid_thw)
+    assert np.array_equal(a.frame_indices, b.frame_indices) and a.timestamps == b.timestamps
+    assert a.second_per_grid_t == b.second_per_grid_t
+
+
+def test_frame_folder_without_a_rate_is_taken_as_sampled(videos, folder):
+    """No folder_fps: the folder's rate is the sampling fps, so the stride rule keeps min(N, max_frames)
+    frames evenly: 12 frames, max 8 -> floor(arange(8) * 12 / 8) = 0 1 3 4 6 7 9 10."""
+    frames, _ = videos
+    v = load_video(folder, fps=2.0, max_frames=8, min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
+    assert v.frame_indices.tolist() == [0, 1, 3, 4, 6, 7, 9, 10] and v.video_fps == 2.0
+    assert v.grid_thw[0] == 4
+
+
+def test_frame_folder_errors(videos, tmp_path):
+    frames, _ = videos
+    d = _frame_folder(tmp_path / "mixed", frames[:3])
+    with pytest.raises(VideoError, match="frame rate"):
+        decode_video(d)
+    from PIL import Image
+
+    Image.fromarray(frames[0][:20]).save(d / "4.png")
+    with pytest.raises(VideoError, match=r"4\.png: frame of 64x20 px in a folder of 64x48"):
+        decode_video(d, folder_fps=3)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoError, match="without image files"):
+        load_video(tmp_path / "empty")
+
+
+def test_gs_videos_read_through_epath(videos, folder):
+    """A gs:// container (bytes through epath into PyAV) and a gs:// frame folder give the local result."""
+    from helpers.epath_fake import fake_bucket
+
+    _, paths = videos
+    kw = dict(fps=5.0, min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
+    with fake_bucket(paths["mkv_ffv1"].parent) as calls:
+        remote = load_video("gs://bucket/a.mkv", **kw)
+        assert calls["n"] > 0
+        with pytest.raises(VideoError, match="not found: gs://bucket/missing.mkv"):
+            decode_video("gs://bucket/missing.mkv")
+    with fake_bucket(folder.parent) as calls:
+        remote_folder = load_video("gs://bucket/clip", folder_fps=10, **kw)
+        assert calls["n"] > 0
+    local = load_video(paths["mkv_ffv1"], **kw)
+    for v in (remote, remote_folder):
+        assert np.array_equal(v.patches, local.patches) and np.array_equal(v.frame_indices, local.frame_indices)

@@ -148,6 +148,10 @@ def test_reader_on_the_bundled_set(bundled, tmp_path):
     assert all(Path(q.video).is_file() for q in mot.queries)
     ret = got["Bundled-VideoRET"]
     assert ret.eval_type == "global" and ret.relevant == [{0: 1.0}, {1: 1.0}, {2: 1.0}]
+    mom = got["Bundled-MomentRET"]  # frame folders: the whole video as the query's, 3 segments as clips
+    assert mom.eval_type == "local" and mom.local == [[0, 1, 2], [3, 4, 5]] and mom.relevant == [{2: 1.0}, {5: 1.0}]
+    assert mom.queries[0].text == "the green square moves right"
+    assert [len(list(Path(x.video).iterdir())) for x in (mom.queries[0], *mom.candidates[:3])] == [12, 4, 4, 4]
 
 
 def test_bundled_clips_decode(bundled):
@@ -186,10 +190,17 @@ def test_reader_errors(bundled, tmp_path, monkeypatch):
 
 
 def test_unsupported_parser_is_reported_skipped(bundled, tmp_path):
+    """Every MMEB-V2 task has a parser now; a manifest can still name one this reader lacks."""
+    from elva_jax.data.prepare import prepare_mmeb
+
+    assert {p for _, _, p in D.MMEB_V2_TASKS.values()} <= set(D.SUPPORTED_PARSERS)
     root = tmp_path / "d"
-    (root / "video" / "QVHighlight").mkdir(parents=True)
-    tasks = M.load_tasks(root)
-    assert tasks == [{"name": "QVHighlight", "modality": "video", "meta_task": "MRET", "parser": "qvhighlight"}]
+    root.mkdir()
+    spec = {"name": "GUI-Grounding", "modality": "image", "meta_task": "VG", "parser": "gui"}
+    (root / "mmeb_tasks.json").write_text(json.dumps({"tasks": [spec]}))
+    assert M.load_tasks(root) == [spec]
+    s = prepare_mmeb(str(root), str(tmp_path / "out"), log=lambda x: None)
+    assert s["tasks"] == [] and s["skipped"] == {"GUI-Grounding": "parser 'gui' not implemented"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,11 +227,11 @@ def test_mmeb_cli_end_to_end(bundled, tmp_path):
         assert r["score"] == r["ndcg_linear@5" if r["modality"] == "visdoc" else "hit@1"]
     scored = [r["score"] for r in tasks.values()]
     a = res["averages"]
-    assert a["all"]["score"] == pytest.approx(np.mean(scored)) and a["all"]["n_tasks"] == 8
+    assert a["all"]["score"] == pytest.approx(np.mean(scored)) and a["all"]["n_tasks"] == 9
     assert a["image/RET"]["score"] == pytest.approx(
         np.mean([tasks[n]["score"] for n in ("Bundled-T2I", "Bundled-I2T")])
     )
-    assert a["video"]["n_tasks"] == 2 and not a["video"]["skipped"]
+    assert a["video"]["n_tasks"] == 3 and not a["video"]["skipped"] and a["video/MRET"]["n_tasks"] == 1
     md = (out / "results.md").read_text()
     assert "| Bundled-VideoRET | video | RET | hit@1 |" in md and "**Overall**" in md
     # the embedding cache: a second scoring of one task reads every embedding back
@@ -338,12 +349,13 @@ def test_bundled_video_tasks_are_embedded_and_scored(bundled, tmp_path, tiny_mod
     cfg, params, tok = tiny_model
     ecfg = EmbedConfig(mode=mode, batch_size=4, seq_buckets=(160,), patch_row_len=64, summary_tokens=3)
     emb = Embedder(params, cfg, tok, ecfg, identity={"test": 1}, log=lambda s: None)
-    tasks = M.load_tasks(bundled, ["Bundled-VideoMotion", "Bundled-VideoRET"], materialize_dir=tmp_path)
+    names = ["Bundled-VideoMotion", "Bundled-VideoRET", "Bundled-MomentRET"]  # the last from frame folders
+    tasks = M.load_tasks(bundled, names, materialize_dir=tmp_path)
     res = M.evaluate_tasks(tasks, emb, {}, log=lambda s: None)
-    for name in ("Bundled-VideoMotion", "Bundled-VideoRET"):
+    for name in names:
         r = res["tasks"][name]
         assert r["status"] == "ok" and r["metric"] == "hit@1" and 0.0 <= r["score"] <= 1.0, r
-    assert res["averages"]["video"]["n_tasks"] == 2 and not res["averages"]["video"]["skipped"]
+    assert res["averages"]["video"]["n_tasks"] == 3 and not res["averages"]["video"]["skipped"]
     motion = next(t for t in tasks if t.name == "Bundled-VideoMotion")
     recs = [{"id": f"q{i}", "item": q.item()} for i, q in enumerate(motion.queries[:2])]
     e = emb.compute(recs)[0]
@@ -496,6 +508,185 @@ def test_video_qa_parsers(tmp_path):
         )
 
 
+def _png_folder(d, n, h=32, w=48):
+    from PIL import Image
+
+    d.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.full((h, w, 3), 10 * i, np.uint8)).save(d / f"{i + 1}.png")
+    return d
+
+
+MVB_ROWS = {
+    "episodic_reasoning": {
+        "video": ["s01e02_seg01"],
+        "question": ["Who speaks first?"],
+        "candidates": [["Ross", "Monica", "Joey"]],
+        "answer": ["Monica"],
+    },
+    "action_antonym": {
+        "video": ["123.webm"],
+        "question": ["What is the action?"],
+        "candidates": [["pushing", "pulling"]],
+        "answer": ["pulling"],
+    },
+}
+
+
+def test_mvbench_parser_per_subset_or_one_table(tmp_path):
+    import datasets
+
+    pytest.importorskip("av")
+    from elva_jax.data.video import load_video
+
+    spec = {"name": "MVBench", "modality": "video", "meta_task": "QA", "parser": D.MMEB_V2_TASKS["MVBench"][2]}
+    assert spec["parser"] == "mvbench"
+    a = tmp_path / "a"
+    for sub in ("action_antonym", "episodic_reasoning"):  # written out of table order
+        datasets.Dataset.from_dict(MVB_ROWS[sub]).save_to_disk(str(a / "video" / "MVBench" / sub))
+    b = tmp_path / "b"
+    rows = {k: MVB_ROWS["episodic_reasoning"][k] + MVB_ROWS["action_antonym"][k] for k in MVB_ROWS["action_antonym"]}
+    datasets.Dataset.from_dict({**rows, "subset": ["episodic_reasoning", "action_antonym"]}).save_to_disk(
+        str(b / "video" / "MVBench")
+    )
+    for root in (a, b):
+        t = D.load_task(spec, root)
+        v = root / "video-tasks" / "MVBench"
+        q0, q1 = t.queries
+        assert q0.text == "Who speaks first?\nOptions:\n(A) Ross\n(B) Monica\n(C) Joey"
+        assert q0.instruction == q1.instruction == D.VIDEO_QA_INSTRUCTION
+        assert q0.video == str(v / "tvqa/frames_fps3_hq/s01e02_seg01") and q0.video_fps == 3.0
+        assert q1.video == str(v / "ssv2_video/123.webm") and q1.video_fps is None and "video_fps" not in q1.item()
+        assert q0.item()["video_fps"] == 3.0
+        assert t.cand_names == ["(A) Ross", "(B) Monica", "(C) Joey", "(A) pushing", "(B) pulling"]
+        assert [c.text for c in t.candidates] == t.cand_names
+        assert t.local == [[0, 1, 2], [3, 4]] and t.relevant == [{1: 1.0}, {4: 1.0}] and t.eval_type == "local"
+    # the episodic_reasoning frame folder decodes at the subset's 3 fps: 9 frames = 3 s, 2 fps -> 6 frames,
+    # stride 9 / 6 = 1.5 -> 0 1 3 4 6 7
+    _png_folder(Path(q0.video), 9)
+    got = load_video(q0.video, fps=2.0, folder_fps=q0.video_fps, min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
+    assert got.frame_indices.tolist() == [0, 1, 3, 4, 6, 7] and got.video_fps == 3.0
+    bad = tmp_path / "c"
+    datasets.Dataset.from_dict({**MVB_ROWS["action_antonym"], "answer": ["waving"]}).save_to_disk(
+        str(bad / "video" / "MVBench" / "action_antonym")
+    )
+    with pytest.raises(D.MMEBDataError, match=r"row 0: answer 'waving' is not one of its candidates"):
+        D.load_task(spec, bad)
+    datasets.Dataset.from_dict(MVB_ROWS["action_antonym"]).save_to_disk(str(tmp_path / "d" / "video" / "MVBench"))
+    with pytest.raises(D.MMEBDataError, match="one directory per subset"):
+        D.load_task(spec, tmp_path / "d")
+
+
+def _touch(p):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"")
+    return p
+
+
+def test_moment_retrieval_parser_ranks_each_querys_clips(tmp_path):
+    """QVHighlight / Charades-STA: {video root}/{video}/ holds the query video and the clips (frame folders
+    or files); local over the clips, the 'positive*' one relevant; scored hit@1."""
+    cols = {"query": ["a man opens a door", "a dog runs"], "video_path": ["videos/vidA.mp4", "vidB.mp4"]}
+    spec = {**_video_spec(tmp_path, "QVHighlight", "moment_retrieval", cols), "meta_task": "MRET"}
+    assert D.MMEB_V2_TASKS["QVHighlight"][2] == D.MMEB_V2_TASKS["Charades-STA"][2] == "moment_retrieval"
+    v = tmp_path / "video-tasks" / "QVHighlight"
+    for clip in ("query", "positive", "negative_10", "negative_2"):
+        (v / "vidA" / clip).mkdir(parents=True)
+    _touch(v / "vidA" / "notes.txt")  # not a clip
+    for f in ("vidB/positive_1.mp4", "vidB/negative_3.avi", "vidB.mp4"):
+        _touch(v / f)
+    t = D.load_task(spec, tmp_path)
+    assert t.cand_names == [
+        "vidA/negative_2",
+        "vidA/negative_10",
+        "vidA/positive",
+        "vidB/negative_3",
+        "vidB/positive_1",
+    ]
+    assert [c.video for c in t.candidates] == [
+        str(v / p) for p in ("vidA/negative_2", "vidA/negative_10", "vidA/positive", "vidB/negative_3.avi")
+    ] + [str(v / "vidB/positive_1.mp4")]
+    assert all(c.instruction == "Understand the content of the provided video." and not c.text for c in t.candidates)
+    q0, q1 = t.queries
+    assert (q0.text, q0.video) == ("a man opens a door", str(v / "vidA/query")) and q1.video == str(v / "vidB.mp4")
+    assert q0.instruction == "Find the clip that corresponds to the described scene in the given video:"
+    assert t.local == [[0, 1, 2], [3, 4]] and t.relevant == [{2: 1.0}, {4: 1.0}]
+    # hit@1 by hand: query 0's best clip is its positive, query 1's a negative
+    q = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    c = np.array([[0, 1], [0.5, 0.5], [1, 0], [0, 1], [0.6, 0.8]], np.float32)
+    r = M.score_task(t, q, c)
+    assert r["metric"] == "hit@1" and r["score"] == 0.5 and r["hit@5"] == 1.0
+    (v / "vidB" / "positive_2").mkdir()
+    with pytest.raises(D.MMEBDataError, match=r"row 1: .*vidB needs exactly one 'positive\*' clip"):
+        D.load_task(spec, tmp_path)
+    _touch(v / "vidA" / "positive.mp4")
+    with pytest.raises(D.MMEBDataError, match=r"row 0: clip 'positive' of .*vidA is both"):
+        D.load_task(spec, tmp_path)
+
+
+def test_prepare_mmeb_copies_frame_folders_and_mvbench_subsets(tmp_path):
+    import datasets
+
+    from elva_jax.data.prepare import prepare_mmeb
+
+    src = tmp_path / "src"
+    for sub, rows in MVB_ROWS.items():
+        datasets.Dataset.from_dict(rows).save_to_disk(str(src / "video" / "MVBench" / sub))
+    v = src / "video-tasks" / "MVBench"
+    _png_folder(v / "tvqa/frames_fps3_hq/s01e02_seg01", 3)
+    _touch(v / "ssv2_video/123.webm")
+    cols = {"query": ["a man opens a door"], "video_path": ["vidA.mp4"]}
+    _video_spec(src, "Charades-STA", "moment_retrieval", cols)
+    for clip in ("query", "positive", "negative_1"):
+        _png_folder(src / "video-tasks" / "Charades-STA" / "vidA" / clip, 2)
+    s = prepare_mmeb(str(src), str(tmp_path / "out"), log=lambda x: None)
+    assert s["tasks"] == ["MVBench", "Charades-STA"] and s["media"] == {"copied": 5, "missing": 0}
+    for spec in D.task_table(tmp_path / "out"):
+        a, b = D.load_task(spec, src), D.load_task(spec, tmp_path / "out")
+        assert _sides(a, src, "/nomat") == _sides(b, tmp_path / "out", "/nomat") and a.cand_names == b.cand_names
+    assert len(list((tmp_path / "out/video-tasks/MVBench/tvqa/frames_fps3_hq/s01e02_seg01").iterdir())) == 3
+
+
+def test_momentseeker_parser_text_image_and_video_queries(tmp_path):
+    def clips(*paths):
+        return [{"output_path": p, "start": 0.0} for p in paths]
+
+    cols = {
+        "query": ["q text", "q video", "q image"],
+        "input_frames": ["", "mv/in.mp4", "x.jpg"],
+        "positive_frames": [clips("m/a.mp4"), clips("m/b.mp4", "m/d.mp4"), clips("m/c.mp4")],
+        "negative_frames": [clips("m/b.mp4", "m/c.mp4"), clips("m/a.mp4"), []],
+    }
+    spec = {**_video_spec(tmp_path, "MomentSeeker", D.MMEB_V2_TASKS["MomentSeeker"][2], cols), "meta_task": "MRET"}
+    v = tmp_path / "video-tasks" / "MomentSeeker"
+    (v / "video_frames" / "m_b").mkdir(parents=True)  # a clip whose frames are saved: read from them
+    (v / "video_frames" / "mv_in").mkdir(parents=True)
+    t = D.load_task(spec, tmp_path)
+    assert t.cand_names == ["m_a", "m_b", "m_c", "m_d"]
+    assert [c.video for c in t.candidates] == [str(v / "m/a.mp4"), str(v / "video_frames/m_b")] + [
+        str(v / "m/c.mp4"),
+        str(v / "m/d.mp4"),
+    ]
+    assert all(c.instruction == "Understand the content of the provided video clip." for c in t.candidates)
+    q = t.queries
+    assert (q[0].text, q[0].video, q[0].image) == ("q text", None, None)
+    assert q[0].instruction == "Find the clip that corresponds to the given text:"
+    assert q[1].video == str(v / "video_frames/mv_in")
+    assert q[1].instruction == "Find the clip that corresponds to the given sentence and video segment:"
+    assert q[2].image == str(v / "query_x.jpg") and q[2].video is None
+    assert q[2].instruction == "Select the video clip that aligns with the given text and image:"
+    assert t.local == [[0, 1, 2], [1, 3, 0], [2]] and t.relevant == [{0: 1.0}, {1: 1.0, 3: 1.0}, {2: 1.0}]
+    # hit@1 with two positives: query 1's top clip is its second positive (m_d) -> a hit
+    qe = np.eye(4, dtype=np.float32)[[1, 3, 2]]
+    ce = np.eye(4, dtype=np.float32)
+    ce[0] = [0, 0.9, 0, 0.1]  # query 0 ranks m_a (its positive) below m_b
+    r = M.score_task(t, qe, ce)
+    assert r["score"] == pytest.approx(2 / 3)
+    bad = {**cols, "positive_frames": [[], *cols["positive_frames"][1:]]}
+    with pytest.raises(D.MMEBDataError, match="row 0: no positive clip"):
+        D.load_task(_video_spec(tmp_path / "b", "MomentSeeker", "momentseeker", bad), tmp_path / "b")
+
+
 # ----------------------------------------------------------------------------------------------------
 # python -m elva_jax.data.prepare --mmeb
 
@@ -515,7 +706,7 @@ def test_prepare_mmeb_writes_a_self_contained_copy(bundled, tmp_path, capsys):
     out = tmp_path / "copy"
     assert prepare_main(["--mmeb", "--root", str(bundled), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "prepared 8 MMEB tasks" in printed and "0 missing" in printed
+    assert f"prepared {len(TASKS)} MMEB tasks" in printed and "0 missing" in printed
     assert [t["name"] for t in D.task_table(out)] == [t["name"] for t in TASKS]
     for spec in TASKS:
         a = D.load_task(spec, bundled, materialize_dir=tmp_path / "ma")
@@ -524,7 +715,7 @@ def test_prepare_mmeb_writes_a_self_contained_copy(bundled, tmp_path, capsys):
         assert _sides(a, bundled, tmp_path / "ma") == _sides(b, out, tmp_path / "mb")
         for s in b.queries + b.candidates:  # every file the copy names is inside it
             for f in (s.image, s.video):
-                assert f is None or (Path(f).is_file() and (str(out) in f or str(tmp_path / "mb") in f))
+                assert f is None or (Path(f).exists() and (str(out) in f or str(tmp_path / "mb") in f))
 
 
 def test_prepare_mmeb_counts_missing_media_and_reads_named_tasks_from_the_hf_cache(bundled, tmp_path, monkeypatch):
@@ -543,8 +734,8 @@ def test_prepare_mmeb_counts_missing_media_and_reads_named_tasks_from_the_hf_cac
     repo.mkdir()
     D.load_dataset_dir(bundled / "image" / "Bundled-ColourCLS").to_parquet(str(repo / "test-00000-of-00001.parquet"))
     monkeypatch.setitem(D.HUB, "ImageNet-1K", (str(repo), None, "test"))
-    s = prepare_mmeb(str(src), str(tmp_path / "o2"), tasks=["ImageNet-1K", "QVHighlight"], log=lambda x: None)
-    assert s["tasks"] == ["ImageNet-1K"] and "QVHighlight" in s["skipped"] and s["media"]["copied"] > 0
+    s = prepare_mmeb(str(src), str(tmp_path / "o2"), tasks=["ImageNet-1K"], log=lambda x: None)
+    assert s["tasks"] == ["ImageNet-1K"] and s["skipped"] == {} and s["media"]["copied"] > 0
     t = D.load_task(D.task_table(tmp_path / "o2")[0], tmp_path / "o2")
     assert t.name == "ImageNet-1K" and all(Path(q.image).is_file() for q in t.queries)
     with pytest.raises(D.MMEBDataError, match="unknown MMEB task 'Nope'"):
