@@ -31,6 +31,7 @@ nothing (``generate_calls`` stays 0). Side content = text, image path, instructi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -203,6 +204,18 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 # generation
 
 
+@functools.lru_cache(maxsize=8)
+def _generate_fn(model_cfg, opts, scfg: SamplerConfig, eos: int, pad: int):
+    """The jitted sampler call (prompts [B, P] left-padded -> tokens [B, T], lengths [B], forced [B]);
+    one per settings, shared by generators (a rerun in the same process compiles nothing)."""
+
+    def gen(p, x, k):
+        s = generate(p, x, k, model_cfg, opts, scfg, num_samples=1, stop_ids=(eos,), ret_id=eos, pad_id=pad)
+        return s.tokens, s.lengths, s.forced_ret
+
+    return jax.jit(gen)
+
+
 class CoTGenerator:
     """T-CoTs of sides with one reasoner model, cached under ``cache_root/{fingerprint_sha[:12]}`` (None: a
     temporary directory, nothing kept).
@@ -252,14 +265,9 @@ class CoTGenerator:
         self.params = params
         self.encoder = reasoner_encoder(tokenizer, ccfg.request, videos=True)
         eos = tokenizer.ids("<|im_end|>")[0]
-        scfg = ccfg.sampler_config(cache_dtype=self.opts.dtype)
-        ids = {"stop_ids": (eos,), "ret_id": eos, "pad_id": tokenizer.pad_token_id}
-
-        def gen(p, x, k):
-            s = generate(p, x, k, model_cfg, self.opts, scfg, num_samples=1, **ids)
-            return s.tokens, s.lengths, s.forced_ret
-
-        self._gen = jax.jit(gen)
+        self._gen = _generate_fn(
+            model_cfg, self.opts, ccfg.sampler_config(self.opts.dtype), eos, tokenizer.pad_token_id
+        )
         self._tmp = None
         if cache_root is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="elva_jax_cot_")

@@ -194,8 +194,8 @@ def test_cot_cli_arguments():
 @pytest.mark.slow
 def test_mmeb_cli_with_cot_end_to_end(tmp_path):
     """Every bundled MMEB task (images, visual documents, videos) is scored with CoTs from a random
-    reasoner; results.json records the CoT settings and counts; a rerun with --cot-crops (new embeddings,
-    the same CoTs) generates no CoT."""
+    reasoner; results.json records the CoT settings and counts; a rerun of two tasks with --cot-crops
+    (new embeddings, the same CoTs) generates no CoT."""
     from elva_jax.data.mmeb_bundled import TASKS, generate
     from elva_jax.model.tiny import write_random_checkpoint
 
@@ -226,12 +226,56 @@ def test_mmeb_cli_with_cot_end_to_end(tmp_path):
     n_sides = sum(st["n"] for st in res["embedding"].values())
     assert c["generated"] > 0 and c["generated"] + c["cached"] == n_sides
     assert c["unparsable"] == sum(c["reasons"].values()) and c["generate_calls"] > 0
-    p2 = subprocess.run(cmd + ["--cot-crops"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    two = ["--cot-crops", "eval.tasks=[Bundled-Grounding, Bundled-VideoRET]"]  # an image and a video task
+    p2 = subprocess.run(cmd + two, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert p2.returncode == 0, p2.stderr[-3000:]
     res2 = json.loads((out / "results.json").read_text())
     c2 = res2["cot"]
-    assert c2["generated"] == 0 and c2["generate_calls"] == 0 and c2["cached"] == n_sides
+    n2 = sum(st["n"] for st in res2["embedding"].values())
+    assert c2["generated"] == 0 and c2["generate_calls"] == 0 and c2["cached"] == n2 > 0
     assert res2["settings"]["cot"]["evidence"]["crops"] is True
     assert res2["settings"]["fingerprint_sha"] != s["fingerprint_sha"]
     assert all(st["computed"] == st["n"] for st in res2["embedding"].values())  # new embeddings
     assert all(r["status"] == "ok" for r in res2["tasks"].values())
+
+
+def test_key_frames_become_the_frames_the_reasoner_saw(models, tmp_path):
+    """A video side's key frames (1-based) become the sampled frames at those positions: the frames
+    PyAV decodes at the indices the pipeline's sampling keeps; one out of range adds nothing, counted;
+    the side then embeds as a video + 2 images."""
+    import av
+
+    from elva_jax.data.mmeb_bundled import generate
+    from elva_jax.data.video import load_video
+    from elva_jax.eval.embed import EmbedConfig, Embedder
+
+    tok, (rcfg, _), (ecfg, eparams) = models
+    generate(tmp_path / "data", seed=0)
+    clip = str(next((tmp_path / "data" / "video-tasks" / "Bundled-VideoRET").glob("*.mp4")))
+    side = {"text": "a moving square", "image": None, "instruction": None, "video": clip}
+    late = {"text": "late", "image": None, "instruction": None, "video": clip}
+    cot = '<thinking>{"key_frames": [1, 3]}</thinking><rethink>r</rethink><answer>a square</answer>'
+    far = '<thinking>{"key_frames": [99]}</thinking><rethink>r</rethink><answer>a</answer>'
+    ccfg = CoTConfig(**{**CCFG.__dict__, "crops": True})
+    g = _gen(models, tmp_path, ccfg)
+    with open(g.dir / "cots.jsonl", "w") as f:
+        for s, c in ((side, cot), (late, far)):
+            f.write(json.dumps({"key": side_key(s), "cot": c, "truncated": False}) + "\n")
+    g = _gen(models, tmp_path, ccfg)
+    out = g.attach([{"id": "v", "item": side}, {"id": "w", "item": late}])
+    c = ccfg
+    idx = load_video(
+        clip, rcfg.vision.geometry, fps=c.video_fps, min_frames=c.video_min_frames, max_frames=c.video_max_frames,
+        min_pixels=c.video_min_pixels, max_pixels=c.video_max_pixels, max_patches=c.patch_row_len,
+    ).frame_indices  # fmt: skip
+    with av.open(clip) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    paths = out[0]["item"]["extra_images"]
+    assert len(paths) == 2
+    for p, k in zip(paths, (1, 3)):
+        np.testing.assert_array_equal(np.asarray(Image.open(p).convert("RGB")), frames[int(idx[k - 1])])
+    assert "extra_images" not in out[1]["item"] and g.stats["reasons"] == {"key_frame_out_of_range": 1}
+    cfg = dict(batch_size=2, seq_buckets=(320,), patch_row_len=64, patch_rows=6, min_pixels=3136, max_pixels=12544)
+    emb = Embedder(eparams, ecfg, tok, EmbedConfig(**cfg, tcot_request=SUMMARISE), identity={"t": 1}, cot=g)
+    e = emb.compute([{"id": "v", "item": side}, {"id": "w", "item": late}])[0]
+    assert np.all(np.isfinite(e)) and not np.allclose(e[0], e[1], atol=1e-4)
