@@ -212,6 +212,7 @@ def test_mmeb_cli_with_cot_end_to_end(tmp_path):
         "--cot",
         f"reasoner={tmp_path / 'reasoner'},max_tokens=6",
     ]
+    n_flags = len(cmd)
     cmd += ["data.seq_buckets=[320]", "rl.prompt_buckets=[192]", "data.patch_row_len=64", "model.dtype=float32"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
@@ -226,8 +227,8 @@ def test_mmeb_cli_with_cot_end_to_end(tmp_path):
     n_sides = sum(st["n"] for st in res["embedding"].values())
     assert c["generated"] > 0 and c["generated"] + c["cached"] == n_sides
     assert c["unparsable"] == sum(c["reasons"].values()) and c["generate_calls"] > 0
-    two = ["--cot-crops", "eval.tasks=[Bundled-Grounding, Bundled-VideoRET]"]  # an image and a video task
-    p2 = subprocess.run(cmd + two, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    two = ["--cot-crops", *cmd[n_flags:], "eval.tasks=[Bundled-Grounding, Bundled-VideoRET]"]  # image + video
+    p2 = subprocess.run(cmd[:n_flags] + two, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert p2.returncode == 0, p2.stderr[-3000:]
     res2 = json.loads((out / "results.json").read_text())
     c2 = res2["cot"]
