@@ -565,8 +565,9 @@ class Embedder:
         st["items_per_s"] = rate
         done = st["computed"] + st["reused"]
         eta = (n_total - done) / max(rate, 1e-9)
+        mode = "tcot" if self.cot is not None else self.ecfg.mode
         self.log(
-            f"[elva_jax.eval] embed {name} ({self.ecfg.mode}): part {p + 1}/{n_parts}, {done}/{n_total} items, "
+            f"[elva_jax.eval] embed {name} ({mode}): part {p + 1}/{n_parts}, {done}/{n_total} items, "
             f"{rate:.1f} items/s, eta {eta:.0f}s"
         )
         return emb, summ

@@ -533,7 +533,7 @@ def evaluate(
     results["files"] = write_reports(results, out, before) if writer else {}
     log(
         f"[elva_jax.eval] average R@K {100 * averages['all']['recall_at_k']:.1f} over {len(per_task)} tasks "
-        f"({e.mode} embedding, {mode_source}); {out}"
+        f"({mode_name} embedding, {mode_source}); {out}"
     )
     return results
 
