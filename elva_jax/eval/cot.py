@@ -265,9 +265,8 @@ class CoTGenerator:
         self.params = params
         self.encoder = reasoner_encoder(tokenizer, ccfg.request, videos=True)
         eos = tokenizer.ids("<|im_end|>")[0]
-        self._gen = _generate_fn(
-            model_cfg, self.opts, ccfg.sampler_config(self.opts.dtype), eos, tokenizer.pad_token_id
-        )
+        scfg = dataclasses.replace(ccfg.sampler_config(self.opts.dtype), mesh=mesh)  # vocab gathered on a mesh
+        self._gen = _generate_fn(model_cfg, self.opts, scfg, eos, tokenizer.pad_token_id)
         self._tmp = None
         if cache_root is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="elva_jax_cot_")
