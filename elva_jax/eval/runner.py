@@ -339,6 +339,7 @@ def evaluate(
     else:
         ckpt_str = str(ckpt or "<in-memory>")
     if e.cot_reasoner:  # Embed-RL's embedder layout: the side + its T-CoT, hidden state at <emb>
+        resolve_checkpoint(e.cot_reasoner)  # a wrong reasoner path fails before any model loads
         mode, mode_source = "eol", "--cot: Embed-RL's embedder layout (side + T-CoT + summarise request, <emb>)"
         if e.mode not in ("auto", "eol"):
             log(f"[elva_jax.eval] --mode {e.mode} is not used with --cot")
