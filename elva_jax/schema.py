@@ -63,6 +63,19 @@ class EvalSection:
     grains_file: str = ""  # "" -> {bundled root}/meta/query_grains.jsonl; else a jsonl of {qid, phrases}
     grain_max_queries: int = 100
     compare_to: str = ""  # a previous results.json: before/after columns and bars
+    # Embed-RL evidence grounding (`elva_jax.eval.cot`, ``--cot reasoner=DIR``): "" = off; else the reasoner
+    # (a transformers dir or an Embed-RL run dir: its export/) writes a T-CoT for every query and candidate
+    # (embed_rl.reasoner_instruction; cached on disk), and each side is embedded with its CoT in the frozen
+    # embedder's layout (embed_rl.summarise_instruction, hidden state at <emb>) by the --checkpoint model
+    cot_reasoner: str = ""
+    cot_crops: bool = False  # parsed bbox_2d (image sides) / key_frames (video sides) become extra images
+    cot_max_crops: int = 4  # at most this many extra images per side (the first boxes / key frames)
+    cot_max_tokens: int = 256  # CoT budget: new tokens before a forced <|im_end|>
+    cot_sampling: str = field(default="greedy", metadata={"choices": ("greedy", "sample")})
+    cot_temperature: float = 1.0  # cot_sampling=sample only (as cot_top_p, cot_seed)
+    cot_top_p: float = 1.0
+    cot_seed: int = 0
+    cot_batch_size: int = 0  # sides per generation batch; 0 = eval.batch_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +401,11 @@ def _check_values(c) -> None:
             "must be > 0 (eval.sampling=greedy decodes greedily)",
         ),
         ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
+        ("eval.cot_max_tokens", c.eval.cot_max_tokens >= 1, "must be >= 1"),
+        ("eval.cot_max_crops", c.eval.cot_max_crops >= 0, "must be >= 0"),
+        ("eval.cot_batch_size", c.eval.cot_batch_size >= 0, "must be >= 0 (0: eval.batch_size)"),
+        ("eval.cot_temperature", fin(c.eval.cot_temperature) and c.eval.cot_temperature > 0, "must be > 0"),
+        ("eval.cot_top_p", 0 < c.eval.cot_top_p <= 1, "must be in (0, 1]"),
         (
             "eval.topk",
             c.eval.tie_order != "faiss" or 1 <= c.eval.topk <= 99,

@@ -12,7 +12,8 @@ folder, local or an epath URL such as ``gs://``; a folder's frame rate is the si
 when it has one), decoded with :func:`elva_jax.data.video.load_video` at the config's video settings and
 the model's geometry; a video over a patch row is resampled with fewer frames. A missing or undecodable
 video, or one whose tokens overflow the largest sequence bucket, follows the image policy like a bad
-image.
+image. Optional ``"extra_images"`` (local paths) follow the side's image, in order, each its own image
+(the encoder's prompt must count them: `elva_jax.data.tcot_prompts`).
 
 Global batch g holds the records at global indices [g*G, (g+1)*G), G = records per host batch x
 process count; host h takes indices h, h+H, ... of it. The iterator's state is the global index of
@@ -411,6 +412,12 @@ class _EncodeRecord:
             if loaded is None:
                 return None, False, side["image"]
             pv, grid = loaded
+        for path in side.get("extra_images") or ():  # evidence crops / key frames (elva_jax.eval.cot), in order
+            loaded = self._load(str(path))
+            if loaded is None:
+                return None, False, str(path)
+            pv = loaded[0] if pv is None else np.concatenate([pv, loaded[0]])
+            grid = loaded[1] if grid is None else np.concatenate([np.asarray(grid), np.asarray(loaded[1])])
         if side.get("video") is None:
             enc, trunc = self.encoder.encode(side, pv, grid, max(self.cfg.seq_buckets))
             return enc, trunc, None

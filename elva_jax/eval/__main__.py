@@ -8,6 +8,8 @@
     python -m elva_jax.eval --checkpoint DIR --benchmark zeroshot --task mytask:q.jsonl:pool.jsonl:qrels.txt:10
     python -m elva_jax.eval --checkpoint DIR --benchmark mmeb --data /data/MMEB    # no --data: bundled MMEB set
     python -m elva_jax.eval --checkpoint DIR --grain-masking --compare-to runs/base/eval/bundled-eol-local/results.json
+    python -m elva_jax.eval --checkpoint EMBEDDER --benchmark mmeb --cot reasoner=runs/embed_rl --cot-crops
+    python -m elva_jax.eval --checkpoint EMBEDDER --benchmark mbeir --cot reasoner=DIR,max_tokens=128 data.root=...
 
 Writes results.json, results.md and recall.png to --out (default {run}/eval/{benchmark}-{mode}-{pool}); each
 states the embedding mode and why it was chosen (--mode, or auto: the checkpoint's export record).
@@ -19,6 +21,23 @@ from __future__ import annotations
 import argparse
 
 from elva_jax import configlib
+
+COT_KEYS = ("reasoner", "max_tokens", "sampling", "temperature", "top_p", "seed", "batch_size", "max_crops")
+
+
+def cot_overrides(spec: str) -> list[str]:
+    """``reasoner=DIR[,key=value...]`` (or a bare DIR) -> ``eval.cot_<key>=value`` overrides."""
+    out = []
+    for i, part in enumerate(p for p in spec.split(",") if p):
+        key, eq, value = part.partition("=")
+        if not eq and i == 0:
+            key, value = "reasoner", part
+        elif not eq or key not in COT_KEYS:
+            raise SystemExit(f"--cot {spec!r}: {part!r} is not one of {', '.join(k + '=...' for k in COT_KEYS)}")
+        out.append(f"eval.cot_{key}={value}")
+    if not any(o.startswith("eval.cot_reasoner=") for o in out):
+        raise SystemExit(f"--cot {spec!r}: needs reasoner=DIR")
+    return out
 
 
 def main(argv=None) -> dict:
@@ -47,6 +66,18 @@ def main(argv=None) -> dict:
         "faiss IndexFlatIP on CPU: its kept ties, higher index first)",
     )
     ap.add_argument("--task", action="append", default=[], help="zero-shot task name:query:pool:qrels[:K]")
+    ap.add_argument(
+        "--cot",
+        metavar="reasoner=DIR[,key=value...]",
+        help="Embed-RL evidence grounding: the reasoner DIR (transformers dir or Embed-RL run dir) writes a T-CoT for "
+        "every query and candidate (cached), which the --checkpoint model embeds with the side; keys "
+        f"{', '.join(COT_KEYS)} set eval.cot_<key> (e.g. max_tokens=128,sampling=sample,temperature=0.7)",
+    )
+    ap.add_argument(
+        "--cot-crops",
+        action="store_true",
+        help="with --cot: each parsed bbox_2d (image sides) / key frame (video sides) becomes an extra image",
+    )
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.batch_size=16")
     a = ap.parse_args(argv)
     over = []
@@ -65,6 +96,12 @@ def main(argv=None) -> dict:
             over.append(f"{key}={v}")
     if a.grain_masking:
         over.append("eval.grain_masking=true")
+    if a.cot:
+        over += cot_overrides(a.cot)
+    if a.cot_crops:
+        if not a.cot:
+            raise SystemExit("--cot-crops needs --cot reasoner=DIR")
+        over.append("eval.cot_crops=true")
     if a.task:
         over.append("eval.zeroshot_tasks=[" + ", ".join(f"'{t}'" for t in a.task) + "]")
         if not a.benchmark:

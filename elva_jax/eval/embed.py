@@ -59,11 +59,12 @@ from elva_jax.data.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS
 from elva_jax.data.pipeline import VIDEO_FIELDS, ImagePolicy, PipelineConfig, make_pipeline
 from elva_jax.data.progress import Progress
 from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION
+from elva_jax.data.tcot_prompts import embedder_encoder
 from elva_jax.data.tokenize import PromptEncoder, Tokenizer
 from elva_jax.errors import UserError
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelConfig, ModelOptions
-from elva_jax.model.embedding import eol_embedding, l2_normalize, last_token_embedding
+from elva_jax.model.embedding import eol_embedding, l2_normalize, last_token_embedding, ret_embedding
 from elva_jax.model.sampler import SamplerConfig, generate
 from elva_jax.schema import CACHE_POLICIES, EMBED_MODES
 
@@ -88,6 +89,10 @@ class EmbedConfig:
     part_size: records per cache part. "ret" only: summary_tokens (max new tokens before a forced
     [RET]), sampling "greedy" (top_k=1) or "sample" (temperature / top_k / top_p, key from ``seed``).
     "instruct_last" only: default_instruction, the system turn of records without an instruction.
+    tcot_request: non-empty = Embed-RL's embedder layout (the Embedder then needs a ``cot`` generator,
+    `elva_jax.eval.cot`): each side + its T-CoT + this summarise request, assistant ``<emb>``, the
+    L2-normalised hidden state at ``<emb>`` (`elva_jax.data.tcot_prompts.embedder_prompt`, as the frozen
+    embedder of `elva_jax.rl.embed_rl_trainer`); ``mode`` is then not used.
     """
 
     mode: str = "eol"
@@ -112,6 +117,7 @@ class EmbedConfig:
     video_max_frames: int = PipelineConfig.video_max_frames
     video_min_pixels: int = PipelineConfig.video_min_pixels
     video_max_pixels: int = PipelineConfig.video_max_pixels
+    tcot_request: str = ""
 
     def __post_init__(self):
         if self.mode not in EMBED_MODES:
@@ -140,7 +146,11 @@ class EmbedConfig:
         video = {k: getattr(self, k) for k in VIDEO_FIELDS}
         if video != {k: getattr(PipelineConfig, k) for k in VIDEO_FIELDS}:  # (keeps older fingerprints)
             d["video"] = video
-        if self.mode == "eol":
+        if self.tcot_request:
+            d["mode"] = "tcot"
+            d["embedding"] = "Embed-RL: side + its T-CoT + summarise request, hidden state at <emb>, L2-normalised"
+            d["tcot_request"] = self.tcot_request
+        elif self.mode == "eol":
             d["embedding"] = "LamRA EOL: hidden state before <emb>, L2-normalised"
         elif self.mode == "instruct_last":
             d["embedding"] = (
@@ -229,6 +239,19 @@ class PartedArray:
         return out if dtype is None else out.astype(dtype)
 
 
+def put_batch(batch: dict, mesh=None) -> dict:
+    """Place a batch of model inputs on ``mesh`` (rows over the batch axes); as is without a mesh."""
+    if mesh is None:
+        return batch
+    from jax.sharding import NamedSharding
+
+    from elva_jax.model.inputs import input_axes
+    from elva_jax.parallel.sharding import logical_spec
+
+    sh = {k: NamedSharding(mesh, logical_spec(input_axes(k, np.ndim(v)))) for k, v in batch.items()}
+    return jax.device_put(batch, sh)
+
+
 def _left_align(batch: dict) -> dict:
     """Right-padded corpus batch -> left-padded (rows rolled; image order and positions unchanged)."""
     am = batch["attention_mask"]
@@ -283,6 +306,8 @@ class Embedder:
     MMEB runner.
 
     identity: what names the weights (checkpoint path, step, weight files); it enters the fingerprint.
+    cot: a T-CoT generator (`elva_jax.eval.cot.CoTGenerator`, with ``ecfg.tcot_request``): records get
+    their CoTs (and evidence images) before they are embedded; its settings enter the fingerprint.
     stats[name] = {"n", "computed", "reused", "seconds", "items_per_s", "truncated"} of the last ``embed``
     call of that name (truncated: rows whose text was cut to fit max(seq_buckets)).
     """
@@ -300,16 +325,23 @@ class Embedder:
         identity: dict | None = None,
         mesh=None,
         log: Callable[[str], None] | None = None,
+        cot=None,
     ):
         opts = opts or ModelOptions()
+        if bool(ecfg.tcot_request) != (cot is not None):
+            raise ValueError("EmbedConfig.tcot_request and a cot generator go together (Embed-RL's layout)")
+        self.cot = cot
         self.cfg, self.tok, self.ecfg, self.opts, self.mesh = model_cfg, tokenizer, ecfg, opts, mesh
         self.identity = dict(identity or {})
         self.log = log or (lambda s: print(s, flush=True))
         self.stats: dict[str, dict] = {}
         self.last_truncated = 0
-        self.encoder = PromptEncoder(
-            tokenizer, ecfg.mode, generation=ecfg.mode == "ret", default_instruction=ecfg.default_instruction
-        )
+        if cot is not None:
+            self.encoder = embedder_encoder(tokenizer, ecfg.tcot_request, videos=True)
+        else:
+            self.encoder = PromptEncoder(
+                tokenizer, ecfg.mode, generation=ecfg.mode == "ret", default_instruction=ecfg.default_instruction
+            )
         n_batch = 1
         if mesh is not None:
             from elva_jax.model.params import logical_axes
@@ -320,11 +352,14 @@ class Embedder:
         if ecfg.batch_size % n_batch:
             raise ValueError(f"eval batch_size {ecfg.batch_size} is not divisible by the {n_batch} batch devices")
         self.params = params
-        if ecfg.mode != "ret":  # one forward per batch: the hidden state before <emb>, or at the last real token
+        if cot is not None or ecfg.mode != "ret":
+            # one forward per batch: the hidden state at <emb> (T-CoT), before <emb>, or at the last real token
             emb_id, last = tokenizer.emb_token_id, ecfg.mode == "instruct_last"
 
             def fn(p, x):
                 h = backbone.forward(p, x, model_cfg, opts).hidden
+                if cot is not None:
+                    return ret_embedding(h, x["input_ids"], emb_id, x["attention_mask"])
                 if last:
                     return last_token_embedding(h, x["attention_mask"])
                 return eol_embedding(h, x["input_ids"], emb_id, x["attention_mask"])
@@ -339,6 +374,7 @@ class Embedder:
     @property
     def fingerprint(self) -> dict:
         return {
+            **({"cot": self.cot.describe()} if self.cot is not None else {}),
             "format": _FORMAT,
             "identity": self.identity,
             "embed": self.ecfg.describe(),
@@ -381,15 +417,7 @@ class Embedder:
         )
 
     def _put(self, batch: dict):
-        if self.mesh is None:
-            return batch
-        from jax.sharding import NamedSharding
-
-        from elva_jax.model.inputs import input_axes
-        from elva_jax.parallel.sharding import logical_spec
-
-        sh = {k: NamedSharding(self.mesh, logical_spec(input_axes(k, np.ndim(v)))) for k, v in batch.items()}
-        return jax.device_put(batch, sh)
+        return put_batch(batch, self.mesh)
 
     def compute(self, records: Sequence[dict], *, salt: int = 0) -> tuple[np.ndarray, list[str] | None]:
         """Embeddings [n, D] float32 (and the decoded summaries in "ret" mode) of ``records``; no cache.
@@ -399,16 +427,18 @@ class Embedder:
         records = list(records)
         if not records:
             raise ValueError("no records to embed")
+        if self.cot is not None:
+            records = self.cot.attach(records)
         b = self.ecfg.batch_size
         padded = records + [records[-1]] * ((-len(records)) % b)
         it = make_pipeline(padded, self.encoder, self.cfg, self._pipeline_config(padded), kind="corpus")
-        embs, summaries, seen = [], [] if self.ecfg.mode == "ret" else None, []
+        embs, summaries, seen = [], [] if self.ecfg.mode == "ret" and self.cot is None else None, []
         base = jax.random.fold_in(jax.random.key(self.ecfg.seed), salt & 0x7FFFFFFF)
         progress = Progress("embed", total=len(padded), unit="records", every_s=30.0, log=self.log)
         for i, batch in enumerate(it):
             seen += it.last_ids
             progress.update(len(it.last_ids))
-            if self.ecfg.mode != "ret":
+            if self.cot is not None or self.ecfg.mode != "ret":
                 e = self._forward(self.params, self._put(batch))
             else:
                 e, toks, lens = self._ret(self.params, self._put(_left_align(batch)), jax.random.fold_in(base, i))
@@ -535,8 +565,9 @@ class Embedder:
         st["items_per_s"] = rate
         done = st["computed"] + st["reused"]
         eta = (n_total - done) / max(rate, 1e-9)
+        mode = "tcot" if self.cot is not None else self.ecfg.mode
         self.log(
-            f"[elva_jax.eval] embed {name} ({self.ecfg.mode}): part {p + 1}/{n_parts}, {done}/{n_total} items, "
+            f"[elva_jax.eval] embed {name} ({mode}): part {p + 1}/{n_parts}, {done}/{n_total} items, "
             f"{rate:.1f} items/s, eta {eta:.0f}s"
         )
         return emb, summ

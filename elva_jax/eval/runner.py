@@ -164,6 +164,24 @@ def _load_model(cfg: EvalConfig, model_dir: Path):
     return mcfg, params, tok
 
 
+def _cot_generator(cfg: EvalConfig, opts, cache_policy: str, out: Path, mesh, log):
+    """The T-CoT generator of ``eval.cot_reasoner`` (`elva_jax.eval.cot`); its cache under
+    ``{cache_dir or out/cache}/cot/{fingerprint[:12]}`` (a temporary directory with ``cache=none``)."""
+    from elva_jax.eval.cot import CoTGenerator, cot_config
+
+    rdir, _, rstep = resolve_checkpoint(cfg.eval.cot_reasoner)
+    rcfg, rparams, rtok = _load_model(cfg, rdir)
+    root = None
+    if cache_policy != "none":
+        root = (Path(cfg.eval.cache_dir) if cfg.eval.cache_dir else out / "cache") / "cot"
+    gen = CoTGenerator(
+        rparams, rcfg, rtok, cot_config(cfg), opts=opts, identity=_identity(rdir, rstep), cache_root=root, mesh=mesh,
+        log=log,
+    )  # fmt: skip
+    log(f"[elva_jax.eval] T-CoTs by the reasoner {rdir} ({rcfg.text.num_layers}-layer); cache {gen.dir}")
+    return gen
+
+
 # ----------------------------------------------------------------------------------------------------
 # tasks of a benchmark
 
@@ -320,13 +338,20 @@ def evaluate(
         raise ValueError("in-memory params need model_cfg and tokenizer")
     else:
         ckpt_str = str(ckpt or "<in-memory>")
-    mode, mode_source = resolve_mode(e.mode, None if params is not None else model_dir)
+    if e.cot_reasoner:  # Embed-RL's embedder layout: the side + its T-CoT, hidden state at <emb>
+        resolve_checkpoint(e.cot_reasoner)  # a wrong reasoner path fails before any model loads
+        mode, mode_source = "eol", "--cot: Embed-RL's embedder layout (side + T-CoT + summarise request, <emb>)"
+        if e.mode not in ("auto", "eol"):
+            log(f"[elva_jax.eval] --mode {e.mode} is not used with --cot")
+    else:
+        mode, mode_source = resolve_mode(e.mode, None if params is not None else model_dir)
     if mode != e.mode:
         e = dataclasses.replace(e, mode=mode)
         cfg = dataclasses.replace(cfg, eval=e)
-    log(f"[elva_jax.eval] embedding mode {mode} ({mode_source})")
+    mode_name = "tcot" if e.cot_reasoner else mode
+    log(f"[elva_jax.eval] embedding mode {mode_name} ({mode_source})")
     base = run_dir if run_dir is not None else Path(cfg.run.dir)
-    out = Path(e.out) if e.out else base / "eval" / f"{e.benchmark}-{e.mode}-{e.pool}"
+    out = Path(e.out) if e.out else base / "eval" / f"{e.benchmark}-{mode_name}-{e.pool}"
     # read and validate every task first: data errors surface before the model loads
     if e.benchmark == "mmeb":
         from elva_jax.eval import mmeb as M
@@ -360,20 +385,24 @@ def evaluate(
 
     opts = ModelOptions(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, position_mode=cfg.model.position_mode)
     # the eval section's embedding fields, and the data section's shapes, pixel limits and instruction
-    ecfg = project(EmbedConfig, e, **{k: getattr(cfg.data, k) for k in _FROM_DATA})
+    tcot = cfg.embed_rl.summarise_instruction if e.cot_reasoner else ""
+    ecfg = project(EmbedConfig, e, **{k: getattr(cfg.data, k) for k in _FROM_DATA}, tcot_request=tcot)
     mesh = None
     if jax.local_device_count() > 1:
         from elva_jax.parallel.sharding import make_mesh
 
         mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
-    embedder = Embedder(params, model_cfg, tok, ecfg, opts=opts, identity=identity, mesh=mesh, log=log)
+    cot = None
+    if e.cot_reasoner:
+        cot = _cot_generator(cfg, opts, cache_policy, out, mesh, log)
+    embedder = Embedder(params, model_cfg, tok, ecfg, opts=opts, identity=identity, mesh=mesh, log=log, cot=cot)
     fp = embedder.fingerprint_sha
     cache_root = (Path(e.cache_dir) if e.cache_dir else out / "cache") / fp[:12]
     emb_kw = {"cache_dir": None if cache_policy == "none" else cache_root, "cache": cache_policy}
     rule = T.InstructionRule(e.instructions, e.instruction_seed, e.instruction_index)
     settings = {
         "benchmark": e.benchmark,
-        "mode": e.mode,
+        "mode": mode_name,
         "mode_source": mode_source,
         "embedding": ecfg.describe(),
         "pool": e.pool,
@@ -392,9 +421,13 @@ def evaluate(
         "fingerprint_sha": fp,
         "cache_dir": str(cache_root) if cache_policy != "none" else None,
     }
+    if cot is not None:
+        settings["cot"] = {"reasoner": e.cot_reasoner, "cache_dir": str(cot.dir), **cot.describe()}
     if e.benchmark == "mmeb":
         results = M.evaluate_tasks(mtasks, embedder, emb_kw, log=log)
         results = {"settings": settings, **results}
+        if cot is not None:
+            results["cot"] = cot.summary()
         results["settings"]["instruction_rule"] = "MMEB: each record's own instruction (qry_inst / tgt_inst)"
         results["timing"]["total_s"] = time.perf_counter() - t_start
         results["files"] = M.write_reports(results, out) if writer else {}
@@ -484,6 +517,8 @@ def evaluate(
         results["grain_masking"] = _grain_masking(cfg, loaded, qrecs_all, embedder, emb_kw, gpath, log)
         t_embed += time.perf_counter() - t0
     results["embedding"] = embedder.stats
+    if cot is not None:
+        results["cot"] = cot.summary()
     results["timing"] = {"embed_s": t_embed, "topk_s": t_topk, "total_s": time.perf_counter() - t_start}
     before = None
     if e.compare_to:
@@ -499,7 +534,7 @@ def evaluate(
     results["files"] = write_reports(results, out, before) if writer else {}
     log(
         f"[elva_jax.eval] average R@K {100 * averages['all']['recall_at_k']:.1f} over {len(per_task)} tasks "
-        f"({e.mode} embedding, {mode_source}); {out}"
+        f"({mode_name} embedding, {mode_source}); {out}"
     )
     return results
 

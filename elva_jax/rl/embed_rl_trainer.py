@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elva_jax.data.prompts import tcot_embed_prompt, tcot_reasoner_prompt
 from elva_jax.data.tcot import format_flags
+from elva_jax.data.tcot_prompts import PromptFnEncoder, embedder_encoder, reasoner_encoder
 from elva_jax.model import backbone
 from elva_jax.model.embedding import gather_rows, l2_normalize, last_index_of
 from elva_jax.model.params import logical_axes
@@ -33,33 +33,7 @@ from elva_jax.rl import grpo
 from elva_jax.rl.embed_rl_rewards import EmbedRLRewardConfig, batch_rewards
 from elva_jax.rl.trainer import RLState, RLTrainer, _inputs, encode_prompts
 
-
-class PromptFnEncoder:
-    """The pipeline's encoder protocol ``encode(side, pixel_values, image_grid_thw, max_len) -> (row,
-    truncated)`` for a prompt built by ``make_prompt(side)`` (image sides only; videos are refused)."""
-
-    def __init__(self, tokenizer, make_prompt):
-        self.tokenizer, self.make_prompt = tokenizer, make_prompt
-
-    def encode(self, side: dict, pixel_values, image_grid_thw, max_len: int, *, videos=()) -> tuple[dict, bool]:
-        if side.get("video") is not None or videos:
-            raise NotImplementedError("Embed-RL rollouts of video sides are not implemented yet")
-        enc = self.tokenizer.encode_prompt(self.make_prompt(side), image_grid_thw, max_length=max_len)
-        return {"input_ids": enc["input_ids"], "pixel_values": pixel_values, "image_grid_thw": image_grid_thw}, enc[
-            "truncated"
-        ]
-
-
-def _n_images(side: dict) -> int:
-    return int(side.get("image") is not None)
-
-
-def reasoner_encoder(tokenizer, request: str) -> PromptFnEncoder:
-    """The reasoner's generation prompts (`tcot_reasoner_prompt` with ``request``)."""
-    return PromptFnEncoder(
-        tokenizer,
-        lambda s: tcot_reasoner_prompt(s.get("text"), _n_images(s), s.get("instruction"), request=request),
-    )
+__all__ = ["EmbedRLTrainer", "FrozenEmbedder", "PromptFnEncoder", "reasoner_encoder", "reasoner_policy"]
 
 
 def embed_rows(params, x: dict, *, cfg, opts, emb_id: int) -> jax.Array:
@@ -104,12 +78,7 @@ class FrozenEmbedder:
         self._embed = jax.jit(functools.partial(embed_rows, cfg=cfg, opts=opts, emb_id=self.emb_id), **rep)
 
     def encoder(self, cot: str) -> PromptFnEncoder:
-        return PromptFnEncoder(
-            self.tokenizer,
-            lambda s: tcot_embed_prompt(
-                s.get("text"), _n_images(s), s.get("instruction"), cot=cot, request=self.request
-            ),
-        )
+        return embedder_encoder(self.tokenizer, self.request, cot)
 
     def embed(self, sides: list[dict], cots: list[str], put=lambda x: x) -> jax.Array:
         """``put``: places the model inputs on the mesh (rows over the batch axes). The rows go through the
