@@ -1,0 +1,156 @@
+"""Embed-RL with the judge (PRM) and a fully fine-tuned reasoner: a tiny random Qwen2-VL reasoner (whole
+params trained, reference = a frozen copy), a tiny random Qwen3-VL embedder and a tiny random Qwen2.5-VL
+judge, two steps. Oracles: the judge's greedy answers re-decoded token by token with full forwards (no
+cache, no sampler), its prompts rebuilt from the official candidate lists (numpy), the verdict / PRM
+plumbing with a scripted judge, and the three models' params (only the policy moves)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers.embed_rl_setup import PAIRS, G, make_embed_rl
+
+from elva_jax.data.prompts import prompt_text, tcot_judge_prompt
+from elva_jax.model import backbone
+from elva_jax.model.inputs import build_inputs
+
+I, S = len(PAIRS), 2
+
+
+def _host(tree):
+    return [np.array(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def ran():
+    tr, st, tok = make_embed_rl(judge=True, full_finetune=True)
+    before = {"ref": _host(st.params), "policy": _host(st.lora), "emb": _host(tr.embedder.params)}
+    before["judge"] = _host(tr.judge.params)
+    metrics = []
+    for _ in range(2):
+        st, m = tr.step(st, PAIRS)
+        metrics.append(m)
+    j = tr.judge  # the last step's judge inputs and outputs (the scripted test below overwrites them)
+    before["last"] = {"prompts": list(j.last_prompts), "answers": list(j.last_answers), "choice": j.last_choice}
+    return tr, st, tok, before, metrics
+
+
+def np_official_list(s, row, G, k):
+    """The official candidate list of one row (pair-major columns, G per pair): its pair's G columns,
+    then each other pair's best column (first maximum), ranked by it (stable, descending), the first k."""
+    p = row // G
+    own = [j for j in range(len(s)) if j // G == p]
+    best = {}
+    for j in range(len(s)):
+        if j // G != p and (j // G not in best or s[j] > best[j // G][1]):
+            best[j // G] = (j, s[j])
+    return own + [j for j, _ in sorted(best.values(), key=lambda js: -js[1])[:k]]
+
+
+def test_judge_in_the_loop_only_the_fully_fine_tuned_policy_moves(ran):
+    tr, st, _, before, metrics = ran
+    assert st.step == 2
+    for m in metrics:
+        for k in ("reward", "orm", "prm", "prm_acc", "prm_unparsable", "loss", "kl_mean", "grad_norm"):
+            assert np.isfinite(m[k]), k
+        assert m["prm_judged"] == 1.0 and m["skipped_update"] == 0.0  # 2 pairs: every row has another pair
+        assert m["time_judge_s"] > 0
+    assert metrics[0]["kl_mean"] < 1e-6  # the first step samples from the initial params = the reference
+    assert metrics[1]["kl_mean"] > 0  # after one update the policy differs from its frozen reference
+    for name, now in (("ref", st.params), ("emb", tr.embedder.params), ("judge", tr.judge.params)):
+        for a, b in zip(_host(now), before[name], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    moved = [float(np.abs(a - b).max()) for a, b in zip(_host(st.lora), before["policy"], strict=True)]
+    assert max(moved) > 0
+    assert jax.tree.structure(st.lora) == jax.tree.structure(st.params)  # the whole tree trains
+
+
+def test_judge_prompts_follow_the_official_candidate_lists(ran):
+    tr, _, _, before, _ = ran
+    last = before["last"]
+    e = np.asarray(tr.last_embeddings, np.float64).reshape(I, S, G, -1)
+    q, p = e[:, 0].reshape(I * G, -1), e[:, 1].reshape(I * G, -1)
+    sims = q @ p.T
+    texts = tr.last_texts
+    k = 0
+    for side, mat in ((0, sims), (1, sims.T)):
+        for r in range(I * G):
+            i, g = divmod(r, G)
+            cols = np_official_list(mat[r], r, G, 4)
+            cands = [texts[((c // G) * S + 1 - side) * G + c % G] for c in cols]
+            me = (PAIRS[i]["query"], PAIRS[i]["cands"][0])[side]
+            want = tcot_judge_prompt(
+                prompt_text(me.get("text"), me.get("instruction")),
+                texts[(i * S + side) * G + g],
+                cands,
+                request=tr.judge.request,
+            )
+            assert last["prompts"][k].rendered == want.rendered, (side, r)
+            k += 1
+    # PRM of the last step: margin where the pick is an own rollout (own_first: positions 0..G-1)
+    for side, rows in (("query", slice(0, I * G)), ("positive", slice(I * G, 2 * I * G))):
+        c = last["choice"][rows]
+        margin = np.asarray(tr.last_rewards[side]["margin"])
+        want = np.where((c >= 0) & (c < G), margin, 0.0)
+        np.testing.assert_allclose(np.asarray(tr.last_rewards[side]["prm"]), want, atol=1e-7)
+
+
+def test_judge_answers_are_greedy_decodes(ran):
+    """Two rows' answers re-decoded by argmax over full forwards (no KV cache, no sampler)."""
+    tr, _, tok, before, _ = ran
+    j, last = tr.judge, before["last"]
+    eos = tok.ids("<|im_end|>")[0]
+    for k in (0, len(last["prompts"]) - 1):
+        ids = list(tok.encode_prompt(last["prompts"][k])["input_ids"])
+        out = []
+        for _ in range(j.scfg.max_new_tokens):
+            x = build_inputs(j.cfg, j.opts, np.asarray(ids)[None], np.ones((1, len(ids)), np.int32), None, None)
+            h = backbone.forward(j.params, x, j.cfg, j.opts).hidden[:, -1:]
+            nxt = int(jnp.argmax(backbone.lm_head(j.params, h, j.cfg, j.opts)[0, -1]))
+            if nxt == eos:
+                break
+            out.append(nxt)
+            ids.append(nxt)
+        assert last["answers"][k] == tok.decode(out, skip_special_tokens=True), k
+
+
+@pytest.mark.parametrize("order", ["own_first", "shuffled"])
+def test_verdicts_with_a_scripted_judge(ran, order):
+    """The verdict plumbing with scripted answers: each answer names a listed candidate, and the verdict
+    is whether the text listed there is one of the row's own-pair rollouts (found by its text)."""
+    tr, _, _, _, _ = ran
+    j = tr.judge
+    saved = j.candidate_order
+    rng = np.random.default_rng(3)
+    texts = [f"cot {n}" for n in range(2 * I * G)]  # distinct texts: a listed candidate names its rollout
+    sims = rng.uniform(-1, 1, (I * G, I * G)).astype(np.float32)
+    scripted = {}
+
+    def answer(prompts, put=None):
+        scripted["answers"] = [["1", "2", "3", "4", " 2 ", "x", "9"][n % 7] for n in range(len(prompts))]
+        return scripted["answers"], np.zeros(len(prompts), bool)
+
+    try:
+        j.candidate_order, j.answer = order, answer
+        verdict, m = j.verdicts(sims, [(x["query"], x["cands"][0]) for x in PAIRS], texts, I, G, step=5)
+    finally:
+        j.candidate_order = saved
+        del j.answer  # the method again
+    got = np.concatenate([verdict["query"], verdict["positive"]])
+    want, bad = [], 0
+    for k, (prompt, a) in enumerate(zip(j.last_prompts, scripted["answers"])):
+        side, r = divmod(k, I * G)
+        body = prompt.messages[0]["content"][0]["text"]
+        listed = body.split("Candidates:\n")[1].rsplit("\n\nAnswer with", 1)[0].split("\n")
+        assert len(listed) == G + 1  # own G rollouts + the 1 other pair
+        own = {f"cot {((r // G) * S + 1 - side) * G + h}" for h in range(G)}
+        a = a.strip()
+        ok = a.isdigit() and 1 <= int(a) <= len(listed)
+        bad += not ok
+        want.append(ok and listed[int(a) - 1].split(". ", 1)[1] in own)
+        if order == "own_first":
+            assert [x.split(". ", 1)[1] in own for x in listed] == [True] * G + [False]
+    assert got.tolist() == want
+    assert m["prm_unparsable"] == pytest.approx(bad / len(want)) and m["prm_judged"] == 1.0
