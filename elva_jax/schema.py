@@ -260,6 +260,10 @@ class EmbedRLSection:
     # "tags": the official check (the six tags in order, anything around them); "strict": each tag once,
     # nothing outside the blocks, well-formed JSON evidence (`elva_jax.data.tcot`)
     format_check: str = field(default="strict", metadata={"choices": ("strict", "tags")})
+    # strict check only: "modality" = the evidence must be the kind the side's modality asks for (key_frames
+    # for a video, bbox_2d for an image, text_keywords for text: the official prompts' rule, which the
+    # official reward does not check); "any" = any well-formed kind
+    evidence_kind: str = field(default="modality", metadata={"choices": ("modality", "any")})
     key_frame_base: int = 1  # index of a video's first frame in `key_frames` (Embed-RL's prompt: 1-based)
     # the frozen embedder, a second model with its own checkpoint and family ("" = a random model of
     # `embedder_random_preset`: tests and tiny runs); it runs with the run's `model.dtype` / `position_mode`

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elva_jax.data.prompts import prompt_text, tcot_embed_prompt, tcot_judge_prompt, tcot_reasoner_prompt
-from elva_jax.data.tcot import format_flags
+from elva_jax.data.tcot import EVIDENCE_CHECKS, expected_evidence, format_flags
 from elva_jax.model import backbone
 from elva_jax.model.embedding import gather_rows, l2_normalize, last_index_of
 from elva_jax.model.params import logical_axes
@@ -291,6 +291,7 @@ class EmbedRLTrainer:
         format_check: str = "strict",
         key_frame_base: int = 1,
         judge: FrozenJudge | None = None,
+        evidence_kind: str = "modality",
     ):
         if policy.rcfg.candidate_sampling != "per_rollout" or policy.rcfg.aux_soft_rank_weight:
             raise ValueError("Embed-RL needs rl.candidate_sampling=per_rollout and rl.aux_soft_rank_weight=0")
@@ -298,6 +299,9 @@ class EmbedRLTrainer:
             raise ValueError("embed_rl.prm_enabled needs a judge (FrozenJudge), and a judge needs prm_enabled")
         self.policy, self.embedder, self.tokenizer, self.reward_cfg = policy, embedder, tokenizer, reward_cfg
         self.judge = judge
+        if evidence_kind not in EVIDENCE_CHECKS:
+            raise ValueError(f"evidence_kind must be one of {list(EVIDENCE_CHECKS)}, got {evidence_kind!r}")
+        self.evidence_kind = evidence_kind  # strict check: "modality" = the side's kind (`expected_evidence`)
         self.format_check, self.key_frame_base = format_check, key_frame_base
         self.mesh = policy.mesh
         self.last_samples = None  # the last step's samples, texts, embeddings [2*I*G, D] (prompt-major)
@@ -330,8 +334,9 @@ class EmbedRLTrainer:
         t2 = time.perf_counter()
         texts = self.decode(np.asarray(out.tokens), np.asarray(out.lengths))  # prompt-major (i, s, g)
         self.last_texts = texts
-        flags, reasons = format_flags(texts, check=self.format_check, frame_base=self.key_frame_base)
         sides = [p["query"] if s == 0 else p["cands"][0] for p in pairs for s in range(S) for _ in range(G)]
+        want = [expected_evidence(x) for x in sides] if self.evidence_kind == "modality" else None
+        flags, reasons = format_flags(texts, check=self.format_check, expected=want, frame_base=self.key_frame_base)
         emb = self.embedder.embed(sides, texts, put=lambda x: pol._put(x, prompts=True))
         e = emb.reshape(I, S, G, -1)
         q, p = e[:, 0].reshape(I * G, -1), e[:, 1].reshape(I * G, -1)

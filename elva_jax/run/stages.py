@@ -626,6 +626,7 @@ def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
             format_check=e.format_check,
             key_frame_base=e.key_frame_base,
             judge=jud,
+            evidence_kind=e.evidence_kind,
         )
 
     return run_rl(

@@ -52,6 +52,7 @@ def np_official_list(s, row, G, k):
 def test_judge_in_the_loop_only_the_fully_fine_tuned_policy_moves(ran):
     tr, st, _, before, metrics = ran
     assert st.step == 2
+    assert tr.last_samples.ret_emb is None  # the reasoner's sampler builds no [RET] embeddings
     for m in metrics:
         for k in ("reward", "orm", "prm", "prm_acc", "prm_unparsable", "loss", "kl_mean", "grad_norm"):
             assert np.isfinite(m[k]), k
