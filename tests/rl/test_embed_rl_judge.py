@@ -99,21 +99,33 @@ def test_judge_prompts_follow_the_official_candidate_lists(ran):
 
 
 def test_judge_answers_are_greedy_decodes(ran):
-    """Two rows' answers re-decoded by argmax over full forwards (no KV cache, no sampler)."""
+    """Two rows' answers re-decoded by argmax over full forwards (no KV cache, no sampler): each step one
+    forward over the prompt and the answer so far, left-padded to one fixed length (one compile)."""
     tr, _, tok, before, _ = ran
     j, last = tr.judge, before["last"]
     eos = tok.ids("<|im_end|>")[0]
-    for k in (0, len(last["prompts"]) - 1):
-        ids = list(tok.encode_prompt(last["prompts"][k])["input_ids"])
-        out = []
-        for _ in range(j.scfg.max_new_tokens):
-            x = build_inputs(j.cfg, j.opts, np.asarray(ids)[None], np.ones((1, len(ids)), np.int32), None, None)
-            h = backbone.forward(j.params, x, j.cfg, j.opts).hidden[:, -1:]
-            nxt = int(jnp.argmax(backbone.lm_head(j.params, h, j.cfg, j.opts)[0, -1]))
-            if nxt == eos:
-                break
-            out.append(nxt)
-            ids.append(nxt)
+    T = j.scfg.max_new_tokens
+
+    @jax.jit
+    def next_token(x):
+        h = backbone.forward(j.params, x, j.cfg, j.opts).hidden[:, -1:]
+        return jnp.argmax(backbone.lm_head(j.params, h, j.cfg, j.opts)[:, -1], axis=-1)
+
+    rows = [list(tok.encode_prompt(last["prompts"][k])["input_ids"]) for k in (0, len(last["prompts"]) - 1)]
+    L = max(len(r) for r in rows) + T
+    outs = [[] for _ in rows]
+    for _ in range(T):
+        ids = np.full((len(rows), L), tok.pad_token_id, np.int32)
+        am = np.zeros_like(ids)
+        for n, r in enumerate(rows):
+            seq = r + outs[n]
+            ids[n, L - len(seq) :], am[n, L - len(seq) :] = seq, 1
+        nxt = np.asarray(next_token(build_inputs(j.cfg, j.opts, ids, am, None, None)))
+        for n in range(len(rows)):
+            if not outs[n] or outs[n][-1] != eos:
+                outs[n].append(int(nxt[n]))
+    for n, k in enumerate((0, len(last["prompts"]) - 1)):
+        out = outs[n][: outs[n].index(eos)] if eos in outs[n] else outs[n]
         assert last["answers"][k] == tok.decode(out, skip_special_tokens=True), k
 
 
@@ -155,3 +167,31 @@ def test_verdicts_with_a_scripted_judge(ran, order):
             assert [x.split(". ", 1)[1] in own for x in listed] == [True] * G + [False]
     assert got.tolist() == want
     assert m["prm_unparsable"] == pytest.approx(bad / len(want)) and m["prm_judged"] == 1.0
+
+
+@pytest.mark.slow
+def test_tiny_run_with_the_judge_and_full_fine_tuning_resumes_and_exports_the_trained_params(tmp_path):
+    """`configs/tiny_embed_rl.yaml` with embed_rl.prm_enabled=true lora.enabled=false: one step, a stop,
+    the same command resumes for the second; the export is the trained reasoner (not the initial one)."""
+    import json
+    import os
+
+    from elva_jax import configlib
+    from elva_jax.model.hf_checkpoint import load_params
+    from elva_jax.run.stages import load_model, run
+    from elva_jax.schema import RunConfig
+
+    preset = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_embed_rl.yaml")
+    over = [f"run.dir={tmp_path}", "rl.steps=2", "rl.group_size=2", "embed_rl.prm_enabled=true", "lora.enabled=false"]
+    over.append("embed_rl.prm_seq_buckets=[512, 1024]")
+    cfg = configlib.load(RunConfig, preset, over + ["run.stop_after_steps=1"])
+    assert run(cfg)["stopped"]["step"] == 1
+    s = run(configlib.load(RunConfig, preset, over))
+    assert s["rl"]["steps"] == 2 and np.all(np.isfinite(s["rl"]["reward"]))
+    steps = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
+    steps = [x for x in steps if "prm" in x]
+    assert [x["step"] for x in steps] == [1, 2] and all(x["prm_judged"] == 1.0 for x in steps)
+    _, init = load_model(cfg)
+    _, out = load_params(s["export"])
+    q0, q1 = (np.asarray(p["text"]["layers"]["q_proj"]["kernel"], np.float32) for p in (init, out))
+    assert q0.shape == q1.shape and np.abs(q1 - q0).max() > 0
