@@ -1,6 +1,8 @@
-"""One Embed-RL step (arXiv 2602.13823): a LoRA reasoner writes T-CoTs, a frozen embedder scores them.
+"""One Embed-RL step (arXiv 2602.13823): a reasoner writes T-CoTs, a frozen embedder (and optionally a
+frozen judge) scores them.
 
-Per step, I pairs (query, positive). The reasoner (policy = base + LoRA, reference = LoRA off) samples
+Per step, I pairs (query, positive). The reasoner (policy = base + LoRA with reference = LoRA off, or
+under full fine-tuning its whole params with reference = a frozen copy of the initial ones) samples
 G T-CoT rollouts of each of the 2 I prompts with ELVA's sampler and rollout code (`RLTrainer.rollouts`,
 sequences S = 2: the query, then the positive; rows prompt-major [I, 2, G]). Each rollout is decoded,
 parsed (`elva_jax.data.tcot`, format flag) and embedded by the frozen embedder, a second model with its
@@ -9,8 +11,10 @@ request (`tcot_embed_prompt`); the embedding is its final hidden state at ``<emb
 With q [I*G, D] (query rollouts, pair-major) and p [I*G, D] (positive rollouts), ``sims = q p^T`` gives
 every rollout's reward (`embed_rl_rewards.batch_rewards`); each prompt's G rollouts form one GRPO group
 (``A = group_advantages(R[i, s, :])``), and ELVA's jitted update (`RLTrainer._update_for`, the
-teacher-forced GRPO loss of `rl.rollout.rl_loss` with its KL to the LoRA-off reference) moves the LoRA.
-The embedder and the reasoner's base never change.
+teacher-forced GRPO loss of `rl.rollout.rl_loss` with its KL to the reference) moves the LoRA (or the
+full params). With the judge (`FrozenJudge`, PRM), every rollout's reasoning is shown with its candidate
+list (`embed_rl_rewards.judge_candidates`) and the judge's greedy pick gives PRM = margin if it is one of
+the pair's own rollouts. The embedder, the judge and the reference never change.
 """
 
 from __future__ import annotations
