@@ -249,6 +249,8 @@ class EmbedRLSection:
     # a prompt longer than the largest is not judged (PRM 0, counted as prm_overlong)
     prm_seq_buckets: tuple[int, ...] = (1024, 4096, 16384)
     prm_max_new_tokens: int = 10  # the judge's greedy answer budget (official: max_tokens 10)
+    # judge prompts per sampler call (0: all 2 I G of a step in one call; > 0 bounds the judge's KV cache)
+    prm_rows_per_call: int = 0
     # reading the judge's answer: "strict" = the whole answer (stripped) is one number 1..K; "first_integer" =
     # the first run of digits anywhere (official). Anything else (or out of range) = a wrong pick, counted
     prm_answer_parse: str = field(default="strict", metadata={"choices": ("strict", "first_integer")})
@@ -391,6 +393,7 @@ def _check_values(c) -> None:
         ("embed_rl.top_n", c.embed_rl.top_n >= 0, "must be >= 0 (0: the row's own-pair count)"),
         ("embed_rl.prm_hard_pairs", c.embed_rl.prm_hard_pairs >= 1, "must be >= 1"),
         ("embed_rl.prm_max_new_tokens", c.embed_rl.prm_max_new_tokens >= 1, "must be >= 1"),
+        ("embed_rl.prm_rows_per_call", c.embed_rl.prm_rows_per_call >= 0, "must be >= 0 (0: all rows at once)"),
         (
             "embed_rl.prm_seq_buckets",
             len(c.embed_rl.prm_seq_buckets) > 0 and min(c.embed_rl.prm_seq_buckets) > 0,

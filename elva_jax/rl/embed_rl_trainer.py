@@ -175,8 +175,12 @@ class FrozenJudge:
         candidate_order: str = "own_first",
         patch_row_len: int = 64,
         seed: int = 0,
+        rows_per_call: int = 0,
         mesh=None,
     ):
+        if rows_per_call < 0:
+            raise ValueError(f"rows_per_call must be >= 0 (0: all rows in one call), got {rows_per_call}")
+        self.rows_per_call = rows_per_call
         if answer_parse not in ANSWER_PARSE:
             raise ValueError(f"answer_parse must be one of {list(ANSWER_PARSE)}, got {answer_parse!r}")
         if candidate_order not in CANDIDATE_ORDERS:
@@ -203,20 +207,26 @@ class FrozenJudge:
 
     def answer(self, prompts: list, put=lambda x: x) -> tuple[list[str | None], np.ndarray]:
         """Each prompt's greedy answer (special tokens dropped; None where the prompt is longer than the
-        largest bucket) and the over-long flags [n]. All rows run in one sampler call."""
+        largest bucket) and the over-long flags [n]. Rows run ``rows_per_call`` at a time (0: all in one
+        call; the last call is padded with copies of its first row, so every call has the same shape)."""
         rows = [np.asarray(self.tokenizer.encode_prompt(p)["input_ids"], np.int32) for p in prompts]
         overlong = np.array([len(r) > self.buckets[-1] for r in rows])
         P = min(b for b in self.buckets if b >= min(max(len(r) for r in rows), self.buckets[-1]))
-        ids = np.full((len(rows), P), self.pad_id, np.int32)
-        am = np.zeros_like(ids)
-        for i, r in enumerate(rows):
-            r = r[:P]  # an over-long row runs on its head (static shapes); its answer is discarded
-            ids[i, P - len(r) :], am[i, P - len(r) :] = r, 1
-        x = _inputs(self.cfg, self.opts, ids, am, [None] * len(rows), [None] * len(rows), self.row_len)
-        out = self._gen(self.params, put(x))
-        toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
-        texts = [self.tokenizer.decode(t[:n].tolist(), skip_special_tokens=True) for t, n in zip(toks, lens)]
-        return [None if o else t for t, o in zip(texts, overlong)], overlong
+        n = self.rows_per_call or len(rows)
+        texts: list[str] = []
+        for c in range(0, len(rows), n):
+            part = rows[c : c + n]
+            part = part + [part[0]] * (n - len(part))
+            ids = np.full((n, P), self.pad_id, np.int32)
+            am = np.zeros_like(ids)
+            for i, r in enumerate(part):
+                r = r[:P]  # an over-long row runs on its head (static shapes); its answer is discarded
+                ids[i, P - len(r) :], am[i, P - len(r) :] = r, 1
+            x = _inputs(self.cfg, self.opts, ids, am, [None] * n, [None] * n, self.row_len)
+            out = self._gen(self.params, put(x))
+            toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+            texts += [self.tokenizer.decode(t[:k].tolist(), skip_special_tokens=True) for t, k in zip(toks, lens)]
+        return [None if o else t for t, o in zip(texts[: len(rows)], overlong)], overlong
 
     def verdicts(self, sims, sides, texts, I: int, G: int, step: int, put=lambda x: x) -> tuple[dict, dict]:
         """The judge's verdict on every rollout of a step: ``({"query": [I*G], "positive": [I*G]} bool,

@@ -616,6 +616,7 @@ def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
                 candidate_order=e.prm_candidate_order,
                 patch_row_len=d.patch_row_len,
                 seed=cfg.train.seed,
+                rows_per_call=e.prm_rows_per_call,
                 mesh=mesh,
             )
         return EmbedRLTrainer(

@@ -25,7 +25,7 @@ def _host(tree):
 
 @pytest.fixture(scope="module")
 def ran():
-    tr, st, tok = make_embed_rl(judge=True, full_finetune=True)
+    tr, st, tok = make_embed_rl(judge=True, full_finetune=True, rows_per_call=5)  # 12 rows: 5 + 5 + 2 padded
     before = {"ref": _host(st.params), "policy": _host(st.lora), "emb": _host(tr.embedder.params)}
     before["judge"] = _host(tr.judge.params)
     metrics = []
@@ -218,3 +218,17 @@ def test_judge_and_full_fine_tuning_on_a_2x2x2_mesh_match_one_device():
     # Adam's first step is lr * g / (|g| + eps) per element: where |g| is near eps the reduction order's
     # noise in g shows in the step (measured 7e-6 of a 1e-3 step; a LoRA's 1e-3 bound is too tight here)
     assert r["policy_moved"] > 0 and r["policy_diff"] <= 3e-2 * r["policy_moved"], r
+
+
+def test_a_single_pair_is_not_judged(ran):
+    """With one pair no row has another pair to list (official: no judge call): no verdicts, PRM 0."""
+    tr, _, _, _, _ = ran
+    j = tr.judge
+    calls = []
+    j.answer = lambda prompts, put=None: calls.append(prompts) or ([], np.zeros(0, bool))
+    try:
+        sims = np.random.default_rng(4).uniform(-1, 1, (G, G)).astype(np.float32)
+        v, m = j.verdicts(sims, [(PAIRS[0]["query"], PAIRS[0]["cands"][0])], [f"c{n}" for n in range(2 * G)], 1, G, 0)
+    finally:
+        del j.answer
+    assert not calls and m["prm_judged"] == 0.0 and not v["query"].any() and not v["positive"].any()

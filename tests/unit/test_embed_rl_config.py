@@ -99,6 +99,7 @@ def test_embed_rl_run_refuses_what_it_cannot_run_up_front(tmp_path, capsys):
         (["embed_rl.evidence_kind=boxes"], "embed_rl.evidence_kind"),
         (["embed_rl.prm_candidate_order=random"], "embed_rl.prm_candidate_order"),
         (["embed_rl.prm_max_new_tokens=0"], "embed_rl.prm_max_new_tokens"),
+        (["embed_rl.prm_rows_per_call=-1"], "embed_rl.prm_rows_per_call"),
         (["embed_rl.prm_seq_buckets=[]"], "embed_rl.prm_seq_buckets"),
     ):
         with pytest.raises(configlib.ConfigError, match=field):
