@@ -567,11 +567,13 @@ def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
     full = not cfg.lora.enabled
     opts = model_options(cfg)
     rcfg, _ = rl_configs(cfg)
-    jname = f", frozen judge {e.prm_checkpoint or e.prm_random_preset} ({judge[0].text.num_layers}-layer)"
+    jname = (
+        f", frozen judge {e.prm_checkpoint or e.prm_random_preset} ({judge[0].text.num_layers}-layer)" if judge else ""
+    )
     print(
         f"[elva_jax] Embed-RL: {len(instances)} pairs, G={cfg.rl.group_size}, reasoner {mcfg.text.num_layers}-layer "
         f"({'full fine-tuning' if full else 'LoRA'}), frozen embedder "
-        f"{e.embedder_checkpoint or e.embedder_random_preset} ({ecfg.text.num_layers}-layer){jname if judge else ''}",
+        f"{e.embedder_checkpoint or e.embedder_random_preset} ({ecfg.text.num_layers}-layer){jname}",
         flush=True,
     )
 
