@@ -13,7 +13,12 @@ import math
 from dataclasses import field
 
 from elva_jax.configlib import ConfigError
-from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION, TCOT_REASONER_INSTRUCTION, TCOT_SUMMARISE_INSTRUCTION
+from elva_jax.data.prompts import (
+    DEFAULT_EMBED_INSTRUCTION,
+    TCOT_JUDGE_INSTRUCTION,
+    TCOT_REASONER_INSTRUCTION,
+    TCOT_SUMMARISE_INSTRUCTION,
+)
 from elva_jax.data.sources import SOURCES
 from elva_jax.model.decoder import LORA_TARGETS
 
@@ -241,13 +246,39 @@ class EmbedRLSection:
     top_n: int = 0  # 0: the row's own-pair count (official, = G); > 0: a fixed n
     # ties at the top-n cut (official torch.topk: unspecified): expected share over tie orders, or by column
     ties: str = field(default="average", metadata={"choices": ("average", "index")})
-    prm_enabled: bool = False  # the judge (a third model) is off by default: PRM = 0
+    # the judge (a third, frozen model; `embed_rl.prm_*`) is off by default: PRM = 0 (weights: prm_off_weights)
+    prm_enabled: bool = False
     # judge off: keep the weights (official) or scale format + ORM weights up to the full weight sum
     prm_off_weights: str = field(default="keep", metadata={"choices": ("keep", "renormalise")})
     prm_hard_pairs: int = 4  # other pairs shown to the judge next to the pair's own rollouts (official 4)
+    # the judge, like the embedder: its own checkpoint and family ("" = a random `prm_random_preset`), tokenizer
+    # ("" = the checkpoint's files, else the bundled Qwen2 files); it runs with `model.dtype` / `position_mode`
+    prm_checkpoint: str = ""
+    prm_random_preset: str = field(
+        default="tiny", metadata={"choices": ("tiny", "tiny_qwen2_5_vl", "tiny_qwen3_vl", "small")}
+    )
+    prm_tokenizer: str = ""
+    # length buckets of the judge's text prompts (the row's text and CoT + G + prm_hard_pairs candidate CoTs);
+    # a prompt longer than the largest is not judged (PRM 0, counted as prm_overlong)
+    prm_seq_buckets: tuple[int, ...] = (1024, 4096, 16384)
+    prm_max_new_tokens: int = 10  # the judge's greedy answer budget (official: max_tokens 10)
+    # judge prompts per sampler call (0: all 2 I G of a step in one call; > 0 bounds the judge's KV cache)
+    prm_rows_per_call: int = 0
+    # reading the judge's answer: "strict" = the whole answer (stripped) is one number 1..K; "first_integer" =
+    # the first run of digits anywhere (official). Anything else (or out of range) = a wrong pick, counted
+    prm_answer_parse: str = field(default="strict", metadata={"choices": ("strict", "first_integer")})
+    # the listed candidates: "own_first" = the pair's own rollouts, then the hard pairs hardest first (official;
+    # a judge that always answers 1 is always right), or "shuffled" = one seeded permutation per row
+    prm_candidate_order: str = field(default="own_first", metadata={"choices": ("own_first", "shuffled")})
+    # ours (the official judge prompt is not reproduced): the judge's request before the listed reasonings
+    prm_instruction: str = TCOT_JUDGE_INSTRUCTION
     # "tags": the official check (the six tags in order, anything around them); "strict": each tag once,
     # nothing outside the blocks, well-formed JSON evidence (`elva_jax.data.tcot`)
     format_check: str = field(default="strict", metadata={"choices": ("strict", "tags")})
+    # strict check only: "modality" = the evidence must be the kind the side's modality asks for (key_frames
+    # for a video, bbox_2d for an image, text_keywords for text: the official prompts' rule, which the
+    # official reward does not check); "any" = any well-formed kind
+    evidence_kind: str = field(default="modality", metadata={"choices": ("modality", "any")})
     key_frame_base: int = 1  # index of a video's first frame in `key_frames` (Embed-RL's prompt: 1-based)
     # the frozen embedder, a second model with its own checkpoint and family ("" = a random model of
     # `embedder_random_preset`: tests and tiny runs); it runs with the run's `model.dtype` / `position_mode`
@@ -384,6 +415,13 @@ def _check_values(c) -> None:
             f"must be 0 or divide the 2 x rl.instances_per_step x rl.group_size = "
             f"{2 * c.rl.instances_per_step * c.rl.group_size} rows of a step",
         ),
+        ("embed_rl.prm_max_new_tokens", c.embed_rl.prm_max_new_tokens >= 1, "must be >= 1"),
+        ("embed_rl.prm_rows_per_call", c.embed_rl.prm_rows_per_call >= 0, "must be >= 0 (0: all rows at once)"),
+        (
+            "embed_rl.prm_seq_buckets",
+            len(c.embed_rl.prm_seq_buckets) > 0 and min(c.embed_rl.prm_seq_buckets) > 0,
+            "must be non-empty, > 0",
+        ),
         ("embed_rl.key_frame_base", c.embed_rl.key_frame_base in (0, 1), "must be 0 or 1"),
         (
             "embed_rl.embedder_seq_buckets",
@@ -453,8 +491,8 @@ def check_recipe_available(c) -> None:
 
     rl.recipe=embed_rl trains a reasoner against a frozen embedder: no contrastive stage in the same run
     (the embedder is trained contrastively in its own run; `embed_rl.embedder_checkpoint` names its
-    export), no judge yet (`embed_rl.prm_enabled`), no embedding evaluation of the reasoner
-    (`train.eval_modes`), no full fine-tuning yet (`lora.enabled`), and ELVA-only RL options off."""
+    export), no embedding evaluation of the reasoner (`train.eval_modes`), and ELVA-only RL options off.
+    The judge (`embed_rl.prm_enabled`) and full fine-tuning of the reasoner (`lora.enabled` false) run."""
     if c.rl.recipe != "embed_rl" or "rl" not in c.train.stages:
         return
     bad = []
@@ -463,13 +501,6 @@ def check_recipe_available(c) -> None:
             "train.stages has 'contrastive': the Embed-RL embedder is trained contrastively in its own run "
             "(rl.recipe=elva, train.stages=[contrastive]) and given by embed_rl.embedder_checkpoint"
         )
-    if not c.lora.enabled:
-        bad.append(
-            "lora.enabled false: full fine-tuning of the reasoner (with a frozen reference copy) is not implemented; "
-            "the loop trains a LoRA (reference = LoRA off)"
-        )
-    if c.embed_rl.prm_enabled:
-        bad.append("embed_rl.prm_enabled: the judge model (PRM) is not implemented yet; set it false")
     if c.train.eval_modes:
         bad.append("train.eval_modes: the Embed-RL reasoner is not an embedder; leave it empty")
     if c.rl.candidate_sampling != "per_rollout":

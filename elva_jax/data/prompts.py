@@ -69,6 +69,7 @@ __all__ = [
     "LAMRA_VIDEO_TEXT_SUFFIX",
     "QWEN_VL_CHAT_TEMPLATE",
     "RET_TOKEN",
+    "TCOT_JUDGE_INSTRUCTION",
     "TCOT_REASONER_INSTRUCTION",
     "TCOT_SUMMARISE_INSTRUCTION",
     "VIDEO_PLACEHOLDER",
@@ -83,6 +84,7 @@ __all__ = [
     "render_chat",
     "render_content",
     "tcot_embed_prompt",
+    "tcot_judge_prompt",
     "tcot_reasoner_prompt",
 ]
 
@@ -120,6 +122,12 @@ TCOT_REASONER_INSTRUCTION = (
 )
 #: What follows the CoT in the Embed-RL embedder's user turn (ours); the assistant turn is ``<emb>``.
 TCOT_SUMMARISE_INSTRUCTION = "Summarize the above input and its reasoning in one word: "
+#: Embed-RL judge request (ours; the official judge prompt's structure, not its text): which of the numbered
+#: candidate reasonings matches the query's, answered with its number alone.
+TCOT_JUDGE_INSTRUCTION = (
+    "Below are a query with its reasoning and numbered candidate reasonings. Which candidate matches the "
+    "query best? Reply with the candidate's number only."
+)
 
 #: Qwen2-VL's chat template (jinja, for transformers' ``apply_chat_template``). A default system turn
 #: when the first message is not a system message; images / videos render as vision placeholders
@@ -394,3 +402,18 @@ def tcot_embed_prompt(
         {"role": "assistant", "content": [{"type": "text", "text": EMB_TOKEN}]},
     )
     return Prompt(msgs)
+
+
+def tcot_judge_prompt(query: str, query_cot: str, candidate_cots: Sequence[str], *, request: str) -> Prompt:
+    """Embed-RL judge (PRM) prompt, text only (the official judge sees no images): user turn
+    ``{request}\n\nQuery: {query}\nReasoning: {query_cot}\n\nCandidates:\n1. {cot_1}\n...\nK. {cot_K}\n\n
+    Answer with a number from 1 to K.``, an open assistant turn (the judge answers and ``<|im_end|>``).
+    Nothing is truncatable: the caller refuses a prompt that does not fit."""
+    if not candidate_cots:
+        raise ValueError("a judge prompt needs at least one candidate")
+    cands = "\n".join(f"{k}. {c}" for k, c in enumerate(candidate_cots, 1))
+    body = (
+        f"{request}\n\nQuery: {query}\nReasoning: {query_cot}\n\nCandidates:\n{cands}\n\n"
+        f"Answer with a number from 1 to {len(candidate_cots)}."
+    )
+    return Prompt(({"role": "user", "content": [{"type": "text", "text": body}]},), add_generation_prompt=True)

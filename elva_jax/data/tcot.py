@@ -21,6 +21,10 @@ Two checks (``check``):
 
 Both are total: any input (even a non-string) gives a :class:`TCoT` whose ``reason`` names the first
 failed check (one of :data:`REASONS`); no exception escapes.
+
+The evidence kind a side asks for (:func:`expected_evidence`, the official prompts' choice by modality):
+``key_frames`` for a side with a video, ``bbox_2d`` for one with an image (with or without text),
+``text_keywords`` for text alone. The official reward never checks it (its check is "tags").
 """
 
 from __future__ import annotations
@@ -60,6 +64,20 @@ REASONS = (
     "key_frames_without_video",  # key frames, but the input has no frame count
     "key_frame_out_of_range",  # outside [base, base + num_frames - 1]
 )
+
+
+#: how the strict check treats the evidence kind: "modality" = the side's (`expected_evidence`), "any" = any kind
+EVIDENCE_CHECKS = ("modality", "any")
+
+
+def expected_evidence(side: dict) -> str:
+    """The evidence kind the official prompts ask of a side (``{"text", "image", "video", ...}``):
+    ``key_frames`` with a video, else ``bbox_2d`` with an image, else ``text_keywords``."""
+    if side.get("video") is not None:
+        return "key_frames"
+    if side.get("image") is not None:
+        return "bbox_2d"
+    return "text_keywords"
 
 
 @dataclasses.dataclass(frozen=True)

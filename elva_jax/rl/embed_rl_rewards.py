@@ -27,6 +27,7 @@ Similarities must be finite. Rows of shape ``[Q]``, ``sims`` ``[Q, P]``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -38,14 +39,18 @@ Array = jax.Array
 
 TIES = ("average", "index")
 PRM_OFF_WEIGHTS = ("keep", "renormalise")
+ANSWER_PARSE = ("strict", "first_integer")
 
 __all__ = [
     "EmbedRLRewardConfig",
     "batch_rewards",
     "embed_rl_reward_config",
     "format_reward",
+    "judge_candidates",
+    "judge_verdicts",
     "orm_reward",
     "orm_rows",
+    "parse_judge_choice",
     "prm_candidates",
     "prm_reward",
     "reward_weights",
@@ -187,6 +192,54 @@ def prm_candidates(sims: Any, row_pairs: Any, col_pairs: Any, *, num_pairs: int,
     k = min(hard_pairs, num_pairs)
     top, pair = jax.lax.top_k(best, k)
     return jnp.take_along_axis(best_col, pair, axis=-1), jnp.isfinite(top)
+
+
+def judge_candidates(sims: Any, row_pairs: Any, col_pairs: Any, *, num_pairs: int, hard_pairs: int, num_own: int):
+    """Every row's judge candidates in the official order: the row pair's own columns (index order), then
+    its :func:`prm_candidates` (hardest other pair first).
+
+    Returns ``(cols [Q, num_own + K], own [Q, num_own + K], valid [Q, num_own + K])`` with
+    ``K = min(hard_pairs, num_pairs)``: column indices, whether each is one of the row's own pair, and
+    False on padding (a row with fewer than ``num_own`` own columns or fewer than K other pairs).
+    ``num_pairs``, ``hard_pairs`` and ``num_own`` static."""
+    s = jnp.asarray(sims)
+    same = jnp.asarray(row_pairs)[:, None] == jnp.asarray(col_pairs)[None, :]
+    own_cols = jnp.argsort(~same, axis=-1, stable=True)[:, :num_own]  # own columns first, in index order
+    own_valid = jnp.take_along_axis(same, own_cols, axis=-1)
+    hard_cols, hard_valid = prm_candidates(s, row_pairs, col_pairs, num_pairs=num_pairs, hard_pairs=hard_pairs)
+    cols = jnp.concatenate([own_cols, hard_cols], axis=-1)
+    own = jnp.concatenate([own_valid, jnp.zeros_like(hard_valid)], axis=-1)
+    return cols, own, jnp.concatenate([own_valid, hard_valid], axis=-1)
+
+
+def judge_verdicts(choice: Any, own: Any) -> Array:
+    """Whether each row's judge picked one of its own pair's rollouts: ``choice`` [Q] int, the 0-based
+    position in the row's listed candidates (-1: unparsable, or not judged); ``own`` [Q, K] bool, the
+    listed candidates that are the row's own (False on padding). Any choice outside [0, K) is wrong."""
+    choice, own = jnp.asarray(choice), jnp.asarray(own, bool)
+    K = own.shape[-1]
+    picked = jnp.take_along_axis(own, jnp.clip(choice, 0, K - 1)[:, None], axis=-1)[:, 0]
+    return (choice >= 0) & (choice < K) & picked
+
+
+_STRICT_ANSWER = re.compile(r"\s*([0-9]+)\s*")
+_FIRST_INTEGER = re.compile(r"\d+")
+
+
+def parse_judge_choice(text: Any, num_candidates: int, mode: str = "strict") -> int:
+    """The judge's answer -> the 0-based candidate it picked, or -1 (unparsable or out of 1..K).
+
+    ``"strict"``: the whole answer, whitespace aside, is one number (ASCII digits 0-9) in 1..K.
+    ``"first_integer"``: the first run of digits anywhere in the answer (official ``re.findall(r"\\d+")``)."""
+    if mode not in ANSWER_PARSE:
+        raise ValueError(f"judge answer parse must be one of {list(ANSWER_PARSE)}, got {mode!r}")
+    if not isinstance(text, str):
+        return -1
+    m = _STRICT_ANSWER.fullmatch(text) if mode == "strict" else _FIRST_INTEGER.search(text)
+    if m is None:
+        return -1
+    k = int(m.group(1 if mode == "strict" else 0)) - 1
+    return k if 0 <= k < num_candidates else -1
 
 
 def reward_weights(cfg: EmbedRLRewardConfig) -> tuple[float, float, float]:

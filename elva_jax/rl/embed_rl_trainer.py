@@ -1,6 +1,8 @@
-"""One Embed-RL step (arXiv 2602.13823): a LoRA reasoner writes T-CoTs, a frozen embedder scores them.
+"""One Embed-RL step (arXiv 2602.13823): a reasoner writes T-CoTs, a frozen embedder (and optionally a
+frozen judge) scores them.
 
-Per step, I pairs (query, positive). The reasoner (policy = base + LoRA, reference = LoRA off) samples
+Per step, I pairs (query, positive). The reasoner (policy = base + LoRA with reference = LoRA off, or
+under full fine-tuning its whole params with reference = a frozen copy of the initial ones) samples
 G T-CoT rollouts of each of the 2 I prompts with ELVA's sampler and rollout code (`RLTrainer.rollouts`,
 sequences S = 2: the query, then the positive; rows prompt-major [I, 2, G]). Each rollout is decoded,
 parsed (`elva_jax.data.tcot`, format flag) and embedded by the frozen embedder, a second model with its
@@ -9,8 +11,10 @@ request (`tcot_embed_prompt`); the embedding is its final hidden state at ``<emb
 With q [I*G, D] (query rollouts, pair-major) and p [I*G, D] (positive rollouts), ``sims = q p^T`` gives
 every rollout's reward (`embed_rl_rewards.batch_rewards`); each prompt's G rollouts form one GRPO group
 (``A = group_advantages(R[i, s, :])``), and ELVA's jitted update (`RLTrainer._update_for`, the
-teacher-forced GRPO loss of `rl.rollout.rl_loss` with its KL to the LoRA-off reference) moves the LoRA.
-The embedder and the reasoner's base never change.
+teacher-forced GRPO loss of `rl.rollout.rl_loss` with its KL to the reference) moves the LoRA (or the
+full params). With the judge (`FrozenJudge`, PRM), every rollout's reasoning is shown with its candidate
+list (`embed_rl_rewards.judge_candidates`) and the judge's greedy pick gives PRM = margin if it is one of
+the pair's own rollouts. The embedder, the judge and the reference never change.
 """
 
 from __future__ import annotations
@@ -23,14 +27,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elva_jax.data.tcot import format_flags
+from elva_jax.data.prompts import prompt_text, tcot_judge_prompt
+from elva_jax.data.tcot import EVIDENCE_CHECKS, expected_evidence, format_flags
 from elva_jax.data.tcot_prompts import PromptFnEncoder, embedder_encoder, reasoner_encoder
 from elva_jax.model import backbone
 from elva_jax.model.embedding import gather_rows, l2_normalize, last_index_of
 from elva_jax.model.params import logical_axes
+from elva_jax.model.sampler import SamplerConfig, generate
 from elva_jax.parallel.sharding import place, replicated, tree_shardings
 from elva_jax.rl import grpo
-from elva_jax.rl.embed_rl_rewards import EmbedRLRewardConfig, batch_rewards
+from elva_jax.rl.embed_rl_rewards import (
+    ANSWER_PARSE,
+    EmbedRLRewardConfig,
+    batch_rewards,
+    judge_candidates,
+    judge_verdicts,
+    parse_judge_choice,
+)
 from elva_jax.rl.trainer import RLState, RLTrainer, _inputs, encode_prompts
 
 __all__ = ["EmbedRLTrainer", "FrozenEmbedder", "PromptFnEncoder", "reasoner_encoder", "reasoner_policy"]
@@ -110,6 +123,149 @@ class FrozenEmbedder:
         return out[0] if len(out) == 1 else jnp.concatenate(out)
 
 
+CANDIDATE_ORDERS = ("own_first", "shuffled")
+
+
+class FrozenJudge:
+    """The PRM judge: a frozen third model (any supported family, own config, params and tokenizer) that
+    reads one rollout's reasoning and a numbered list of candidate reasonings (`tcot_judge_prompt`, text
+    only, as the official judge) and answers greedily: the shared sampler with ``top_k = 1`` (temperature
+    1, so the argmax of the logits; the key is fixed and only matters for exactly tied logits), stopped at
+    ``<|im_end|>`` or after ``max_new_tokens``.
+
+    Settings (``embed_rl.prm_*``): ``request`` (the judge's instruction), ``hard_pairs`` (other pairs
+    listed), ``answer_parse`` (`parse_judge_choice`), ``candidate_order`` (``"own_first"``: the pair's
+    own rollouts, then the hard pairs, as the official code; ``"shuffled"``: one permutation per row,
+    drawn from ``(seed, step)`` so a resumed run draws the same ones). Prompts are left-padded to the
+    smallest of ``buckets`` that fits; one longer than the largest is not run (no verdict: PRM 0).
+    Its params are laid out on ``mesh`` by its own config's logical rules and only ever read.
+    """
+
+    def __init__(
+        self,
+        cfg,
+        opts,
+        params,
+        tokenizer,
+        *,
+        request: str,
+        buckets: tuple[int, ...],
+        max_new_tokens: int = 10,
+        hard_pairs: int = 4,
+        answer_parse: str = "strict",
+        candidate_order: str = "own_first",
+        patch_row_len: int = 64,
+        seed: int = 0,
+        rows_per_call: int = 0,
+        mesh=None,
+    ):
+        if rows_per_call < 0:
+            raise ValueError(f"rows_per_call must be >= 0 (0: all rows in one call), got {rows_per_call}")
+        self.rows_per_call = rows_per_call
+        if answer_parse not in ANSWER_PARSE:
+            raise ValueError(f"answer_parse must be one of {list(ANSWER_PARSE)}, got {answer_parse!r}")
+        if candidate_order not in CANDIDATE_ORDERS:
+            raise ValueError(f"candidate_order must be one of {list(CANDIDATE_ORDERS)}, got {candidate_order!r}")
+        if hard_pairs < 1 or max_new_tokens < 1:
+            raise ValueError(f"hard_pairs and max_new_tokens must be >= 1, got {hard_pairs}, {max_new_tokens}")
+        self.cfg, self.opts, self.tokenizer, self.mesh = cfg, opts, tokenizer, mesh
+        self.params = params if mesh is None else place(params, tree_shardings(logical_axes(cfg), params, mesh))
+        self.request, self.buckets, self.row_len = request, tuple(sorted(buckets)), patch_row_len
+        self.hard_pairs, self.answer_parse, self.candidate_order, self.seed = (
+            hard_pairs,
+            answer_parse,
+            candidate_order,
+            seed,
+        )
+        self.pad_id = tokenizer.pad_token_id
+        eos = tokenizer.ids("<|im_end|>")[0]
+        self.scfg = SamplerConfig(
+            max_new_tokens=max_new_tokens, temperature=1.0, top_k=1, top_p=1.0, cache_dtype=opts.dtype, mesh=mesh
+        )
+        rep = {} if mesh is None else {"out_shardings": replicated(mesh)}
+        gen = dict(num_samples=1, stop_ids=(eos,), ret_id=eos, pad_id=self.pad_id)
+        self._gen = jax.jit(lambda p, x: generate(p, x, jax.random.key(0), cfg, opts, self.scfg, **gen), **rep)
+
+    def answer(self, prompts: list, put=lambda x: x) -> tuple[list[str | None], np.ndarray]:
+        """Each prompt's greedy answer (special tokens dropped; None where the prompt is longer than the
+        largest bucket) and the over-long flags [n]. Rows run ``rows_per_call`` at a time (0: all in one
+        call; the last call is padded with copies of its first row, so every call has the same shape)."""
+        rows = [np.asarray(self.tokenizer.encode_prompt(p)["input_ids"], np.int32) for p in prompts]
+        overlong = np.array([len(r) > self.buckets[-1] for r in rows])
+        P = min(b for b in self.buckets if b >= min(max(len(r) for r in rows), self.buckets[-1]))
+        n = self.rows_per_call or len(rows)
+        texts: list[str] = []
+        for c in range(0, len(rows), n):
+            part = rows[c : c + n]
+            part = part + [part[0]] * (n - len(part))
+            ids = np.full((n, P), self.pad_id, np.int32)
+            am = np.zeros_like(ids)
+            for i, r in enumerate(part):
+                r = r[:P]  # an over-long row runs on its head (static shapes); its answer is discarded
+                ids[i, P - len(r) :], am[i, P - len(r) :] = r, 1
+            x = _inputs(self.cfg, self.opts, ids, am, [None] * n, [None] * n, self.row_len)
+            out = self._gen(self.params, put(x))
+            toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+            texts += [self.tokenizer.decode(t[:k].tolist(), skip_special_tokens=True) for t, k in zip(toks, lens)]
+        return [None if o else t for t, o in zip(texts[: len(rows)], overlong)], overlong
+
+    def verdicts(self, sims, sides, texts, I: int, G: int, step: int, put=lambda x: x) -> tuple[dict, dict]:
+        """The judge's verdict on every rollout of a step: ``({"query": [I*G], "positive": [I*G]} bool,
+        metrics)``.
+
+        ``sims`` [I*G, I*G] (query rollout (i, g) x positive rollout (j, h), pair-major); ``sides[i]`` =
+        (query side, positive side); ``texts`` prompt-major (i, s, g). A query row lists its own pair's G
+        positive rollouts and, from each of the ``hard_pairs`` other pairs most similar to it, that pair's
+        most similar positive rollout (`judge_candidates`); a positive row the same over query rollouts.
+        A row with no other pair (I = 1) is not judged (official). Correct = the pick is an own rollout."""
+        S = 2
+        pair_ids = np.repeat(np.arange(I), G)
+        rng = np.random.default_rng([self.seed, step, 0x9D6E])
+        s = np.asarray(sims)
+        prompts, listed_own, n_listed, judged = [], [], [], []
+        for side, mat in ((0, s), (1, s.T)):
+            cols, own, valid = (
+                np.asarray(a)
+                for a in judge_candidates(mat, pair_ids, pair_ids, num_pairs=I, hard_pairs=self.hard_pairs, num_own=G)
+            )
+            for r in range(I * G):
+                i, g = divmod(r, G)
+                idx = np.flatnonzero(valid[r])
+                if self.candidate_order == "shuffled":
+                    idx = rng.permutation(idx)
+                lo = np.zeros(cols.shape[1], bool)
+                lo[: len(idx)] = own[r, idx]
+                listed_own.append(lo)
+                n_listed.append(len(idx))
+                judged.append(bool(valid[r, G:].any()))
+                me = sides[i][side]
+                query = prompt_text(me.get("text"), me.get("instruction")) or "(an image)"
+                cands = [texts[((int(c) // G) * S + 1 - side) * G + int(c) % G] for c in cols[r, idx]]
+                prompts.append(tcot_judge_prompt(query, texts[(i * S + side) * G + g], cands, request=self.request))
+        judged = np.asarray(judged)
+        run = np.flatnonzero(judged)
+        answers: list = [None] * len(prompts)
+        overlong = np.zeros(len(prompts), bool)
+        if len(run):
+            got, ol = self.answer([prompts[k] for k in run], put)
+            for k, a, o in zip(run, got, ol):
+                answers[k], overlong[k] = a, o
+        choice = np.array(
+            [-1 if a is None else parse_judge_choice(a, k, self.answer_parse) for a, k in zip(answers, n_listed)]
+        )
+        correct = np.asarray(judge_verdicts(choice, np.asarray(listed_own))) & judged
+        unparsable = judged & ~overlong & (choice < 0)
+        n = max(1, int(judged.sum()))
+        m = {
+            "prm_judged": float(judged.mean()),
+            "prm_acc": float(correct.sum()) / n,
+            "prm_unparsable": float(unparsable.sum()) / n,
+            "prm_overlong": float((judged & overlong).sum()) / n,
+        }
+        self.last_prompts, self.last_answers, self.last_choice = prompts, answers, choice
+        return {"query": correct[: I * G], "positive": correct[I * G :]}, m
+
+
 class EmbedRLTrainer:
     """One Embed-RL step over ELVA's RL machinery: ``policy`` (an `RLTrainer` whose encoder writes the
     reasoner's prompts and whose stop / [RET] ids are both ``<|im_end|>``) samples, re-forwards and
@@ -129,12 +285,18 @@ class EmbedRLTrainer:
         *,
         format_check: str = "strict",
         key_frame_base: int = 1,
+        judge: FrozenJudge | None = None,
+        evidence_kind: str = "modality",
     ):
         if policy.rcfg.candidate_sampling != "per_rollout" or policy.rcfg.aux_soft_rank_weight:
             raise ValueError("Embed-RL needs rl.candidate_sampling=per_rollout and rl.aux_soft_rank_weight=0")
-        if reward_cfg.prm_enabled:
-            raise NotImplementedError("embed_rl.prm_enabled: the judge model (PRM) is not implemented yet")
+        if reward_cfg.prm_enabled != (judge is not None):
+            raise ValueError("embed_rl.prm_enabled needs a judge (FrozenJudge), and a judge needs prm_enabled")
         self.policy, self.embedder, self.tokenizer, self.reward_cfg = policy, embedder, tokenizer, reward_cfg
+        self.judge = judge
+        if evidence_kind not in EVIDENCE_CHECKS:
+            raise ValueError(f"evidence_kind must be one of {list(EVIDENCE_CHECKS)}, got {evidence_kind!r}")
+        self.evidence_kind = evidence_kind  # strict check: "modality" = the side's kind (`expected_evidence`)
         self.format_check, self.key_frame_base = format_check, key_frame_base
         self.mesh = policy.mesh
         self.last_samples = None  # the last step's samples, texts, embeddings [2*I*G, D] (prompt-major)
@@ -167,15 +329,32 @@ class EmbedRLTrainer:
         t2 = time.perf_counter()
         texts = self.decode(np.asarray(out.tokens), np.asarray(out.lengths))  # prompt-major (i, s, g)
         self.last_texts = texts
-        flags, reasons = format_flags(texts, check=self.format_check, frame_base=self.key_frame_base)
         sides = [p["query"] if s == 0 else p["cands"][0] for p in pairs for s in range(S) for _ in range(G)]
+        want = [expected_evidence(x) for x in sides] if self.evidence_kind == "modality" else None
+        flags, reasons = format_flags(texts, check=self.format_check, expected=want, frame_base=self.key_frame_base)
         emb = self.embedder.embed(sides, texts, put=lambda x: pol._put(x, prompts=True))
         e = emb.reshape(I, S, G, -1)
         q, p = e[:, 0].reshape(I * G, -1), e[:, 1].reshape(I * G, -1)
         sims = q @ p.T  # [I*G, I*G]: query rollout (i, g) vs positive rollout (j, h)
         pair_ids = jnp.repeat(jnp.arange(I), G)
         f = flags.reshape(I, S, G)
-        r = batch_rewards(sims, pair_ids, f[:, 0].reshape(-1), f[:, 1].reshape(-1), self.reward_cfg)
+        verdict, judge_m = {"query": None, "positive": None}, {}
+        if self.judge is not None:
+            t_j = time.perf_counter()
+            side_pairs = [(p["query"], p["cands"][0]) for p in pairs]
+            verdict, judge_m = self.judge.verdicts(
+                sims, side_pairs, texts, I, G, state.step, put=lambda x: pol._put(x, prompts=True)
+            )
+            judge_m["time_judge_s"] = time.perf_counter() - t_j
+        r = batch_rewards(
+            sims,
+            pair_ids,
+            f[:, 0].reshape(-1),
+            f[:, 1].reshape(-1),
+            self.reward_cfg,
+            judge_query=verdict["query"],
+            judge_positive=verdict["positive"],
+        )
         total = jnp.stack([r["query"]["total"].reshape(I, G), r["positive"]["total"].reshape(I, G)], axis=1)
         adv, zero_var = grpo.group_advantages(total, ddof=rc.adv_ddof, eps=rc.adv_eps, scale=rc.adv_scale)
         adv_rows = adv.reshape(-1)  # prompt-major, as the rows
@@ -209,6 +388,8 @@ class EmbedRLTrainer:
             "orm": float(jnp.mean(both("orm"))),
             "acc": float(jnp.mean(both("acc"))),
             "margin": float(jnp.mean(both("margin"))),
+            "prm": float(jnp.mean(both("prm"))),
+            **judge_m,
             "zero_variance_groups": float(jnp.mean(zero_var)),
             "cot_len": float(lens.mean()),
             "cot_len_max": int(lens.max()),
@@ -234,7 +415,9 @@ class EmbedRLTrainer:
     def log_line(m: dict) -> str:
         """The loop's one-line step summary."""
         return (
-            f"reward {m['reward']:.4f} (format {m['format']:.2f}, ORM {m['orm']:.4f}, acc {m['acc']:.2f}) "
+            f"reward {m['reward']:.4f} (format {m['format']:.2f}, ORM {m['orm']:.4f}, acc {m['acc']:.2f}"
+            + (f", PRM {m['prm']:.4f}, judge acc {m['prm_acc']:.2f}" if "prm_acc" in m else "")
+            + ") "
             f"kl {m.get('kl_mean', 0.0):.4f} CoT len {m['cot_len']:.1f} | rollout {m['time_rollout_s']:.2f}s "
             f"re-forward {m['time_reforward_s']:.2f}s reward {m['time_reward_s']:.2f}s update "
             f"{m['time_update_s']:.2f}s"
@@ -243,7 +426,8 @@ class EmbedRLTrainer:
 
 def reasoner_policy(cfg, opts, rcfg, tx, tokenizer, *, request: str, lora_scale: float, **kw) -> RLTrainer:
     """ELVA's `RLTrainer` as the Embed-RL reasoner: the T-CoT generation prompts, sampling stopped at
-    ``<|im_end|>`` (which also ends a response that ran out of budget); ``kw`` as for `RLTrainer`."""
+    ``<|im_end|>`` (which also ends a response that ran out of budget), no [RET] embeddings; ``kw`` as
+    for `RLTrainer` (``full_finetune=True``: the reasoner's whole params train against a frozen copy)."""
     from elva_jax.rl.rewards import RewardConfig
 
     eos = tokenizer.ids("<|im_end|>")[0]
@@ -258,5 +442,6 @@ def reasoner_policy(cfg, opts, rcfg, tx, tokenizer, *, request: str, lora_scale:
         ret_id=eos,
         eos_id=eos,
         pad_id=tokenizer.pad_token_id,
+        sample_embeddings=False,  # the embedder scores the text: no [RET] embeddings from the sampler
         **kw,
     )

@@ -18,6 +18,7 @@ import time
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from elva_jax.model.config import ModelConfig
@@ -78,11 +79,15 @@ def select_instances(records: list[dict], fraction: float, seed: int) -> list[di
     return out
 
 
-def place_rl_state(state: RLState, mcfg: ModelConfig, lcfg: LoraConfig, tx, mesh) -> RLState:
+def place_rl_state(
+    state: RLState, mcfg: ModelConfig, lcfg: LoraConfig, tx, mesh, full_finetune: bool = False
+) -> RLState:
     """Lay the base params and LoRA out on ``mesh`` by the logical rules, build the optimizer state
-    there, and replicate the RNG key (every process must hold the same values)."""
+    there, and replicate the RNG key (every process must hold the same values). ``full_finetune``: the
+    trainable ``state.lora`` is a full param tree, laid out as the params."""
     params = place(state.params, tree_shardings(logical_axes(mcfg), state.params, mesh))
-    lora = place(state.lora, tree_shardings(lora_axes(mcfg, lcfg), state.lora, mesh))
+    axes = logical_axes(mcfg) if full_finetune else lora_axes(mcfg, lcfg)
+    lora = place(state.lora, tree_shardings(axes, state.lora, mesh))
     opt_state = jax.jit(tx.init)(lora)  # moments follow the LoRA layout; counters are replicated
     opt_state = place(opt_state, mesh_or_replicated(opt_state, mesh))
     return RLState(state.step, params, lora, opt_state, place(state.key, replicated(mesh)))
@@ -125,8 +130,11 @@ def run_rl(
     *,
     run_dir: str,
     build_trainer=None,
+    full_finetune: bool = False,
 ) -> dict:
-    """The RL stage's resumable loop over the LoRA of ``params`` (the policy's base).
+    """The RL stage's resumable loop over the LoRA of ``params`` (the policy's base), or with
+    ``full_finetune`` over a copy of ``params`` itself (``params`` then stays the frozen reference; the
+    checkpoints' "lora" entry holds the trained full tree, and so does the result's "lora").
 
     ``build_trainer(tx, mesh, lcfg)``: another recipe's step object (`step(state, batch) -> (state,
     metrics)` with ``reward`` and ``skipped_update``, optionally ``log_line(metrics)``), e.g. Embed-RL's
@@ -141,9 +149,14 @@ def run_rl(
     lr_at = schedule(ocfg, n_steps)
     key = jax.random.key(cfg.train.seed + 17)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    lora = init_lora(mcfg, lcfg, jax.random.fold_in(key, 1), dtype=cfg.model.param_dtype)
+    if full_finetune:  # a separate buffer: the update donates the trainable, never the reference
+        lora = jax.tree.map(jnp.copy, params)
+    else:
+        lora = init_lora(mcfg, lcfg, jax.random.fold_in(key, 1), dtype=cfg.model.param_dtype)
     if build_trainer is not None:
         trainer = build_trainer(tx, mesh, lcfg)
+    elif full_finetune:
+        raise ValueError("run_rl: full fine-tuning is the Embed-RL reasoner's (build_trainer); ELVA's RL trains a LoRA")
     else:
         trainer = RLTrainer.from_tokenizer(
             mcfg,
@@ -159,7 +172,9 @@ def run_rl(
             max_pixels=cfg.data.max_pixels,
             mesh=mesh,
         )
-    state = place_rl_state(RLState(0, params, lora, None, jax.random.fold_in(key, 2)), mcfg, lcfg, tx, mesh)
+    state = place_rl_state(
+        RLState(0, params, lora, None, jax.random.fold_in(key, 2)), mcfg, lcfg, tx, mesh, full_finetune
+    )
     # step s trains on batch s of a seeded endless shuffle: the position is the step itself, so a resume
     # (on any number of hosts, each running the same RL program) needs no data state
     order = grain.MapDataset.source(np.arange(len(instances))).shuffle(seed=cfg.train.seed).repeat(None)
@@ -239,6 +254,7 @@ def run_rl(
         "stopped": state.step < n_steps,
         "lora": state.lora,
         "lcfg": lcfg,
+        "full_finetune": full_finetune,
         "history": history,
         "wall_s": time.perf_counter() - t_start,
     }

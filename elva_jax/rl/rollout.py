@@ -184,8 +184,12 @@ def rl_loss(
     shape: tuple[int, int, int],
     denominator=None,
     aux_fraction: float = 1.0,
+    full_finetune: bool = False,
 ):
     """GRPO loss (+ optional auxiliary soft-ranking loss) and metrics for one batch of rollouts.
+
+    ``full_finetune``: ``lora`` is the policy's whole param tree (the differentiated argument), run with
+    no adapter; ``params`` (the frozen reference) is then unused here (its log-probs are ``ref_logp``).
 
     For a micro-batch of a larger batch: ``denominator`` is the whole batch's GRPO denominator
     (``grpo.aggregate``), so the GRPO term is this micro-batch's loss sum over it, and the
@@ -202,8 +206,9 @@ def rl_loss(
     metric ``sampler_vs_trainer_logp`` = token mean of |logp - sampler_logp| (0 of T when they agree).
     """
     I, G, S = shape
+    base, adapter = (lora, None) if full_finetune else (params, lora)
     logp, emb = teacher_forced_shared(
-        params, lora, lora_scale, batch["prompts"], batch["gen_tokens"], batch["gen_lengths"], G, cfg, opts, rcfg
+        base, adapter, lora_scale, batch["prompts"], batch["gen_tokens"], batch["gen_lengths"], G, cfg, opts, rcfg
     )
     loss, m = grpo.grpo_loss(
         logp,

@@ -44,8 +44,8 @@ from elva_jax.rl.rollout import (
 @dataclasses.dataclass
 class RLState:
     step: int
-    params: dict  # frozen base (also the reference policy)
-    lora: dict
+    params: dict  # frozen base (also the reference policy); under full fine-tuning the frozen reference copy
+    lora: dict  # the trainable: LoRA adapters, or (full fine-tuning) the policy's own full param tree
     opt_state: Any
     key: jax.Array
     skipped: int = 0  # updates skipped because the loss, gradient or update was not finite
@@ -152,9 +152,19 @@ class RLTrainer:
         min_pixels: int = 3136,
         max_pixels: int = 235200,
         mesh=None,
+        full_finetune: bool = False,
+        sample_embeddings: bool = True,
     ):
+        """``full_finetune``: ``state.lora`` holds the policy's whole param tree (trained) and
+        ``state.params`` the frozen reference (a copy of the initial params): every policy pass runs on
+        ``state.lora`` with no adapter, the reference pass on ``state.params``. ``sample_embeddings``
+        False: the sampler never builds [RET] embeddings (a recipe that does not use them)."""
         self.mesh = mesh
         self.last_samples = None
+        self.full_finetune = full_finetune
+        # (base, adapter) of a pass: the policy is (params, lora) or, fully fine-tuned, (lora, None); the
+        # reference is called with lora None and so is (params, None) either way
+        pl = (lambda p, lo: (lo, None) if lo is not None else (p, None)) if full_finetune else (lambda p, lo: (p, lo))
         rep = {} if mesh is None else {"out_shardings": replicated(mesh)}
         self.cfg, self.opts, self.rcfg, self.reward_cfg, self.tx = cfg, opts, rcfg, reward_cfg, tx
         self.encoder, self.lora_scale = encoder, lora_scale
@@ -176,7 +186,7 @@ class RLTrainer:
         )
         self._gen = jax.jit(
             lambda p, lo, x, k, g: generate(
-                p,
+                pl(p, lo)[0],
                 x,
                 k,
                 cfg,
@@ -186,20 +196,22 @@ class RLTrainer:
                 stop_ids=(ret_id, eos_id),
                 ret_id=ret_id,
                 pad_id=pad_id,
-                lora=lo,
+                lora=pl(p, lo)[1],
                 lora_scale=lora_scale,
-                ret_embedding=rcfg.ret_embedding == "sampler",
+                ret_embedding=sample_embeddings and rcfg.ret_embedding == "sampler",
             ),
             static_argnums=(4,),
             **rep,
         )
         self._tf = jax.jit(
-            lambda p, lo, x, t, n, g: teacher_forced_shared(p, lo, lora_scale, x, t, n, g, cfg, opts, rcfg),
+            lambda p, lo, x, t, n, g: teacher_forced_shared(*pl(p, lo), lora_scale, x, t, n, g, cfg, opts, rcfg),
             static_argnums=(5,),
             **rep,
         )
         self._tf_emb = jax.jit(  # the [RET] embeddings only (no LM head)
-            lambda p, lo, x, t, n, g: teacher_forced_shared(p, lo, lora_scale, x, t, n, g, cfg, opts, rcfg, False)[1],
+            lambda p, lo, x, t, n, g: teacher_forced_shared(*pl(p, lo), lora_scale, x, t, n, g, cfg, opts, rcfg, False)[
+                1
+            ],
             static_argnums=(5,),
             **rep,
         )
@@ -218,6 +230,7 @@ class RLTrainer:
                 rcfg=rcfg,
                 reward_cfg=reward_cfg,
                 lora_scale=lora_scale,
+                full_finetune=full_finetune,
             )
 
         self._update_fn = update

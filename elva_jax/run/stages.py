@@ -407,7 +407,7 @@ def run(cfg: RunConfig) -> dict:
         if rs["stopped"]:
             summary["rl"] = {"steps": rs["steps"]}
             return _stopped(cfg, summary, "RL", rs["steps"], rs["total"], t0)
-        params = merge_lora(params, rs["lora"], rs["lcfg"])
+        params = rs["lora"] if rs["full_finetune"] else merge_lora(params, rs["lora"], rs["lcfg"])
         summary["rl"] = {
             "recipe": "embed_rl",
             "steps": rs["steps"],
@@ -509,25 +509,36 @@ def _evaluate_all(cfg: RunConfig, params, mcfg, when: str, summary: dict, **expo
     del host
 
 
-def load_embedder(cfg: RunConfig):
-    """Embed-RL's frozen embedder: (model config, params, tokenizer) from ``embed_rl.embedder_checkpoint``
-    or a random ``embed_rl.embedder_random_preset`` (seeded apart from the reasoner), its token table
-    resized to its tokenizer as `run` does for the reasoner."""
+def _load_frozen(cfg: RunConfig, checkpoint: str, random_preset: str, tokenizer: str, seed_offset: int):
+    """A frozen second (or third) model: (model config, params, tokenizer) from ``checkpoint`` or a random
+    ``random_preset`` (seeded ``train.seed + seed_offset``, apart from the reasoner), with the run's
+    ``model.dtype`` / ``position_mode``; its token table resized to its tokenizer as `run` does."""
     import dataclasses
 
     from elva_jax.data.tokenize import Tokenizer
     from elva_jax.model.hf_checkpoint import resize_vocab
 
-    e = cfg.embed_rl
-    model = dataclasses.replace(cfg.model, checkpoint=e.embedder_checkpoint, random_preset=e.embedder_random_preset)
-    ecfg, eparams = load_model(
-        dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 1))
+    model = dataclasses.replace(cfg.model, checkpoint=checkpoint, random_preset=random_preset)
+    mcfg, params = load_model(
+        dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + seed_offset))
     )
-    tok_dir = e.embedder_tokenizer or (e.embedder_checkpoint if _has_tokenizer(e.embedder_checkpoint) else None)
-    etok = Tokenizer.from_dir(tok_dir, geometry=ecfg.vision.geometry)
-    if etok.vocab_size > ecfg.text.vocab_size:
-        eparams, ecfg = resize_vocab(eparams, ecfg, etok.vocab_size)
-    return ecfg, eparams, etok
+    tok_dir = tokenizer or (checkpoint if _has_tokenizer(checkpoint) else None)
+    tok = Tokenizer.from_dir(tok_dir, geometry=mcfg.vision.geometry)
+    if tok.vocab_size > mcfg.text.vocab_size:
+        params, mcfg = resize_vocab(params, mcfg, tok.vocab_size)
+    return mcfg, params, tok
+
+
+def load_embedder(cfg: RunConfig):
+    """Embed-RL's frozen embedder (`_load_frozen` of ``embed_rl.embedder_*``, seed offset 1)."""
+    e = cfg.embed_rl
+    return _load_frozen(cfg, e.embedder_checkpoint, e.embedder_random_preset, e.embedder_tokenizer, 1)
+
+
+def load_judge(cfg: RunConfig):
+    """Embed-RL's frozen judge (PRM; `_load_frozen` of ``embed_rl.prm_*``, seed offset 2)."""
+    e = cfg.embed_rl
+    return _load_frozen(cfg, e.prm_checkpoint, e.prm_random_preset, e.prm_tokenizer, 2)
 
 
 def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
@@ -537,7 +548,7 @@ def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
     import dataclasses
 
     from elva_jax.rl.embed_rl_rewards import embed_rl_reward_config
-    from elva_jax.rl.embed_rl_trainer import EmbedRLTrainer, FrozenEmbedder, reasoner_policy
+    from elva_jax.rl.embed_rl_trainer import EmbedRLTrainer, FrozenEmbedder, FrozenJudge, reasoner_policy
     from elva_jax.rl.loop import rl_configs, run_rl
     from elva_jax.train.loop import model_options
 
@@ -551,12 +562,18 @@ def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
             f"rl.instances_per_step {cfg.rl.instances_per_step} exceeds the {len(instances)} Embed-RL pairs"
         )
     ecfg, eparams, etok = load_embedder(cfg)
+    e, d = cfg.embed_rl, cfg.data
+    judge = load_judge(cfg) if e.prm_enabled else None
+    full = not cfg.lora.enabled
     opts = model_options(cfg)
     rcfg, _ = rl_configs(cfg)
-    e, d = cfg.embed_rl, cfg.data
+    jname = (
+        f", frozen judge {e.prm_checkpoint or e.prm_random_preset} ({judge[0].text.num_layers}-layer)" if judge else ""
+    )
     print(
-        f"[elva_jax] Embed-RL: {len(instances)} pairs, G={cfg.rl.group_size}, reasoner {mcfg.text.num_layers}-layer, "
-        f"frozen embedder {e.embedder_checkpoint or e.embedder_random_preset} ({ecfg.text.num_layers}-layer)",
+        f"[elva_jax] Embed-RL: {len(instances)} pairs, G={cfg.rl.group_size}, reasoner {mcfg.text.num_layers}-layer "
+        f"({'full fine-tuning' if full else 'LoRA'}), frozen embedder "
+        f"{e.embedder_checkpoint or e.embedder_random_preset} ({ecfg.text.num_layers}-layer){jname}",
         flush=True,
     )
 
@@ -572,6 +589,7 @@ def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
             lora_scale=lcfg.scale,
             prompt_buckets=tuple(cfg.rl.prompt_buckets),
             mesh=mesh,
+            full_finetune=full,
             **pix,
         )
         emb = FrozenEmbedder(
@@ -585,6 +603,25 @@ def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
             micro_rows=e.embedder_micro_rows,
             **pix,
         )
+        jud = None
+        if judge is not None:
+            jcfg, jparams, jtok = judge
+            jud = FrozenJudge(
+                jcfg,
+                opts,
+                jparams,
+                jtok,
+                request=e.prm_instruction,
+                buckets=tuple(e.prm_seq_buckets),
+                max_new_tokens=e.prm_max_new_tokens,
+                hard_pairs=e.prm_hard_pairs,
+                answer_parse=e.prm_answer_parse,
+                candidate_order=e.prm_candidate_order,
+                patch_row_len=d.patch_row_len,
+                seed=cfg.train.seed,
+                rows_per_call=e.prm_rows_per_call,
+                mesh=mesh,
+            )
         return EmbedRLTrainer(
             policy,
             emb,
@@ -592,10 +629,20 @@ def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
             embed_rl_reward_config(cfg),
             format_check=e.format_check,
             key_frame_base=e.key_frame_base,
+            judge=jud,
+            evidence_kind=e.evidence_kind,
         )
 
     return run_rl(
-        cfg, mcfg, params, instances, tokenizer, opts, run_dir=os.path.join(cfg.run.dir, "rl"), build_trainer=build
+        cfg,
+        mcfg,
+        params,
+        instances,
+        tokenizer,
+        opts,
+        run_dir=os.path.join(cfg.run.dir, "rl"),
+        build_trainer=build,
+        full_finetune=full,
     )
 
 

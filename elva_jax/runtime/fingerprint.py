@@ -54,6 +54,10 @@ FIELDS["embed_rl"] = FIELDS["rl"] + (
     "embed_rl.embedder_random_preset",
     "embed_rl.reasoner_instruction",
     "embed_rl.summarise_instruction",
+    "embed_rl.prm_enabled",  # the judge: a third model whose verdicts are part of the reward
+    "embed_rl.prm_checkpoint",
+    "embed_rl.prm_random_preset",
+    "embed_rl.prm_instruction",
 )
 
 

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from elva_jax.data.tcot import REASONS, TAGS, format_flags, parse_tcot
+from elva_jax.data.tcot import REASONS, TAGS, expected_evidence, format_flags, parse_tcot
 
 # Embed-RL's check_format (verl/workers/reward_model/vlm2vec_reward.py): re.search with DOTALL
 OFFICIAL = re.compile(r"<thinking>.*?</thinking>.*?<rethink>.*?</rethink>.*?<answer>.*?</answer>", re.DOTALL)
@@ -150,6 +150,52 @@ def test_format_flags_counts_reasons():
     assert reasons == {"missing_tag": 1, "key_frames_without_video": 1}
     with pytest.raises(ValueError, match="2 responses"):
         format_flags(["a", "b"], num_frames=[None])
+
+
+TEXT_SIDE = {"text": "a dog on a sofa"}
+IMAGE_SIDE = {"image": "dog.jpg"}
+IMAGE_TEXT_SIDE = {"image": "dog.jpg", "text": "Find a similar photo.", "instruction": "Retrieve."}
+VIDEO_SIDE = {"video": "clip.mp4", "text": "What happens?"}
+
+# (side, evidence, num_frames, strict reason with the side's kind): the official prompts' rule by modality
+MODALITY_TABLE = [
+    (TEXT_SIDE, KW, None, ""),
+    (TEXT_SIDE, BOX, None, "wrong_evidence_kind"),
+    (TEXT_SIDE, FR, 8, "wrong_evidence_kind"),
+    (IMAGE_SIDE, BOX, None, ""),
+    (IMAGE_SIDE, KW, None, "wrong_evidence_kind"),
+    (IMAGE_TEXT_SIDE, BOX, None, ""),  # an image with text: boxes (PROMPT_IMAGE / PROMPT_POS_IMAGE)
+    (IMAGE_TEXT_SIDE, KW, None, "wrong_evidence_kind"),
+    (VIDEO_SIDE, FR, 8, ""),
+    (VIDEO_SIDE, KW, 8, "wrong_evidence_kind"),
+    (VIDEO_SIDE, BOX, 8, "wrong_evidence_kind"),
+    (IMAGE_SIDE, '{"bbox_2d": [5, 5, 1, 1]}', None, "bbox_empty"),  # the right kind, still checked
+]
+
+
+@pytest.mark.parametrize("side, evidence, frames, reason", MODALITY_TABLE)
+def test_evidence_kind_by_modality(side, evidence, frames, reason):
+    text = cot(evidence)
+    got = parse_tcot(text, expected=expected_evidence(side), num_frames=frames)
+    assert got.reason == reason
+    # "any" kind (expected None): only the evidence itself is checked; the official "tags" check passes all
+    anykind = parse_tcot(text, num_frames=frames).reason
+    assert anykind == ("bbox_empty" if reason == "bbox_empty" else "")
+    assert parse_tcot(text, check="tags").ok and official_ok(text)
+
+
+def test_expected_evidence():
+    assert [expected_evidence(x) for x in (TEXT_SIDE, IMAGE_SIDE, IMAGE_TEXT_SIDE, VIDEO_SIDE, {})] == [
+        "text_keywords",
+        "bbox_2d",
+        "bbox_2d",
+        "key_frames",
+        "text_keywords",
+    ]
+    sides = [TEXT_SIDE, IMAGE_SIDE, TEXT_SIDE]
+    flags, reasons = format_flags([cot(KW), cot(KW), cot(BOX)], expected=[expected_evidence(x) for x in sides])
+    np.testing.assert_array_equal(flags, [1, 0, 0])
+    assert reasons == {"wrong_evidence_kind": 2}
 
 
 def test_bad_arguments_are_refused():

@@ -32,6 +32,7 @@ def test_step_scores_every_rollout_with_the_frozen_embedder_and_moves_only_the_l
         st, m = tr.step(st, PAIRS)
         metrics.append(m)
     assert st.step == 2
+    assert tr.last_samples.ret_emb is None  # the reasoner's sampler builds no [RET] embeddings
     for m in metrics:
         for k in ("reward", "orm", "acc", "margin", "format", "loss", "kl_mean", "grad_norm", "cot_len"):
             assert np.isfinite(m[k]), k

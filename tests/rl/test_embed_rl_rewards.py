@@ -185,6 +185,87 @@ def test_prm_reward_and_candidates():
                 assert list(cols[i][valid[i]]) == want, (i, sims[i], pairs)
 
 
+def np_judge_list(s, row_pair, col_pairs, k):
+    """The official candidate list (`candidate_pos_indices`): every own-pair column in index order, then
+    the hard pairs' columns; and how many of them are the row's own (`num_positives`)."""
+    own = [j for j in range(len(s)) if col_pairs[j] == row_pair]
+    return own + np_prm_candidates(s, row_pair, col_pairs, k), len(own)
+
+
+def np_verdict(choice, num_own, num_listed):
+    """The official check: `0 <= selected_idx < num_positives` (a -1 or out-of-range pick is wrong)."""
+    return 0 <= choice < num_own and choice < num_listed
+
+
+def test_judge_candidates_against_the_official_lists():
+    rng = np.random.default_rng(8)
+    fn = jax.jit(E.judge_candidates, static_argnames=("num_pairs", "hard_pairs", "num_own"))
+    for I, G, k in ((2, 3, 4), (6, 2, 4), (4, 2, 2), (1, 3, 4)):
+        pairs = np.repeat(np.arange(I), G)
+        for sims in (rng.uniform(-1, 1, (I * G, I * G)), rng.choice([0.1, 0.5], (I * G, I * G))):
+            cols, own, valid = map(
+                np.asarray, fn(sims.astype(np.float32), pairs, pairs, num_pairs=I, hard_pairs=k, num_own=G)
+            )
+            assert cols.shape == (I * G, G + min(k, I))
+            for i in range(I * G):
+                want, n_own = np_judge_list(sims[i], pairs[i], pairs, k)
+                assert list(cols[i][valid[i]]) == want, (I, G, i)
+                assert list(own[i][valid[i]]) == [True] * n_own + [False] * (len(want) - n_own)
+                assert not own[i][~valid[i]].any()
+    # hand-checked: 3 pairs x 2 rollouts, row 0 (pair 0): own columns 0, 1; pair 2's best column 5 (0.7)
+    # beats pair 1's best column 2 (0.6), so the list is [0, 1, 5, 2]; with hard_pairs 1 only [0, 1, 5]
+    row = np.array([[0.1, 0.2, 0.6, 0.3, 0.5, 0.7]], np.float32)
+    c, o, v = E.judge_candidates(row, np.array([0]), np.repeat(np.arange(3), 2), num_pairs=3, hard_pairs=4, num_own=2)
+    assert np.asarray(c)[0][np.asarray(v)[0]].tolist() == [0, 1, 5, 2]
+    # K = min(hard_pairs, num_pairs) = 3 slots, of which only 2 other pairs exist: the last is padding
+    assert np.asarray(o)[0].tolist() == [True, True, False, False, False]
+    assert np.asarray(v)[0].tolist() == [True] * 4 + [False]
+    c, _, _ = E.judge_candidates(row, np.array([0]), np.repeat(np.arange(3), 2), num_pairs=3, hard_pairs=1, num_own=2)
+    assert np.asarray(c)[0].tolist() == [0, 1, 5]
+
+
+def test_judge_verdicts_and_prm():
+    own = np.array([[True, True, False, False]] * 6 + [[True, False, False, False]])
+    choice = np.array([0, 1, 2, 3, -1, 4, 1])
+    got = np.asarray(jax.jit(E.judge_verdicts)(choice, own))
+    assert got.tolist() == [True, True, False, False, False, False, False]
+    assert got.tolist() == [np_verdict(c, int(o.sum()), 4) for c, o in zip(choice, own)]
+    # a shuffled list: the own rollouts anywhere
+    assert np.asarray(
+        E.judge_verdicts(np.array([2, 0]), np.array([[False, False, True], [False, True, False]]))
+    ).tolist() == [True, False]
+    margin = np.array([0.3, -0.2, 0.5, 0.1, 0.4, 0.2, 0.6])
+    np.testing.assert_allclose(np.asarray(E.prm_reward(got, margin)), [0.3, -0.2, 0, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize(
+    "text, k, strict, official",
+    [
+        ("1", 4, 0, 0),
+        (" 3\n", 4, 2, 2),
+        ("4", 4, 3, 3),
+        ("5", 4, -1, -1),  # out of range: wrong for both
+        ("0", 4, -1, -1),
+        ("Candidate 2", 4, -1, 1),  # official: the first run of digits
+        ("2.", 4, -1, 1),
+        ("2 or 3", 4, -1, 1),
+        ("12", 4, -1, -1),
+        ("", 4, -1, -1),
+        ("two", 4, -1, -1),
+        ("\u0663", 4, -1, 2),  # an Arabic-Indic 3: not ASCII (strict); Python's \d and int() accept it
+        (None, 4, -1, -1),
+    ],
+)
+def test_parse_judge_choice(text, k, strict, official):
+    assert E.parse_judge_choice(text, k) == strict
+    assert E.parse_judge_choice(text, k, "first_integer") == official
+
+
+def test_parse_judge_choice_refuses_an_unknown_mode():
+    with pytest.raises(ValueError, match="parse"):
+        E.parse_judge_choice("1", 2, "loose")
+
+
 def test_weights_and_total():
     fmt, orm_, prm = np.array([1.0, 0.0]), np.array([0.2, -0.1]), np.array([0.3, 0.0])
     on = EmbedRLRewardConfig(prm_enabled=True)

@@ -37,6 +37,8 @@ def test_preset_has_the_official_values():
     )
     assert (e.top_n, e.prm_hard_pairs, e.format_check, e.key_frame_base) == (0, 4, "tags", 1)
     assert not cfg.lora.enabled
+    assert (e.prm_max_new_tokens, e.prm_answer_parse, e.prm_candidate_order) == (10, "first_integer", "own_first")
+    assert e.prm_checkpoint and e.prm_checkpoint != e.embedder_checkpoint
     rc = embed_rl_reward_config(cfg)
     assert rc == EmbedRLRewardConfig(prm_enabled=True) and reward_weights(rc) == (0.05, 0.8, 0.2)
 
@@ -75,26 +77,37 @@ def test_embed_rl_run_refuses_what_it_cannot_run_up_front(tmp_path, capsys):
     with pytest.raises(configlib.ConfigError, match="rl.recipe=embed_rl: train.stages has 'contrastive'"):
         run(cfg)
     assert not run_dir.exists()  # refused before anything was written or trained
-    # the judge (PRM) is not implemented: the paper preset's prm_enabled is refused in one line
+    # the paper preset (judge on, full fine-tuning) passes; what it cannot run is refused in one line
+    check_recipe_available(configlib.load(RunConfig, PRESET))
     with pytest.raises(SystemExit) as e:
         errors.cli(
             main,
-            ["--config", PRESET, "train.stages=[rl]", f"run.dir={run_dir}"],
+            ["--config", PRESET, "train.stages=[rl]", "train.eval_modes=[eol]", f"run.dir={run_dir}"],
             prog="python -m elva_jax.train",
         )
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "prm_enabled" in err[0] and "ConfigError" in err[0]
+    assert len(err) == 1 and "train.eval_modes" in err[0] and "ConfigError" in err[0]
     assert not run_dir.exists()
     for over, what in (
-        ("train.eval_modes=[eol]", "train.eval_modes"),
         ("rl.candidate_sampling=shared", "per_rollout"),
         ("rl.aux_soft_rank_weight=0.1", "aux_soft_rank_weight"),
-        ("lora.enabled=false", "full fine-tuning"),
     ):
         with pytest.raises(configlib.ConfigError, match=what):
             check_recipe_available(configlib.load(RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[rl]", over]))
-    check_recipe_available(configlib.load(RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[rl]"]))
+    base = ["rl.recipe=embed_rl", "train.stages=[rl]"]
+    for ok in ([], ["lora.enabled=false"], ["embed_rl.prm_enabled=true"]):  # full fine-tuning, the judge
+        check_recipe_available(configlib.load(RunConfig, None, base + ok))
+    for over, field in (
+        (["embed_rl.prm_answer_parse=loose"], "embed_rl.prm_answer_parse"),
+        (["embed_rl.evidence_kind=boxes"], "embed_rl.evidence_kind"),
+        (["embed_rl.prm_candidate_order=random"], "embed_rl.prm_candidate_order"),
+        (["embed_rl.prm_max_new_tokens=0"], "embed_rl.prm_max_new_tokens"),
+        (["embed_rl.prm_rows_per_call=-1"], "embed_rl.prm_rows_per_call"),
+        (["embed_rl.prm_seq_buckets=[]"], "embed_rl.prm_seq_buckets"),
+    ):
+        with pytest.raises(configlib.ConfigError, match=field):
+            configlib.load(RunConfig, None, base + over)
     # a contrastive-only run may carry the recipe (the embedder is trained contrastively first)
     check_recipe_available(configlib.load(RunConfig, None, ["rl.recipe=embed_rl", "train.stages=[contrastive]"]))
 
