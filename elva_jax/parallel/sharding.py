@@ -114,6 +114,25 @@ def mesh_or_replicated(tree, mesh: Mesh):
     return jax.tree.map(one, tree)
 
 
+def optimizer_shardings(tx, trainable, mesh: Mesh):
+    """Shardings of ``tx``'s state for ``trainable`` (arrays or abstract leaves with NamedShardings): every
+    copy of the parameter tree in it (Adam's mu and nu) laid out as ``trainable``, the rest (step counts)
+    replicated. `jit(tx.init)` does not do this by itself: its outputs depend on no input value, so XLA
+    returns the moments replicated (a full copy per device)."""
+    import optax
+
+    state = jax.eval_shape(tx.init, trainable)
+    shardings = jax.tree.map(lambda x: x.sharding, trainable)
+    return optax.tree_map_params(tx, lambda _, s: s, state, shardings, transform_non_params=lambda _: replicated(mesh))
+
+
+def init_optimizer(tx, trainable, mesh: Mesh | None):
+    """``tx.init(trainable)`` built on the devices with `optimizer_shardings` (plain ``tx.init`` without a mesh)."""
+    if mesh is None:
+        return tx.init(trainable)
+    return jax.jit(tx.init, out_shardings=optimizer_shardings(tx, trainable, mesh))(trainable)
+
+
 def fitting_sharding(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules=LOGICAL_RULES):
     """NamedSharding of the logical ``axes``, or replicated when a split does not divide its dimension
     (per-step data whose row count depends on the step's contents: correct either way, sharded when it can)."""

@@ -84,11 +84,6 @@ def plan(
     mcfg, model_desc = resolve_model(run, model)
     emb_mcfg = emb_desc = None
     if is_embed_rl(run):
-        if not run.lora.enabled:
-            raise ConfigError(
-                "rl.recipe=embed_rl with lora.enabled=false: the plan's RL update differentiates a LoRA; the full "
-                "fine-tuning update of the reasoner is not planned yet (plan lora.enabled=true)"
-            )
         if getattr(run.embed_rl, "prm_enabled", False):
             raise ConfigError(
                 "embed_rl.prm_enabled: the judge (a third model) is not in the plan yet; "

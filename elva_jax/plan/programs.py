@@ -104,7 +104,9 @@ def rl_update_program(setup: Setup) -> Program:
 
     shp, mesh = setup.shapes, setup.mesh
     rcfg, reward_cfg = _rl_configs(setup)
-    opt = opt_state(setup, setup.lora)
+    full = _full_rl(setup)
+    trainable = setup.params if full else setup.lora  # full: the policy's whole tree, params the frozen reference
+    opt = opt_state(setup, trainable)
     batch = rl_batch(setup.mcfg, shp, "old_logp" if rcfg.recompute_old_logp() else "sampler_logp")  # as the trainer
     b_sh = rl_batch_shardings(batch, mesh)
     check_split(batch, b_sh, "rl_batch")
@@ -134,14 +136,18 @@ def rl_update_program(setup: Setup) -> Program:
             opts=setup.opts,
             reward_cfg=reward_cfg,
             lora_scale=setup.lcfg.scale,
+            full_finetune=full,
         )
 
     fn = jax.jit(update, donate_argnums=(0, 1))
-    groups = {"params": setup.params, "lora": setup.lora, "optimizer": opt, "batch": batch, **_resident_embedder(setup)}
+    trained = {"trainable params": trainable} if full else {"lora": setup.lora}
+    groups = {"params": setup.params, **trained, "optimizer": opt, "batch": batch, **_resident_embedder(setup)}
     note = f"I={shp.I} x S={shp.S} = {shp.D} prompts of P={shp.P} x G={shp.G} = {shp.N} rows of T={shp.T}" + (
         f", {shp.Lv} patches/row" if shp.rl_images else ", text only"
     )
-    return Program("rl_update", fn, (setup.lora, opt, setup.params, batch), groups, note)
+    if full:
+        note += ", full fine-tuning (params = the frozen reference copy)"
+    return Program("rl_update", fn, (trainable, opt, setup.params, batch), groups, note)
 
 
 def decode_program(setup: Setup) -> Program:
@@ -173,6 +179,9 @@ def decode_program(setup: Setup) -> Program:
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(mesh))
 
+    full = _full_rl(setup)
+    lora = None if full else setup.lora  # full: the policy samples with its own (trained) tree
+
     def step(params, lora, logits, cache, key):
         key, sub = jax.random.split(key)
         tok, lp = sample_token(sub, logits, scfg)
@@ -182,15 +191,20 @@ def decode_program(setup: Setup) -> Program:
         return tok, lp, logits, cache, key
 
     fn = jax.jit(step, donate_argnums=(2, 3))
-    groups = {
-        "params": setup.params,
-        "lora": setup.lora,
-        "kv_cache": cache,
-        "logits": logits,
-        **_resident_embedder(setup),
-    }
+    groups = {"params": setup.params, "lora": lora, "kv_cache": cache, "logits": logits}
+    if full:  # the frozen reference copy and the whole tree's optimizer state stay on the devices meanwhile
+        groups.update(
+            {"reference params (resident)": setup.params, "optimizer (resident)": opt_state(setup, setup.params)}
+        )
+    groups.update(_resident_embedder(setup))
     note = f"{rows} rows ({m} of {shp.I} instances per sampler call), cache {shp.P + shp.T} slots ({scfg.cache_dtype})"
-    return Program("decode", fn, (setup.params, setup.lora, logits, cache, key), groups, note)
+    return Program("decode", fn, (setup.params, lora, logits, cache, key), groups, note)
+
+
+def _full_rl(setup: Setup) -> bool:
+    """Embed-RL's fully fine-tuned reasoner (lora.enabled false): the update trains the whole tree
+    against a frozen copy (`rl.loop`'s ``full_finetune``); ELVA's RL stage always trains a LoRA."""
+    return setup.embedder is not None and not setup.run.lora.enabled
 
 
 def _resident_embedder(setup: Setup) -> dict:
@@ -225,8 +239,11 @@ def embed_program(setup: Setup) -> Program:
         "embedder params": eparams,
         "batch": x,
         "reasoner params (resident)": setup.params,
-        "reasoner lora (resident)": setup.lora,
-        "optimizer (resident)": opt_state(setup, setup.lora),
+        **(
+            {"reasoner reference (resident)": setup.params, "optimizer (resident)": opt_state(setup, setup.params)}
+            if _full_rl(setup)
+            else {"reasoner lora (resident)": setup.lora, "optimizer (resident)": opt_state(setup, setup.lora)}
+        ),
     }
     per_call = f", {R} per call" if R != shp.N else ""
     note = f"{shp.N} rows = I={shp.I} pairs x 2 sides x G={shp.G} rollouts of E={E} tokens{per_call}" + (

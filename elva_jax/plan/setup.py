@@ -321,10 +321,9 @@ def build_setup(run, mcfg, mesh, shapes: Shapes, embedder_mcfg=None) -> Setup:
 
 
 def opt_state(setup: Setup, trainable):
-    """Abstract optimizer state with the shardings the training loop gets (`jit(tx.init)` propagation)."""
-    from elva_jax.parallel.sharding import mesh_or_replicated
+    """Abstract optimizer state with the shardings the training loops give it
+    (`elva_jax.parallel.sharding.optimizer_shardings`: moments as the trainable, counters replicated)."""
+    from elva_jax.parallel.sharding import optimizer_shardings
 
     out = jax.eval_shape(setup.tx.init, trainable)
-    sh = jax.jit(setup.tx.init).lower(trainable).compile().output_shardings
-    # leaves that depend on no input (Adam's step count) come back on one device: replicate them
-    return with_shardings(out, mesh_or_replicated(sh, setup.mesh))
+    return with_shardings(out, optimizer_shardings(setup.tx, trainable, setup.mesh))

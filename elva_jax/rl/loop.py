@@ -24,7 +24,14 @@ import numpy as np
 from elva_jax.model.config import ModelConfig
 from elva_jax.model.lora import LoraConfig, init_lora, lora_axes
 from elva_jax.model.params import logical_axes
-from elva_jax.parallel.sharding import any_process, make_mesh, mesh_or_replicated, place, replicated, tree_shardings
+from elva_jax.parallel.sharding import (
+    any_process,
+    init_optimizer,
+    make_mesh,
+    place,
+    replicated,
+    tree_shardings,
+)
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import RLConfig
 from elva_jax.rl.trainer import RLState, RLTrainer
@@ -88,8 +95,7 @@ def place_rl_state(
     params = place(state.params, tree_shardings(logical_axes(mcfg), state.params, mesh))
     axes = logical_axes(mcfg) if full_finetune else lora_axes(mcfg, lcfg)
     lora = place(state.lora, tree_shardings(axes, state.lora, mesh))
-    opt_state = jax.jit(tx.init)(lora)  # moments follow the LoRA layout; counters are replicated
-    opt_state = place(opt_state, mesh_or_replicated(opt_state, mesh))
+    opt_state = init_optimizer(tx, lora, mesh)  # moments laid out as the trainable; counters replicated
     return RLState(state.step, params, lora, opt_state, place(state.key, replicated(mesh)))
 
 

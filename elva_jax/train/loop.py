@@ -22,7 +22,15 @@ from elva_jax.configlib import ConfigError
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.lora import LoraConfig, init_lora, lora_axes
 from elva_jax.model.params import logical_axes
-from elva_jax.parallel.sharding import any_process, make_mesh, mesh_or_replicated, place, replicated, tree_shardings
+from elva_jax.parallel.sharding import (
+    any_process,
+    init_optimizer,
+    make_mesh,
+    mesh_or_replicated,
+    place,
+    replicated,
+    tree_shardings,
+)
 from elva_jax.runtime.checkpointing import Checkpointer, CheckpointIncompatible, abstract_like
 from elva_jax.runtime.fingerprint import run_fingerprint
 from elva_jax.runtime.observe import MetricsLogger, Profiler, device_peak_flops, lowered_flops, unrolled
@@ -127,7 +135,7 @@ def train(
             jax.random.fold_in(key, 1)
         )
         trainable = lora
-    opt_state = jax.jit(tx.init, out_shardings=None)(trainable)
+    opt_state = init_optimizer(tx, trainable, mesh)  # moments laid out as the trainable, not replicated
     rep = replicated(mesh)
     state = TrainState(
         jnp.zeros((), jnp.int32), params, lora, opt_state, jax.random.fold_in(key, 2), jnp.zeros((), jnp.int32)

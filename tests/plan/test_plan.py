@@ -90,6 +90,26 @@ def test_embed_rl_plan_holds_both_models_on_8_cpu_devices(tmp_path):
     assert "embed_rl.embedder_micro_rows=4" in r.stdout and "embedder_seq_buckets" in r.stdout
 
 
+def test_embed_rl_plan_of_a_fully_fine_tuned_reasoner(tmp_path):
+    """lora.enabled=false under Embed-RL: the update trains the whole tree (its AdamW state two fp32
+    copies of it) against a frozen reference copy, and both copies and the state stay resident while
+    the policy samples."""
+    out = tmp_path / "plan.json"
+    cfg = os.path.join(ROOT, "configs", "tiny_embed_rl.yaml")
+    r = run_plan(
+        "--config", cfg, "--topology", "cpu:4", "--mesh", "data=1,fsdp=4,tensor=1", "--programs", "rl_update,decode",
+        "--json", str(out), "lora.enabled=false",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    progs = json.loads(out.read_text())["programs"]
+    upd, dec = progs["rl_update"]["arguments_per_device"], progs["decode"]["arguments_per_device"]
+    assert "lora" not in upd and upd["trainable params"] == upd["params"]
+    assert 2 * upd["params"] <= upd["optimizer"] <= 2 * upd["params"] + 64  # mu, nu (+ the step count)
+    assert "full fine-tuning" in progs["rl_update"]["note"]
+    assert dec["params"] == dec["reference params (resident)"] == upd["params"]
+    assert dec["optimizer (resident)"] == upd["optimizer"] and "lora" not in dec
+
+
 def test_jaxpr_flops_multiplies_scanned_layers_and_counts_remat():
     L, B, D = 6, 16, 32
 
