@@ -184,8 +184,10 @@ def build_rl_instances(
     tokenizer=None,
     dropped: list[str] | None = None,
     stats_out: dict | None = None,
-) -> list[dict]:
-    """RL instances: query + positive + negatives, from the training queries.
+):
+    """RL instances: query + positive + negatives, from the training queries, read by index through
+    ``data.source`` (an :class:`~elva_jax.rl.loop.RLInstances` sequence; from prepared shards the sides
+    carry the images' bytes).
 
     rl.negatives = "dataset": the first `num_hard_negatives` of each query's neg_cand_list plus
     `num_random_negatives` seeded random pool candidates. "mined" (the paper's balanced sampling):
