@@ -364,11 +364,6 @@ def _check_values(c) -> None:
             c.data.source == "files" or c.data.kind != "bundled",
             "needs data.kind mbeir or nli (bundled data is generated as files; prepare it and name its files)",
         ),
-        (
-            "data.source",
-            c.data.source == "files" or "rl" not in c.train.stages,
-            "must be 'files' for the RL stage (its negative mining reads the M-BEIR files)",
-        ),
         ("data.min_pixels", 0 < c.data.min_pixels <= c.data.max_pixels, "must be > 0 and <= data.max_pixels"),
         ("data.video_fps", fin(c.data.video_fps) and c.data.video_fps >= 0, "must be >= 0 (0: every frame)"),
         ("data.video_min_frames", c.data.video_min_frames >= 1, "must be >= 1"),

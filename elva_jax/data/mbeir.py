@@ -12,8 +12,9 @@ File formats (one JSON object per line for the two jsonl kinds; ids stay strings
 Modality rules (a field is *present* when it is a non-blank string): ``"text"`` needs text and no image,
 ``"image"`` an image and no text, ``"image,text"`` both. Video (this project's extension, not M-BEIR's):
 an optional ``query_video_path`` (queries) / ``video_path`` (pool), a video file or frame folder relative
-to the root like an image path, with modality ``"video"`` (video only) or ``"video,text"``; a record
-without the field reads as before. Every violation raises
+to the root like an image path, with modality ``"video"`` (video only) or ``"video,text"``, and an
+optional ``query_video_fps`` / ``video_fps`` (a positive number: a frame folder's frame rate, passed as
+the side's ``"video_fps"``; only beside a video); a record without the fields reads as before. Every violation raises
 :class:`~elva_jax.data.errors.DataFormatError` naming the file and the 1-based line.
 
 Directory layout (M-BEIR's, also used by MRBench and the bundled multi-grain set)::
@@ -75,6 +76,7 @@ class Query:
     task_id: int
     query_src_content: Any = dataclasses.field(default=None, hash=False, compare=False)
     query_video_path: str | None = None
+    query_video_fps: float | None = None
 
     @property
     def dataset_id(self) -> int:
@@ -91,6 +93,7 @@ class Candidate:
     modality: str
     src_content: Any = dataclasses.field(default=None, hash=False, compare=False)
     video_path: str | None = None
+    video_fps: float | None = None
 
     @property
     def dataset_id(self) -> int:
@@ -203,6 +206,17 @@ class _Fields:
             raise self.error(f"field {name!r} must be a string or null, got {type(value).__name__}")
         return value
 
+    def video_fps(self, name: str, video: str | None) -> float | None:
+        """An optional frame rate (a positive number or null), only beside a video field."""
+        value = self.get(name, required=False)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise self.error(f"field {name!r} must be a positive number (frames per second) or null, got {value!r}")
+        if video is None or not video.strip():
+            raise self.error(f"field {name!r} is given without a video")
+        return float(value)
+
     def integer(self, name: str) -> int:
         value = self.get(name)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -260,6 +274,7 @@ def read_queries(path: str | Path) -> list[Query]:
                 task_id=f.integer("task_id"),
                 query_src_content=f.get("query_src_content"),
                 query_video_path=vid,
+                query_video_fps=f.video_fps("query_video_fps", vid),
             )
         )
     return queries
@@ -286,6 +301,7 @@ def read_pool(path: str | Path) -> dict[str, Candidate]:
             modality=f.modality("modality", {"txt": txt, "img_path": img, "video_path": vid}),
             src_content=f.get("src_content", required=False),
             video_path=vid,
+            video_fps=f.video_fps("video_fps", vid),
         )
     if not pool:
         raise DataFormatError(path, _count_lines(path) + 1, "candidate pool is empty")

@@ -9,8 +9,9 @@ below) -> per-host slice ``[start + process_index :: process_count]`` -> ``to_it
 
 A side is ``{"text", "image", "instruction"}`` plus optionally ``"video"`` (a video file or a frame
 folder, local or an epath URL such as ``gs://``; a folder's frame rate is the side's ``"video_fps"``,
-when it has one), decoded with :func:`elva_jax.data.video.load_video` at the config's video settings and
-the model's geometry; a video over a patch row is resampled with fewer frames. A missing or undecodable
+when it has one; prepared sources add ``"video_data"``: the file's bytes or the folder's frames'
+bytes), decoded with :func:`elva_jax.data.video.load_video` at the config's video settings and the
+model's geometry; a video over a patch row is resampled with fewer frames. A missing or undecodable
 video, or one whose tokens overflow the largest sequence bucket, follows the image policy like a bad
 image. Optional ``"extra_images"`` (local paths) follow the side's image, in order, each its own image
 (the encoder's prompt must count them: `elva_jax.data.tcot_prompts`).
@@ -191,11 +192,20 @@ class PipelineStats:
 # record builders (pure python, picklable dicts)
 
 
-def _side(text: str | None, image: str | None, instruction: str | None = None, video: str | None = None) -> dict:
-    """A side dict; ``"video"`` only when there is one (records without video are unchanged)."""
+def _side(
+    text: str | None,
+    image: str | None,
+    instruction: str | None = None,
+    video: str | None = None,
+    video_fps: float | None = None,
+) -> dict:
+    """A side dict; ``"video"`` only when there is one, ``"video_fps"`` (a frame folder's rate) only when
+    given (records without video are unchanged)."""
     s = {"text": text, "image": image, "instruction": instruction}
     if video is not None:
         s["video"] = video
+        if video_fps is not None:
+            s["video_fps"] = video_fps
     return s
 
 
@@ -214,7 +224,7 @@ def pick_instruction(instructions: dict[str, tuple[str, ...]] | None, qid: str, 
 
 
 def _cand_side(c: Candidate, root: str | Path) -> dict:
-    return _side(c.txt, _media(root, c.img_path), None, _media(root, c.video_path))
+    return _side(c.txt, _media(root, c.img_path), None, _media(root, c.video_path), c.video_fps)
 
 
 def take_negatives(negs: Sequence[str], k: int, qid: str) -> list[str]:
@@ -261,7 +271,9 @@ def _contrastive_record(q: Query, pool: dict[str, Candidate], root, instructions
         raise RecordError(f"query {q.qid!r}: candidates {missing} are not in the pool")
     cmod = pool[dids[0]].modality
     instr = pick_instruction(instructions, q.qid, q.query_modality, cmod)
-    query = _side(q.query_txt, _media(root, q.query_img_path), instr, _media(root, q.query_video_path))
+    query = _side(
+        q.query_txt, _media(root, q.query_img_path), instr, _media(root, q.query_video_path), q.query_video_fps
+    )
     return {"id": q.qid, "query": query, "cands": [_cand_side(pool[d], root) for d in dids]}
 
 
@@ -296,7 +308,7 @@ def rl_records(
         out.append(
             {
                 "id": q.qid,
-                "query": _side(q.query_txt, img, inst.get("instruction"), vid),
+                "query": _side(q.query_txt, img, inst.get("instruction"), vid, q.query_video_fps),
                 "cands": [_cand_side(pool[d], root) for d in dids],
             }
         )
@@ -317,7 +329,7 @@ def corpus_records(
         if isinstance(it, Query):
             img, vid = _media(root, it.query_img_path), _media(root, it.query_video_path)
             instr = pick_instruction(instructions, it.qid, it.query_modality, cand_modality) if cand_modality else None
-            out.append({"id": it.qid, "item": _side(it.query_txt, img, instr, vid)})
+            out.append({"id": it.qid, "item": _side(it.query_txt, img, instr, vid, it.query_video_fps)})
         else:
             out.append({"id": it.did, "item": _cand_side(it, root)})
     return out
@@ -386,8 +398,12 @@ class _EncodeRecord:
             raise ValueError(
                 f"record {rid!r} has a video ({path}) but this pipeline has no patch budget (text-only data)"
             )
+        data = side.get("video_data")  # prepared sources: the container's bytes or the frames' bytes
         try:
-            if not (epath.Path(path).exists() if "://" in str(path) else Path(path).exists()):
+            if "video_data" in side:
+                if data is None:
+                    raise VideoError(f"video {path} was missing when {side.get('where')} was prepared")
+            elif not (epath.Path(path).exists() if "://" in str(path) else Path(path).exists()):
                 raise VideoError(f"video file not found: {path}")
             return load_video(
                 path,
@@ -399,6 +415,7 @@ class _EncodeRecord:
                 max_pixels=c.video_max_pixels or None,
                 max_patches=row_len,
                 folder_fps=side.get("video_fps"),
+                data=data,
             )
         except VideoError as e:
             if c.image_policy.mode == "fail":

@@ -10,8 +10,10 @@ Tables: every ``query/**/*.jsonl`` (queries), ``cand_pool/**/*.jsonl`` (pool) an
 under the root, plus each ``--nli CSV`` given; each keeps the relative path of its file as its name, so
 ``data.train_files`` / ``data.pool_file`` name the same tables. ``instructions/`` and ``qrels/`` files
 are copied as they are. Every jsonl/csv is parsed by the same readers as the files source (a malformed
-line fails here, naming file and line). An image file that is missing is stored as ``None`` and
-counted: at training time the image policy (skip / fail) treats it like a missing file. ``--out`` may
+line fails here, naming file and line). A record's video (``query_video_path`` / ``video_path``) is
+stored as the file's bytes, or for a frame folder as its images' bytes in natural order. An image or
+video that is missing is stored as ``None`` and counted: at training time the image policy (skip /
+fail) treats it like a missing file. ``--out`` may
 be a ``gs://`` path (written locally, then copied through epath).
 
 ``--mmeb``: an MMEB-V2 directory (:mod:`elva_jax.data.mmeb`'s layout; tasks named with ``--tasks`` that
@@ -62,6 +64,25 @@ def _image_bytes(root, img_path: str | None, counts: dict) -> bytes | None:
     return path.read_bytes()
 
 
+def _video_data(root, video_path: str | None, counts: dict) -> tuple[bytes | None, list[bytes] | None] | None:
+    """(file bytes, frame bytes) of a record's video: a file's bytes, or a frame folder's images' bytes in
+    the natural order the pipeline reads them (``video.frame_folder_files``); (None, None) when missing
+    (counted); None without a video."""
+    from elva_jax.data.video import frame_folder_files, is_frame_folder
+
+    if not video_path:
+        return None
+    path = mbeir.resolve_image_path(root, video_path)
+    if not path.exists():
+        counts["videos_missing"] += 1
+        counts["missing_paths"].append(str(path))
+        return None, None
+    counts["videos_stored"] += 1
+    if is_frame_folder(str(path)):
+        return None, [epath.Path(f).read_bytes() for f in frame_folder_files(str(path))]
+    return path.read_bytes(), None
+
+
 def _hf_features(kind: str):
     import datasets as hf
 
@@ -77,12 +98,20 @@ def _hf_features(kind: str):
             task_id=hf.Value("int64"),
             query_src_content=s,
             img_bytes=hf.Value("binary"),
+            query_video_path=s,
+            query_video_fps=hf.Value("float64"),
+            **_video_features(hf),
         )
     elif kind == "pool":
         cols = dict(did=s, txt=s, img_path=s, modality=s, src_content=s, img_bytes=hf.Value("binary"))
+        cols |= dict(video_path=s, video_fps=hf.Value("float64"), **_video_features(hf))
     else:
         cols = dict(sent0=s, sent1=s, hard_neg=s)
     return hf.Features(cols)
+
+
+def _video_features(hf) -> dict:
+    return {"video_bytes": hf.Value("binary"), "video_frames": hf.List(hf.Value("binary"))}
 
 
 def _table_rows(root, rel: str, kind: str, counts: dict, image_root) -> tuple[int, Iterator[dict], dict]:
@@ -91,24 +120,32 @@ def _table_rows(root, rel: str, kind: str, counts: dict, image_root) -> tuple[in
     root = image_root or root
     if kind == "queries":
         items = mbeir.read_queries(path)
-        rows = (query_row(q, _image_bytes(root, q.query_img_path, counts), src_as_json=True) for q in items)
+        rows = (
+            query_row(
+                q,
+                _image_bytes(root, q.query_img_path, counts),
+                src_as_json=True,
+                video=_video_data(root, q.query_video_path, counts),
+            )
+            for q in items
+        )
         cols = {c: [query_row(q)[c] for q in items] for c in QUERY_COLUMNS}
     elif kind == "pool":
         items = list(mbeir.read_pool(path).values())
-        rows = (pool_row(c, _image_bytes(root, c.img_path, counts), src_as_json=True) for c in items)
+        rows = (
+            pool_row(
+                c,
+                _image_bytes(root, c.img_path, counts),
+                src_as_json=True,
+                video=_video_data(root, c.video_path, counts),
+            )
+            for c in items
+        )
         cols = {c: [pool_row(x)[c] for x in items] for c in POOL_COLUMNS}
     else:
         items = nli.read_nli_csv(path)
         rows = ({"sent0": a, "sent1": b, "hard_neg": c} for a, b, c in items)
         cols = {}
-    if kind != "nli":
-        vid = next((x for x in items if getattr(x, "query_video_path", None) or getattr(x, "video_path", None)), None)
-        if vid is not None:
-            rid = getattr(vid, "qid", None) or vid.did
-            raise ValueError(
-                f"{path}: record {rid!r} has a video; prepared shards do not carry video fields yet "
-                "(read this data with data.source='files')"
-            )
     return len(items), rows, cols
 
 
@@ -133,11 +170,11 @@ def _write_array_record(out: str, name: str, n: int, rows: Iterator[dict], rows_
 _HF_FEED: dict = {}  # the rows and progress of the table being written (datasets hashes the generator's args)
 
 
-def _hf_rows(key: str):
+def _hf_rows(key: str, columns: tuple[str, ...]):
     rows, prog = _HF_FEED[key]
     for r in rows:
         prog.update()
-        yield r
+        yield {c: r.get(c) for c in columns}  # columns a row lacks (no video) are null
 
 
 def _write_hf(out: str, name: str, kind: str, rows: Iterator[dict], prog: Progress, tmp: str):
@@ -151,7 +188,7 @@ def _write_hf(out: str, name: str, kind: str, rows: Iterator[dict], prog: Progre
         ds = hf.Dataset.from_generator(
             _hf_rows,
             features=_hf_features(kind),
-            gen_kwargs={"key": name},
+            gen_kwargs={"key": name, "columns": tuple(_hf_features(kind))},
             cache_dir=os.path.join(tmp, "hf_cache"),
             keep_in_memory=False,
         )
@@ -197,7 +234,7 @@ def prepare(
     tables |= {str(f): "nli" for f in nli_files}
     if not tables:
         raise FileNotFoundError(f"no query/, cand_pool/ jsonl or nli/ csv files under {root} (and no --nli)")
-    counts = {"stored": 0, "missing": 0, "missing_paths": []}
+    counts = {"stored": 0, "missing": 0, "videos_stored": 0, "videos_missing": 0, "missing_paths": []}
     manifest: dict = {
         "format": MANIFEST_FORMAT,
         "backend": fmt,
@@ -234,7 +271,8 @@ def prepare(
                 text_files.append(rel)
         manifest["text_files"] = text_files
         manifest["images"] = {"stored": counts["stored"], "missing": counts["missing"]}
-        manifest["missing_images"] = counts["missing_paths"][:100]
+        manifest["videos"] = {"stored": counts["videos_stored"], "missing": counts["videos_missing"]}
+        manifest["missing_images"] = counts["missing_paths"][:100]  # images and videos
         with open(os.path.join(local, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         if remote_out:
@@ -381,10 +419,11 @@ def main(argv=None) -> int:
     )
     print(
         f"[elva_jax] prepared {len(m['tables'])} tables ({m['images']['stored']} images stored, "
-        f"{m['images']['missing']} missing) as {a.format} under {a.out}"
+        f"{m['images']['missing']} missing; {m['videos']['stored']} videos stored, {m['videos']['missing']} "
+        f"missing) as {a.format} under {a.out}"
     )
     for p in m["missing_images"][:10]:
-        print(f"[elva_jax]   missing image: {p}")
+        print(f"[elva_jax]   missing image or video: {p}")
     return 0
 
 

@@ -9,6 +9,11 @@ file and row of a message, ``table.column(name)`` for the small id columns). Row
 - pool: ``did, txt, img_path, modality, src_content, img_bytes``
 - nli: ``sent0, sent1, hard_neg``
 
+A row with a video adds ``query_video_path`` / ``video_path``, ``query_video_fps`` / ``video_fps`` when
+given, and in prepared tables ``video_bytes`` (a video file's bytes) or ``video_frames`` (a frame
+folder's images' bytes, in the folder's natural order; both None when it was missing at preparation),
+handed to the pipeline as the side's ``video_data``.
+
 ``img_bytes`` holds the image file's bytes in prepared tables (``None`` when the file was missing at
 preparation, which the pipeline's image policy then treats exactly as a missing file) and is ``None``
 in the files source, whose images are opened by path at encode time. ``*_src_content`` is stored as
@@ -85,7 +90,20 @@ def _json_or_none(text):
     return None if text is None else json.loads(text)
 
 
-def query_row(q: mbeir.Query, img_bytes: bytes | None = None, *, src_as_json: bool = False) -> dict:
+def _video_cols(prefix: str, path: str | None, fps: float | None, video: tuple | None) -> dict:
+    """The video columns of a row with a video (none without): its path, its fps when given, and (prepared
+    rows, ``video`` = (file bytes, frame bytes)) ``video_bytes`` / ``video_frames``."""
+    if not path:
+        return {}
+    out = {f"{prefix}video_path": path, **({f"{prefix}video_fps": fps} if fps is not None else {})}
+    if video is not None:
+        out["video_bytes"], out["video_frames"] = video
+    return out
+
+
+def query_row(
+    q: mbeir.Query, img_bytes: bytes | None = None, *, src_as_json: bool = False, video: tuple | None = None
+) -> dict:
     src = json.dumps(q.query_src_content) if src_as_json else q.query_src_content
     return {
         "qid": q.qid,
@@ -97,11 +115,13 @@ def query_row(q: mbeir.Query, img_bytes: bytes | None = None, *, src_as_json: bo
         "task_id": q.task_id,
         "query_src_content": src,
         "img_bytes": img_bytes,
-        **({"query_video_path": q.query_video_path} if q.query_video_path else {}),
+        **_video_cols("query_", q.query_video_path, q.query_video_fps, video),
     }
 
 
-def pool_row(c: mbeir.Candidate, img_bytes: bytes | None = None, *, src_as_json: bool = False) -> dict:
+def pool_row(
+    c: mbeir.Candidate, img_bytes: bytes | None = None, *, src_as_json: bool = False, video: tuple | None = None
+) -> dict:
     src = json.dumps(c.src_content) if src_as_json else c.src_content
     return {
         "did": c.did,
@@ -110,7 +130,7 @@ def pool_row(c: mbeir.Candidate, img_bytes: bytes | None = None, *, src_as_json:
         "modality": c.modality,
         "src_content": src,
         "img_bytes": img_bytes,
-        **({"video_path": c.video_path} if c.video_path else {}),
+        **_video_cols("", c.video_path, c.video_fps, video),
     }
 
 
@@ -134,6 +154,7 @@ def query_from_row(row: dict, where: str, *, src_is_json: bool) -> mbeir.Query:
         task_id=row.get("task_id", -1),
         query_src_content=_json_or_none(src) if src_is_json else src,
         query_video_path=row.get("query_video_path"),
+        query_video_fps=row.get("query_video_fps"),
     )
 
 
@@ -147,6 +168,7 @@ def candidate_from_row(row: dict, where: str, *, src_is_json: bool) -> mbeir.Can
         modality=row["modality"],
         src_content=_json_or_none(src) if src_is_json else src,
         video_path=row.get("video_path"),
+        video_fps=row.get("video_fps"),
     )
 
 
@@ -313,6 +335,31 @@ def _img_label(root, img_path: str | None) -> str | None:
     return str(mbeir.resolve_image_path(root, img_path)) if img_path else None
 
 
+def _query_side(q: mbeir.Query, root, instruction) -> dict:
+    from elva_jax.data.pipeline import _side
+
+    video = _img_label(root, q.query_video_path)
+    return _side(q.query_txt, _img_label(root, q.query_img_path), instruction, video, q.query_video_fps)
+
+
+def _cand_side(c: mbeir.Candidate, root) -> dict:
+    from elva_jax.data.pipeline import _side
+
+    return _side(c.txt, _img_label(root, c.img_path), None, _img_label(root, c.video_path), c.video_fps)
+
+
+def _attach(side: dict, row: dict, where: str) -> None:
+    """A prepared row's media into its side: ``image_bytes`` for an image, ``video_data`` (the frames'
+    bytes of a frame folder, else the file's bytes; None: missing at preparation) for a video, and
+    ``where`` (shard and row) for the pipeline's messages."""
+    if side["image"] is not None:
+        side["image_bytes"], side["where"] = row.get("img_bytes"), where
+    if side.get("video") is not None:
+        frames = row.get("video_frames")
+        side["video_data"] = list(frames) if frames is not None else row.get("video_bytes")
+        side["where"] = where
+
+
 class _RecordsByIndex(Sequence):
     """Records by index: ``self[i]`` is ``self._record(i)`` for i in [0, len) (negative counts from the
     end), a slice a list of records; subclasses give ``__len__`` and ``_record``."""
@@ -363,32 +410,27 @@ class ContrastiveRecords(_RecordsByIndex):
     def __len__(self) -> int:
         return len(self.query_rows)
 
-    def candidate(self, row_index: int) -> tuple[mbeir.Candidate, bytes | None]:
+    def candidate(self, row_index: int) -> tuple[mbeir.Candidate, dict]:
+        """(the pool row's Candidate, the row itself)."""
         row = self.pool[row_index]
-        return candidate_from_row(row, self.pool.where(row_index), src_is_json=self.pool.src_is_json), row.get(
-            "img_bytes"
-        )
+        return candidate_from_row(row, self.pool.where(row_index), src_is_json=self.pool.src_is_json), row
 
     def _record(self, i: int) -> dict:
-        from elva_jax.data.pipeline import _side, pick_instruction
+        from elva_jax.data.pipeline import pick_instruction
 
         row = self.queries[self.query_rows[i]]
         where = self.queries.where(self.query_rows[i])
         q = query_from_row(row, where, src_is_json=self.queries.src_is_json)
         cands = [self.candidate(j) for j in self.cand_rows[i]]
         instr = pick_instruction(self.instructions, q.qid, q.query_modality, cands[0][0].modality)
-        query = _side(
-            q.query_txt, _img_label(self.root, q.query_img_path), instr, _img_label(self.root, q.query_video_path)
-        )
-        sides = [
-            _side(c.txt, _img_label(self.root, c.img_path), None, _img_label(self.root, c.video_path)) for c, _ in cands
-        ]
-        # prepared tables carry the image bytes (None: missing at preparation), the files source the path only
-        if self.queries.prepared and query["image"] is not None:
-            query["image_bytes"], query["where"] = row.get("img_bytes"), where
-        for s, (_, b), j in zip(sides, cands, self.cand_rows[i], strict=True):
-            if self.pool.prepared and s["image"] is not None:
-                s["image_bytes"], s["where"] = b, self.pool.where(j)
+        query = _query_side(q, self.root, instr)
+        sides = [_cand_side(c, self.root) for c, _ in cands]
+        # prepared tables carry the media bytes (None: missing at preparation), the files source the path only
+        if self.queries.prepared:
+            _attach(query, row, where)
+        for s, (_, r), j in zip(sides, cands, self.cand_rows[i], strict=True):
+            if self.pool.prepared:
+                _attach(s, r, self.pool.where(j))
         return {"id": q.qid, "query": query, "cands": sides}
 
 
@@ -405,7 +447,7 @@ class CorpusRecords(_RecordsByIndex):
         return len(self.table)
 
     def _record(self, i: int) -> dict:
-        from elva_jax.data.pipeline import _side, pick_instruction
+        from elva_jax.data.pipeline import pick_instruction
 
         row, where = self.table[i], self.table.where(i)
         if self.is_queries:
@@ -413,16 +455,12 @@ class CorpusRecords(_RecordsByIndex):
             instr = None
             if self.cand_modality:
                 instr = pick_instruction(self.instructions, q.qid, q.query_modality, self.cand_modality)
-            video = _img_label(self.root, q.query_video_path)
-            rid, item = q.qid, _side(q.query_txt, _img_label(self.root, q.query_img_path), instr, video)
+            rid, item = q.qid, _query_side(q, self.root, instr)
         else:
             c = candidate_from_row(row, where, src_is_json=self.table.src_is_json)
-            rid, item = (
-                c.did,
-                _side(c.txt, _img_label(self.root, c.img_path), None, _img_label(self.root, c.video_path)),
-            )
-        if self.table.prepared and item["image"] is not None:
-            item["image_bytes"], item["where"] = row.get("img_bytes"), where
+            rid, item = c.did, _cand_side(c, self.root)
+        if self.table.prepared:
+            _attach(item, row, where)
         return {"id": rid, "item": item}
 
 

@@ -143,9 +143,13 @@ def frame_folder_files(path: str | Path) -> list[str]:
     return [f"{path}{sep}{n}" for n in sorted(names, key=natural_key)]
 
 
-def _read_frame(file: str, shape: tuple[int, int] | None) -> np.ndarray:
+def _read_frame(file: str, shape: tuple[int, int] | None, data: bytes | None = None) -> np.ndarray:
+    """One frame as uint8 [H, W, 3] RGB from ``file`` or, given, from its bytes ``data`` (``file`` then
+    only labels errors)."""
     try:
-        if _is_remote(file):
+        if data is not None:
+            im = Image.open(io.BytesIO(data))
+        elif _is_remote(file):
             im = Image.open(io.BytesIO(_epath(file).read_bytes()))
         else:
             im = Image.open(file)
@@ -158,30 +162,46 @@ def _read_frame(file: str, shape: tuple[int, int] | None) -> np.ndarray:
     return f
 
 
-def _open_video(path, folder_fps: float | None) -> tuple[int, int, int, float, Callable[[np.ndarray], np.ndarray]]:
+def _is_folder(path, data) -> bool:
+    """A frame folder: ``data`` a list of frame bytes, or (no data) ``path`` a directory."""
+    return isinstance(data, (list, tuple)) if data is not None else is_frame_folder(path)
+
+
+def _open_video(
+    path, folder_fps: float | None, data=None
+) -> tuple[int, int, int, float, Callable[[np.ndarray], np.ndarray]]:
     """(N frames, H, W, frame rate, frames(indices) -> uint8 [n, H, W, 3]); a frame folder reads only the
-    frames asked for, a container is decoded whole."""
-    if is_frame_folder(path):
+    frames asked for, a container is decoded whole. ``data``: the contents in memory (a container's bytes,
+    or a folder's frame files' bytes in natural order); ``path`` then only labels errors."""
+    if _is_folder(path, data):
         if folder_fps is None or not folder_fps > 0:
             raise VideoError(f"{path}: a frame folder needs its frame rate (folder_fps > 0), got {folder_fps}")
-        files = frame_folder_files(path)
-        H, W = _read_frame(files[0], None).shape[:2]
+        if data is not None:
+            if not data:
+                raise VideoError(f"{path}: frame folder without image files ({', '.join(FRAME_EXTENSIONS)})")
+            files, blobs = [f"{path}, frame {i}" for i in range(len(data))], list(data)
+        else:
+            files = frame_folder_files(path)
+            blobs = [None] * len(files)
+        H, W = _read_frame(files[0], None, blobs[0]).shape[:2]
 
         def frames(idx: np.ndarray) -> np.ndarray:
-            return np.stack([_read_frame(files[int(i)], (H, W)) for i in idx])
+            return np.stack([_read_frame(files[int(i)], (H, W), blobs[int(i)]) for i in idx])
 
         return len(files), H, W, float(folder_fps), frames
-    all_frames, rate = _decode_container(path)
+    all_frames, rate = _decode_container(path, data)
     N, H, W = all_frames.shape[:3]
     return N, H, W, rate, lambda idx: all_frames[idx]
 
 
-def _decode_container(path) -> tuple[np.ndarray, float]:
+def _decode_container(path, data: bytes | None = None) -> tuple[np.ndarray, float]:
     import av
 
     path = str(path)
     try:
-        if _is_remote(path):
+        if data is not None:
+            src = io.BytesIO(data)
+        elif _is_remote(path):
             p = _epath(path)
             if not p.exists():
                 raise VideoError(f"video file not found: {path}")
@@ -317,6 +337,7 @@ def load_video(
     max_pixels: int | None = None,
     max_patches: int | None = None,
     folder_fps: float | None = None,
+    data: bytes | list[bytes] | None = None,
 ) -> VideoInput:
     """Decode, sample and patch one video (a container file or a frame folder, local or an epath URL) for
     the model whose geometry is `geometry` (`cfg.vision.geometry`).
@@ -326,7 +347,10 @@ def load_video(
     "timestamps"; default: transformers' video processor defaults for the patch size); max_patches: the
     patch budget t * h * w (None: no bound); folder_fps: a frame folder's frame rate (None: the folder is
     taken as already sampled, at `fps` (or DEFAULT_FPS when fps is None), so the rule keeps its frames up
-    to max_frames, evenly spaced, as VLM2Vec samples its saved frame folders; ignored for containers).
+    to max_frames, evenly spaced, as VLM2Vec samples its saved frame folders; ignored for containers);
+    data: the video in memory instead of the file (prepared shards): a container's bytes, or a frame
+    folder's images' bytes in natural order (a list); decoded exactly as the file would be, ``path`` only
+    labels errors.
     Returns a `VideoInput` (patches, grid_thw, frame indices,
     the stream's fps, second_per_grid_t, timestamps).
 
@@ -335,9 +359,9 @@ def load_video(
     """
     lo = DEFAULT_MIN_PIXELS.get(geometry.patch_size, 128 * geometry.factor**2) if min_pixels is None else min_pixels
     hi = DEFAULT_MAX_PIXELS.get(geometry.patch_size, 768 * geometry.factor**2) if max_pixels is None else max_pixels
-    if folder_fps is None and is_frame_folder(path):
+    if folder_fps is None and _is_folder(path, data):
         folder_fps = DEFAULT_FPS if fps is None else fps
-    N, H, W, video_fps, read_frames = _open_video(path, folder_fps)
+    N, H, W, video_fps, read_frames = _open_video(path, folder_fps, data)
     T = geometry.temporal_patch_size
     idx = sample_frame_indices(
         N, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames, geometry=geometry, source=str(path)

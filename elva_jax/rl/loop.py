@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Sequence
 
 import grain
 import jax
@@ -47,23 +48,79 @@ def rl_configs(cfg: RunConfig) -> tuple[RLConfig, RewardConfig]:
     return project(RLConfig, cfg.rl), project(RewardConfig, cfg.rl)
 
 
+def random_negatives(record: dict, pool_sides, n_random: int, seed: int, position: int) -> list[int]:
+    """Indices into ``pool_sides`` of the ``n_random`` random negatives of the record at ``position`` of
+    the instance list: a permutation of the pool seeded by ``[seed, position]``, taken in order, skipping
+    sides whose (text, image) equal one of the record's own candidates. ``pool_sides`` is any sequence of
+    sides (read only at the permutation's first entries)."""
+    if n_random <= 0:
+        return []
+    own = {(c.get("text"), c.get("image")) for c in record["cands"]}
+    rng = np.random.default_rng([seed, position])
+    picks: list[int] = []
+    for j in rng.permutation(len(pool_sides)):
+        c = pool_sides[int(j)]
+        if (c.get("text"), c.get("image")) not in own:
+            picks.append(int(j))
+        if len(picks) == n_random:
+            break
+    return picks
+
+
 def add_random_negatives(records: list[dict], pool_sides: list[dict], n_random: int, seed: int) -> list[dict]:
     """Append n_random candidates drawn (seeded per record) from the pool, avoiding the record's own."""
-    if n_random <= 0:
-        return [dict(r) for r in records]
     out = []
-    for r in records:
-        own = {(c.get("text"), c.get("image")) for c in r["cands"]}
-        rng = np.random.default_rng([seed, len(out)])
-        picks: list[dict] = []
-        for j in rng.permutation(len(pool_sides)):
-            c = pool_sides[int(j)]
-            if (c.get("text"), c.get("image")) not in own:
-                picks.append(c)
-            if len(picks) == n_random:
-                break
-        out.append({**r, "cands": r["cands"] + picks})
+    for i, r in enumerate(records):
+        picks = random_negatives(r, pool_sides, n_random, seed, i)
+        out.append({**r, "cands": r["cands"] + [pool_sides[j] for j in picks]})
     return out
+
+
+class RLInstances(Sequence):
+    """RL instances read by index from a data source (``elva_jax.data.sources``), so prepared shards give
+    the RL stage the images' bytes without holding them all in memory.
+
+    Instance i is record ``base[selected[i]]`` (a :class:`~elva_jax.data.sources.ContrastiveRecords`:
+    query, positive, hard negatives) with extra candidates appended: the pool items ``extra[i]`` (mined
+    negatives, pool row indices) when given, else ``n_random`` random negatives drawn exactly as
+    :func:`add_random_negatives` draws them for position i. ``pool_items``: the pool's corpus records
+    (:class:`~elva_jax.data.sources.CorpusRecords`) by row. Equal, element by element, to the list the
+    files-only builder made (image bytes aside)."""
+
+    def __init__(self, base, selected, pool_items, *, extra=None, n_random: int = 0, seed: int = 0):
+        self.base, self.selected, self.pool_items = base, list(selected), pool_items
+        self.extra, self.n_random, self.seed = extra, n_random, seed
+        self.pool_sides = _Items(pool_items)
+
+    def __len__(self) -> int:
+        return len(self.selected)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i) + (len(self) if int(i) < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(f"instance {i} of {len(self)}")
+        r = self.base[self.selected[i]]
+        picks = (
+            self.extra[i]
+            if self.extra is not None
+            else random_negatives(r, self.pool_sides, self.n_random, self.seed, i)
+        )
+        return {**r, "cands": r["cands"] + [self.pool_sides[j] for j in picks]}
+
+
+class _Items(Sequence):
+    """``corpus[i]["item"]`` by index (a pool's sides)."""
+
+    def __init__(self, corpus):
+        self.corpus = corpus
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, i):
+        return self.corpus[i]["item"]
 
 
 def _digest(data: str | bytes) -> str:
@@ -84,6 +141,14 @@ def select_instances(records: list[dict], fraction: float, seed: int) -> list[di
         n = max(1, int(round(fraction * len(rs))))
         out += [rs[i] for i in sorted(rng.choice(len(rs), n, replace=False))]
     return out
+
+
+def step_batches(n_instances: int, instances_per_step: int, seed: int):
+    """``batches[s]``: the instance indices of RL step s, batch s of a seeded endless shuffle of
+    ``range(n_instances)`` (random access: a resumed run reads its step's batch directly; depends only
+    on the count and the seed, not on the data source or the host)."""
+    order = grain.MapDataset.source(np.arange(n_instances)).shuffle(seed=seed).repeat(None)
+    return order.batch(instances_per_step, drop_remainder=True)
 
 
 def place_rl_state(
@@ -183,8 +248,7 @@ def run_rl(
     )
     # step s trains on batch s of a seeded endless shuffle: the position is the step itself, so a resume
     # (on any number of hosts, each running the same RL program) needs no data state
-    order = grain.MapDataset.source(np.arange(len(instances))).shuffle(seed=cfg.train.seed).repeat(None)
-    batches = order.batch(r.instances_per_step, drop_remainder=True)
+    batches = step_batches(len(instances), r.instances_per_step, cfg.train.seed)
     os.makedirs(run_dir, exist_ok=True)
     ckpt = Checkpointer(
         os.path.join(run_dir, "checkpoints"),

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from elva_jax.data.image_processing import load_image, preprocess_image
+from elva_jax.data.errors import ImageError
+from elva_jax.data.image_processing import load_image, load_image_bytes, preprocess_image
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.inputs import build_inputs, input_axes, pack_images
 from elva_jax.model.sampler import SamplerConfig, generate
@@ -51,6 +52,16 @@ class RLState:
     skipped: int = 0  # updates skipped because the loss, gradient or update was not finite
 
 
+def side_image(side: dict):
+    """A side's image: decoded from ``image_bytes`` when it carries them (prepared sources; ``where``
+    names the shard and row; None: missing when it was prepared), else opened from the file ``image``."""
+    if "image_bytes" not in side:
+        return load_image(side["image"])
+    if side["image_bytes"] is None:
+        raise ImageError(f"image {side['image']} was missing when {side.get('where')} was prepared")
+    return load_image_bytes(side["image_bytes"], f"{side['image']} (in {side.get('where')})")
+
+
 def encode_prompts(sides, encoder, *, min_pixels, max_pixels, buckets: tuple[int, ...], pad_id: int, geometry):
     """Left-padded generation prompts, padded to the smallest length bucket that fits (static shapes).
 
@@ -60,9 +71,7 @@ def encode_prompts(sides, encoder, *, min_pixels, max_pixels, buckets: tuple[int
     for side in sides:
         pv = g = None
         if side.get("image"):
-            pv, g = preprocess_image(
-                load_image(side["image"]), min_pixels=min_pixels, max_pixels=max_pixels, geometry=geometry
-            )
+            pv, g = preprocess_image(side_image(side), min_pixels=min_pixels, max_pixels=max_pixels, geometry=geometry)
             g = np.asarray(g)[None]
         row, _ = encoder.encode(side, pv, g, max(buckets))
         rows.append(row["input_ids"])

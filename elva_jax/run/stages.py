@@ -107,19 +107,6 @@ def training_files(cfg: RunConfig, root: str) -> tuple[tuple[str, ...], str]:
     return files, pool_file
 
 
-def read_mbeir_training(cfg: RunConfig, root: str):
-    """(training queries, candidate pool, instructions or None) of an M-BEIR-format root."""
-    from elva_jax.data import mbeir
-
-    d = cfg.data
-    files, pool_file = training_files(cfg, root)
-    queries = [q for f in files for q in mbeir.read_queries(os.path.join(root, f))]
-    pool = mbeir.read_pool(os.path.join(root, pool_file))
-    instr_path = os.path.join(root, d.instructions_file)
-    instructions = mbeir.read_instructions(instr_path) if os.path.exists(instr_path) else None
-    return queries, pool, instructions
-
-
 def _policy_drops(cfg: RunConfig) -> list[str] | None:
     """Where records that cannot be built go: a list under the skip policy, None (raise) under fail."""
     return [] if cfg.data.image_policy == "skip" else None
@@ -197,8 +184,10 @@ def build_rl_instances(
     tokenizer=None,
     dropped: list[str] | None = None,
     stats_out: dict | None = None,
-) -> list[dict]:
-    """RL instances: query + positive + negatives, from the training queries.
+):
+    """RL instances: query + positive + negatives, from the training queries, read by index through
+    ``data.source`` (an :class:`~elva_jax.rl.loop.RLInstances` sequence; from prepared shards the sides
+    carry the images' bytes).
 
     rl.negatives = "dataset": the first `num_hard_negatives` of each query's neg_cand_list plus
     `num_random_negatives` seeded random pool candidates. "mined" (the paper's balanced sampling):
@@ -209,33 +198,37 @@ def build_rl_instances(
     (`elva_jax.rl.negatives`; its stats, dropped false negatives per query among them, go to `stats_out`). Short lists
     (small pools) are filled by cycling, so every instance has the same number of candidates.
     """
-    from elva_jax.data.pipeline import contrastive_records, corpus_records
-    from elva_jax.rl.loop import add_random_negatives, select_instances
+    from elva_jax.data.sources import ContrastiveRecords, CorpusRecords, concat, open_source
+    from elva_jax.rl.loop import RLInstances, select_instances
 
     d, r = cfg.data, cfg.rl
     if d.kind == "nli":
         raise configlib.ConfigError("the RL stage needs M-BEIR-format data (data.kind mbeir or bundled)")
-    queries, pool, instructions = read_mbeir_training(cfg, root)
+    # read by index through the data source, as the contrastive stage reads (prepared shards carry the
+    # images' bytes; nothing but the small id columns is read up front)
+    src = open_source(root, d.source, cache_dir=os.path.join(cfg.run.dir, "source_cache"))
+    files, pool_file = training_files(cfg, root)
+    queries, pool = concat([src.queries(f) for f in files]), src.pool(pool_file)
+    instructions = src.instructions(d.instructions_file)
+    pool_items = CorpusRecords(pool, src.image_root)
     drops = _policy_drops(cfg)
+    n_hard = r.num_hard_negatives if r.negatives == "dataset" else 0
+    base = ContrastiveRecords(
+        queries, pool, src.image_root, instructions=instructions, num_negatives=n_hard, dropped=drops
+    )
+    _report_drops(cfg, "RL instances", drops, len(queries), dropped)
+    qids = queries.column("qid")
+    ids = [{"id": qids[row], "index": i} for i, row in enumerate(base.query_rows)]
+    selected = [x["index"] for x in select_instances(ids, r.query_fraction, cfg.train.seed)]
     if r.negatives == "dataset":
-        recs = contrastive_records(
-            queries, pool, root, instructions=instructions, num_negatives=r.num_hard_negatives, dropped=drops
-        )
-        _report_drops(cfg, "RL instances", drops, len(queries), dropped)
-        recs = select_instances(recs, r.query_fraction, cfg.train.seed)
-        pool_sides = [corpus_records([c], root)[0]["item"] for c in pool.values()]
-        return add_random_negatives(recs, pool_sides, r.num_random_negatives, cfg.train.seed)
+        return RLInstances(base, selected, pool_items, n_random=r.num_random_negatives, seed=cfg.train.seed)
     from elva_jax.eval.embed import EmbedConfig, Embedder
     from elva_jax.rl.negatives import mine_cached
     from elva_jax.train.loop import model_options
 
-    base = contrastive_records(queries, pool, root, instructions=instructions, num_negatives=0, dropped=drops)
-    _report_drops(cfg, "RL instances", drops, len(queries), dropped)
-    base = select_instances(base, r.query_fraction, cfg.train.seed)
-    by_id = {q.qid: q for q in queries}
-    chosen = [by_id[b["id"]] for b in base]
-    dids = list(pool)
-    index = {did: i for i, did in enumerate(dids)}
+    pos_lists = queries.column("pos_cand_list")
+    dids = pool.column("did")
+    index = base.pool_index
     emb = Embedder(
         params,
         mcfg,
@@ -254,13 +247,16 @@ def build_rl_instances(
     cache = os.path.join(cfg.run.dir, "rl", "negatives")
     # one cache entry per convention (the EOL names are the original ones, so existing caches stay valid)
     tag = "" if r.mining_embedding == "eol" else f".{r.mining_embedding}"
-    q_records = [{"id": b["id"], "item": b["query"]} for b in base]
+    chosen = [base[i] for i in selected]
+    q_records = [{"id": b["id"], "item": b["query"]} for b in chosen]
     q_emb = np.asarray(emb.embed(q_records, name=f"queries{tag}", cache_dir=cache))
-    p_emb = np.asarray(emb.embed(corpus_records(list(pool.values()), root), name=f"pool{tag}", cache_dir=cache))
-    positives = [{index[x] for x in q.pos_cand_list if x in index} for q in chosen]
+    # the Embedder holds its records in memory: a prepared pool's image bytes with them
+    p_emb = np.asarray(emb.embed(pool_items, name=f"pool{tag}", cache_dir=cache))
+    positives = [{index[x] for x in pos_lists[base.query_rows[i]] if x in index} for i in selected]
+    del chosen, q_records
     negs, stats = mine_cached(
         os.path.join(cache, "negatives.json"),
-        [b["id"] for b in base],
+        [ids[i]["id"] for i in selected],
         dids,
         q_emb,
         p_emb,
@@ -282,14 +278,13 @@ def build_rl_instances(
         flush=True,
     )
     n_neg = r.num_hard_negatives + r.num_random_negatives
-    out = []
-    for b in base:
-        ids = negs[b["id"]]
-        if not ids:
-            raise ValueError(f"query {b['id']!r}: no negatives left in the pool after filtering")
-        ids = [ids[i % len(ids)] for i in range(n_neg)]
-        out.append({**b, "cands": b["cands"] + [corpus_records([pool[x]], root)[0]["item"] for x in ids]})
-    return out
+    extra = []
+    for i in selected:
+        got = negs[ids[i]["id"]]
+        if not got:
+            raise ValueError(f"query {ids[i]['id']!r}: no negatives left in the pool after filtering")
+        extra.append([index[got[j % len(got)]] for j in range(n_neg)])
+    return RLInstances(base, selected, pool_items, extra=extra)
 
 
 def _evaluate(cfg: RunConfig, checkpoint: str, mode: str, out: str, compare_to: str = "") -> dict:

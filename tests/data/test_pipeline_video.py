@@ -349,8 +349,4 @@ def test_mbeir_records_with_video_fields_make_training_batches_with_video(media,
     assert int((batch["cand"]["input_ids"] == vid).sum()) == 2 * int(np.prod(vb.grid_thw)) // 4
     assert _contains_block(batch["query"]["patches"], va.patches)
     assert _contains_block(batch["cand"]["patches"], vb.patches)
-    # prepared shards do not carry the video fields: prepare refuses rather than dropping them
-    from elva_jax.data.prepare import prepare
-
-    with pytest.raises(ValueError, match=r"record '10:1' has a video; prepared shards do not carry"):
-        prepare(str(root), str(tmp_path / "prepared"), fmt="array_record", log=lambda s: None)
+    # prepared shards carry the videos' bytes: tests/data/test_sources_video.py
