@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from elva_jax.data.errors import ImageError
+from elva_jax.data.errors import ImageError, RecordError
 from elva_jax.data.image_processing import load_image, load_image_bytes, preprocess_image
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.inputs import build_inputs, input_axes, pack_images
@@ -70,6 +70,11 @@ def encode_prompts(sides, encoder, *, min_pixels, max_pixels, buckets: tuple[int
     rows, pvs, grids = [], [], []
     for side in sides:
         pv = g = None
+        if side.get("video") is not None or side.get("video_data") is not None:  # never dropped in silence
+            raise RecordError(
+                f"{side.get('where') or 'an RL side'}: video {side.get('video')!r}: the RL stage's rollouts do not "
+                "take video sides yet (its prompt batches carry no video arrays); drop video records from the RL data"
+            )
         if side.get("image"):
             pv, g = preprocess_image(side_image(side), min_pixels=min_pixels, max_pixels=max_pixels, geometry=geometry)
             g = np.asarray(g)[None]
