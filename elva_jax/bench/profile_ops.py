@@ -65,8 +65,8 @@ def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
     comps: dict[str, list[str]] = {}
     comp = None
     for ln in hlo_text.splitlines():
-        m = _COMP.match(ln)
-        if m and "=" not in ln.split("{")[0]:
+        m = _COMP.match(ln) if not ln.startswith((" ", "HloModule")) else None  # headers are not indented
+        if m:
             comp = m.group(1).lstrip("%")
             comps[comp] = []
         elif comp is not None and ln.strip() == "}":
