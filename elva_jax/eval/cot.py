@@ -53,12 +53,12 @@ from elva_jax.data.image_processing import (
     load_image,
     to_rgb_array,
 )
-from elva_jax.data.pipeline import VIDEO_FIELDS, ImagePolicy, PipelineConfig, make_pipeline
+from elva_jax.data.pipeline import VIDEO_FIELDS, PipelineConfig, make_pipeline
 from elva_jax.data.progress import Progress
 from elva_jax.data.prompts import TCOT_REASONER_INSTRUCTION
 from elva_jax.data.tcot import COORD_MAX, parse_tcot
 from elva_jax.data.tcot_prompts import reasoner_encoder
-from elva_jax.eval.embed import CacheError, _left_align, put_batch
+from elva_jax.eval.embed import CacheError, _left_align, corpus_pipeline_config, put_batch
 from elva_jax.model.sampler import SamplerConfig, generate
 
 __all__ = ["CoTConfig", "CoTGenerator", "box_pixels", "crop_box", "cot_config", "side_key"]
@@ -327,26 +327,7 @@ class CoTGenerator:
                     raise CacheError(f"{self._cots_path}:{i + 1}: corrupt CoT cache line; delete {self.dir}") from None
 
     def _pipeline_config(self, records) -> PipelineConfig:
-        c = self.ccfg
-        has_img = any(r["item"].get("image") or r["item"].get("video") for r in records)
-        return PipelineConfig(
-            batch_size=c.batch_size,
-            micro_batches=1,
-            seq_buckets=tuple(c.seq_buckets),
-            patch_budget=(c.patch_rows or c.batch_size, c.patch_row_len) if has_img else None,
-            shuffle=False,
-            num_epochs=1,
-            process_index=0,
-            process_count=1,
-            image_policy=ImagePolicy("fail"),
-            drop_remainder=True,
-            pad_token_id=self.tok.pad_token_id,
-            position_mode=self.opts.position_mode,
-            geometry=self.cfg.vision.geometry,
-            min_pixels=c.min_pixels,
-            max_pixels=c.max_pixels,
-            **{k: getattr(c, k) for k in VIDEO_FIELDS},
-        )
+        return corpus_pipeline_config(self.ccfg, records, self.tok, self.opts, self.cfg)
 
     def _generate(self, todo: list[tuple[str, dict]]) -> None:
         """Generate the CoTs of ``todo`` [(key, side)] (distinct keys) and append them to the cache."""

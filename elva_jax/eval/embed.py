@@ -298,6 +298,31 @@ def ret_embed(params, prompts: dict, key, cfg: ModelConfig, opts: ModelOptions, 
     return emb, s.tokens, s.lengths
 
 
+def corpus_pipeline_config(c, records: Sequence[dict], tok, opts, cfg) -> PipelineConfig:
+    """The one-pass, one-host corpus pipeline of evaluation (the Embedder's and the T-CoT generator's):
+    ``c`` is their config (batch size, buckets, patch rows, pixel and video settings); a patch budget only
+    when some record has an image or a video; bad images fail; the model's patch geometry."""
+    has_img = any(r["item"].get("image") or r["item"].get("video") for r in records)
+    return PipelineConfig(
+        batch_size=c.batch_size,
+        micro_batches=1,
+        seq_buckets=tuple(c.seq_buckets),
+        patch_budget=(c.patch_rows or c.batch_size, c.patch_row_len) if has_img else None,
+        shuffle=False,
+        num_epochs=1,
+        process_index=0,
+        process_count=1,
+        image_policy=ImagePolicy("fail"),
+        drop_remainder=True,
+        pad_token_id=tok.pad_token_id,
+        position_mode=opts.position_mode,
+        geometry=cfg.vision.geometry,  # the model's patches (Qwen3-VL: 16-pixel)
+        min_pixels=c.min_pixels,
+        max_pixels=c.max_pixels,
+        **{k: getattr(c, k) for k in VIDEO_FIELDS},
+    )
+
+
 class Embedder:
     """Embeds record lists with one model; caches per (name) under a cache directory.
 
@@ -395,26 +420,7 @@ class Embedder:
         return _sha(self.fingerprint)
 
     def _pipeline_config(self, records: Sequence[dict]) -> PipelineConfig:
-        e = self.ecfg
-        has_img = any(r["item"].get("image") or r["item"].get("video") for r in records)
-        return PipelineConfig(
-            batch_size=e.batch_size,
-            micro_batches=1,
-            seq_buckets=tuple(e.seq_buckets),
-            patch_budget=(e.patch_rows or e.batch_size, e.patch_row_len) if has_img else None,
-            shuffle=False,
-            num_epochs=1,
-            process_index=0,
-            process_count=1,
-            image_policy=ImagePolicy("fail"),
-            drop_remainder=True,
-            pad_token_id=self.tok.pad_token_id,
-            position_mode=self.opts.position_mode,
-            geometry=self.cfg.vision.geometry,  # the model's patches (Qwen3-VL: 16-pixel)
-            min_pixels=e.min_pixels,
-            max_pixels=e.max_pixels,
-            **{k: getattr(e, k) for k in VIDEO_FIELDS},
-        )
+        return corpus_pipeline_config(self.ecfg, records, self.tok, self.opts, self.cfg)
 
     def _put(self, batch: dict):
         return put_batch(batch, self.mesh)
