@@ -18,6 +18,7 @@ import re
 
 CATEGORIES = ("matmul", "elementwise/reduce", "data movement", "gather/scatter", "control", "other")
 _META = ("ThreadpoolListener", "ThunkExecutor", "end: ")
+_HLO_NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")  # an HLO instruction name: no spaces, no "$file:line" of a tracer
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+(?:\{[^}]*\})?|\([^=]*?\))\s+([\w\-]+)\(")
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")  # a computation's header line
 
@@ -47,13 +48,23 @@ def xla_op_times(trace_dir: str) -> dict[str, int]:
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     if not files:
         raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
+    return op_self_times(ProfileData.from_file(files[-1]).planes)
+
+
+def op_self_times(planes) -> dict[str, int]:
+    """{HLO instruction name: self time ns} over profile planes (``.lines`` of ``.events`` with
+    ``name``, ``start_ns``, ``duration_ns``).
+
+    Selected positively: only the XLA client's thunk-executor lines (``tf_XLA...``) and only events
+    named like an HLO instruction, so Python tracer events (``$<frozen abc>:117 __instancecheck__``)
+    or other threads' annotations never count as ops, whichever line they land on."""
     total: dict[str, int] = collections.Counter()
-    for plane in ProfileData.from_file(files[-1]).planes:
+    for plane in planes:
         for line in plane.lines:
-            if line.name == "python":
+            if not line.name.startswith("tf_XLA"):
                 continue
             evs = [(e.name, int(e.start_ns), int(e.duration_ns)) for e in line.events]
-            evs = [e for e in evs if not e[0].startswith(_META)]
+            evs = [e for e in evs if not e[0].startswith(_META) and _HLO_NAME.match(e[0])]
             for k, v in self_times(evs).items():
                 total[k] += v
     return dict(total)

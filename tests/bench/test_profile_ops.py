@@ -4,11 +4,20 @@ whose matmul ops are found and timed."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace as NS
+
 import jax
 import jax.numpy as jnp
 import pytest
 
-from elva_jax.bench.profile_ops import aten_category, hlo_categories, self_times, summarize, xla_op_times
+from elva_jax.bench.profile_ops import (
+    aten_category,
+    hlo_categories,
+    op_self_times,
+    self_times,
+    summarize,
+    xla_op_times,
+)
 
 
 def test_self_times_subtract_nested_events():
@@ -17,6 +26,18 @@ def test_self_times_subtract_nested_events():
     assert self_times(evs) == {"while": 50, "a": 35, "b": 20, "c": 10}
     # two levels: x [0, 10) > y [1, 9) > z [2, 4)
     assert self_times([("z", 2, 2), ("x", 0, 10), ("y", 1, 8)]) == {"x": 2, "y": 6, "z": 2}
+
+
+def test_only_xla_thunk_events_count_as_ops():
+    def ev(name, start, dur):
+        return NS(name=name, start_ns=start, duration_ns=dur)
+
+    xla = NS(name="tf_XLAPjRtCpuClient/1", events=[ev("ThreadpoolListener::StartRegion", 0, 1), ev("dot.1", 0, 10),
+             ev("$<frozen abc>:117 __instancecheck__", 2, 3), ev("end: dot.1", 10, 0), ev("fusion.2", 20, 5)])  # fmt: skip
+    other = NS(name="python", events=[ev("$profiler.py:151 start_trace", 0, 50), ev("PjitFunction(f)", 1, 40)])
+    stray = NS(name="some_worker_thread", events=[ev("copy.3", 0, 7)])
+    planes = [NS(name="/host:CPU", lines=[other, xla, stray])]
+    assert op_self_times(planes) == {"dot.1": 10, "fusion.2": 5}
 
 
 @pytest.fixture(scope="module")
