@@ -32,8 +32,9 @@ def test_only_xla_thunk_events_count_as_ops():
     def ev(name, start, dur):
         return NS(name=name, start_ns=start, duration_ns=dur)
 
-    xla = NS(name="tf_XLAPjRtCpuClient/1", events=[ev("ThreadpoolListener::StartRegion", 0, 1), ev("dot.1", 0, 10),
-             ev("$<frozen abc>:117 __instancecheck__", 2, 3), ev("end: dot.1", 10, 0), ev("fusion.2", 20, 5)])  # fmt: skip
+    tracer = ev("$<frozen abc>:117 __instancecheck__", 2, 3)
+    thunks = [ev("ThreadpoolListener::StartRegion", 0, 1), ev("dot.1", 0, 10), tracer, ev("fusion.2", 20, 5)]
+    xla = NS(name="tf_XLAPjRtCpuClient/1", events=thunks)
     other = NS(name="python", events=[ev("$profiler.py:151 start_trace", 0, 50), ev("PjitFunction(f)", 1, 40)])
     stray = NS(name="some_worker_thread", events=[ev("copy.3", 0, 7)])
     planes = [NS(name="/host:CPU", lines=[other, xla, stray])]
