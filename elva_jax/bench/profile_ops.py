@@ -41,23 +41,26 @@ def self_times(events) -> dict[str, int]:
     return dict(out)
 
 
-def xla_op_times(trace_dir: str) -> dict[str, int]:
-    """{HLO instruction name: self time ns} summed over the newest trace under ``trace_dir``."""
+def xla_op_times(trace_dir: str, only=None) -> dict[str, int]:
+    """{HLO instruction name: self time ns} summed over the newest trace under ``trace_dir``; ``only``: the
+    profiled program's instruction names (its `hlo_categories`), as for `op_self_times`."""
     from jax.profiler import ProfileData
 
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     if not files:
         raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
-    return op_self_times(ProfileData.from_file(files[-1]).planes)
+    return op_self_times(ProfileData.from_file(files[-1]).planes, only)
 
 
-def op_self_times(planes) -> dict[str, int]:
+def op_self_times(planes, only=None) -> dict[str, int]:
     """{HLO instruction name: self time ns} over profile planes (``.lines`` of ``.events`` with
     ``name``, ``start_ns``, ``duration_ns``).
 
     Selected positively: only the XLA client's thunk-executor lines (``tf_XLA...``) and only events
     named like an HLO instruction, so Python tracer events (``$<frozen abc>:117 __instancecheck__``)
-    or other threads' annotations never count as ops, whichever line they land on."""
+    or other threads' annotations never count as ops, whichever line they land on. ``only`` (a collection
+    of instruction names, with "while" / "call" control events always kept): events of any other
+    program that ran during the trace (another thread's computation) are left out too."""
     total: dict[str, int] = collections.Counter()
     for plane in planes:
         for line in plane.lines:
@@ -65,6 +68,8 @@ def op_self_times(planes) -> dict[str, int]:
                 continue
             evs = [(e.name, int(e.start_ns), int(e.duration_ns)) for e in line.events]
             evs = [e for e in evs if not e[0].startswith(_META) and _HLO_NAME.match(e[0])]
+            if only is not None:
+                evs = [e for e in evs if e[0] in only or e[0].startswith(("while", "call"))]
             for k, v in self_times(evs).items():
                 total[k] += v
     return dict(total)

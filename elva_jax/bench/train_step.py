@@ -116,7 +116,8 @@ def jax_step_time(
             for _ in range(reps):
                 state, m = compiled(state, batch)
                 jax.block_until_ready((state.step, m["loss"]))
-        out["profile"] = summarize(xla_op_times(profile_dir), hlo_categories(compiled.as_text()), reps)
+        cats = hlo_categories(compiled.as_text())
+        out["profile"] = summarize(xla_op_times(profile_dir, only=cats), cats, reps)
     return out
 
 
