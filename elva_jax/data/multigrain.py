@@ -215,6 +215,40 @@ def caption(scene: Scene) -> str:
     return _render_segments(_caption_segments(scene))[0]
 
 
+#: target summaries written per side (``src_content["summary"]``): the canonical one, then variants
+N_SUMMARIES = 4
+SUMMARY_DROP = 0.35  # in partial variants, each object's size / colour / position is left out with this chance
+
+
+def summary_text(scene: Scene, order: Sequence[int] | None = None, keep: dict | None = None) -> str:
+    """A short grain summary: per object ``size colour shape position``, objects joined by ", "
+    (``"small red circle top left, large blue square bottom"``). ``order``: object order (default:
+    reading order); ``keep[(i, kind)] = False`` leaves that grain of object i out (shapes always stay)."""
+    keep = keep or {}
+    parts = []
+    for i in order if order is not None else range(len(scene)):
+        o = scene[i]
+        words = [o.size, o.colour, o.shape, o.position]
+        kinds = ("size", "colour", "shape", "position")
+        parts.append(" ".join(w for w, k in zip(words, kinds, strict=True) if keep.get((i, k), True)))
+    return ", ".join(parts)
+
+
+def summary_variants(scene: Scene, rng: random.Random, n: int = N_SUMMARIES) -> list[str]:
+    """``n`` target summaries of ``scene``: [canonical (reading order, every grain), the objects in a random
+    order, then partial ones (random order, each size / colour / position left out with chance
+    SUMMARY_DROP)]: a summariser trained on them writes varied summaries, so sampling explores."""
+    out = [summary_text(scene)]
+    while len(out) < n:
+        order = list(range(len(scene)))
+        rng.shuffle(order)
+        keep = {}
+        if len(out) >= 2:
+            keep = {(i, k): rng.random() >= SUMMARY_DROP for i in order for k in ("size", "colour", "position")}
+        out.append(summary_text(scene, order, keep))
+    return out
+
+
 def _paraphrase_segments(scene: Scene, rng: random.Random) -> list[str | _Grain]:
     n = len(scene)
     intro = rng.choice((f"there {'is' if n == 1 else 'are'} ", "a picture with ", "an image showing "))
@@ -389,6 +423,7 @@ class _Builder:
         self.grains: list[dict] = []
         self.nli_rows: list[tuple[str, str, str]] = []
         self._qid = self._did = 0
+        self.seed = 0  # summaries draw from their own stream (seed, scene id): the rest stays byte-identical
 
     def add_scene(self, scene: Scene, split: str, role: str, parent: str | None, edit: dict | None) -> str:
         sid = f"s{len(self.scenes) + 1:05d}"
@@ -419,10 +454,16 @@ class _Builder:
             self.progress.update()
         return rel
 
+    def summaries(self, sid: str) -> list[str]:
+        """Target summaries of scene ``sid`` (the same list wherever the scene appears)."""
+        scene = _sorted(Obj(**o) for o in self.scenes[sid]["objects"])
+        return summary_variants(scene, random.Random(f"{self.seed}:{sid}"))
+
     def _new_did(self, record: dict, sid: str, rendering: int | None) -> str:
         self._did += 1
         did = f"{DATASET_ID}:{self._did}"
-        self.candidates[did] = {"did": did, **record, "src_content": json.dumps({"scene_id": sid})}
+        src = {"scene_id": sid, "summary": self.summaries(sid)}
+        self.candidates[did] = {"did": did, **record, "src_content": json.dumps(src)}
         self.cand_meta.append({"did": did, "scene_id": sid, "modality": record["modality"], "rendering": rendering})
         return did
 
@@ -445,7 +486,10 @@ class _Builder:
                 "query_txt": txt,
                 "query_img_path": img,
                 "query_modality": TASKS[task][0],
-                "query_src_content": json.dumps({"scene_id": sid, "target_scene_id": target}),
+                # the summary describes what the query asks for: the target scene (task 7's edited one)
+                "query_src_content": json.dumps(
+                    {"scene_id": sid, "target_scene_id": target, "summary": self.summaries(target)}
+                ),
                 "pos_cand_list": pos,
                 "neg_cand_list": negs,
                 "task_id": task,
@@ -597,6 +641,7 @@ def generate(root: str | Path, *, seed: int = 0, n_train: int = 32, n_test: int 
     root.mkdir(parents=True, exist_ok=True)
     before = {p for p in root.rglob("*") if p.is_file()}
     b = _Builder(root, random.Random(seed))
+    b.seed = seed
     b.progress = Progress("generate bundled images", total=7 * (n_train + n_test), unit="images")
     _build_split(b, "train", n_train)
     _build_split(b, "test", n_test)

@@ -227,3 +227,49 @@ def test_overwrite_removes_only_what_the_generator_wrote(tmp_path):
     with pytest.raises(multigrain.GeneratorTargetError, match="not an output of this generator"):
         multigrain.generate(foreign, overwrite=True)
     assert (foreign / "query" / "data.jsonl").read_text() == "{}\n"
+
+
+def test_target_summaries_name_every_grain_of_the_scene_asked_for(data):
+    """Every query and candidate carries target summaries (`query_src_content` / `src_content`): the first
+    names each object's size, colour, shape and position in reading order; the others are the same objects
+    in some order, partial ones dropping grains but never a shape; a query's describes its target scene
+    (task 7: the edited one), so it equals its positive's."""
+    root, _, scenes, cand_scene, queries = data
+    pool = read_pool(root / "cand_pool" / "global" / "mbeir_multigrain_union_train_cand_pool.jsonl")
+
+    def objects_of(text: str) -> list[list[str]]:
+        return [part.split() for part in text.split(", ")]
+
+    def expected(sid: str) -> list[list[str]]:
+        return [[o["size"], o["colour"], o["shape"], *o["position"].split()] for o in scenes[sid]["objects"]]
+
+    def check(targets: list[str], sid: str) -> None:
+        assert len(targets) == multigrain.N_SUMMARIES
+        assert objects_of(targets[0]) == expected(sid)
+        assert sorted(map(tuple, objects_of(targets[1]))) == sorted(map(tuple, expected(sid)))
+        for t in targets[2:]:
+            got = objects_of(t)
+            assert len(got) == len(expected(sid))
+            shapes = sorted(w for o in got for w in o if w in multigrain.SHAPES)
+            assert shapes == sorted(o[2] for o in expected(sid))
+            for o in got:  # each object's words are a subsequence of one true object's
+                assert any(_is_subsequence(o, e) for e in expected(sid)), (o, expected(sid))
+
+    for c in pool.values():
+        check(json.loads(c.src_content)["summary"], cand_scene[c.did])
+    for (split, task), qs in queries.items():
+        for q in qs:
+            src = json.loads(q.query_src_content)
+            target = src["target_scene_id"]
+            if task == 7:  # the edited scene: a one-grain variant of the query's
+                assert scenes[target]["parent"] == src["scene_id"] and target != src["scene_id"]
+            else:
+                assert target == src["scene_id"]
+            check(src["summary"], target)
+            if split == "train":
+                assert src["summary"] == json.loads(pool[q.pos_cand_list[0]].src_content)["summary"]
+
+
+def _is_subsequence(a: list[str], b: list[str]) -> bool:
+    it = iter(b)
+    return all(w in it for w in a)
