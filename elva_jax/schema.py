@@ -107,6 +107,11 @@ class ModelSection:
     param_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})  # master weights
     position_mode: str = field(default="mrope", metadata={"choices": ("mrope", "1d")})
     remat: bool = False
+    # the generation vocabulary (summaries, the SFT targets' log-probs, RL rollouts, eval's [RET] summaries):
+    # () = every token; else only these words (each with and without a leading space), "," and " ", [RET]
+    # and <|im_end|> can be generated (`elva_jax.data.tokenize.generation_vocab`). A sampler option for
+    # models whose LM head is not trained to write (tiny random ones); real checkpoints leave it empty
+    generation_words: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +232,11 @@ class RLSection:
     prompt_buckets: tuple[int, ...] = (256, 512, 1024)
     steps: int = 0  # 0: one pass over the instances
     lr: float = 1e-6  # paper
+    # the policy measured apart from the draw: probe_instances RL instances held out of training (a seeded
+    # choice), scored every probe_every steps (and before the first) with a fixed sampling key: expected
+    # reward and its parts over G rollouts each, and how often the positive ranks first (metrics.jsonl "probe_*")
+    probe_instances: int = 0
+    probe_every: int = 10
     # "elva": train the embedder itself (this section); "embed_rl": train a reasoner (`model`, `lora`) whose
     # T-CoT a frozen embedder (`embed_rl.embedder_*`) scores (the `embed_rl` section; elva_jax.rl.embed_rl_trainer)
     recipe: str = field(default="elva", metadata={"choices": ("elva", "embed_rl")})
@@ -299,8 +309,30 @@ class EmbedRLSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class SFTSection:
+    """The summary warm start (train.stages "sft", `elva_jax.rl.warm_start`): next-token training of the
+    summary + [RET] after the RL stage's generation prompt, plus InfoNCE on the [RET] embeddings, on the
+    (query, positive) pairs that carry target summaries (`query_src_content` / `src_content` "summary").
+    Not in the paper, whose policy starts pretrained."""
+
+    steps: int = 200
+    batch: int = 16  # (query, positive) pairs per step: 2 x batch sequences
+    # weight of InfoNCE (temperature train.tau) between the queries' and positives' [RET] embeddings over
+    # their teacher-forced target summaries: the [RET] state learns to read the summary (0: summaries only)
+    ret_contrastive_weight: float = 1.0
+    lr: float = 1e-3
+    # train every parameter (token table and vision tower included: what pretraining shapes); false: a LoRA
+    # (the `lora` section), merged into the weights at the end of the stage
+    full_finetune: bool = True
+    max_target_tokens: int = 32  # summary + [RET]; a longer target stops the run at startup, naming it
+
+
+STAGES = ("sft", "contrastive", "rl")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainSection:
-    stages: tuple[str, ...] = ("contrastive",)  # run in order: "contrastive", "rl"
+    stages: tuple[str, ...] = ("contrastive",)  # of STAGES, run in that order: "sft", "contrastive", "rl"
     global_batch: int = 8
     micro_batches: int = 1  # gradient accumulation steps (exact, see elva_jax.train.step)
     epochs: float = 1.0
@@ -388,6 +420,21 @@ def _check_values(c) -> None:
         ("rl.mu", c.rl.mu >= 1, "must be >= 1"),
         ("rl.beta", fin(c.rl.beta) and c.rl.beta >= 0, "must be finite and >= 0"),
         ("rl.log_base", fin(c.rl.log_base) and c.rl.log_base > 1, "must be > 1"),
+        (
+            "rl.probe_instances",
+            c.rl.probe_instances >= 0 and c.rl.probe_instances % c.rl.instances_per_step == 0,
+            "must be >= 0 and a multiple of rl.instances_per_step (scored in step-sized chunks: one compile)",
+        ),
+        ("rl.probe_every", c.rl.probe_every >= 1, "must be >= 1"),
+        ("sft.steps", c.sft.steps >= 1, "must be >= 1"),
+        ("sft.batch", c.sft.batch >= 1, "must be >= 1"),
+        ("sft.lr", fin(c.sft.lr) and c.sft.lr >= 0, "must be a finite number >= 0"),
+        (
+            "sft.ret_contrastive_weight",
+            fin(c.sft.ret_contrastive_weight) and c.sft.ret_contrastive_weight >= 0,
+            "must be finite and >= 0",
+        ),
+        ("sft.max_target_tokens", c.sft.max_target_tokens >= 2, "must be >= 2 (a summary token and [RET])"),
         *(
             (
                 f"embed_rl.{k}",
@@ -546,13 +593,17 @@ class RunConfig:
     train: TrainSection = TrainSection()
     run: RunSection = RunSection()
     rl: RLSection = RLSection()
+    sft: SFTSection = SFTSection()
     embed_rl: EmbedRLSection = EmbedRLSection()
     eval: EvalSection = EvalSection()
 
     def __post_init__(self):
-        bad = [s for s in self.train.stages if s not in ("contrastive", "rl")]
+        bad = [s for s in self.train.stages if s not in STAGES]
         if bad:
-            raise ValueError(f"train.stages: unknown stage(s) {bad}; choose from ['contrastive', 'rl']")
+            raise ValueError(f"train.stages: unknown stage(s) {bad}; choose from {list(STAGES)}")
+        order = [STAGES.index(s) for s in self.train.stages]
+        if order != sorted(set(order)):
+            raise ValueError(f"train.stages {list(self.train.stages)}: each stage once, in the order {list(STAGES)}")
         bad = [m for m in self.train.eval_modes if m not in EMBED_MODES]
         if bad:
             raise ValueError(f"train.eval_modes: unknown mode(s) {bad}; choose from {list(EMBED_MODES)}")

@@ -412,6 +412,17 @@ class Tokenizer:
         return self.encode_prompt(prompt, image_grid_thw, max_length=max_length, max_text_tokens=max_text_tokens)
 
 
+def generation_vocab(tokenizer: Tokenizer, words) -> tuple[int, ...]:
+    """The token ids a model may generate when restricted to ``words`` (sorted; () for no words): every
+    token of each word with and without a leading space, of "," and " ", and [RET] / <|im_end|>."""
+    if not words:
+        return ()
+    ids = set(tokenizer.ids(", ")) | {tokenizer.ret_token_id, *tokenizer.ids("<|im_end|>")}
+    for w in words:
+        ids |= set(tokenizer.ids(w)) | set(tokenizer.ids(" " + w))
+    return tuple(sorted(int(i) for i in ids))
+
+
 class PromptEncoder:
     """Adapter to :mod:`elva_jax.data.pipeline`'s encoder protocol
     ``encode(side, pixel_values, image_grid_thw, max_len) -> (row, truncated)``.

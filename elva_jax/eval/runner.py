@@ -38,6 +38,7 @@ import numpy as np
 
 from elva_jax import configlib
 from elva_jax.data.pipeline import VIDEO_FIELDS
+from elva_jax.data.tokenize import generation_vocab
 from elva_jax.eval import tasks as T
 from elva_jax.eval.embed import EmbedConfig, Embedder, records_digest
 from elva_jax.retrieval.metrics import mrr_from_topk, recall_from_topk
@@ -383,7 +384,13 @@ def evaluate(
     if writer:
         out.mkdir(parents=True, exist_ok=True)
 
-    opts = ModelOptions(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, position_mode=cfg.model.position_mode)
+    m = cfg.model
+    opts = ModelOptions(
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        position_mode=m.position_mode,
+        vocab=generation_vocab(tok, m.generation_words),  # what [RET] summaries may use
+    )
     # the eval section's embedding fields, and the data section's shapes, pixel limits and instruction
     tcot = cfg.embed_rl.summarise_instruction if e.cot_reasoner else ""
     ecfg = project(EmbedConfig, e, **{k: getattr(cfg.data, k) for k in _FROM_DATA}, tcot_request=tcot)

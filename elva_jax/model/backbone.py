@@ -71,16 +71,37 @@ def embed_inputs(params: dict, inputs: dict, cfg: ModelConfig, opts: ModelOption
 
 
 def lm_head(params: dict, hidden: jnp.ndarray, cfg: ModelConfig, opts: ModelOptions) -> jnp.ndarray:
-    """Logits [..., V] in fp32 (tied to the token table when the config says so)."""
+    """Logits [..., V] in fp32 (tied to the token table when the config says so). With a generation
+    vocabulary (``opts.vocab``) only its rows are scored; every other logit is -1e9 (exp underflows to 0)."""
     dtype = jnp.dtype(opts.dtype)
     prec = precision(opts.matmul_precision)
     t = params["text"]
+    if opts.vocab:
+        ids = jnp.asarray(opts.vocab, jnp.int32)
+        full = jnp.full((*hidden.shape[:-1], cfg.text.vocab_size), -1e9, jnp.float32)
+        return full.at[..., ids].set(vocab_logits(params, hidden, cfg, opts))
     if cfg.tie_word_embeddings:
         w = t["embed_tokens"]["embedding"].astype(dtype)
         out = jnp.einsum("...d,vd->...v", hidden.astype(dtype), w, precision=prec, preferred_element_type=jnp.float32)
     else:
         w = t["lm_head"]["kernel"].astype(dtype)
         out = jnp.einsum("...d,dv->...v", hidden.astype(dtype), w, precision=prec, preferred_element_type=jnp.float32)
+    return out.astype(jnp.float32)
+
+
+def vocab_logits(params: dict, hidden: jnp.ndarray, cfg: ModelConfig, opts: ModelOptions) -> jnp.ndarray:
+    """Logits [..., K] in fp32 of the generation vocabulary's K ids (``opts.vocab``, in that order) only."""
+    t = params["text"]
+    ids = jnp.asarray(opts.vocab, jnp.int32)
+    w = t["embed_tokens"]["embedding"][ids] if cfg.tie_word_embeddings else t["lm_head"]["kernel"][:, ids].T
+    dtype = jnp.dtype(opts.dtype)
+    out = jnp.einsum(
+        "...d,vd->...v",
+        hidden.astype(dtype),
+        w.astype(dtype),
+        precision=precision(opts.matmul_precision),
+        preferred_element_type=jnp.float32,
+    )
     return out.astype(jnp.float32)
 
 

@@ -179,6 +179,9 @@ class ModelOptions:
     scan_unroll: layers per `lax.scan` iteration (1: smallest program, fastest compile; the layer
         count: fully unrolled, no per-layer slicing of stacked weights; faster steps for small models).
     matmul_precision: passed to `jax.lax.dot_general` ("default" | "high" | "highest").
+    vocab: the generation vocabulary: () scores every token; else the LM head scores only these ids
+        and gives every other token the logit -1e9, so decoding is constrained to them and log-probs are
+        under the constrained distribution (log_softmax over the subset). Embeddings are unaffected.
     """
 
     dtype: str = "float32"
@@ -187,6 +190,7 @@ class ModelOptions:
     remat: bool = False
     scan_unroll: int = 1
     matmul_precision: str = "default"
+    vocab: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):

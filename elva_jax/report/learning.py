@@ -44,13 +44,14 @@ class ReportError(UserError, RuntimeError):
     """A run of the report failed or left no results."""
 
 
-def slope(y) -> float:
-    """Least-squares slope of ``y`` against its index 1..n (per step); nan for fewer than 2 points."""
+def slope(y, x=None) -> float:
+    """Least-squares slope of ``y`` against ``x`` (default: its index 1..n, i.e. per step); nan for fewer
+    than 2 points."""
     y = np.asarray(y, np.float64)
     if len(y) < 2:
         return float("nan")
-    x = np.arange(1, len(y) + 1, dtype=np.float64)
-    x -= x.mean()
+    x = np.arange(1, len(y) + 1, dtype=np.float64) if x is None else np.asarray(x, np.float64)
+    x = x - x.mean()
     return float(np.dot(x, y - y.mean()) / np.dot(x, x))
 
 
@@ -89,7 +90,10 @@ def collect(run_dir: str | Path) -> dict:
     """The learning evidence of one finished run directory."""
     run_dir = Path(run_dir)
     s = json.loads((run_dir / "summary.json").read_text())
-    rl_rows = [r for r in _jsonl(run_dir / "rl" / "metrics.jsonl") if "reward" in r]
+    rl_all = _jsonl(run_dir / "rl" / "metrics.jsonl")
+    rl_rows = [r for r in rl_all if "reward" in r]
+    probe_rows = [r for r in rl_all if "probe_reward" in r]
+    sft_rows = [r for r in _jsonl(run_dir / "sft" / "metrics.jsonl") if "loss" in r]
     evals = {}
     for when in ("start", "before_rl", "final"):
         for mode in ("eol", "ret", "instruct_last"):
@@ -109,6 +113,13 @@ def collect(run_dir: str | Path) -> dict:
             "summary_len": [r.get("summary_len") for r in rl_rows],
             "slope": slope(rewards),
         },
+        # the policy on the held-out probe set with a fixed sampling key (rl.probe_instances), per probe step
+        "probe": {
+            "step": [r["step"] for r in probe_rows],
+            **{k: [r[f"probe_{k}"] for r in probe_rows] for k in ("reward", "margin", "ranking", "top1")},
+            "slope": slope([r["probe_reward"] for r in probe_rows], [r["step"] for r in probe_rows]),
+        },
+        "sft": {"step": [r["step"] for r in sft_rows], "loss": [r["loss"] for r in sft_rows]},
         "eval": evals,
     }
 
@@ -162,6 +173,25 @@ def aggregate(runs: list[dict]) -> dict:
         firsts = [np.mean(r["rl"]["reward"][:5]) for r in runs if r["rl"]["reward"]]
         lasts = [np.mean(r["rl"]["reward"][-5:]) for r in runs if r["rl"]["reward"]]
         out["reward_first5_last5"] = [float(np.mean(firsts)), float(np.mean(lasts))]
+    probes = [r["probe"] for r in runs if r.get("probe", {}).get("reward")]
+    pslopes = [p["slope"] for p in probes if not math.isnan(p["slope"])]
+    if pslopes:
+        m, lo, hi = t_interval(pslopes)
+        out["probe_slope"] = {"per_seed": pslopes, "mean": m, "ci95": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0)}
+        n = min(len(p["step"]) for p in probes)
+        cols = np.array([p["reward"][:n] for p in probes])
+        band = [t_interval(cols[:, j]) for j in range(n)]
+        out["probe_curve"] = {"step": probes[0]["step"][:n], **dict(zip(("mean", "lo", "hi"), map(list, zip(*band))))}
+        for k in ("reward", "top1"):
+            out[f"probe_{k}_first_last"] = [
+                float(np.mean([p[k][0] for p in probes])),
+                float(np.mean([p[k][-1] for p in probes])),
+            ]
+    paired = [r for r in runs if "before_rl-ret" in r["eval"] and "final-ret" in r["eval"]]
+    if paired:
+        out["ret_after_minus_before"] = {
+            f: [r["eval"]["final-ret"][f] - r["eval"]["before_rl-ret"][f] for r in paired] for f in ("r1", "r5")
+        }
     return out
 
 
@@ -179,6 +209,13 @@ def targets(agg: dict) -> dict:
     if "reward_slope" in agg:
         rs = agg["reward_slope"]
         t["rl_reward_slope"] = {"ci95": rs["ci95"], "met": bool(rs["ci95"][0] > 0)}
+    if "probe_slope" in agg:  # the policy's expected reward on held-out instances rises
+        ps = agg["probe_slope"]
+        t["rl_probe_reward_slope"] = {"ci95": ps["ci95"], "met": bool(ps["ci95"][0] > 0)}
+    if "ret_after_minus_before" in agg:  # held-out [RET] recall after RL beats before, on the mean of paired seeds
+        d = agg["ret_after_minus_before"]
+        for f in ("r1", "r5"):
+            t[f"rl_ret_{f}_gain"] = {"per_seed": d[f], "mean": float(np.mean(d[f])), "met": bool(np.mean(d[f]) > 0)}
     return t
 
 
@@ -189,12 +226,7 @@ def _machine() -> dict:
         info = []
     flags = next((line for line in info if line.startswith("flags")), "")
     model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
-    return {
-        "cpu": model or platform.processor(),
-        "cores": os.cpu_count(),
-        "avx512": "avx512f" in flags,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
+    return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "avx512": "avx512f" in flags}
 
 
 def _fmt(x, pct=True) -> str:
@@ -225,6 +257,14 @@ def markdown(report: dict) -> str:
                 f"RL mean reward: first 5 steps {f5:.4f}, last 5 steps {l5:.4f}; slope per step "
                 f"{rs['mean']:.2e}, 95 % t-interval over seeds [{rs['ci95'][0]:.2e}, {rs['ci95'][1]:.2e}] "
                 f"(per seed: {', '.join(f'{x:.2e}' for x in rs['per_seed'])})",
+            ]
+        if "probe_slope" in agg:
+            ps, (p0, p1), (t0, t1) = agg["probe_slope"], agg["probe_reward_first_last"], agg["probe_top1_first_last"]
+            lines += [
+                "",
+                f"Probe (held-out instances, fixed sampling key): expected reward {p0:.4f} -> {p1:.4f}, positive "
+                f"first {100 * t0:.1f} % -> {100 * t1:.1f} %; slope per step {ps['mean']:.2e}, 95 % t-interval over "
+                f"seeds [{ps['ci95'][0]:.2e}, {ps['ci95'][1]:.2e}]",
             ]
         lines.append("")
     lines += ["## Targets", ""]

@@ -140,18 +140,26 @@ def learning_curves(report: dict, path: str | Path) -> None:
             p.line(range(1, n + 1), m, colour, width=3, label=lab)
     p.draw_legend()
 
-    # 3. reward components (main variant, mean over seeds)
-    p = _Panel(img, 0, PANEL_H, "RL reward components (main, mean over seeds)", "RL step", "value")
-    comps = {}
-    for c in ("reward", "ranking", "margin"):
-        rs = [r["rl"][c] for r in main if r["rl"][c]]
-        if rs:
-            n = min(len(s) for s in rs)
-            comps[c] = np.mean([s[:n] for s in rs], axis=0)
-    p.axes(1, max((len(s) for s in comps.values()), default=2), *_range(list(comps.values()) or [[0, 1]]))
-    labels = {"reward": "total (0.4 margin + 0.6 ranking)", "ranking": "ranking reward", "margin": "margin reward"}
-    for i, (c, m) in enumerate(comps.items()):
-        p.line(range(1, len(m) + 1), m, COLOURS[i], width=2, label=labels[c])
+    # 3. the policy on the held-out probe set (fixed sampling key) beside the noisy per-step training reward
+    p = _Panel(img, 0, PANEL_H, "RL: held-out probe reward (fixed key) vs training reward", "RL step", "reward")
+    probes = [r["probe"] for r in main if r.get("probe", {}).get("reward")]
+    train = [r["rl"]["reward"] for r in main if r["rl"]["reward"]]
+    series = [pr["reward"] for pr in probes] + train
+    p.axes(0, max([len(s) for s in train] + [max(pr["step"]) for pr in probes] + [2]), *_range(series or [[0, 1]]))
+    if train:
+        n = min(len(s) for s in train)
+        p.line(range(1, n + 1), np.mean([s[:n] for s in train], axis=0), GREY, label="training reward (mean of seeds)")
+    curve = variants["main"]["aggregate"].get("probe_curve")
+    if probes and curve:
+        light = tuple(int(c + (255 - c) * 0.6) for c in COLOURS[0])
+        for pr in probes:
+            p.line(pr["step"], pr["reward"], light)
+        if len(probes) >= 2:
+            p.line(curve["step"], curve["lo"], COLOURS[1], label="95 % interval of the mean")
+            p.line(curve["step"], curve["hi"], COLOURS[1])
+        sl = variants["main"]["aggregate"].get("probe_slope", {})
+        lab = f"probe, mean of {len(probes)} seeds, slope {sl.get('mean', float('nan')):.1e}/step"
+        p.line(curve["step"], curve["mean"], COLOURS[0], width=3, label=lab)
     p.draw_legend()
 
     # 4. test recall per stage (bars: R@1 and R@5, mean over seeds, every variant), chance dashed

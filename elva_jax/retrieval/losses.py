@@ -1,4 +1,4 @@
-"""Contrastive objective of stages 1-2.
+"""Contrastive objective of stages 1-2 (and of the [RET] term of the summary warm start).
 
 InfoNCE, one direction (query -> candidate), over the *global* batch: with L2-normalised query
 embeddings q [N, D] and candidates c [M, D] (M = N positives, then optional hard negatives),

@@ -44,7 +44,7 @@ from elva_jax.rl.embed_rl_rewards import (
     judge_verdicts,
     parse_judge_choice,
 )
-from elva_jax.rl.trainer import RLState, RLTrainer, _inputs, encode_prompts
+from elva_jax.rl.trainer import RLState, RLTrainer, encode_prompts, model_inputs
 
 __all__ = ["EmbedRLTrainer", "FrozenEmbedder", "PromptFnEncoder", "reasoner_encoder", "reasoner_policy"]
 
@@ -118,7 +118,7 @@ class FrozenEmbedder:
             am = np.stack([pad(r[1], 0) for r in part])
             pvs = [x for r in part for x in r[2]]
             grids = [x for r in part for x in r[3]]
-            x = _inputs(self.cfg, self.opts, ids, am, pvs, grids, self.row_len)
+            x = model_inputs(self.cfg, self.opts, ids, am, pvs, grids, self.row_len)
             out.append(self._embed(self.params, put(x)))
         return out[0] if len(out) == 1 else jnp.concatenate(out)
 
@@ -203,7 +203,7 @@ class FrozenJudge:
             for i, r in enumerate(part):
                 r = r[:P]  # an over-long row runs on its head (static shapes); its answer is discarded
                 ids[i, P - len(r) :], am[i, P - len(r) :] = r, 1
-            x = _inputs(self.cfg, self.opts, ids, am, [None] * n, [None] * n, self.row_len)
+            x = model_inputs(self.cfg, self.opts, ids, am, [None] * n, [None] * n, self.row_len)
             out = self._gen(self.params, put(x))
             toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
             texts += [self.tokenizer.decode(t[:k].tolist(), skip_special_tokens=True) for t, k in zip(toks, lens)]

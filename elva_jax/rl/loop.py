@@ -110,6 +110,30 @@ class RLInstances(Sequence):
         return {**r, "cands": r["cands"] + [self.pool_sides[j] for j in picks]}
 
 
+class Subset(Sequence):
+    """``base[rows[i]]`` by index (a view: nothing is read until asked for)."""
+
+    def __init__(self, base, rows):
+        self.base, self.rows = base, [int(r) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.base[self.rows[i]]
+
+
+def split_probe(instances, n_probe: int, seed: int):
+    """(training instances, probe instances): ``n_probe`` instances held out of training by a seeded
+    choice (the same for every run with this seed and count), both in their original order."""
+    if n_probe <= 0:
+        return instances, None
+    if n_probe >= len(instances):
+        raise ValueError(f"rl.probe_instances {n_probe} leaves none of the {len(instances)} RL instances to train on")
+    perm = np.random.default_rng([seed, 101]).permutation(len(instances))
+    return Subset(instances, sorted(perm[n_probe:])), Subset(instances, sorted(perm[:n_probe]))
+
+
 class _Items(Sequence):
     """``corpus[i]["item"]`` by index (a pool's sides)."""
 
@@ -214,6 +238,7 @@ def run_rl(
     r = cfg.rl
     rcfg, reward_cfg = rl_configs(cfg)
     lcfg = project(LoraConfig, cfg.lora)
+    instances, probe_set = split_probe(instances, r.probe_instances, cfg.train.seed)
     n_steps = r.steps or max(1, len(instances) // r.instances_per_step)
     ocfg = dataclasses.replace(cfg.optim, lr=r.lr)  # the RL stage keeps the optimizer settings, with its own LR
     tx = make_optimizer(ocfg, n_steps)
@@ -271,9 +296,28 @@ def run_rl(
     step_start = state.step
     old = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
     logger = MetricsLogger(run_dir)
-    history = []
+    history, probes = [], []
+    probe_key = jax.random.key(cfg.train.seed + 1013)
+
+    def run_probe():
+        if probe_set is None or not hasattr(trainer, "probe"):
+            return
+        t0 = time.perf_counter()
+        p = trainer.probe(state, probe_set, probe_key, r.instances_per_step)
+        p["probe_s"] = time.perf_counter() - t0
+        logger.log(state.step, p)
+        probes.append({"step": state.step, **p})
+        print(
+            f"[elva_jax] RL probe at step {state.step}: reward {p['probe_reward']:.4f} (margin "
+            f"{p['probe_margin']:.4f}, ranking {p['probe_ranking']:.4f}) positive first {p['probe_top1']:.3f} "
+            f"({len(probe_set)} held-out instances x G {r.group_size}, fixed key; {p['probe_s']:.1f}s)",
+            flush=True,
+        )
+
     t_start = time.perf_counter()
     try:
+        if state.step % r.probe_every == 0 and state.step < n_steps:
+            run_probe()
         while state.step < n_steps:
             idx = batches[state.step]
             batch = [instances[int(i)] for i in idx]
@@ -305,6 +349,8 @@ def run_rl(
                 f"{m['time_reforward_s']:.2f}s reward {m['time_reward_s']:.3f}s update {m['time_update_s']:.2f}s",
                 flush=True,
             )
+            if state.step % r.probe_every == 0 or state.step == n_steps:
+                run_probe()
             if cfg.run.stop_after_steps and state.step - step_start >= cfg.run.stop_after_steps:
                 stop["flag"] = True
             stop["flag"] = any_process(stop["flag"])  # a SIGTERM seen by one host stops all at this step
@@ -326,5 +372,6 @@ def run_rl(
         "lcfg": lcfg,
         "full_finetune": full_finetune,
         "history": history,
+        "probes": probes,
         "wall_s": time.perf_counter() - t_start,
     }

@@ -81,8 +81,20 @@ def token_logps(
     h = jnp.pad(hidden_pred, ((0, pad), (0, 0), (0, 0)))
     t = jnp.pad(targets, ((0, pad), (0, 0)))
 
+    if opts.vocab:  # the generation vocabulary's K logits only (the others are -1e9: no share of the sum)
+        where = (
+            jnp.full((cfg.text.vocab_size,), -1, jnp.int32)
+            .at[jnp.asarray(opts.vocab)]
+            .set(jnp.arange(len(opts.vocab), dtype=jnp.int32))
+        )
+
     def one(xs):
         hc, tc = xs
+        if opts.vocab:
+            logits = backbone.vocab_logits(params, hc, cfg, opts) / temperature
+            k = where[tc]
+            picked = jnp.where(k >= 0, jnp.take_along_axis(logits, jnp.maximum(k, 0)[..., None], axis=-1)[..., 0], -1e9)
+            return picked - jax.nn.logsumexp(logits, axis=-1)
         logits = backbone.lm_head(params, hc, cfg, opts) / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
         return jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse

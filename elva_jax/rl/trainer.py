@@ -30,7 +30,7 @@ from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.inputs import build_inputs, input_axes, pack_images
 from elva_jax.model.sampler import SamplerConfig, generate
 from elva_jax.parallel.sharding import fitting_sharding, place, replicated
-from elva_jax.rl.rewards import RewardConfig
+from elva_jax.rl.rewards import RewardConfig, reward_from_config
 from elva_jax.rl.rollout import (
     RLConfig,
     prompt_major_to_rollouts,
@@ -91,7 +91,7 @@ def encode_prompts(sides, encoder, *, min_pixels, max_pixels, buckets: tuple[int
     return ids, am, pvs, grids
 
 
-def _inputs(cfg, opts, ids, am, pvs, grids, row_len: int):
+def model_inputs(cfg, opts, ids, am, pvs, grids, row_len: int):
     """Model inputs with images packed one row per sequence into [n, row_len] patch slots.
 
     The patch arrays are present even when no row has an image, so every batch of the same prompt
@@ -103,6 +103,25 @@ def _inputs(cfg, opts, ids, am, pvs, grids, row_len: int):
     out = build_inputs(cfg, opts, ids, am, pv if with_img else None, g if with_img else None)
     out.update(pack_images(pv, g, rows=len(ids), row_len=row_len, cfg=cfg))
     return out
+
+
+def put_rows(tree, mesh, prompts: bool = False):
+    """Host or global arrays -> arrays on ``mesh`` with their rows over the batch axes where they divide
+    (``prompts``: model inputs, laid out by their input axes). A dict of arrays or one array; no-op
+    without a mesh."""
+    if mesh is None:
+        return tree
+
+    def axes(name, x):
+        if prompts:
+            return input_axes(name, np.ndim(x))
+        return ("batch",) + (None,) * (np.ndim(x) - 1) if np.ndim(x) else ()
+
+    if isinstance(tree, dict):
+        sh = {k: fitting_sharding(np.shape(v), axes(k, v), mesh) for k, v in tree.items()}
+    else:
+        sh = fitting_sharding(np.shape(tree), axes(None, tree), mesh)
+    return place(tree, sh)
 
 
 def constrain_micro_batches(micro: dict, mesh) -> dict:
@@ -283,20 +302,7 @@ class RLTrainer:
         )
 
     def _put(self, tree, prompts: bool = False):
-        """Host or global arrays -> arrays on the mesh (rows over the batch axes where they divide)."""
-        if self.mesh is None:
-            return tree
-
-        def axes(name, x):
-            if prompts:
-                return input_axes(name, np.ndim(x))
-            return ("batch",) + (None,) * (np.ndim(x) - 1) if np.ndim(x) else ()
-
-        if isinstance(tree, dict):
-            sh = {k: fitting_sharding(np.shape(v), axes(k, v), self.mesh) for k, v in tree.items()}
-        else:
-            sh = fitting_sharding(np.shape(tree), axes(None, tree), self.mesh)
-        return place(tree, sh)
+        return put_rows(tree, self.mesh, prompts)
 
     def encode_instances(self, instances: list[dict]):
         """The generation prompts of every side (query, then each candidate) of every instance, in that
@@ -331,7 +337,7 @@ class RLTrainer:
         ids, am, pvs, grids = self.encode_instances(instances)  # [I*S] sides
 
         def sub(rows):  # patches are packed, not one row per sequence: rebuild from the raw rows
-            x = _inputs(
+            x = model_inputs(
                 self.cfg, self.opts, ids[rows], am[rows], [pvs[r] for r in rows], [grids[r] for r in rows], self.row_len
             )
             return self._put(x, prompts=True)
@@ -422,6 +428,30 @@ class RLTrainer:
         skipped_now = not bool(m.pop("finite", True))
         state.skipped += int(skipped_now)
         return m, skipped_now
+
+    def probe(self, state: RLState, instances, key: jax.Array, chunk: int) -> dict:
+        """The policy's expected reward on fixed ``instances`` (no update; ``state`` is left as it is):
+        G rollouts each, sampled with ``key`` folded with the chunk's offset (the same draws at every call
+        for the same policy, so differences between calls are the policy's, not the draw's), ``chunk``
+        instances per sampler call. Returns the means over instances and rollouts of the total reward,
+        its margin and ranking parts, and ``top1``: the share of rollouts whose positive ranks first
+        (exact ties go to the lower candidate index, the positive, as in the ranking reward)."""
+        sums: dict[str, float] = {"reward": 0.0, "margin": 0.0, "ranking": 0.0, "top1": 0.0}
+        n = 0
+        for c in range(0, len(instances), chunk):
+            part = [instances[i] for i in range(c, min(c + chunk, len(instances)))]
+            st = dataclasses.replace(state, key=jax.random.fold_in(key, c))
+            out, _, (I, G, S), chunks = self.rollouts(st, part)
+            emb = out.ret_emb
+            if emb is None or self.rcfg.ret_embedding == "recompute":
+                _, _, emb = self.reforward(st, chunks, out.tokens, out.lengths, G, logps=False, embeddings=True)
+            sims = rollout_similarities(prompt_major_to_rollouts(jnp.asarray(emb), I, G, S), I, G, S)
+            total, parts = reward_from_config(sims, self.reward_cfg, jnp.ones((I, 1, S - 1), bool))
+            top1 = sims[..., 0] >= jnp.max(sims[..., 1:], axis=-1)
+            for k, v in (("reward", total), ("margin", parts["margin"]), ("ranking", parts["ranking"]), ("top1", top1)):
+                sums[k] += float(jnp.sum(v.astype(jnp.float32)))
+            n += I * G
+        return {f"probe_{k}": v / n for k, v in sums.items()}
 
     def step(
         self, state: RLState, instances: list[dict], valid: np.ndarray | None = None, samples=None

@@ -371,6 +371,13 @@ def run(cfg: RunConfig) -> dict:
     lora_cfg = project(LoraConfig, cfg.lora)
     if t.eval_at_start:  # the starting point of the learning curves: the loaded (or random) model
         _evaluate_all(cfg, params, mcfg, "start", summary)
+    if "sft" in t.stages:
+        ss = _run_sft(cfg, records, mcfg, params, tokenizer)
+        summary["sft"] = {k: ss[k] for k in ("steps", "records", "records_seen", "wall_s")}
+        summary["sft"]["loss_first_last"] = [ss["losses"][0], ss["losses"][-1]] if ss["losses"] else []
+        if ss["stopped"]:
+            return _stopped(cfg, summary, "SFT", ss["steps"], ss["total"], t0)
+        params = ss["params"]
     if "contrastive" in t.stages:
         steps_per_epoch = len(records) // t.global_batch
         total = max(1, int(steps_per_epoch * t.epochs))
@@ -433,7 +440,7 @@ def run(cfg: RunConfig) -> dict:
             params,
             instances,
             tokenizer,
-            model_options(cfg),
+            model_options(cfg, tokenizer),
             run_dir=os.path.join(cfg.run.dir, "rl"),
         )
         if rs["stopped"]:
@@ -442,6 +449,7 @@ def run(cfg: RunConfig) -> dict:
         params = merge_lora(params, rs["lora"], rs["lcfg"])
         summary["rl"] = {
             "negatives": neg_stats,
+            "probes": rs["probes"],
             "steps": rs["steps"],
             "wall_s": rs["wall_s"],
             "reward": [h["reward"] for h in rs["history"]],
@@ -475,6 +483,40 @@ def run(cfg: RunConfig) -> dict:
         with open(os.path.join(cfg.run.dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _run_sft(cfg: RunConfig, records, mcfg, params, tokenizer) -> dict:
+    """The summary warm start on the sides of ``records`` that carry target summaries."""
+    from elva_jax.data.summaries import SummaryRecords
+    from elva_jax.rl.warm_start import run_sft
+    from elva_jax.train.loop import model_options
+
+    if cfg.data.kind == "nli":
+        raise configlib.ConfigError(
+            "train.stages 'sft' needs M-BEIR-format data with summaries (data.kind mbeir or bundled)"
+        )
+    sft_records = SummaryRecords(records)
+    if not len(sft_records):
+        raise configlib.ConfigError(
+            f"train.stages has 'sft' but none of the {sft_records.records_seen} training records has target summaries "
+            "on its query and positive (query_src_content / src_content with a 'summary' string or list)"
+        )
+    print(
+        f"[elva_jax] SFT: {len(sft_records)} of {sft_records.records_seen} training records (query + positive) carry "
+        "target summaries; "
+        f"{cfg.sft.steps} steps of {cfg.sft.batch} ({'full fine-tuning' if cfg.sft.full_finetune else 'LoRA'})",
+        flush=True,
+    )
+    ss = run_sft(
+        cfg,
+        mcfg,
+        params,
+        sft_records,
+        tokenizer,
+        model_options(cfg, tokenizer),
+        run_dir=os.path.join(cfg.run.dir, "sft"),
+    )
+    return {**ss, "records": len(sft_records), "records_seen": sft_records.records_seen}
 
 
 def _before_key(when: str, mode: str) -> str:

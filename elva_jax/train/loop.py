@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elva_jax.configlib import ConfigError
+from elva_jax.data.tokenize import generation_vocab
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.lora import LoraConfig, init_lora, lora_axes
 from elva_jax.model.params import logical_axes
@@ -47,9 +48,14 @@ class _StopFlag:
         self.requested = True
 
 
-def model_options(cfg: RunConfig) -> ModelOptions:
+def model_options(cfg: RunConfig, tokenizer=None) -> ModelOptions:
+    """The model's run options from ``cfg.model``; with ``tokenizer`` also the generation vocabulary of
+    ``model.generation_words`` (what generates: summaries, rollouts; embeddings do not need it)."""
     m = cfg.model
-    return ModelOptions(dtype=m.dtype, param_dtype=m.param_dtype, position_mode=m.position_mode, remat=m.remat)
+    vocab = generation_vocab(tokenizer, m.generation_words) if tokenizer is not None else ()
+    return ModelOptions(
+        dtype=m.dtype, param_dtype=m.param_dtype, position_mode=m.position_mode, remat=m.remat, vocab=vocab
+    )
 
 
 SEQ_KEYS = ("input_ids", "attention_mask", "positions")  # arrays whose last axis is the padded length

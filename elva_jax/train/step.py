@@ -29,7 +29,7 @@ from elva_jax.model import backbone
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.embedding import eol_embedding, last_token_embedding
 from elva_jax.model.inputs import input_axes
-from elva_jax.train.losses import info_nce
+from elva_jax.retrieval.losses import info_nce
 
 #: contrastive embedding conventions; the prompt template each one trains on is in elva_jax.run.stages
 EMBEDDINGS = ("eol", "last", "instruct_last")

@@ -58,12 +58,41 @@ def test_recall_summary_and_targets(tmp_path):
     assert not targets(flat)["rl_reward_slope"]["met"]
 
 
+def test_probe_slope_interval_and_paired_recall_targets(tmp_path):
+    """The probe's slope is taken against its steps; the interval over seeds and the paired [RET] recall
+    differences decide the RL targets (hand-computed)."""
+    before = recall_summary(_results(tmp_path / "a" / "results.json", [0.0, 0.25]))  # r1 0.125, r5 0.375
+    after = recall_summary(_results(tmp_path / "b" / "results.json", [0.25, 0.25]))  # r1 0.25, r5 0.75
+
+    def run(k, probe, final=after):
+        steps = [0, 5, 10]
+        return {
+            "eval": {"before_rl-ret": before, "final-ret": final},
+            "rl": {"reward": [0.1, 0.2], "slope": 0.1},
+            "probe": {"step": steps, "reward": probe, "top1": [0.1, 0.2, 0.3], "slope": slope(probe, steps)},
+        }
+
+    runs = [run(k, [0.1 + k, 0.15 + k, 0.2 + k]) for k in range(3)]  # slope 0.01 per step on every seed
+    assert runs[0]["probe"]["slope"] == pytest.approx(0.01)
+    agg = aggregate(runs)
+    assert agg["probe_slope"]["mean"] == pytest.approx(0.01) and agg["probe_slope"]["excludes_zero"]
+    assert agg["probe_curve"]["step"] == [0, 5, 10] and agg["probe_curve"]["mean"] == pytest.approx([1.1, 1.15, 1.2])
+    t = targets(agg)
+    assert t["rl_probe_reward_slope"]["met"]
+    assert t["rl_ret_r1_gain"]["mean"] == pytest.approx(0.125) and t["rl_ret_r1_gain"]["met"]
+    assert t["rl_ret_r5_gain"]["mean"] == pytest.approx(0.375) and t["rl_ret_r5_gain"]["met"]
+    mixed = aggregate([run(k, [0.2, 0.1 + 0.2 * (k % 2), 0.2], final=before) for k in range(3)])
+    assert not targets(mixed)["rl_probe_reward_slope"]["met"]
+    assert not targets(mixed)["rl_ret_r1_gain"]["met"]  # unchanged recall is no gain
+
+
 def test_learning_curves_png(tmp_path):
     s = recall_summary(_results(tmp_path / "a" / "results.json", [0.1, 0.2]))
     run = {
         "seed": 0,
         "loss": list(np.linspace(3, 1, 50)),
         "rl": {k: list(np.linspace(0.2, 0.3, 10)) for k in ("reward", "margin", "ranking")},
+        "probe": {"step": [0, 5, 10], "reward": [0.2, 0.25, 0.3], "top1": [0.1, 0.2, 0.2], "slope": 0.01},
         "eval": {"start-eol": s, "before_rl-eol": s, "final-ret": s},
     }
     run["rl"]["slope"] = slope(run["rl"]["reward"])

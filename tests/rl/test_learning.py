@@ -36,7 +36,7 @@ from elva_jax.model.params import init_params
 from elva_jax.model.tiny import preset_config
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import RLConfig
-from elva_jax.rl.trainer import RLState, RLTrainer, _inputs
+from elva_jax.rl.trainer import RLState, RLTrainer, model_inputs
 
 K, G, STEPS, TEMP, LR = 2, 8, 4, 0.3, 1e-2
 LCFG = LoraConfig(rank=4, alpha=8)
@@ -74,7 +74,7 @@ def toy():
     )
     tr.scfg = dataclasses.replace(tr.scfg, cache_dtype="float32")
     ids, am, pvs, grids = tr.encode_instances(INSTANCES)
-    x = _inputs(cfg, opts, ids, am, pvs, grids, tr.row_len)
+    x = model_inputs(cfg, opts, ids, am, pvs, grids, tr.row_len)
     D, P = ids.shape
 
     @jax.jit

@@ -175,3 +175,62 @@ def test_kth_largest_two_stage_matches_sort():
     for k in (1, 7, 20, 64):
         want = -np.sort(-x, axis=-1)[:, k - 1 : k]
         np.testing.assert_array_equal(np.asarray(kth_largest(jnp.asarray(x), k, block=64)), want)
+
+
+def test_generation_vocabulary_constrains_draws_and_log_probs(model):
+    """opts.vocab: the LM head scores only those ids (equal to the full head's logits there, -1e9 elsewhere),
+    every sampled token is one of them, and a sampled token's log-prob is log_softmax over the subset
+    (numpy, from the full head's logits of an uncached forward)."""
+    cfg, params = model
+    vocab = (7, 19, 64, 230, 399, RET, EOS)
+    vopts = ModelOptions(matmul_precision="highest", vocab=vocab)
+    h = jax.random.normal(jax.random.key(0), (3, cfg.text.hidden_size))
+    full = np.asarray(backbone.lm_head(params, h, cfg, OPTS))
+    sub = np.asarray(backbone.lm_head(params, h, cfg, vopts))
+    np.testing.assert_allclose(sub[:, list(vocab)], full[:, list(vocab)], rtol=1e-6, atol=1e-6)
+    others = np.setdiff1d(np.arange(cfg.text.vocab_size), vocab)
+    assert np.all(sub[:, others] == -1e9)
+    ids, am, _, _ = _prompts(cfg, seed=6, with_image=False)
+    scfg = SamplerConfig(max_new_tokens=4, cache_dtype="float32")
+    out = generate(
+        params, build_inputs(cfg, vopts, ids, am), jax.random.key(3), cfg, vopts, scfg, num_samples=4,
+        stop_ids=(RET, EOS), ret_id=RET, pad_id=PAD,
+    )  # fmt: skip
+    toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    assert set(toks[mask].tolist()) <= set(vocab)
+    # the first token's log-prob against the full head's last-position logits restricted to the subset
+    fwd = backbone.forward(params, build_inputs(cfg, OPTS, ids, am), cfg, OPTS, with_logits=True)
+    last = np.asarray(fwd.logits[:, -1], np.float64)[:, list(vocab)]
+    logp = last - np.log(np.exp(last - last.max(1, keepdims=True)).sum(1, keepdims=True)) - last.max(1, keepdims=True)
+    for r in range(toks.shape[0]):
+        j = vocab.index(int(toks[r, 0]))
+        assert np.asarray(out.logps)[r, 0] == pytest.approx(logp[r // 4, j], abs=1e-4)
+
+
+def test_generation_vocab_of_words():
+    from elva_jax.data.tokenize import Tokenizer, generation_vocab
+
+    tok = Tokenizer.from_dir()
+    ids = generation_vocab(tok, ("red", "top"))
+    for text in ("red", " red", "top", " top", ","):
+        assert set(tok.ids(text)) <= set(ids), text
+    assert tok.ret_token_id in ids and tok.ids("<|im_end|>")[0] in ids
+    assert generation_vocab(tok, ()) == ()
+    assert list(ids) == sorted(set(ids))
+
+
+def test_token_logps_over_the_generation_vocabulary(model):
+    """The trainer's log-probs (`rl.rollout.token_logps`) with a generation vocabulary equal log_softmax over
+    the subset's logits of the full head (numpy), for targets inside it."""
+    from elva_jax.rl.rollout import token_logps
+
+    cfg, params = model
+    vocab = (7, 19, 64, 230, 399, RET, EOS)
+    vopts = ModelOptions(matmul_precision="highest", vocab=vocab)
+    h = jax.random.normal(jax.random.key(1), (3, 4, cfg.text.hidden_size))
+    targets = np.array([[7, 19, RET, 7], [64, 64, 399, EOS], [230, 7, 19, RET]], np.int32)
+    got = np.asarray(token_logps(params, h, jnp.asarray(targets), cfg, vopts, 0.7, 2))
+    full = np.asarray(backbone.lm_head(params, h, cfg, OPTS), np.float64)[..., list(vocab)] / 0.7
+    lse = np.log(np.exp(full - full.max(-1, keepdims=True)).sum(-1)) + full.max(-1)
+    want = np.take_along_axis(full, np.vectorize(vocab.index)(targets)[..., None], -1)[..., 0] - lse
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -114,6 +114,14 @@ def test_batch_not_divisible_is_reported(tmp_path):
         ("rl.query_fraction=0", "rl.query_fraction"),
         ("rl.adv_ddof=8", "rl.adv_ddof"),
         ("rl.gamma=.inf", "rl.gamma"),
+        ("rl.probe_instances=3", "rl.probe_instances"),  # not a multiple of rl.instances_per_step 2
+        ("rl.probe_every=0", "rl.probe_every"),
+        ("sft.steps=0", "sft.steps"),
+        ("sft.lr=-1", "sft.lr"),
+        ("sft.max_target_tokens=1", "sft.max_target_tokens"),
+        ("train.stages=[rl,sft]", "train.stages"),  # out of order
+        ("train.stages=[sft,sft]", "train.stages"),
+        ("train.stages=[warmup]", "train.stages"),
     ],
 )
 def test_impossible_values_are_refused_up_front(tmp_path, override, field):

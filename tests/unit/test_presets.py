@@ -23,7 +23,7 @@ def test_preset_loads(path):
     cfg = configlib.load(RunConfig, path)
     # LamRA's tau 0.05; the presets that continue Qwen3-VL-Embedding use its scoring temperature 0.02
     tau = 0.02 if cfg.train.embedding == "instruct_last" else 0.05
-    assert cfg.train.tau == tau and set(cfg.train.stages) <= {"contrastive", "rl"}
+    assert cfg.train.tau == tau and set(cfg.train.stages) <= {"sft", "contrastive", "rl"}
 
 
 def _preset(name):
