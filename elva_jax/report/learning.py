@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -80,6 +81,11 @@ def recall_summary(results_json: str | Path, group: str = "bundled") -> dict:
     gm = r.get("grain_masking") or {}
     out["grain_masking"] = gm.get("mean_cosine_distance")
     return out
+
+
+def split_overrides(text: str) -> list[str]:
+    """``"a=1,b=[x,y]"`` -> ``["a=1", "b=[x,y]"]``: commas inside brackets belong to a list value."""
+    return [part for part in re.split(r",(?![^\[]*\])", text) if part]
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -282,8 +288,9 @@ def main(argv=None) -> dict:
         "--variant",
         action="append",
         default=[],
-        help="NAME:key=value[,key=value]: also run the config with these overrides "
-        "(e.g. soft_rank:rl.aux_soft_rank_weight=1)",
+        help="NAME:key=value[,key=value]: also run the config with these overrides (e.g. "
+        "soft_rank:rl.aux_soft_rank_weight=1; the paper's equal-compute comparison: "
+        "more_contrastive:train.stages=[sft,contrastive],train.max_steps=2400)",
     )
     ap.add_argument("--variant-seeds", type=int, nargs="+", help="seeds of the variants (default: --seeds)")
     ap.add_argument("overrides", nargs="*", help="overrides for every run (key=value)")
@@ -294,7 +301,7 @@ def main(argv=None) -> dict:
         name, sep, over = spec.partition(":")
         if not sep or not name or not over:
             raise ReportError(f"--variant {spec!r}: expected NAME:key=value[,key=value]")
-        variants.append((name, list(a.overrides) + over.split(","), a.variant_seeds or a.seeds))
+        variants.append((name, list(a.overrides) + split_overrides(over), a.variant_seeds or a.seeds))
     report: dict = {"config": a.config, "machine": _machine(), "variants": {}}
     for name, over, seeds in variants:
         runs = []

@@ -22,6 +22,16 @@ def test_slope_matches_polyfit():
     assert math.isnan(slope([1.0]))
 
 
+def test_variant_overrides_keep_list_values_whole():
+    from elva_jax.report.learning import split_overrides
+
+    assert split_overrides("train.stages=[sft,contrastive],train.max_steps=2400") == [
+        "train.stages=[sft,contrastive]",
+        "train.max_steps=2400",
+    ]
+    assert split_overrides("rl.aux_soft_rank_weight=1") == ["rl.aux_soft_rank_weight=1"]
+
+
 def test_t_interval_by_hand():
     m, lo, hi = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
     half = 4.303 / math.sqrt(3)
