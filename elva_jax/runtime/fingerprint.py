@@ -9,60 +9,21 @@ from __future__ import annotations
 
 from elva_jax.schema import field_value
 
+_WEIGHTS = ("model.checkpoint", "model.random_preset", "lora.enabled", "lora.rank", "lora.alpha", "lora.targets")
+_DATA = ("data.kind", "data.root", "data.train_files")
 FIELDS = {
-    "contrastive": (
-        "model.checkpoint",
-        "model.random_preset",
-        "lora.enabled",
-        "lora.rank",
-        "lora.alpha",
-        "lora.targets",
-        "data.kind",
-        "data.root",
-        "data.train_files",
-        "data.pool_file",
-        "data.hard_negatives",
-        "data.shuffle_seed",
-        "train.global_batch",
-        "train.embedding",
-        "train.seed",
-    ),
-    "rl": (
-        "model.checkpoint",
-        "model.random_preset",
-        "lora.enabled",
-        "lora.rank",
-        "lora.alpha",
-        "lora.targets",
-        "data.kind",
-        "data.root",
-        "data.train_files",
-        "rl.instances_per_step",
-        "rl.group_size",
-        "rl.query_fraction",
-        "rl.negatives",
-        "rl.num_hard_negatives",
-        "rl.num_random_negatives",
-        "rl.probe_instances",  # held out of training: changes which instances step s draws
-        "train.seed",
-    ),
-    "sft": (
-        "model.checkpoint",
-        "model.random_preset",
-        "lora.enabled",
-        "lora.rank",
-        "lora.alpha",
-        "lora.targets",
-        "data.kind",
-        "data.root",
-        "data.train_files",
-        "data.pool_file",
-        "sft.batch",
-        "sft.full_finetune",
-        "sft.max_target_tokens",
-        "sft.ret_contrastive_weight",
-        "train.seed",
-    ),
+    "contrastive": _WEIGHTS
+    + _DATA
+    + ("data.pool_file", "data.hard_negatives", "data.shuffle_seed", "train.global_batch", "train.embedding")
+    + ("train.seed",),
+    "rl": _WEIGHTS
+    + _DATA
+    + ("rl.instances_per_step", "rl.group_size", "rl.query_fraction", "rl.negatives", "rl.num_hard_negatives")
+    + ("rl.num_random_negatives", "rl.probe_instances", "train.seed"),  # probe: held out, so it moves the draws
+    "sft": _WEIGHTS
+    + _DATA
+    + ("data.pool_file", "sft.batch", "sft.full_finetune", "sft.max_target_tokens", "sft.ret_contrastive_weight")
+    + ("train.seed",),
 }
 # Embed-RL's RL stage: ELVA's fields (the reasoner is `model.*`) plus the recipe and the frozen embedder (a
 # separate key so that ELVA RL checkpoints written before it keep resuming)
