@@ -247,7 +247,7 @@ def markdown(report: dict) -> str:
         lines += ["| evaluation | R@1 mean (min-max) | R@5 mean (min-max) | chance R@1 / R@5 | grain masking |"]
         lines += ["|---|---|---|---|---|"]
         for k, e in agg.items():
-            if not isinstance(e, dict) or "r1" not in e:
+            if not isinstance(e, dict) or not isinstance(e.get("r1"), dict):  # an evaluation's recall summary
                 continue
             gm = e.get("grain_masking", {}).get("mean")
             lines.append(

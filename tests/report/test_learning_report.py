@@ -94,6 +94,11 @@ def test_probe_slope_interval_and_paired_recall_targets(tmp_path):
     mixed = aggregate([run(k, [0.2, 0.1 + 0.2 * (k % 2), 0.2], final=before) for k in range(3)])
     assert not targets(mixed)["rl_probe_reward_slope"]["met"]
     assert not targets(mixed)["rl_ret_r1_gain"]["met"]  # unchanged recall is no gain
+    from elva_jax.report.learning import markdown
+
+    text = markdown({"config": "c.yaml", "machine": {}, "targets": t, "variants": {
+        "main": {"seeds": [0, 1, 2], "overrides": [], "aggregate": agg}}})  # fmt: skip
+    assert "| final-ret | 25.0" in text and "Probe (held-out instances" in text
 
 
 def test_learning_curves_png(tmp_path):
