@@ -206,7 +206,7 @@ class RLSection:
     adv_ddof: int = 0  # 0: population std over the G rewards; TRL's torch std is ddof 1 (Bessel)
     adv_eps: float = 1e-4
     mu: int = 1
-    # passes of a step beyond sampling and the update (issue 17: none that the math does not need).
+    # passes of a step beyond sampling and the update (none that the math does not need).
     # old log-probs: "auto" = with mu = 1 the sampling policy is the one being updated, so the update uses
     # stop_gradient(its own logp) (ratio 1 in value, the same gradient; as TRL) and no teacher-forced pass
     # runs for them; with mu > 1 they are recomputed. "recompute": always the teacher-forced pass (oracle)

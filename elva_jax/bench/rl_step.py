@@ -135,7 +135,7 @@ def jax_side(a, recs) -> dict:
     tr, st = trainer(rcfg)
     if a.memory_plan:
         return {"device": jax.devices()[0].device_kind, "memory_plan": memory_plan(tr, st, recs[0])}
-    if a.compare_passes:  # the step before issue 17 and the default one, alternating (the same load)
+    if a.compare_passes:  # the teacher-forced passes (recompute) and the default one, alternating (the same load)
         old = dataclasses.replace(rcfg, old_logp="recompute", ret_embedding="recompute", cache_dtype="bfloat16")
         new = dataclasses.replace(rcfg, old_logp="auto", ret_embedding="sampler", cache_dtype="compute")
         sides = {"recompute": trainer(old), "default": trainer(new)}
@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--row-chunk", type=int, default=72, help="rows per teacher-forced pass of the reference")
     ap.add_argument("--data", default="")
     # the step's passes (rl.old_logp / rl.ret_embedding / rl.cache_dtype; elva_jax side): "recompute" for
-    # both and a bfloat16 cache is the step before issue 17's fast paths
+    # both and a bfloat16 cache is the step without the fast paths
     ap.add_argument("--old-logp", default="auto", choices=["auto", "recompute"])
     ap.add_argument("--ret-embedding", default="sampler", choices=["sampler", "recompute"])
     ap.add_argument("--cache-dtype", default="compute", choices=["compute", "float32", "bfloat16"])

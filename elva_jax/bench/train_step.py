@@ -9,7 +9,7 @@ each), InfoNCE tau 0.05 on the last token's embedding. Both sides warm up first 
 reported apart); the median of `reps` steps is reported, with the ratio, XLA's FLOPs per step and
 the achieved FLOP/s against the matmul peak measured here (jnp.dot of 2048^2 fp32).
 
-``--lora RANK`` (issue 17): the LoRA step instead (frozen base, LoRA rank RANK, alpha 2 * RANK, on
+``--lora RANK``: the LoRA step instead (frozen base, LoRA rank RANK, alpha 2 * RANK, on
 every decoder linear of the LLM, AdamW on the adapters only), against the same reference model
 wrapped by peft with the same LoRA config (`elva_jax.bench.rl_step_torch.lora_model`).
 """
