@@ -175,6 +175,13 @@ def step_batches(n_instances: int, instances_per_step: int, seed: int):
     return order.batch(instances_per_step, drop_remainder=True)
 
 
+def should_stop(sigterm: bool, steps_done: int, cfg: RunConfig) -> bool:
+    """Whether a stage ends this invocation after the current step: a SIGTERM seen by any host, or
+    ``run.stop_after_steps`` steps done; every process gets the same answer (all stop at this step)."""
+    limit = cfg.run.stop_after_steps
+    return any_process(sigterm or bool(limit and steps_done >= limit))
+
+
 def place_rl_state(
     state: RLState, mcfg: ModelConfig, lcfg: LoraConfig, tx, mesh, full_finetune: bool = False
 ) -> RLState:
@@ -351,9 +358,7 @@ def run_rl(
             )
             if state.step % r.probe_every == 0 or state.step == n_steps:
                 run_probe()
-            if cfg.run.stop_after_steps and state.step - step_start >= cfg.run.stop_after_steps:
-                stop["flag"] = True
-            stop["flag"] = any_process(stop["flag"])  # a SIGTERM seen by one host stops all at this step
+            stop["flag"] = should_stop(stop["flag"], state.step - step_start, cfg)
             if state.step % cfg.run.checkpoint_every == 0 or state.step == n_steps or stop["flag"]:
                 meta = {"reward": m["reward"], "nonfinite": state.skipped}
                 ckpt.save(state.step, rl_saveable(state), None, meta, force=True)

@@ -40,9 +40,9 @@ from elva_jax.data.prompts import RET_TOKEN
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.lora import LoraConfig, init_lora, lora_axes, merge_lora
 from elva_jax.model.params import logical_axes
-from elva_jax.parallel.sharding import any_process, init_optimizer, make_mesh, place, tree_shardings
+from elva_jax.parallel.sharding import init_optimizer, make_mesh, place, tree_shardings
 from elva_jax.retrieval.losses import info_nce
-from elva_jax.rl.loop import step_batches
+from elva_jax.rl.loop import should_stop, step_batches
 from elva_jax.rl.rollout import RLConfig, teacher_forced_shared
 from elva_jax.rl.trainer import encode_prompts, model_inputs, put_rows
 from elva_jax.runtime.checkpointing import Checkpointer, CheckpointIncompatible, abstract_like
@@ -252,9 +252,7 @@ def run_sft(cfg: RunConfig, mcfg: ModelConfig, params: dict, records, tokenizer,
                     f"{rec['step_s']:.2f}s",
                     flush=True,
                 )
-            if cfg.run.stop_after_steps and step - step_start >= cfg.run.stop_after_steps:
-                stop["flag"] = True
-            stop["flag"] = any_process(stop["flag"])
+            stop["flag"] = should_stop(stop["flag"], step - step_start, cfg)
             if step % cfg.run.checkpoint_every == 0 or step == s.steps or stop["flag"]:
                 state = {"trainable": trainable, "opt_state": opt_state, "step": np.int32(step)}
                 ckpt.save(step, state, None, {"loss": loss, "nonfinite": skipped}, force=True)
