@@ -57,7 +57,6 @@ def test_probe_equals_numpy_rewards_of_its_samples_and_repeats(setup):
                 want["top1"].append(float(sims[0] >= sims[1:].max()))
     for k, v in want.items():
         assert p[f"probe_{k}"] == pytest.approx(np.mean(v), abs=2e-5), k
-    assert 0 < p["probe_top1"] < 1 or p["probe_top1"] in (0.0, 1.0)
     # nothing of the policy moved, its own sampling key included; the same key gives the same numbers
     for a, b in zip(jax.tree.leaves(st.lora), jax.tree.leaves(lora0), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
