@@ -120,6 +120,11 @@ def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
     return out
 
 
+def _sig(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant figures: a microsecond op on a fast CPU must not round to zero."""
+    return float(f"{x:.{digits}g}")
+
+
 def summarize(op_ns: dict[str, int], cats: dict[str, tuple[str, str]], steps: int, top: int = 15) -> dict:
     """Per-step totals by category and the ``top`` ops by self time (ms per step, share)."""
     total = sum(op_ns.values()) or 1
@@ -128,14 +133,14 @@ def summarize(op_ns: dict[str, int], cats: dict[str, tuple[str, str]], steps: in
         by_cat[cats.get(n, ("other", ""))[0]] += v
     ops = sorted(op_ns.items(), key=lambda kv: -kv[1])[:top]
     return {
-        "op_time_per_step_s": round(total / steps / 1e9, 4),
+        "op_time_per_step_s": _sig(total / steps / 1e9),
         "categories": {c: round(by_cat.get(c, 0) / total, 3) for c in CATEGORIES},
         "top_ops": [
             {
                 "op": n,
                 "category": cats.get(n, ("other", ""))[0],
                 "jax_op": cats.get(n, ("", ""))[1][-80:],
-                "ms_per_step": round(v / steps / 1e6, 2),
+                "ms_per_step": _sig(v / steps / 1e6),
                 "share": round(v / total, 3),
             }
             for n, v in ops
