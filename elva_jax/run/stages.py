@@ -412,6 +412,7 @@ def run(cfg: RunConfig) -> dict:
         params = rs["lora"] if rs["full_finetune"] else merge_lora(params, rs["lora"], rs["lcfg"])
         summary["rl"] = {
             "recipe": "embed_rl",
+            "probes": rs["probes"],
             "steps": rs["steps"],
             "wall_s": rs["wall_s"],
             "reward": [h["reward"] for h in rs["history"]],
@@ -504,7 +505,8 @@ def _run_sft(cfg: RunConfig, records, mcfg, params, tokenizer) -> dict:
     print(
         f"[elva_jax] SFT: {len(sft_records)} of {sft_records.records_seen} training records (query + positive) carry "
         "target summaries; "
-        f"{cfg.sft.steps} steps of {cfg.sft.batch} ({'full fine-tuning' if cfg.sft.full_finetune else 'LoRA'})",
+        f"{cfg.sft.steps} steps of {cfg.sft.batch} ({'full fine-tuning' if cfg.sft.full_finetune else 'LoRA'}"
+        + (f", the Embed-RL reasoner's T-CoT {cfg.sft.target_template!r})" if cfg.rl.recipe == "embed_rl" else ")"),
         flush=True,
     )
     ss = run_sft(
@@ -724,8 +726,10 @@ def main(argv=None) -> None:
             f"{cfg.run.dir}; run the same command to continue"
         )
         return
-    if "losses" in s:
+    if s.get("losses"):
         print(f"[elva_jax] contrastive: {s['end_step']} steps, final loss {s['losses'][-1]:.4f}")
+    elif "end_step" in s:  # a rerun of a finished stage resumes at its end: no step ran in this invocation
+        print(f"[elva_jax] contrastive: complete at step {s['end_step']} (resumed from its checkpoint)")
     if "rl" in s and s["rl"]["reward"]:
         r = s["rl"]["reward"]
         print(f"[elva_jax] RL: {s['rl']['steps']} steps, mean reward first/last {r[0]:.4f}/{r[-1]:.4f}")

@@ -173,6 +173,16 @@ def test_an_incompatible_resume_stops_and_keeps_every_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before  # nothing rotated away or overwritten
 
 
+@pytest.mark.slow
+def test_rerunning_a_finished_run_resumes_at_its_end(tmp_path, capsys):
+    base = [f"run.dir={tmp_path}", "train.stages=[contrastive]", "train.eval_modes=[]", "train.max_steps=2"]
+    main([*base, "run.async_checkpoint=false"])
+    capsys.readouterr()
+    main(base)  # every stage already complete: nothing trains, the summary still prints
+    out = capsys.readouterr().out
+    assert "contrastive: complete at step 2 (resumed from its checkpoint)" in out and "done in" in out
+
+
 def test_a_missing_data_root_or_file_names_the_field(tmp_path):
     from elva_jax.configlib import ConfigError
 
