@@ -107,23 +107,28 @@ def collect(run_dir: str | Path) -> dict:
             if p.is_file():
                 evals[f"{when}-{mode}"] = recall_summary(p)
     rewards = [r["reward"] for r in rl_rows]
+    # ELVA's reward parts (margin, ranking) or Embed-RL's (format, ORM); whichever the run logged
+    parts = {k: f"reward_{k}" for k in ("margin", "ranking")} | {k: k for k in ("format", "orm")}
+    # the policy on the held-out probe set with a fixed sampling key (rl.probe_instances), per probe step:
+    # every probe_* number the run logged (ELVA: reward, margin, ranking, top1; Embed-RL: reward, format, orm, acc)
+    probe_keys = sorted({k[6:] for r in probe_rows for k in r if k.startswith("probe_") and k != "probe_s"})
+    probe_steps = [r["step"] for r in probe_rows]
     return {
         "run_dir": str(run_dir),
         "wall_s": s.get("wall_s"),
         "loss": s.get("losses", []),
         "rl": {
             "reward": rewards,
-            "margin": [r["reward_margin"] for r in rl_rows],
-            "ranking": [r["reward_ranking"] for r in rl_rows],
-            "kl": [r.get("kl") for r in rl_rows],
-            "summary_len": [r.get("summary_len") for r in rl_rows],
+            **{k: [r[col] for r in rl_rows] for k, col in parts.items() if rl_rows and col in rl_rows[0]},
+            "kl": [r.get("kl_mean") for r in rl_rows],
+            "summary_len": [r.get("summary_len", r.get("cot_len")) for r in rl_rows],
             "slope": slope(rewards),
         },
-        # the policy on the held-out probe set with a fixed sampling key (rl.probe_instances), per probe step
         "probe": {
-            "step": [r["step"] for r in probe_rows],
-            **{k: [r[f"probe_{k}"] for r in probe_rows] for k in ("reward", "margin", "ranking", "top1")},
-            "slope": slope([r["probe_reward"] for r in probe_rows], [r["step"] for r in probe_rows]),
+            "step": probe_steps,
+            **{k: [r[f"probe_{k}"] for r in probe_rows] for k in probe_keys},
+            "slope": slope([r["probe_reward"] for r in probe_rows], probe_steps),
+            "slopes": {k: slope([r[f"probe_{k}"] for r in probe_rows], probe_steps) for k in probe_keys},
         },
         "sft": {"step": [r["step"] for r in sft_rows], "loss": [r["loss"] for r in sft_rows]},
         "eval": evals,
@@ -188,11 +193,13 @@ def aggregate(runs: list[dict]) -> dict:
         cols = np.array([p["reward"][:n] for p in probes])
         band = [t_interval(cols[:, j]) for j in range(n)]
         out["probe_curve"] = {"step": probes[0]["step"][:n], **dict(zip(("mean", "lo", "hi"), map(list, zip(*band))))}
-        for k in ("reward", "top1"):
+        for k in sorted(set.intersection(*(set(p.get("slopes", {})) for p in probes))):
             out[f"probe_{k}_first_last"] = [
                 float(np.mean([p[k][0] for p in probes])),
                 float(np.mean([p[k][-1] for p in probes])),
             ]
+            m, lo, hi = t_interval([p["slopes"][k] for p in probes])
+            out.setdefault("probe_slopes", {})[k] = {"mean": m, "ci95": [lo, hi]}
     paired = [r for r in runs if "before_rl-ret" in r["eval"] and "final-ret" in r["eval"]]
     if paired:
         out["ret_after_minus_before"] = {
@@ -218,6 +225,10 @@ def targets(agg: dict) -> dict:
     if "probe_slope" in agg:  # the policy's expected reward on held-out instances rises
         ps = agg["probe_slope"]
         t["rl_probe_reward_slope"] = {"ci95": ps["ci95"], "met": bool(ps["ci95"][0] > 0)}
+    for k in ("format", "orm"):  # Embed-RL: the reasoner's format-valid rate and the embedder's ORM on the probe
+        if k in agg.get("probe_slopes", {}):
+            ci = agg["probe_slopes"][k]["ci95"]
+            t[f"embed_rl_probe_{k}_slope"] = {"ci95": ci, "met": bool(ci[0] > 0)}
     if "ret_after_minus_before" in agg:  # held-out [RET] recall after RL beats before, on the mean of paired seeds
         d = agg["ret_after_minus_before"]
         for f in ("r1", "r5"):
@@ -264,19 +275,37 @@ def markdown(report: dict) -> str:
                 f"{rs['mean']:.2e}, 95 % t-interval over seeds [{rs['ci95'][0]:.2e}, {rs['ci95'][1]:.2e}] "
                 f"(per seed: {', '.join(f'{x:.2e}' for x in rs['per_seed'])})",
             ]
-        if "probe_slope" in agg:
-            ps, (p0, p1), (t0, t1) = agg["probe_slope"], agg["probe_reward_first_last"], agg["probe_top1_first_last"]
-            lines += [
-                "",
-                f"Probe (held-out instances, fixed sampling key): expected reward {p0:.4f} -> {p1:.4f}, positive "
-                f"first {100 * t0:.1f} % -> {100 * t1:.1f} %; slope per step {ps['mean']:.2e}, 95 % t-interval over "
-                f"seeds [{ps['ci95'][0]:.2e}, {ps['ci95'][1]:.2e}]",
-            ]
+        if "probe_slopes" in agg:
+            lines += ["", "Probe (held-out instances, fixed sampling key), mean over seeds:", ""]
+            lines += ["| probe | first | last | slope per step | 95 % t-interval over seeds |", "|---|---|---|---|---|"]
+            for k, sl in agg["probe_slopes"].items():
+                f0, f1 = agg[f"probe_{k}_first_last"]
+                lo, hi = sl["ci95"]
+                lines.append(f"| {k} | {f0:.4f} | {f1:.4f} | {sl['mean']:.2e} | [{lo:.2e}, {hi:.2e}] |")
         lines.append("")
+    lines += equal_compute(report)
     lines += ["## Targets", ""]
     for k, t in report["targets"].items():
         lines.append(f"- {k}: {json.dumps(t)}")
     return "\n".join(lines) + "\n"
+
+
+def equal_compute(report: dict) -> list[str]:
+    """Markdown lines setting the main variant's final recall beside every other variant's (e.g. the same
+    compute spent on more contrastive steps instead of RL): per embedding mode, mean R@1 / R@5 over seeds."""
+    others = [n for n in report["variants"] if n != "main"]
+    if not others:
+        return []
+    lines = ["## Side by side: final held-out recall", "", "| variant | mode | R@1 | R@5 | wall s per seed |"]
+    lines.append("|---|---|---|---|---|")
+    for name in ["main", *others]:
+        v = report["variants"][name]
+        wall = [r["wall_s_measured"] or r["wall_s"] for r in v["runs"] if (r["wall_s_measured"] or r["wall_s"])]
+        for k, e in v["aggregate"].items():
+            if k.startswith("final-") and isinstance(e, dict) and isinstance(e.get("r1"), dict):
+                w = f"{np.mean(wall):.0f}" if wall else "–"
+                lines.append(f"| {name} | {k[6:]} | {_fmt(e['r1']['mean'])} | {_fmt(e['r5']['mean'])} | {w} |")
+    return [*lines, ""]
 
 
 def main(argv=None) -> dict:

@@ -79,7 +79,13 @@ def test_probe_slope_interval_and_paired_recall_targets(tmp_path):
         return {
             "eval": {"before_rl-ret": before, "final-ret": final},
             "rl": {"reward": [0.1, 0.2], "slope": 0.1},
-            "probe": {"step": steps, "reward": probe, "top1": [0.1, 0.2, 0.3], "slope": slope(probe, steps)},
+            "probe": {
+                "step": steps,
+                "reward": probe,
+                "top1": [0.1, 0.2, 0.3],
+                "slope": slope(probe, steps),
+                "slopes": {"reward": slope(probe, steps), "top1": 0.02},
+            },
         }
 
     runs = [run(k, [0.1 + k, 0.15 + k, 0.2 + k]) for k in range(3)]  # slope 0.01 per step on every seed
@@ -99,6 +105,33 @@ def test_probe_slope_interval_and_paired_recall_targets(tmp_path):
     text = markdown({"config": "c.yaml", "machine": {}, "targets": t, "variants": {
         "main": {"seeds": [0, 1, 2], "overrides": [], "aggregate": agg}}})  # fmt: skip
     assert "| final-ret | 25.0" in text and "Probe (held-out instances" in text
+    assert "| reward | 1.1000 | 1.2000 | 1.00e-02 |" in text and "| top1 | 0.1000 | 0.3000 | 2.00e-02 |" in text
+
+
+def test_embed_rl_probe_targets_and_the_equal_compute_table(tmp_path):
+    """Embed-RL's probe logs format / ORM: their slopes over the seeds decide its targets (hand-made runs
+    in the shape `collect` returns); another variant's final recall sits beside the main one's."""
+    from elva_jax.report.learning import collect, markdown
+
+    d = tmp_path / "run"
+    (d / "rl").mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"wall_s": 10.0, "export": "x"}))
+    rows = [{"step": 0, "probe_reward": 0.1, "probe_format": 0.2, "probe_orm": 0.01, "probe_s": 3.0}]
+    rows += [{"step": 1, "reward": 0.3, "format": 0.5, "orm": 0.02, "cot_len": 9.0}]
+    rows += [{"step": 2, "probe_reward": 0.3, "probe_format": 0.6, "probe_orm": 0.03, "probe_s": 3.0}]
+    (d / "rl" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = collect(d)
+    assert c["probe"]["slopes"] == pytest.approx({"reward": 0.1, "format": 0.2, "orm": 0.01})
+    assert c["rl"]["format"] == [0.5] and c["rl"]["orm"] == [0.02] and "margin" not in c["rl"]
+    runs = [{**c, "probe": {**c["probe"], "slopes": {"format": 0.2 + k / 100, "orm": (-1) ** k}}} for k in range(3)]
+    t = targets(aggregate(runs))
+    assert t["embed_rl_probe_format_slope"]["met"] and not t["embed_rl_probe_orm_slope"]["met"]
+    after = recall_summary(_results(tmp_path / "b" / "results.json", [0.25, 0.25]))
+    variant = lambda: {"seeds": [0], "overrides": [], "runs": [{"wall_s": 5.0, "wall_s_measured": 0.0}],  # noqa: E731
+                       "aggregate": aggregate([{"eval": {"final-ret": after}, "rl": {"slope": math.nan}}])}  # fmt: skip
+    text = markdown({"config": "c.yaml", "machine": {}, "targets": t,
+                     "variants": {"main": variant(), "more_contrastive": variant()}})  # fmt: skip
+    assert "| more_contrastive | ret | 25.0 | 75.0 | 5 |" in text and "| main | ret | 25.0 | 75.0 | 5 |" in text
 
 
 def test_learning_curves_png(tmp_path):
