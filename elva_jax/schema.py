@@ -324,7 +324,11 @@ class SFTSection:
     # train every parameter (token table and vision tower included: what pretraining shapes); false: a LoRA
     # (the `lora` section), merged into the weights at the end of the stage
     full_finetune: bool = True
-    max_target_tokens: int = 32  # summary + [RET]; a longer target stops the run at startup, naming it
+    max_target_tokens: int = 32  # target + its stop token; a longer target stops the run at startup, naming it
+    # rl.recipe=embed_rl: the reasoner's target T-CoT, a format string with {summary} (one of the side's target
+    # summaries) and optionally {alt} (the next of its variants), followed by <|im_end|>; ELVA's target is
+    # "{summary} [RET]". Ours: the official warm start (if any) is not published
+    target_template: str = "<thinking>{summary}</thinking><rethink>{alt}</rethink><answer>{summary}</answer>"
 
 
 STAGES = ("sft", "contrastive", "rl")
@@ -435,6 +439,16 @@ def _check_values(c) -> None:
             "must be finite and >= 0",
         ),
         ("sft.max_target_tokens", c.sft.max_target_tokens >= 2, "must be >= 2 (a summary token and [RET])"),
+        (
+            "sft.target_template",
+            _template_ok(c.sft.target_template),
+            "must be a format string with {summary} (and optionally {alt}), no other fields",
+        ),
+        (
+            "sft.ret_contrastive_weight",
+            not _embed_rl_sft(c) or c.sft.ret_contrastive_weight == 0,
+            "must be 0 with rl.recipe=embed_rl (the reasoner does not embed: no [RET] InfoNCE)",
+        ),
         *(
             (
                 f"embed_rl.{k}",
@@ -526,6 +540,23 @@ def _check_values(c) -> None:
         raise ValueError(
             f"train.global_batch {c.train.global_batch} is not divisible by train.micro_batches {c.train.micro_batches}"
         )
+
+
+def _embed_rl_sft(c) -> bool:
+    """Whether the run's warm start teaches the Embed-RL reasoner (``sft`` stage under rl.recipe=embed_rl)."""
+    return c.rl.recipe == "embed_rl" and "sft" in c.train.stages
+
+
+def _template_ok(template: str) -> bool:
+    """Whether ``template`` is a format string whose fields are ``{summary}`` (required) and ``{alt}``."""
+    import string
+
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        template.format(summary="s", alt="a")
+    except (ValueError, IndexError, KeyError):
+        return False
+    return "summary" in names and set(names) <= {"summary", "alt"}
 
 
 def check_recipe_available(c) -> None:

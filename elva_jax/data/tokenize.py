@@ -412,14 +412,18 @@ class Tokenizer:
         return self.encode_prompt(prompt, image_grid_thw, max_length=max_length, max_text_tokens=max_text_tokens)
 
 
-def generation_vocab(tokenizer: Tokenizer, words) -> tuple[int, ...]:
+def generation_vocab(tokenizer: Tokenizer, words, texts=()) -> tuple[int, ...]:
     """The token ids a model may generate when restricted to ``words`` (sorted; () for no words): every
-    token of each word with and without a leading space, of "," and " ", and [RET] / <|im_end|>."""
+    token of each word with and without a leading space, of "," and " ", and [RET] / <|im_end|>; plus
+    every token of each of ``texts`` as it is tokenised whole (e.g. the Embed-RL reasoner's T-CoT tags
+    around words: a tag's pieces may merge with what stands next to it)."""
     if not words:
         return ()
     ids = set(tokenizer.ids(", ")) | {tokenizer.ret_token_id, *tokenizer.ids("<|im_end|>")}
     for w in words:
         ids |= set(tokenizer.ids(w)) | set(tokenizer.ids(" " + w))
+    for t in texts:
+        ids |= set(tokenizer.ids(t))
     return tuple(sorted(int(i) for i in ids))
 
 

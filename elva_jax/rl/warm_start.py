@@ -3,8 +3,11 @@ before ``[RET]``, so that the RL stage starts from a generator worth optimising 
 is the pretrained Qwen2-VL; a random model samples near-uniform noise over 152k tokens).
 
 A batch is B (query, positive) pairs (`elva_jax.data.summaries`): 2B rows, each the RL stage's
-generation prompt (ELVA's ``[RET]`` template with an open assistant turn) followed by one of the side's
-target summaries and ``[RET]``. The loss is the mean next-token negative log-likelihood over target
+generation prompt followed by a target built from one of the side's target summaries (`TargetSpec`).
+ELVA (`elva_target`): its ``[RET]`` template with an open assistant turn, target ``"{summary} [RET]"``.
+The Embed-RL reasoner (`reasoner_target`): its T-CoT prompt (`reasoner_encoder`), target
+``sft.target_template`` filled with the summary, then ``<|im_end|>``, and no InfoNCE (it does not embed).
+The loss is the mean next-token negative log-likelihood over target
 tokens plus, weighted by ``sft.ret_contrastive_weight`` w, InfoNCE (temperature ``train.tau``) between
 the queries' and the positives' teacher-forced ``[RET]`` embeddings e (in-batch negatives):
 
@@ -37,6 +40,9 @@ import optax
 
 from elva_jax.configlib import ConfigError
 from elva_jax.data.prompts import RET_TOKEN
+from elva_jax.data.tcot import TAGS
+from elva_jax.data.tcot_prompts import reasoner_encoder
+from elva_jax.data.tokenize import generation_vocab
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.lora import LoraConfig, init_lora, lora_axes, merge_lora
 from elva_jax.model.params import logical_axes
@@ -54,17 +60,21 @@ from elva_jax.schema import RunConfig, project
 
 def sft_loss(
     trainable, params, batch: dict, *, cfg: ModelConfig, opts: ModelOptions, lora_scale: float, full: bool,
-    ret_weight: float, tau: float,
+    ret_weight: float, tau: float, ret_nce: bool = True,
 ):  # fmt: skip
     """(loss, metrics) of one batch: prompts [2B, P] (model inputs; queries, then their positives), targets
-    [2B, T] with lengths [2B] (tokens up to and including [RET]). ``full``: ``trainable`` is the whole
-    param tree."""
+    [2B, T] with lengths [2B] (tokens up to and including the stop token). ``full``: ``trainable`` is the
+    whole param tree. ``ret_nce`` False: no InfoNCE term (nor its metrics); ``ret_weight`` must then be 0."""
     base, lora = (trainable, None) if full else (params, trainable)
     logps, emb = teacher_forced_shared(
         base, lora, lora_scale, batch["prompts"], batch["targets"], batch["lengths"], 1, cfg, opts, RLConfig()
     )
     mask = (jnp.arange(batch["targets"].shape[1])[None] < batch["lengths"][:, None]).astype(jnp.float32)
     nll = -(logps * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    if not ret_nce:
+        if ret_weight:
+            raise ValueError("sft_loss: ret_weight > 0 needs the InfoNCE term (ret_nce)")
+        return nll, {"loss": nll, "nll": nll, "first_token_nll": -logps[:, 0].mean()}
     B = emb.shape[0] // 2
     nce, nm = info_nce(emb[:B], emb[B:], tau)
     loss = nll + ret_weight * nce
@@ -87,18 +97,61 @@ def sft_update(trainable, opt_state, params, batch, *, tx, **kw):
     return keep(optax.apply_updates(trainable, upd), trainable), keep(new_opt, opt_state), {**m, "finite": finite}
 
 
-def encode_targets(texts: list[str], tokenizer, ret_id: int, max_tokens: int, names: list[str]) -> list[np.ndarray]:
-    """Token ids of each target + [RET]; a target longer than ``max_tokens`` (with [RET]) is a ConfigError
-    naming the record (never cut in silence: a cut summary would be taught as a summary)."""
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """How a side's summaries become teacher-forced targets: variant k of n gives the text
+    ``template.format(summary=v[k], alt=v[(k + 1) % n]) + stop`` (variants stripped), which must tokenise
+    to ids ending in ``stop_id``. ``ret_nce``: whether the loss has the [RET] InfoNCE term."""
+
+    template: str
+    stop: str
+    stop_id: int
+    ret_nce: bool = True
+
+    def texts(self, variants: list[str]) -> list[str]:
+        v = [x.strip() for x in variants]
+        return [self.template.format(summary=v[k], alt=v[(k + 1) % len(v)]) + self.stop for k in range(len(v))]
+
+
+def elva_target(tokenizer) -> TargetSpec:
+    """ELVA's target: ``"{summary} [RET]"``, with the [RET] InfoNCE term."""
+    return TargetSpec("{summary} ", RET_TOKEN, tokenizer.ret_token_id, ret_nce=True)
+
+
+def reasoner_target(tokenizer, template: str) -> TargetSpec:
+    """The Embed-RL reasoner's target: ``template`` (a T-CoT around ``{summary}`` / ``{alt}``), then its
+    stop token ``<|im_end|>``; no InfoNCE (the reasoner does not embed)."""
+    return TargetSpec(template, "<|im_end|>", tokenizer.ids("<|im_end|>")[0], ret_nce=False)
+
+
+def reasoner_options(cfg: RunConfig, tokenizer, opts: ModelOptions) -> ModelOptions:
+    """``opts`` for the Embed-RL reasoner: with ``model.generation_words`` its generation vocabulary also
+    holds the T-CoT tags' tokens (each tag alone and after a space, and ``sft.target_template`` filled with
+    each word, so the pieces a tag shares with the word beside it are in); without, the whole vocabulary."""
+    words = cfg.model.generation_words
+    if not words:
+        return opts
+    t = cfg.sft.target_template
+    texts = [*TAGS, *(" " + x for x in TAGS), *(t.format(summary=w, alt=w) for w in words)]
+    return dataclasses.replace(opts, vocab=generation_vocab(tokenizer, words, texts))
+
+
+def encode_targets(
+    texts: list[str], tokenizer, ret_id: int, max_tokens: int, names: list[str], spec: TargetSpec | None = None
+) -> list[np.ndarray]:
+    """Token ids of each summary's target (``spec``; None: ELVA's ``"{summary} [RET]"`` with ``ret_id``); a
+    target longer than ``max_tokens`` (with its stop token) is a ConfigError naming the record (never cut in
+    silence: a cut summary would be taught as a summary)."""
+    spec = spec or TargetSpec("{summary} ", RET_TOKEN, ret_id)
     out = []
-    for text, name in zip(texts, names, strict=True):
-        ids = np.asarray(tokenizer.ids(f"{text.strip()} {RET_TOKEN}"), np.int32)  # ELVA's "{summary} [RET]"
-        if ids[-1] != ret_id:
-            raise ConfigError(f"the summary of {name} does not end in [RET] once tokenised: {text!r}")
+    for full, name in zip(spec.texts(list(texts)), names, strict=True):
+        ids = np.asarray(tokenizer.ids(full), np.int32)
+        if ids[-1] != spec.stop_id:
+            raise ConfigError(f"the target of {name} does not end in {spec.stop} once tokenised: {full!r}")
         if len(ids) > max_tokens:
             raise ConfigError(
-                f"sft.max_target_tokens {max_tokens}: the summary of {name} takes {len(ids)} tokens with [RET] "
-                f"({text!r}); raise sft.max_target_tokens"
+                f"sft.max_target_tokens {max_tokens}: the target of {name} takes {len(ids)} tokens with "
+                f"{spec.stop} ({full!r}); raise sft.max_target_tokens"
             )
         out.append(ids)
     return out
@@ -107,17 +160,18 @@ def encode_targets(texts: list[str], tokenizer, ret_id: int, max_tokens: int, na
 class SFTBatches:
     """Step s -> the step's host batch: the queries of the step's pairs, then their positives (prompts
     encoded as the RL stage's), targets padded to ``sft.max_target_tokens``; a pure function of
-    (records, seed, s)."""
+    (records, seed, s). ``spec``: the targets (`TargetSpec`; None: ELVA's, `elva_target`)."""
 
-    def __init__(self, records, encoder, tokenizer, mcfg: ModelConfig, opts: ModelOptions, cfg: RunConfig):
+    def __init__(self, records, encoder, tokenizer, mcfg: ModelConfig, opts: ModelOptions, cfg: RunConfig, spec=None):
         self.records, self.encoder, self.mcfg, self.opts, self.cfg = records, encoder, mcfg, opts, cfg
         s = cfg.sft
         self.order = step_batches(len(records), s.batch, cfg.train.seed)
-        self.ret_id, self.T = tokenizer.ret_token_id, s.max_target_tokens
+        self.spec = spec or elva_target(tokenizer)
+        self.T = s.max_target_tokens
         # every target tokenised once up front: too long a summary stops the run before any step
         self.tokens = [
             [
-                encode_targets(ts, tokenizer, self.ret_id, self.T, [f"record {records.entries[i]}"] * len(ts))
+                encode_targets(ts, tokenizer, 0, self.T, [f"record {records.entries[i]}"] * len(ts), self.spec)
                 for ts in pair
             ]
             for i, pair in enumerate(records.targets)
@@ -161,12 +215,33 @@ class SFTBatches:
         return {"prompts": prompts, "targets": targets, "lengths": lengths}
 
 
-def run_sft(cfg: RunConfig, mcfg: ModelConfig, params: dict, records, tokenizer, opts: ModelOptions, *, run_dir: str):
-    """The warm start's resumable loop. Returns {"params": the trained params (LoRA merged), "steps",
-    "total", "stopped", "losses", "wall_s"}."""
+def sft_recipe(cfg: RunConfig, tokenizer):
+    """(prompt encoder, `TargetSpec`) of the run's RL recipe: ELVA's [RET] generation prompt and target, or
+    under ``rl.recipe=embed_rl`` the reasoner's T-CoT prompt and ``sft.target_template``."""
     from elva_jax.data.tokenize import PromptEncoder
 
+    if cfg.rl.recipe == "embed_rl":
+        return reasoner_encoder(tokenizer, cfg.embed_rl.reasoner_instruction), reasoner_target(
+            tokenizer, cfg.sft.target_template
+        )
+    return PromptEncoder(tokenizer, "ret", generation=True), elva_target(tokenizer)
+
+
+def run_sft(
+    cfg: RunConfig, mcfg: ModelConfig, params: dict, records, tokenizer, opts: ModelOptions, *, run_dir: str,
+    encoder=None, spec: TargetSpec | None = None,
+):  # fmt: skip
+    """The warm start's resumable loop; ``encoder`` / ``spec``: the prompts and targets (None: the run's
+    recipe's, `sft_recipe`). Returns {"params": the trained params (LoRA merged), "steps", "total",
+    "stopped", "losses", "wall_s"}."""
+    if encoder is None or spec is None:
+        enc0, spec0 = sft_recipe(cfg, tokenizer)
+        encoder, spec = encoder or enc0, spec or spec0
     s = cfg.sft
+    if s.ret_contrastive_weight and not spec.ret_nce:
+        raise ConfigError(
+            "sft.ret_contrastive_weight must be 0 for targets without [RET] (the reasoner does not embed)"
+        )
     full = s.full_finetune
     lcfg = project(LoraConfig, cfg.lora)
     ocfg = dataclasses.replace(cfg.optim, lr=s.lr)
@@ -181,7 +256,7 @@ def run_sft(cfg: RunConfig, mcfg: ModelConfig, params: dict, records, tokenizer,
         lora = init_lora(mcfg, lcfg, key, dtype=cfg.model.param_dtype)
         trainable = place(lora, tree_shardings(lora_axes(mcfg, lcfg), lora, mesh))
     opt_state = init_optimizer(tx, trainable, mesh)
-    batches = SFTBatches(records, PromptEncoder(tokenizer, "ret", generation=True), tokenizer, mcfg, opts, cfg)
+    batches = SFTBatches(records, encoder, tokenizer, mcfg, opts, cfg, spec)
     update = jax.jit(
         lambda tr, st, p, b: sft_update(
             tr,
@@ -195,6 +270,7 @@ def run_sft(cfg: RunConfig, mcfg: ModelConfig, params: dict, records, tokenizer,
             full=full,
             ret_weight=s.ret_contrastive_weight,
             tau=cfg.train.tau,
+            ret_nce=spec.ret_nce,
         ),  # fmt: skip
         donate_argnums=(0, 1),
     )
@@ -204,7 +280,7 @@ def run_sft(cfg: RunConfig, mcfg: ModelConfig, params: dict, records, tokenizer,
         keep=cfg.run.keep_checkpoints,
         async_save=cfg.run.async_checkpoint,
         with_data_iter=False,
-        fingerprint=run_fingerprint(cfg, "sft"),
+        fingerprint=run_fingerprint(cfg, "embed_rl_sft" if cfg.rl.recipe == "embed_rl" else "sft"),
         allow_changed=cfg.run.allow_changed,
     )
     if ckpt.steps() and not cfg.run.resume:
@@ -246,10 +322,12 @@ def run_sft(cfg: RunConfig, mcfg: ModelConfig, params: dict, records, tokenizer,
             rec.update(lr=float(lr_at(step - 1)), step_s=time.perf_counter() - t0, skipped=skipped)
             if step % cfg.run.log_every == 0 or step == s.steps:
                 logger.log(step, rec)
+                nce = ""
+                if "ret_nce" in rec:
+                    nce = f", [RET] InfoNCE {rec['ret_nce']:.3f}, in-batch acc {rec['ret_acc']:.2f}"
                 print(
-                    f"[elva_jax] SFT step {step}/{s.steps} loss {loss:.4f} (summary NLL {rec['nll']:.3f}, [RET] "
-                    f"InfoNCE {rec['ret_nce']:.3f}, in-batch acc {rec['ret_acc']:.2f}) lr {rec['lr']:.2e} "
-                    f"{rec['step_s']:.2f}s",
+                    f"[elva_jax] SFT step {step}/{s.steps} loss {loss:.4f} (target NLL {rec['nll']:.3f}{nce}) "
+                    f"lr {rec['lr']:.2e} {rec['step_s']:.2f}s",
                     flush=True,
                 )
             stop["flag"] = should_stop(stop["flag"], step - step_start, cfg)

@@ -489,7 +489,7 @@ def run(cfg: RunConfig) -> dict:
 def _run_sft(cfg: RunConfig, records, mcfg, params, tokenizer) -> dict:
     """The summary warm start on the sides of ``records`` that carry target summaries."""
     from elva_jax.data.summaries import SummaryRecords
-    from elva_jax.rl.warm_start import run_sft
+    from elva_jax.rl.warm_start import reasoner_options, run_sft
     from elva_jax.train.loop import model_options
 
     if cfg.data.kind == "nli":
@@ -509,15 +509,10 @@ def _run_sft(cfg: RunConfig, records, mcfg, params, tokenizer) -> dict:
         + (f", the Embed-RL reasoner's T-CoT {cfg.sft.target_template!r})" if cfg.rl.recipe == "embed_rl" else ")"),
         flush=True,
     )
-    ss = run_sft(
-        cfg,
-        mcfg,
-        params,
-        sft_records,
-        tokenizer,
-        model_options(cfg, tokenizer),
-        run_dir=os.path.join(cfg.run.dir, "sft"),
-    )
+    opts = model_options(cfg, tokenizer)
+    if cfg.rl.recipe == "embed_rl":  # the reasoner's vocabulary: its T-CoT tags too
+        opts = reasoner_options(cfg, tokenizer, model_options(cfg))
+    ss = run_sft(cfg, mcfg, params, sft_records, tokenizer, opts, run_dir=os.path.join(cfg.run.dir, "sft"))
     return {**ss, "records": len(sft_records), "records_seen": sft_records.records_seen}
 
 
@@ -589,6 +584,7 @@ def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
     from elva_jax.rl.embed_rl_rewards import embed_rl_reward_config
     from elva_jax.rl.embed_rl_trainer import EmbedRLTrainer, FrozenEmbedder, FrozenJudge, reasoner_policy
     from elva_jax.rl.loop import rl_configs, run_rl
+    from elva_jax.rl.warm_start import reasoner_options
     from elva_jax.train.loop import model_options
 
     # pairs only: the rewards' negatives are the other pairs' rollouts (no mining, no sampled negatives)
@@ -620,7 +616,7 @@ def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
         pix = {"patch_row_len": d.patch_row_len, "min_pixels": d.min_pixels, "max_pixels": d.max_pixels}
         policy = reasoner_policy(
             mcfg,
-            opts,
+            reasoner_options(cfg, tokenizer, opts),  # the embedder's opts: no generation vocabulary
             rcfg,
             tx,
             tokenizer,
@@ -678,7 +674,7 @@ def run_embed_rl(cfg: RunConfig, root: str, mcfg, params, tokenizer) -> dict:
         params,
         instances,
         tokenizer,
-        opts,
+        reasoner_options(cfg, tokenizer, opts),
         run_dir=os.path.join(cfg.run.dir, "rl"),
         build_trainer=build,
         full_finetune=full,

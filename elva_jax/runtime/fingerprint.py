@@ -39,6 +39,10 @@ FIELDS["embed_rl"] = FIELDS["rl"] + (
     "embed_rl.prm_instruction",
 )
 
+# the Embed-RL reasoner's warm start: ELVA's SFT fields plus what writes its prompts and targets (a separate
+# key, so that ELVA SFT checkpoints keep resuming)
+FIELDS["embed_rl_sft"] = FIELDS["sft"] + ("rl.recipe", "sft.target_template", "embed_rl.reasoner_instruction")
+
 
 def run_fingerprint(cfg, stage: str) -> dict:
     """{dotted field: value} of the stage's fingerprint fields (tuples as lists, as JSON stores them)."""
