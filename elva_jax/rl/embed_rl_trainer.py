@@ -19,6 +19,7 @@ the pair's own rollouts. The embedder, the judge and the reference never change.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections import Counter
@@ -308,6 +309,69 @@ class EmbedRLTrainer:
         ``<|im_end|>``) dropped."""
         return [self.tokenizer.decode(t[:n].tolist(), skip_special_tokens=True) for t, n in zip(tokens, lengths)]
 
+    def score(self, pairs: list[dict], out, shape: tuple[int, int, int], step: int) -> tuple:
+        """Every rollout of ``out`` (prompt-major (i, s, g) rows of ``pairs``) decoded, format-checked,
+        embedded and rewarded: (texts [2IG], flags [2IG], failure reasons, embeddings [2IG, D], rewards
+        {"query", "positive"} pair-major [IG] each, judge metrics). ``sims = q p^T`` [IG, IG]; ``step``
+        seeds the judge's shuffled candidate order."""
+        I, G, S = shape
+        put = lambda x: self.policy._put(x, prompts=True)  # noqa: E731
+        texts = self.decode(np.asarray(out.tokens), np.asarray(out.lengths))  # prompt-major (i, s, g)
+        sides = [p["query"] if s == 0 else p["cands"][0] for p in pairs for s in range(S) for _ in range(G)]
+        want = [expected_evidence(x) for x in sides] if self.evidence_kind == "modality" else None
+        flags, reasons = format_flags(texts, check=self.format_check, expected=want, frame_base=self.key_frame_base)
+        emb = self.embedder.embed(sides, texts, put=put)
+        e = emb.reshape(I, S, G, -1)
+        q, p = e[:, 0].reshape(I * G, -1), e[:, 1].reshape(I * G, -1)
+        sims = q @ p.T  # [I*G, I*G]: query rollout (i, g) vs positive rollout (j, h)
+        f = flags.reshape(I, S, G)
+        verdict, judge_m = {"query": None, "positive": None}, {}
+        if self.judge is not None:
+            t_j = time.perf_counter()
+            side_pairs = [(p["query"], p["cands"][0]) for p in pairs]
+            verdict, judge_m = self.judge.verdicts(sims, side_pairs, texts, I, G, step, put=put)
+            judge_m["time_judge_s"] = time.perf_counter() - t_j
+        r = batch_rewards(
+            sims,
+            jnp.repeat(jnp.arange(I), G),
+            f[:, 0].reshape(-1),
+            f[:, 1].reshape(-1),
+            self.reward_cfg,
+            judge_query=verdict["query"],
+            judge_positive=verdict["positive"],
+        )
+        return texts, flags, reasons, emb, r, judge_m
+
+    def probe(self, state: RLState, instances, key: jax.Array, chunk: int) -> dict:
+        """The reasoner's scores on fixed held-out pairs (no update; ``state`` is left as it is): each chunk
+        of ``chunk`` pairs (the step's ``instances_per_step``, so the other pairs of the chunk are the
+        in-batch negatives, as in a step) samples G rollouts per prompt with ``fold_in(key, c)`` (chunk
+        offset c: the same draws at every call for the same policy) and is scored as a step scores its
+        batch (`score`). Returns the means over all rollouts of both sides: ``probe_reward`` (R),
+        ``probe_format`` (format-valid rate), ``probe_orm``, ``probe_acc``, ``probe_margin`` and
+        ``probe_prm``."""
+        sums = dict.fromkeys(("reward", "format", "orm", "acc", "margin", "prm"), 0.0)
+        n = 0
+        for c in range(0, len(instances), chunk):
+            part = [instances[i] for i in range(c, min(c + chunk, len(instances)))]
+            pairs = [{"id": x.get("id"), "query": x["query"], "cands": [x["cands"][0]]} for x in part]
+            st = dataclasses.replace(state, key=jax.random.fold_in(key, c))
+            out, _, shape, _ = self.policy.rollouts(st, pairs)
+            _, flags, _, _, r, _ = self.score(pairs, out, shape, 0)
+            sums["format"] += float(np.sum(flags))
+            for k, name in (("total", "reward"), ("orm", "orm"), ("acc", "acc"), ("margin", "margin"), ("prm", "prm")):
+                sums[name] += float(np.sum(r["query"][k]) + np.sum(r["positive"][k]))
+            n += len(flags)
+        return {f"probe_{k}": v / n for k, v in sums.items()}
+
+    @staticmethod
+    def probe_line(p: dict) -> str:
+        """The loop's one-line probe summary."""
+        return (
+            f"reward {p['probe_reward']:.4f} (format {p['probe_format']:.3f}, ORM {p['probe_orm']:.4f}, acc "
+            f"{p['probe_acc']:.3f}, margin {p['probe_margin']:.4f})"
+        )
+
     def step(self, state: RLState, instances: list[dict], samples=None) -> tuple[RLState, dict]:
         """One step; ``samples``: replay given reasoner samples (host arrays, as ``last_samples``) instead
         of sampling (see `RLTrainer.rollouts`)."""
@@ -327,34 +391,8 @@ class EmbedRLTrainer:
         jax.block_until_ready((old_logp, ref_logp))
         t_reforward = time.perf_counter() - t1
         t2 = time.perf_counter()
-        texts = self.decode(np.asarray(out.tokens), np.asarray(out.lengths))  # prompt-major (i, s, g)
+        texts, flags, reasons, emb, r, judge_m = self.score(pairs, out, (I, G, S), state.step)
         self.last_texts = texts
-        sides = [p["query"] if s == 0 else p["cands"][0] for p in pairs for s in range(S) for _ in range(G)]
-        want = [expected_evidence(x) for x in sides] if self.evidence_kind == "modality" else None
-        flags, reasons = format_flags(texts, check=self.format_check, expected=want, frame_base=self.key_frame_base)
-        emb = self.embedder.embed(sides, texts, put=lambda x: pol._put(x, prompts=True))
-        e = emb.reshape(I, S, G, -1)
-        q, p = e[:, 0].reshape(I * G, -1), e[:, 1].reshape(I * G, -1)
-        sims = q @ p.T  # [I*G, I*G]: query rollout (i, g) vs positive rollout (j, h)
-        pair_ids = jnp.repeat(jnp.arange(I), G)
-        f = flags.reshape(I, S, G)
-        verdict, judge_m = {"query": None, "positive": None}, {}
-        if self.judge is not None:
-            t_j = time.perf_counter()
-            side_pairs = [(p["query"], p["cands"][0]) for p in pairs]
-            verdict, judge_m = self.judge.verdicts(
-                sims, side_pairs, texts, I, G, state.step, put=lambda x: pol._put(x, prompts=True)
-            )
-            judge_m["time_judge_s"] = time.perf_counter() - t_j
-        r = batch_rewards(
-            sims,
-            pair_ids,
-            f[:, 0].reshape(-1),
-            f[:, 1].reshape(-1),
-            self.reward_cfg,
-            judge_query=verdict["query"],
-            judge_positive=verdict["positive"],
-        )
         total = jnp.stack([r["query"]["total"].reshape(I, G), r["positive"]["total"].reshape(I, G)], axis=1)
         adv, zero_var = grpo.group_advantages(total, ddof=rc.adv_ddof, eps=rc.adv_eps, scale=rc.adv_scale)
         adv_rows = adv.reshape(-1)  # prompt-major, as the rows

@@ -314,10 +314,16 @@ def run_rl(
         p["probe_s"] = time.perf_counter() - t0
         logger.log(state.step, p)
         probes.append({"step": state.step, **p})
+        line = getattr(trainer, "probe_line", None)  # another recipe's probe metrics (Embed-RL's)
+        desc = (
+            line(p)
+            if line
+            else f"reward {p['probe_reward']:.4f} (margin {p['probe_margin']:.4f}, ranking {p['probe_ranking']:.4f}) "
+            f"positive first {p['probe_top1']:.3f}"
+        )
         print(
-            f"[elva_jax] RL probe at step {state.step}: reward {p['probe_reward']:.4f} (margin "
-            f"{p['probe_margin']:.4f}, ranking {p['probe_ranking']:.4f}) positive first {p['probe_top1']:.3f} "
-            f"({len(probe_set)} held-out instances x G {r.group_size}, fixed key; {p['probe_s']:.1f}s)",
+            f"[elva_jax] RL probe at step {state.step}: {desc} ({len(probe_set)} held-out instances x G "
+            f"{r.group_size}, fixed key; {p['probe_s']:.1f}s)",
             flush=True,
         )
 
