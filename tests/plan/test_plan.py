@@ -63,7 +63,9 @@ def test_embed_rl_plan_holds_both_models_on_8_cpu_devices(tmp_path):
 
     out = tmp_path / "plan.json"
     cfg = os.path.join(ROOT, "configs", "tiny_embed_rl.yaml")
-    r = run_plan("--config", cfg, "--topology", "cpu:8", "--mesh", "data=2,fsdp=2,tensor=2", "--json", str(out))
+    small = ("rl.instances_per_step=2", "rl.group_size=2", "rl.max_summary_tokens=8")
+    mesh = ("--mesh", "data=2,fsdp=2,tensor=2")
+    r = run_plan("--config", cfg, "--topology", "cpu:8", *mesh, "--json", str(out), *small)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert set(rep["programs"]) == {"rl_update", "decode", "embed"} and rep["fits"]
@@ -79,13 +81,12 @@ def test_embed_rl_plan_holds_both_models_on_8_cpu_devices(tmp_path):
     resident = progs["embed"]["arguments_per_device"]
     assert resident["reasoner params (resident)"] == progs["rl_update"]["arguments_per_device"]["params"]
     assert resident["optimizer (resident)"] == progs["rl_update"]["arguments_per_device"]["optimizer"]
-    I, G = 2, 2  # the preset's rl.instances_per_step, rl.group_size
+    I, G = 2, 2  # rl.instances_per_step, rl.group_size
     assert progs["embed"]["note"].startswith(f"{I * 2 * G} rows = I={I} pairs x 2 sides x G={G}")
     for p in progs.values():  # the resident model is in the total
         assert p["total"] >= sum(p["arguments_per_device"].values()) and p["error"] is None
     # an embedder pass that does not fit is told to split its rows (8 rows, data x fsdp = 4)
-    mesh = ("--mesh", "data=2,fsdp=2,tensor=2")
-    r = run_plan("--config", cfg, "--topology", "cpu:8", *mesh, "--programs", "embed", "--hbm-gib", "0.0001")
+    r = run_plan("--config", cfg, "--topology", "cpu:8", *mesh, "--programs", "embed", "--hbm-gib", "0.0001", *small)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "embed_rl.embedder_micro_rows=4" in r.stdout and "embedder_seq_buckets" in r.stdout
 
@@ -98,7 +99,7 @@ def test_embed_rl_plan_of_a_fully_fine_tuned_reasoner(tmp_path):
     cfg = os.path.join(ROOT, "configs", "tiny_embed_rl.yaml")
     r = run_plan(
         "--config", cfg, "--topology", "cpu:4", "--mesh", "data=1,fsdp=4,tensor=1", "--programs", "rl_update,decode",
-        "--json", str(out), "lora.enabled=false",
+        "--json", str(out), "lora.enabled=false", "rl.max_summary_tokens=8",
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     progs = json.loads(out.read_text())["programs"]

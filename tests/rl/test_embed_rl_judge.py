@@ -183,7 +183,13 @@ def test_tiny_run_with_the_judge_and_full_fine_tuning_resumes_and_exports_the_tr
 
     preset = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_embed_rl.yaml")
     over = [f"run.dir={tmp_path}", "rl.steps=2", "rl.group_size=2", "embed_rl.prm_enabled=true", "lora.enabled=false"]
-    over.append("embed_rl.prm_seq_buckets=[512, 1024]")
+    over += [
+        "embed_rl.prm_seq_buckets=[512, 1024]",
+        "train.stages=[rl]",
+        "rl.probe_instances=0",
+        "rl.instances_per_step=2",
+        "rl.max_summary_tokens=8",
+    ]  # no warm start, no probe
     cfg = configlib.load(RunConfig, preset, over + ["run.stop_after_steps=1"])
     assert run(cfg)["stopped"]["step"] == 1
     s = run(configlib.load(RunConfig, preset, over))

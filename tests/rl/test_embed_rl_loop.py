@@ -100,7 +100,17 @@ def test_tiny_embed_rl_run_end_to_end(tmp_path):
     from elva_jax.schema import RunConfig
 
     preset = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_embed_rl.yaml")
-    cfg = configlib.load(RunConfig, preset, [f"run.dir={tmp_path}", "rl.steps=2", "rl.group_size=2"])
+    # the preset's shapes without its warm start and probe (those have their own tests)
+    over = [
+        f"run.dir={tmp_path}",
+        "rl.steps=2",
+        "rl.group_size=2",
+        "train.stages=[rl]",
+        "rl.probe_instances=0",
+        "rl.instances_per_step=2",
+        "rl.max_summary_tokens=8",
+    ]
+    cfg = configlib.load(RunConfig, preset, over)
     s = run(cfg)
     assert s["rl"]["recipe"] == "embed_rl" and s["rl"]["steps"] == 2 and np.all(np.isfinite(s["rl"]["reward"]))
     lines = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
