@@ -100,6 +100,9 @@ def collect(run_dir: str | Path) -> dict:
     rl_rows = [r for r in rl_all if "reward" in r]
     probe_rows = [r for r in rl_all if "probe_reward" in r]
     sft_rows = [r for r in _jsonl(run_dir / "sft" / "metrics.jsonl") if "loss" in r]
+    # the contrastive loss every run.log_every steps: metrics.jsonl keeps every invocation's, summary.json's
+    # per-step "losses" only the last invocation's (none when a rerun found the stage complete)
+    loss_rows = [r for r in _jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     evals = {}
     for when in ("start", "before_rl", "final"):
         for mode in ("eol", "ret", "instruct_last"):
@@ -117,6 +120,7 @@ def collect(run_dir: str | Path) -> dict:
         "run_dir": str(run_dir),
         "wall_s": s.get("wall_s"),
         "loss": s.get("losses", []),
+        "loss_curve": {"step": [r["step"] for r in loss_rows], "loss": [r["loss"] for r in loss_rows]},
         "rl": {
             "reward": rewards,
             **{k: [r[col] for r in rl_rows] for k, col in parts.items() if rl_rows and col in rl_rows[0]},
@@ -296,15 +300,11 @@ def equal_compute(report: dict) -> list[str]:
     others = [n for n in report["variants"] if n != "main"]
     if not others:
         return []
-    lines = ["## Side by side: final held-out recall", "", "| variant | mode | R@1 | R@5 | wall s per seed |"]
-    lines.append("|---|---|---|---|---|")
+    lines = ["## Side by side: final held-out recall", "", "| variant | mode | R@1 | R@5 |", "|---|---|---|---|"]
     for name in ["main", *others]:
-        v = report["variants"][name]
-        wall = [r["wall_s_measured"] or r["wall_s"] for r in v["runs"] if (r["wall_s_measured"] or r["wall_s"])]
-        for k, e in v["aggregate"].items():
+        for k, e in report["variants"][name]["aggregate"].items():
             if k.startswith("final-") and isinstance(e, dict) and isinstance(e.get("r1"), dict):
-                w = f"{np.mean(wall):.0f}" if wall else "–"
-                lines.append(f"| {name} | {k[6:]} | {_fmt(e['r1']['mean'])} | {_fmt(e['r5']['mean'])} | {w} |")
+                lines.append(f"| {name} | {k[6:]} | {_fmt(e['r1']['mean'])} | {_fmt(e['r5']['mean'])} |")
     return [*lines, ""]
 
 
@@ -319,7 +319,7 @@ def main(argv=None) -> dict:
         default=[],
         help="NAME:key=value[,key=value]: also run the config with these overrides (e.g. "
         "soft_rank:rl.aux_soft_rank_weight=1; the paper's equal-compute comparison: "
-        "more_contrastive:train.stages=[sft,contrastive],train.max_steps=2400)",
+        "more_contrastive:train.stages=[sft,contrastive],train.max_steps=1800)",
     )
     ap.add_argument("--variant-seeds", type=int, nargs="+", help="seeds of the variants (default: --seeds)")
     ap.add_argument("overrides", nargs="*", help="overrides for every run (key=value)")

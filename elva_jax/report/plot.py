@@ -114,10 +114,16 @@ def learning_curves(report: dict, path: str | Path) -> None:
 
     # 1. contrastive loss per step
     p = _Panel(img, 0, 0, "Contrastive training loss (InfoNCE)", "step", "loss")
-    losses = [r["loss"] for r in main if r["loss"]]
-    p.axes(1, max((len(x) for x in losses), default=2), *_range([_smooth(x, 10) for x in losses] or [[0, 1]]))
-    for i, (r, x) in enumerate(zip(main, losses, strict=False)):
-        p.line(range(1, len(x) + 1), _smooth(x, 10), COLOURS[i % len(COLOURS)], label=f"seed {r['seed']} (mean of 10)")
+    curves = []  # (seed, steps, loss): the logged curve, else the per-step losses of one invocation
+    for r in main:
+        c = r.get("loss_curve") or {}
+        if c.get("loss"):
+            curves.append((r["seed"], c["step"], _smooth(c["loss"], 3), "mean of 3 logged"))
+        elif r["loss"]:
+            curves.append((r["seed"], range(1, len(r["loss"]) + 1), _smooth(r["loss"], 10), "mean of 10"))
+    p.axes(1, max((max(c[1]) for c in curves), default=2), *_range([c[2] for c in curves] or [[0, 1]]))
+    for i, (seed, steps, y, how) in enumerate(curves):
+        p.line(steps, y, COLOURS[i % len(COLOURS)], label=f"seed {seed} ({how})")
     if report.get("chance_loss"):
         p.hline(report["chance_loss"], GREY, label="ln(batch): uniform scores")
     p.draw_legend()

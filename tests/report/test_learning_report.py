@@ -120,7 +120,11 @@ def test_embed_rl_probe_targets_and_the_equal_compute_table(tmp_path):
     rows += [{"step": 1, "reward": 0.3, "format": 0.5, "orm": 0.02, "cot_len": 9.0}]
     rows += [{"step": 2, "probe_reward": 0.3, "probe_format": 0.6, "probe_orm": 0.03, "probe_s": 3.0}]
     (d / "rl" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "metrics.jsonl").write_text(
+        '{"step": 0, "compile_s": 1.0}\n{"step": 10, "loss": 2.5}\n{"step": 20, "loss": 2.0}\n'
+    )
     c = collect(d)
+    assert c["loss_curve"] == {"step": [10, 20], "loss": [2.5, 2.0]} and c["loss"] == []  # a resumed, finished run
     assert c["probe"]["slopes"] == pytest.approx({"reward": 0.1, "format": 0.2, "orm": 0.01})
     assert c["rl"]["format"] == [0.5] and c["rl"]["orm"] == [0.02] and "margin" not in c["rl"]
     runs = [{**c, "probe": {**c["probe"], "slopes": {"format": 0.2 + k / 100, "orm": (-1) ** k}}} for k in range(3)]
@@ -131,7 +135,7 @@ def test_embed_rl_probe_targets_and_the_equal_compute_table(tmp_path):
                        "aggregate": aggregate([{"eval": {"final-ret": after}, "rl": {"slope": math.nan}}])}  # fmt: skip
     text = markdown({"config": "c.yaml", "machine": {}, "targets": t,
                      "variants": {"main": variant(), "more_contrastive": variant()}})  # fmt: skip
-    assert "| more_contrastive | ret | 25.0 | 75.0 | 5 |" in text and "| main | ret | 25.0 | 75.0 | 5 |" in text
+    assert "| more_contrastive | ret | 25.0 | 75.0 |" in text and "| main | ret | 25.0 | 75.0 |" in text
 
 
 def test_learning_curves_png(tmp_path):
