@@ -259,11 +259,11 @@ def markdown(report: dict) -> str:
     for name, v in report["variants"].items():
         agg = v["aggregate"]
         lines += [f"## {name} ({agg['n']} seeds: {v['seeds']}; overrides: {v['overrides'] or 'none'})", ""]
-        lines += ["| evaluation | R@1 mean (min-max) | R@5 mean (min-max) | chance R@1 / R@5 | grain masking |"]
-        lines += ["|---|---|---|---|---|"]
-        for k, e in agg.items():
-            if not isinstance(e, dict) or not isinstance(e.get("r1"), dict):  # an evaluation's recall summary
-                continue
+        evals = [(k, e) for k, e in agg.items() if isinstance(e, dict) and isinstance(e.get("r1"), dict)]
+        if evals:  # (Embed-RL's runs evaluate no embedder of their own)
+            lines += ["| evaluation | R@1 mean (min-max) | R@5 mean (min-max) | chance R@1 / R@5 | grain masking |"]
+            lines += ["|---|---|---|---|---|"]
+        for k, e in evals:
             gm = e.get("grain_masking", {}).get("mean")
             lines.append(
                 f"| {k} | {_fmt(e['r1']['mean'])} ({_fmt(e['r1']['min'])}-{_fmt(e['r1']['max'])}) | "

@@ -113,7 +113,6 @@ def learning_curves(report: dict, path: str | Path) -> None:
     main = variants["main"]["runs"]
 
     # 1. contrastive loss per step
-    p = _Panel(img, 0, 0, "Contrastive training loss (InfoNCE)", "step", "loss")
     curves = []  # (seed, steps, loss): the logged curve, else the per-step losses of one invocation
     for r in main:
         c = r.get("loss_curve") or {}
@@ -121,10 +120,15 @@ def learning_curves(report: dict, path: str | Path) -> None:
             curves.append((r["seed"], c["step"], _smooth(c["loss"], 3), "mean of 3 logged"))
         elif r["loss"]:
             curves.append((r["seed"], range(1, len(r["loss"]) + 1), _smooth(r["loss"], 10), "mean of 10"))
+    contrastive = bool(curves)
+    if not contrastive:  # no contrastive stage (Embed-RL): the warm start's loss instead
+        curves = [(r["seed"], r["sft"]["step"], r["sft"]["loss"], "logged") for r in main if r["sft"]["loss"]]
+    title = "Contrastive training loss (InfoNCE)" if contrastive else "Warm start: target NLL (sft)"
+    p = _Panel(img, 0, 0, title, "step", "loss")
     p.axes(1, max((max(c[1]) for c in curves), default=2), *_range([c[2] for c in curves] or [[0, 1]]))
     for i, (seed, steps, y, how) in enumerate(curves):
         p.line(steps, y, COLOURS[i % len(COLOURS)], label=f"seed {seed} ({how})")
-    if report.get("chance_loss"):
+    if report.get("chance_loss") and contrastive:
         p.hline(report["chance_loss"], GREY, label="ln(batch): uniform scores")
     p.draw_legend()
 
@@ -168,6 +172,12 @@ def learning_curves(report: dict, path: str | Path) -> None:
         p.line(curve["step"], curve["mean"], COLOURS[0], width=3, label=lab)
     p.draw_legend()
 
+    if any("format" in r.get("probe", {}) for r in main) and not any(r["eval"] for r in main):
+        _probe_rates(img, main)  # Embed-RL: no embedder of its own to evaluate
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+        return
+
     # 4. test recall per stage (bars: R@1 and R@5, mean over seeds, every variant), chance dashed
     p = _Panel(img, PANEL_W, PANEL_H, "Held-out test recall (bundled tasks, mean over seeds)", "", "recall")
     order = ["start-eol", "before_rl-eol", "final-eol", "start-ret", "before_rl-ret", "final-ret"]
@@ -197,3 +207,14 @@ def learning_curves(report: dict, path: str | Path) -> None:
     p.draw_legend()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+def _probe_rates(img: Image.Image, runs: list[dict]) -> None:
+    """Panel 4 of an Embed-RL report: the probe's format-valid rate and in-batch accuracy per seed."""
+    p = _Panel(img, PANEL_W, PANEL_H, "Embed-RL probe: format-valid rate and retrieval accuracy", "RL step", "rate")
+    probes = [r["probe"] for r in runs if r["probe"].get("format")]
+    p.axes(0, max([max(pr["step"]) for pr in probes] + [2]), 0, 1)
+    for k, colour in (("format", COLOURS[0]), ("acc", COLOURS[2])):
+        for i, pr in enumerate(probes):
+            p.line(pr["step"], pr[k], colour, width=2, label=f"{k} (one line per seed)" if i == 0 else None)
+    p.draw_legend()

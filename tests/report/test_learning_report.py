@@ -172,3 +172,20 @@ def test_only_a_completed_run_counts_as_finished(tmp_path):
     assert not finished(tmp_path)
     (tmp_path / "summary.json").write_text(json.dumps({"wall_s": 1.0, "export": "x"}))
     assert finished(tmp_path)
+
+
+def test_learning_curves_png_of_an_embed_rl_run(tmp_path):
+    """No contrastive stage and no evaluation: the warm start's loss and the probe's rates are drawn."""
+    run = {
+        "seed": 0,
+        "loss": [],
+        "loss_curve": {"step": [], "loss": []},
+        "sft": {"step": [10, 20, 30], "loss": [3.0, 2.0, 1.5]},
+        "rl": {"reward": list(np.linspace(0.04, 0.05, 10)), "format": list(np.linspace(0.7, 0.9, 10))},
+        "probe": {"step": [0, 5], "reward": [0.04, 0.05], "format": [0.7, 0.9], "acc": [0.3, 0.3], "slope": 0.002},
+        "eval": {},
+    }
+    run["rl"]["slope"] = slope(run["rl"]["reward"])
+    report = {"chance_loss": math.log(16), "variants": {"main": {"runs": [run], "aggregate": aggregate([run])}}}
+    learning_curves(report, tmp_path / "curves.png")
+    assert Image.open(tmp_path / "curves.png").size == (1120, 660)
