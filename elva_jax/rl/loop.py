@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import signal
 import time
 from collections.abc import Sequence
 
@@ -26,7 +25,6 @@ from elva_jax.model.config import ModelConfig
 from elva_jax.model.lora import LoraConfig, init_lora, lora_axes
 from elva_jax.model.params import logical_axes
 from elva_jax.parallel.sharding import (
-    any_process,
     init_optimizer,
     make_mesh,
     place,
@@ -40,6 +38,7 @@ from elva_jax.runtime.checkpointing import Checkpointer, CheckpointIncompatible,
 from elva_jax.runtime.fingerprint import run_fingerprint
 from elva_jax.runtime.observe import MetricsLogger
 from elva_jax.runtime.optim import make_optimizer, schedule
+from elva_jax.runtime.preemption import StopRequest
 from elva_jax.schema import RunConfig, project
 
 
@@ -175,13 +174,6 @@ def step_batches(n_instances: int, instances_per_step: int, seed: int):
     return order.batch(instances_per_step, drop_remainder=True)
 
 
-def should_stop(sigterm: bool, steps_done: int, cfg: RunConfig) -> bool:
-    """Whether a stage ends this invocation after the current step: a SIGTERM seen by any host, or
-    ``run.stop_after_steps`` steps done; every process gets the same answer (all stop at this step)."""
-    limit = cfg.run.stop_after_steps
-    return any_process(sigterm or bool(limit and steps_done >= limit))
-
-
 def place_rl_state(
     state: RLState, mcfg: ModelConfig, lcfg: LoraConfig, tx, mesh, full_finetune: bool = False
 ) -> RLState:
@@ -299,9 +291,8 @@ def run_rl(
     if ckpt.steps():
         step0, state = restore_rl_state(ckpt, state)
         print(f"[elva_jax] RL: resumed from step {step0} ({state.skipped} skipped updates so far)", flush=True)
-    stop = {"flag": False}
     step_start = state.step
-    old = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
+    stop = StopRequest(cfg.run.stop_after_steps).install()
     logger = MetricsLogger(run_dir)
     history, probes = [], []
     probe_key = jax.random.key(cfg.train.seed + 1013)
@@ -364,17 +355,17 @@ def run_rl(
             )
             if state.step % r.probe_every == 0 or state.step == n_steps:
                 run_probe()
-            stop["flag"] = should_stop(stop["flag"], state.step - step_start, cfg)
-            if state.step % cfg.run.checkpoint_every == 0 or state.step == n_steps or stop["flag"]:
+            stopping = stop.after_step(state.step - step_start)
+            if state.step % cfg.run.checkpoint_every == 0 or state.step == n_steps or stopping:
                 meta = {"reward": m["reward"], "nonfinite": state.skipped}
                 ckpt.save(state.step, rl_saveable(state), None, meta, force=True)
-            if stop["flag"]:
+            if stopping:
                 print(f"[elva_jax] saved RL step {state.step} and stopping", flush=True)
                 break
     finally:
         ckpt.close()
         logger.close()
-        signal.signal(signal.SIGTERM, old)
+        stop.restore()
     return {
         "steps": state.step,
         "total": n_steps,

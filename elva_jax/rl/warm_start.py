@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import time
 
 import jax
@@ -48,13 +47,14 @@ from elva_jax.model.lora import LoraConfig, init_lora, lora_axes, merge_lora
 from elva_jax.model.params import logical_axes
 from elva_jax.parallel.sharding import init_optimizer, make_mesh, place, tree_shardings
 from elva_jax.retrieval.losses import info_nce
-from elva_jax.rl.loop import should_stop, step_batches
+from elva_jax.rl.loop import step_batches
 from elva_jax.rl.rollout import RLConfig, teacher_forced_shared
 from elva_jax.rl.trainer import encode_prompts, model_inputs, put_rows
 from elva_jax.runtime.checkpointing import Checkpointer, CheckpointIncompatible, abstract_like
 from elva_jax.runtime.fingerprint import run_fingerprint
 from elva_jax.runtime.observe import MetricsLogger
 from elva_jax.runtime.optim import make_optimizer, schedule
+from elva_jax.runtime.preemption import StopRequest
 from elva_jax.schema import RunConfig, project
 
 
@@ -295,8 +295,7 @@ def run_sft(
         step, skipped = int(state["step"]), int(meta.get("nonfinite", 0))
         print(f"[elva_jax] SFT: resumed from step {step}", flush=True)
     trainable, opt_state = state["trainable"], state["opt_state"]
-    stop = {"flag": False}
-    old = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
+    stop = StopRequest(cfg.run.stop_after_steps).install()
     logger = MetricsLogger(run_dir)
     losses, t_start, step_start = [], time.perf_counter(), step
     try:
@@ -330,17 +329,17 @@ def run_sft(
                     f"lr {rec['lr']:.2e} {rec['step_s']:.2f}s",
                     flush=True,
                 )
-            stop["flag"] = should_stop(stop["flag"], step - step_start, cfg)
-            if step % cfg.run.checkpoint_every == 0 or step == s.steps or stop["flag"]:
+            stopping = stop.after_step(step - step_start)
+            if step % cfg.run.checkpoint_every == 0 or step == s.steps or stopping:
                 state = {"trainable": trainable, "opt_state": opt_state, "step": np.int32(step)}
                 ckpt.save(step, state, None, {"loss": loss, "nonfinite": skipped}, force=True)
-            if stop["flag"]:
+            if stopping:
                 print(f"[elva_jax] saved SFT step {step} and stopping", flush=True)
                 break
     finally:
         ckpt.close()
         logger.close()
-        signal.signal(signal.SIGTERM, old)
+        stop.restore()
     out = trainable if full else merge_lora(params, trainable, lcfg)
     return {
         "params": out,

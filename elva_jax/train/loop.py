@@ -8,10 +8,8 @@ so an interrupted run continues with the same batches and RNG (identical loss cu
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import signal
 import time
 
 import jax
@@ -24,7 +22,6 @@ from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.lora import LoraConfig, init_lora, lora_axes
 from elva_jax.model.params import logical_axes
 from elva_jax.parallel.sharding import (
-    any_process,
     init_optimizer,
     make_mesh,
     mesh_or_replicated,
@@ -36,16 +33,9 @@ from elva_jax.runtime.checkpointing import Checkpointer, CheckpointIncompatible,
 from elva_jax.runtime.fingerprint import run_fingerprint
 from elva_jax.runtime.observe import MetricsLogger, Profiler, device_peak_flops, lowered_flops, unrolled
 from elva_jax.runtime.optim import make_optimizer, schedule
+from elva_jax.runtime.preemption import StopRequest
 from elva_jax.schema import RunConfig, project
 from elva_jax.train.step import StepConfig, TrainState, batch_shardings, split_lm_head, train_step
-
-
-@dataclasses.dataclass
-class _StopFlag:
-    requested: bool = False
-
-    def __call__(self, signum, frame):  # signal handler
-        self.requested = True
 
 
 def model_options(cfg: RunConfig, tokenizer=None) -> ModelOptions:
@@ -175,8 +165,7 @@ def train(
     )
     opts_u = unrolled(opts, model_cfg)  # FLOPs are counted on the unrolled program (XLA counts a scan body once)
     counting_fn = jax.jit(lambda s, b: train_step(s, b, cfg=model_cfg, opts=opts_u, scfg=scfg, tx=tx))
-    stop = _StopFlag()
-    old_handler = signal.signal(signal.SIGTERM, stop)
+    stop = StopRequest().install()  # run.stop_after_steps: the caller's stop_after, checked below
     logger = MetricsLogger(run_dir)
     prof = Profiler(run_dir, cfg.run.profile_steps)
     peak = device_peak_flops()
@@ -246,7 +235,7 @@ def train(
                 raise FloatingPointError(f"{int(state.skipped)} non-finite updates (max {cfg.train.max_nonfinite})")
             if step % cfg.run.checkpoint_every == 0:
                 ckpt.save(step, state, data_iter, {"loss": loss, "nonfinite": int(state.skipped)})
-            if any_process(stop.requested):
+            if stop.after_step(0):  # SIGTERM on any host
                 ckpt.save(
                     step,
                     state,
@@ -265,7 +254,7 @@ def train(
     finally:
         ckpt.close()
         logger.close()
-        signal.signal(signal.SIGTERM, old_handler)
+        stop.restore()
     summary.update(end_step=step, state=state, skipped=int(state.skipped))
     if jax.process_index() == 0:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
