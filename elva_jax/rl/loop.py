@@ -320,7 +320,7 @@ def run_rl(
 
     t_start = time.perf_counter()
     try:
-        if state.step % r.probe_every == 0 and state.step < n_steps:
+        if state.step == 0:  # a resumed run probed its last step before saving it
             run_probe()
         while state.step < n_steps:
             idx = batches[state.step]

@@ -186,10 +186,11 @@ def test_tiny_run_with_the_judge_and_full_fine_tuning_resumes_and_exports_the_tr
     over += [
         "embed_rl.prm_seq_buckets=[512, 1024]",
         "train.stages=[rl]",
-        "rl.probe_instances=0",
+        "rl.probe_instances=2",
+        "rl.probe_every=1",
         "rl.instances_per_step=2",
         "rl.max_summary_tokens=8",
-    ]  # no warm start, no probe
+    ]  # no warm start; a 2-pair probe after every step
     cfg = configlib.load(RunConfig, preset, over + ["run.stop_after_steps=1"])
     assert run(cfg)["stopped"]["step"] == 1
     s = run(configlib.load(RunConfig, preset, over))
@@ -197,6 +198,8 @@ def test_tiny_run_with_the_judge_and_full_fine_tuning_resumes_and_exports_the_tr
     steps = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
     steps = [x for x in steps if "prm" in x]
     assert [x["step"] for x in steps] == [1, 2] and all(x["prm_judged"] == 1.0 for x in steps)
+    probes = [json.loads(x)["step"] for x in open(tmp_path / "rl" / "metrics.jsonl") if "probe_reward" in x]
+    assert probes == [0, 1, 2]  # the resume at step 1 does not probe step 1 again
     _, init = load_model(cfg)
     _, out = load_params(s["export"])
     q0, q1 = (np.asarray(p["text"]["layers"]["q_proj"]["kernel"], np.float32) for p in (init, out))
