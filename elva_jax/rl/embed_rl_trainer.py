@@ -267,6 +267,11 @@ class FrozenJudge:
         return {"query": correct[: I * G], "positive": correct[I * G :]}, m
 
 
+def _pairs(instances: list[dict]) -> list[dict]:
+    """ELVA's RL instances as Embed-RL pairs: the query and its positive (the first candidate) only."""
+    return [{"id": x.get("id"), "query": x["query"], "cands": [x["cands"][0]]} for x in instances]
+
+
 class EmbedRLTrainer:
     """One Embed-RL step over ELVA's RL machinery: ``policy`` (an `RLTrainer` whose encoder writes the
     reasoner's prompts and whose stop / [RET] ids are both ``<|im_end|>``) samples, re-forwards and
@@ -354,7 +359,7 @@ class EmbedRLTrainer:
         n = 0
         for c in range(0, len(instances), chunk):
             part = [instances[i] for i in range(c, min(c + chunk, len(instances)))]
-            pairs = [{"id": x.get("id"), "query": x["query"], "cands": [x["cands"][0]]} for x in part]
+            pairs = _pairs(part)
             st = dataclasses.replace(state, key=jax.random.fold_in(key, c))
             out, _, shape, _ = self.policy.rollouts(st, pairs)
             _, flags, _, _, r, _ = self.score(pairs, out, shape, 0)
@@ -376,7 +381,7 @@ class EmbedRLTrainer:
         """One step; ``samples``: replay given reasoner samples (host arrays, as ``last_samples``) instead
         of sampling (see `RLTrainer.rollouts`)."""
         pol, rc = self.policy, self.policy.rcfg
-        pairs = [{"id": x.get("id"), "query": x["query"], "cands": [x["cands"][0]]} for x in instances]
+        pairs = _pairs(instances)
         t0 = time.perf_counter()
         out, prompts, (I, G, S), chunks = pol.rollouts(state, pairs, samples)
         self.last_samples = out

@@ -298,23 +298,16 @@ def run_rl(
     probe_key = jax.random.key(cfg.train.seed + 1013)
 
     def run_probe():
-        if probe_set is None or not hasattr(trainer, "probe"):
+        if probe_set is None:
             return
         t0 = time.perf_counter()
         p = trainer.probe(state, probe_set, probe_key, r.instances_per_step)
         p["probe_s"] = time.perf_counter() - t0
         logger.log(state.step, p)
         probes.append({"step": state.step, **p})
-        line = getattr(trainer, "probe_line", None)  # another recipe's probe metrics (Embed-RL's)
-        desc = (
-            line(p)
-            if line
-            else f"reward {p['probe_reward']:.4f} (margin {p['probe_margin']:.4f}, ranking {p['probe_ranking']:.4f}) "
-            f"positive first {p['probe_top1']:.3f}"
-        )
         print(
-            f"[elva_jax] RL probe at step {state.step}: {desc} ({len(probe_set)} held-out instances x G "
-            f"{r.group_size}, fixed key; {p['probe_s']:.1f}s)",
+            f"[elva_jax] RL probe at step {state.step}: {trainer.probe_line(p)} ({len(probe_set)} held-out "
+            f"instances x G {r.group_size}, fixed key; {p['probe_s']:.1f}s)",
             flush=True,
         )
 

@@ -453,6 +453,14 @@ class RLTrainer:
             n += I * G
         return {f"probe_{k}": v / n for k, v in sums.items()}
 
+    @staticmethod
+    def probe_line(p: dict) -> str:
+        """The loop's one-line probe summary."""
+        return (
+            f"reward {p['probe_reward']:.4f} (margin {p['probe_margin']:.4f}, ranking {p['probe_ranking']:.4f}) "
+            f"positive first {p['probe_top1']:.3f}"
+        )
+
     def step(
         self, state: RLState, instances: list[dict], valid: np.ndarray | None = None, samples=None
     ) -> tuple[RLState, dict]:

@@ -63,6 +63,7 @@ def test_probe_equals_numpy_rewards_of_its_samples_and_repeats(setup):
     np.testing.assert_array_equal(np.asarray(jax.random.key_data(st.key)), key0)
     assert tr.probe(st, insts, key, chunk=2) == p
     assert tr.probe(st, insts, jax.random.key(8), chunk=2) != p  # another key, other draws
+    assert f"positive first {p['probe_top1']:.3f}" in tr.probe_line(p)  # the loop's log line
 
 
 def test_split_probe_holds_out_a_seeded_disjoint_set():
