@@ -136,13 +136,10 @@ def reasoner_options(cfg: RunConfig, tokenizer, opts: ModelOptions) -> ModelOpti
     return dataclasses.replace(opts, vocab=generation_vocab(tokenizer, words, texts))
 
 
-def encode_targets(
-    texts: list[str], tokenizer, ret_id: int, max_tokens: int, names: list[str], spec: TargetSpec | None = None
-) -> list[np.ndarray]:
-    """Token ids of each summary's target (``spec``; None: ELVA's ``"{summary} [RET]"`` with ``ret_id``); a
-    target longer than ``max_tokens`` (with its stop token) is a ConfigError naming the record (never cut in
-    silence: a cut summary would be taught as a summary)."""
-    spec = spec or TargetSpec("{summary} ", RET_TOKEN, ret_id)
+def encode_targets(texts: list[str], tokenizer, max_tokens: int, names: list[str], spec: TargetSpec) -> list:
+    """Token ids of each summary's target (``spec``); a target longer than ``max_tokens`` (with its stop
+    token) is a ConfigError naming the record (never cut in silence: a cut summary would be taught as a
+    summary)."""
     out = []
     for full, name in zip(spec.texts(list(texts)), names, strict=True):
         ids = np.asarray(tokenizer.ids(full), np.int32)
@@ -171,7 +168,7 @@ class SFTBatches:
         # every target tokenised once up front: too long a summary stops the run before any step
         self.tokens = [
             [
-                encode_targets(ts, tokenizer, 0, self.T, [f"record {records.entries[i]}"] * len(ts), self.spec)
+                encode_targets(ts, tokenizer, self.T, [f"record {records.entries[i]}"] * len(ts), self.spec)
                 for ts in pair
             ]
             for i, pair in enumerate(records.targets)
