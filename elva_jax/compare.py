@@ -509,9 +509,9 @@ def main(argv=None) -> int:
     g.add_argument("--video-min-pixels", type=int, help="video min pixels (default: the family's processor's)")
     g.add_argument("--video-max-pixels", type=int, help="video max pixels (default: the family's processor's)")
     a = ap.parse_args(argv)
-    from elva_jax.model.config import ModelConfig
+    from elva_jax.model.families import read_model_config
 
-    cfg = ModelConfig.from_file(a.hf_dir)
+    cfg = read_model_config(a.hf_dir)
     if a.video:
         if a.inputs or a.image:
             raise SystemExit("--video rows take --text only (no --inputs / --image)")

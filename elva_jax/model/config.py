@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from typing import Any
 
 from elva_jax.errors import UserError
 
@@ -143,28 +141,6 @@ class ModelConfig:
             raw["text_config"]["vocab_size"] = vocab_size
         raw["vocab_size"] = vocab_size
         return dataclasses.replace(self, text=dataclasses.replace(self.text, vocab_size=vocab_size), raw=raw)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> ModelConfig:
-        """Parse a config.json dict with the parser of its `model_type`'s family (see `families`)."""
-        from elva_jax.model.families import family_for_type
-
-        return family_for_type(d.get("model_type"), source=source, architectures=d.get("architectures")).parse_config(
-            d, source
-        )
-
-    @classmethod
-    def from_file(cls, path: str) -> ModelConfig:
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.exists(path):
-            raise ModelFileNotFound(f"no config.json at {path}")
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise UnsupportedArchitectureError(f"{path}: invalid JSON ({e})") from None
-        return cls.from_dict(d, source=path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ import safetensors.numpy
 
 from elva_jax.errors import UserError
 from elva_jax.model.config import ModelConfig
-from elva_jax.model.families import family_of
+from elva_jax.model.families import family_of, read_model_config
 from elva_jax.model.params import ParamSpec, get_path, param_specs, set_path
 
 _DTYPES = {
@@ -133,7 +133,7 @@ def load_params(
     `jax.sharding.Sharding` with the params' structure; each shard is then read from disk on its own.
     Raises CheckpointError naming the tensor for a missing tensor or a shape mismatch.
     """
-    cfg = cfg or ModelConfig.from_file(path)
+    cfg = cfg or read_model_config(path)
     st = SafetensorsDir(path)
     params: dict = {}
     used: set[str] = set()

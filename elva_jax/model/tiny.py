@@ -13,6 +13,7 @@ import argparse
 import jax
 
 from elva_jax.model.config import ModelConfig
+from elva_jax.model.families import parse_model_config
 from elva_jax.model.hf_checkpoint import save_params
 from elva_jax.model.params import count_params, init_params
 
@@ -285,7 +286,7 @@ def preset_config_dict(name: str) -> dict:
 
 
 def preset_config(name: str) -> ModelConfig:
-    return ModelConfig.from_dict(preset_config_dict(name), source=f"preset:{name}")
+    return parse_model_config(preset_config_dict(name), source=f"preset:{name}")
 
 
 def write_random_checkpoint(path: str, preset: str = "tiny", seed: int = 0, dtype: str = "float32") -> ModelConfig:

@@ -17,6 +17,10 @@ import os
 import jax
 from jax.sharding import AbstractMesh
 
+from elva_jax.parallel.sharding import MESH_AXES
+from elva_jax.plan import setup as plan
+from elva_jax.train.step import batch_shardings
+
 GOLDEN_CONFIGS = (
     "tiny_cpu",
     "tiny_qwen2_5_vl",
@@ -61,10 +65,6 @@ def _entries(tree) -> dict:
 
 def sharding_dump(config: str, mesh_shape: tuple[int, int, int], overrides: list[str] | None = None) -> dict:
     """Specs of params, LoRA, the contrastive batch, the RL batch and the KV cache of `config` on a mesh."""
-    from elva_jax import plan
-    from elva_jax.parallel.sharding import MESH_AXES
-    from elva_jax.train.step import batch_shardings
-
     path = config if config.endswith(".yaml") else os.path.join(configs_dir(), config + ".yaml")
     run = plan.load_run(path, overrides)
     mcfg, model_desc = plan.resolve_model(run)

@@ -26,13 +26,13 @@ def model_config(name: str):
 def resolve_model(run, name: str = "auto"):
     """(ModelConfig, description): --model, else the checkpoint's config.json, else the size named in
     the checkpoint path (".../Qwen2-VL-7B-Instruct", "runs/qwen2vl_2b_nli/export"), else the random preset."""
-    from elva_jax.model.config import ModelConfig
+    from elva_jax.model.families import read_model_config
 
     if name != "auto":
         return model_config(name), f"{name} (--model)"
     ckpt = run.model.checkpoint
     if ckpt and os.path.exists(os.path.join(ckpt, "config.json")):
-        return ModelConfig.from_file(ckpt), f"config.json of {ckpt}"
+        return read_model_config(ckpt), f"config.json of {ckpt}"
     if ckpt:
         low = ckpt.lower()
         if re.search(r"qwen-?3", low):

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from elva_jax.model.config import ModelConfig, ModelOptions
+from elva_jax.model.families import parse_model_config
 from elva_jax.model.inputs import build_inputs
 from elva_jax.model.params import init_params
 from elva_jax.model.tiny import config_dict
@@ -28,7 +29,7 @@ def tiny_cfg(vocab=512, hidden=32, layers=2, heads=4, kv=2, tie=True) -> ModelCo
         vision_num_heads=2,
     )
     d.update(image_token_id=505, video_token_id=506, vision_start_token_id=507, vision_end_token_id=508)
-    return ModelConfig.from_dict(d)
+    return parse_model_config(d)
 
 
 def tiny_params(cfg, seed=0):

@@ -14,6 +14,7 @@ import pytest
 
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelConfig, ModelOptions
+from elva_jax.model.families import parse_model_config
 from elva_jax.model.hf_checkpoint import load_params, resize_vocab, save_params
 from elva_jax.model.inputs import build_inputs
 from elva_jax.model.lora import LoraConfig, init_lora
@@ -30,7 +31,7 @@ def small_vocab(preset: str) -> ModelConfig:
     d = preset_config_dict(preset)
     d["text_config"].update(vocab_size=V, bos_token_id=0, eos_token_id=1, pad_token_id=0)
     d.update(image_token_id=IMG, video_token_id=505, vision_start_token_id=VS, vision_end_token_id=VE)
-    return ModelConfig.from_dict(d, source=preset)
+    return parse_model_config(d, source=preset)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -16,8 +16,8 @@ from helpers.hf_oracle import IMG, hf_forward, make_batch, rel_err
 from helpers.hf_oracle_qwen2_5 import hf_image_features, make_hf_model, torch, transformers
 
 from elva_jax.model import backbone
-from elva_jax.model.config import ModelConfig, ModelOptions, UnsupportedArchitectureError
-from elva_jax.model.families import family_of
+from elva_jax.model.config import ModelOptions, UnsupportedArchitectureError
+from elva_jax.model.families import family_of, parse_model_config, read_model_config
 from elva_jax.model.hf_checkpoint import load_params, save_params
 from elva_jax.model.inputs import build_inputs
 from elva_jax.model.params import iter_leaves
@@ -95,7 +95,7 @@ def _same_partition(a, b):
 
 def test_window_ids_match_transformers(hf25):
     _, d = hf25()
-    cfg = ModelConfig.from_file(d)
+    cfg = read_model_config(d)
     grid = np.array([[1, 8, 12], [1, 6, 10], [2, 4, 6], [1, 2, 2]])
     ours = window_ids(grid, cfg.vision)
     ref = _transformers_windows(grid, cfg)
@@ -235,7 +235,7 @@ def test_module_tree_names_and_flat_config(hf25, tmp_path):
     # a file without rms_norm_eps gets transformers' Qwen2.5-VL default
     del flat["rms_norm_eps"]
     ref = transformers.Qwen2_5_VLConfig(**flat)
-    assert ModelConfig.from_dict(flat).text.rms_norm_eps == ref.text_config.rms_norm_eps
+    assert parse_model_config(flat).text.rms_norm_eps == ref.text_config.rms_norm_eps
 
 
 @pytest.mark.parametrize(
@@ -253,7 +253,7 @@ def test_unsupported_vision_config(hf25, edit, match):
         c = json.load(f)
     edit(c["vision_config"])
     with pytest.raises(UnsupportedArchitectureError, match=match):
-        ModelConfig.from_dict(c)
+        parse_model_config(c)
 
 
 def test_decode_matches_transformers_greedy(hf25):

@@ -16,8 +16,8 @@ from helpers.hf_oracle import IMG, hf_forward, rel_err
 from helpers.hf_oracle_qwen3 import hf_vision, make_batch, make_hf_model, torch, transformers
 
 from elva_jax.model import backbone
-from elva_jax.model.config import ModelConfig, ModelOptions, UnsupportedArchitectureError
-from elva_jax.model.families import family_of
+from elva_jax.model.config import ModelOptions, UnsupportedArchitectureError
+from elva_jax.model.families import family_of, parse_model_config, read_model_config
 from elva_jax.model.hf_checkpoint import load_params, save_params
 from elva_jax.model.inputs import build_inputs, pack_images
 from elva_jax.model.params import iter_leaves, param_specs
@@ -71,7 +71,7 @@ def _forward(params, cfg, opts, ids, am, pv, g, **kw):
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_param_table_is_what_transformers_saves(hf_qwen3, shape):
     _, d = hf_qwen3(shape)
-    cfg = ModelConfig.from_file(d)
+    cfg = read_model_config(d)
     assert cfg.model_type == "qwen3_vl" and cfg.text.qk_norm and cfg.text.mrope_interleaved
     names = set()
     for s in param_specs(cfg):
@@ -86,7 +86,7 @@ def test_hub_layout_and_unsupported_configs(hf_qwen3):
     _, d = hf_qwen3("gqa_hd20_untied")
     with open(os.path.join(d, "config.json")) as f:
         c = json.load(f)
-    base = ModelConfig.from_dict(c)
+    base = parse_model_config(c)
     # the hub's config.json: rope_scaling + rope_theta inside text_config, no vision rope_parameters
     hub = json.loads(json.dumps(c))
     rope = hub["text_config"].pop("rope_parameters")
@@ -94,23 +94,23 @@ def test_hub_layout_and_unsupported_configs(hf_qwen3):
     hub["text_config"]["rope_scaling"] = rope
     hub["vision_config"].pop("rope_parameters")
     hub["vision_config"]["model_type"] = "qwen3_vl"
-    got = ModelConfig.from_dict(hub)
+    got = parse_model_config(hub)
     assert got.text == base.text and got.vision == base.vision
     moe = dict(c, model_type="qwen3_vl_moe")
     with pytest.raises(UnsupportedArchitectureError, match="qwen3_vl_moe"):
-        ModelConfig.from_dict(moe)
+        parse_model_config(moe)
     experts = json.loads(json.dumps(c))
     experts["text_config"]["num_experts"] = 8
     with pytest.raises(UnsupportedArchitectureError, match="MoE"):
-        ModelConfig.from_dict(experts)
+        parse_model_config(experts)
     act = json.loads(json.dumps(c))
     act["vision_config"]["hidden_act"] = "relu"
     with pytest.raises(UnsupportedArchitectureError, match="relu"):
-        ModelConfig.from_dict(act)
+        parse_model_config(act)
     act = json.loads(json.dumps(c))
     act["text_config"]["hidden_act"] = "gelu"
     with pytest.raises(UnsupportedArchitectureError, match="gelu"):
-        ModelConfig.from_dict(act)
+        parse_model_config(act)
 
 
 @pytest.mark.parametrize("side", [4, 6, 48])

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import os
 from collections.abc import Callable
 from typing import Any
 
-from elva_jax.model.config import ModelConfig, UnsupportedArchitectureError
+from elva_jax.model.config import ModelConfig, ModelFileNotFound, UnsupportedArchitectureError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,3 +80,23 @@ def family_for_type(model_type, *, source: str = "<config>", architectures=None)
 
 def family_of(cfg: ModelConfig) -> Family:
     return family_for_type(cfg.model_type)
+
+
+def parse_model_config(d: dict[str, Any], *, source: str = "<dict>") -> ModelConfig:
+    """A config.json dict parsed by its `model_type`'s family."""
+    family = family_for_type(d.get("model_type"), source=source, architectures=d.get("architectures"))
+    return family.parse_config(d, source)
+
+
+def read_model_config(path: str) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory's config.json (or of that file)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+        raise ModelFileNotFound(f"no config.json at {path}")
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UnsupportedArchitectureError(f"{path}: invalid JSON ({e})") from None
+    return parse_model_config(d, source=path)
