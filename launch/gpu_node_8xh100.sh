@@ -8,7 +8,7 @@
 #   bash launch/gpu_node_8xh100.sh configs/qwen2vl_7b_elva_rl_8xh100.yaml data.root=/data/M-BEIR
 #
 # Install once on the node: pip install -e ".[cuda]"   (jax[cuda12]==0.10.2, the same jax as the core pin)
-# Check a preset against the node before renting it (no GPU needed, see README "Planning"):
+# Check a preset against the node before renting it (no GPU needed, docs/scaling.md):
 #   python -m elva_jax.plan --config configs/qwen2vl_7b_mbeir_8xh100.yaml --topology h100:8
 set -euo pipefail
 cfg="${1:?usage: bash launch/gpu_node_8xh100.sh CONFIG [key=value ...]}"; shift

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run elva_jax on this machine (CPU or the local GPUs/TPU chips): all devices form one mesh.
+# Run elva_jax on the local host (CPU or the local GPUs/TPU chips): all devices form one mesh.
 #   bash launch/local.sh [configs/tiny_cpu.yaml] [key=value ...]
 set -euo pipefail
 cfg="${1:-}"; shift || true

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 
 def _measure(records, encoder, model_cfg, cfg, n_batches: int) -> dict:
-    from elva_jax.data.pipeline import make_pipeline
+    from elva_jax.data.pipeline.iterator import make_pipeline
 
     it = make_pipeline(records, encoder, model_cfg, cfg)
     next(it)
@@ -46,11 +46,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--sources", default="files,array_record,hf", help="comma-separated data.source values")
     args = ap.parse_args(argv)
 
-    from elva_jax.data import multigrain
-    from elva_jax.data.pipeline import PipelineConfig
+    from elva_jax.data.benchmarks.multigrain.generator import generate
+    from elva_jax.data.encoding import PromptEncoder
+    from elva_jax.data.pipeline.config import PipelineConfig
     from elva_jax.data.prepare import prepare
-    from elva_jax.data.sources import SOURCES, ContrastiveRecords, open_source
-    from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+    from elva_jax.data.records import ContrastiveRecords
+    from elva_jax.data.sources import SOURCES, open_source
+    from elva_jax.data.tokenize import Tokenizer
     from elva_jax.model.tiny import preset_config
 
     sources = [x for x in args.sources.split(",") if x]
@@ -59,13 +61,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ap.error(f"--sources: unknown {unknown} (choose from {list(SOURCES)})")
     with tempfile.TemporaryDirectory() as tmp:
         root = f"{tmp}/files"
-        multigrain.generate(root, seed=0)
+        generate(root, seed=0)
         roots = {"files": root}
         for fmt in sources:
             if fmt != "files":
                 roots[fmt] = f"{tmp}/{fmt}"
                 prepare(root, roots[fmt], fmt=fmt, log=lambda _: None)
         b = args.batch
+        encoder, model_cfg = PromptEncoder(Tokenizer.from_dir(), "eol"), preset_config("tiny")
         cfg = PipelineConfig(
             batch_size=b,
             num_negatives=args.negatives,
@@ -74,8 +77,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             num_epochs=None,
             process_index=0,
             process_count=1,
+            pad_token_id=encoder.tokenizer.pad_token_id,
         )
-        encoder, model_cfg = PromptEncoder(Tokenizer.from_dir(), "eol"), preset_config("tiny")
         result = {"bench": "data_pipeline", "batch": b, "negatives": args.negatives, "n_batches": args.n_batches}
         if args.workers > 0:
             from absl import flags

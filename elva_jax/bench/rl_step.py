@@ -5,7 +5,7 @@
                                      [--old-logp auto|recompute] [--ret-embedding sampler|recompute]
                                      [--cache-dtype compute|float32|bfloat16] [--compare-passes]
 
-Workload (benchmarks.md): G = 8 rollouts, 1 positive + 8 negatives, 16-token summaries (no early stop
+Workload (docs/performance.md): G = 8 rollouts, 1 positive + 8 negatives, 16-token summaries (no early stop
 is forced: random weights rarely emit [RET], so summaries run to the budget), one instance per step
 from the bundled multi-grain data (text and image sides), LoRA rank 16 / alpha 32 on every decoder
 linear layer, AdamW. The reference (`elva_jax.bench.rl_step_torch`) runs the same step on the same
@@ -25,6 +25,8 @@ import resource
 import statistics
 import tempfile
 
+from elva_jax.data.media.settings import MediaSettings
+
 KEYS = ("time_rollout_s", "time_reforward_s", "time_reward_s", "time_update_s")
 LORA_RANK, LORA_ALPHA, LR = 16, 32.0, 1e-5
 
@@ -32,9 +34,9 @@ LORA_RANK, LORA_ALPHA, LR = 16, 32.0, 1e-5
 def bench_instances(root: str, negatives: int, steps: int) -> list[dict]:
     """`steps` records of the bundled data with 1 positive + `negatives` candidates (3 hard-ish ones from
     the data, the rest random from the pool); refuses a pool too small for the count."""
-    from elva_jax.data import mbeir
-    from elva_jax.data.multigrain import generate as generate_data
-    from elva_jax.data.pipeline import contrastive_records
+    from elva_jax.data.benchmarks import mbeir
+    from elva_jax.data.benchmarks.multigrain.generator import generate as generate_data
+    from elva_jax.data.records import contrastive_records
     from elva_jax.rl.loop import add_random_negatives
 
     if not os.path.exists(os.path.join(root, "meta", "summary.json")):
@@ -127,7 +129,7 @@ def jax_side(a, recs) -> dict:
             tok,
             lora_scale=lcfg.scale,
             prompt_buckets=(256, 384),
-            patch_row_len=64,
+            media=MediaSettings(patch_row_len=64),
         )
         lora = init_lora(cfg, lcfg, jax.random.key(1))
         return tr, RLState(0, params, lora, tx.init(lora), jax.random.key(2))
@@ -198,7 +200,7 @@ def torch_side(a, recs) -> dict:
     import transformers
 
     from elva_jax.bench.rl_step_torch import TorchRLStep, hf_config, lora_model
-    from elva_jax.data.tokenize import PromptEncoder
+    from elva_jax.data.encoding import PromptEncoder
     from elva_jax.rl.trainer import encode_prompts
 
     rcfg, reward_cfg, lcfg = _configs(a)
@@ -215,7 +217,7 @@ def torch_side(a, recs) -> dict:
         lr=LR,
         weight_decay=1e-4,
         ret_id=tok.ret_token_id,
-        eos_id=tok.ids("<|im_end|>")[0],
+        eos_id=tok.im_end_token_id,
         pad_id=tok.pad_token_id,
         row_chunk=a.row_chunk,
     )
@@ -226,8 +228,8 @@ def torch_side(a, recs) -> dict:
         ids, am, pvs, grids = encode_prompts(
             sides,
             enc,
-            min_pixels=3136,
-            max_pixels=235200,
+            min_pixels=MediaSettings.min_pixels,  # the RLTrainer's default limits, as on the elva_jax side
+            max_pixels=MediaSettings.max_pixels,
             buckets=(256, 384),
             pad_id=tok.pad_token_id,
             geometry=cfg.vision.geometry,

@@ -29,8 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMG = 151655
-
 
 # --------------------------------------------------------------------------------------------
 # rewards and loss (pure torch)
@@ -158,6 +156,7 @@ class TorchRLStep:
         params = [p for p in pmodel.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
         self.inner = pmodel.base_model.model  # the transformers model (LoRA layers injected)
+        self.image_token_id = self.inner.config.image_token_id
 
     # ---- rollout ----------------------------------------------------------------------------
     def _prompt_inputs(self, ids, am, pvs, grids):
@@ -167,7 +166,7 @@ class TorchRLStep:
         if with_img:
             kw["pixel_values"] = torch.from_numpy(np.concatenate([pvs[i] for i in with_img]).astype(np.float32))
             kw["image_grid_thw"] = torch.from_numpy(np.concatenate([grids[i] for i in with_img]).astype(np.int64))
-            kw["mm_token_type_ids"] = (kw["input_ids"] == IMG).long()
+            kw["mm_token_type_ids"] = (kw["input_ids"] == self.image_token_id).long()
         return kw
 
     @torch.no_grad()

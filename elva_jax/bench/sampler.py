@@ -2,7 +2,7 @@
 
     python -m elva_jax.bench.sampler [--reps 3] [--reference ../shared/bench/torch_reference.py]
 
-Workload (benchmarks.md): the "small" Qwen2-VL, 16 prompts of 32 tokens, 32 new tokens, temperature 1,
+Workload (docs/performance.md): the "small" Qwen2-VL, 16 prompts of 32 tokens, 32 new tokens, temperature 1,
 full vocabulary (no top-k / top-p), no early stop. Reports median tokens/s of each and the ratio; the
 JAX compile time is reported apart.
 """

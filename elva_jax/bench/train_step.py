@@ -3,7 +3,7 @@
     python -m elva_jax.bench.train_step [--reps 5] [--reference ../shared/bench/torch_reference.py]
                                         [--dtype float32|bfloat16] [--remat] [--lora RANK] [--profile DIR]
 
-Workload (benchmarks.md): the "small" Qwen2-VL (random weights), full-parameter AdamW, 8 text
+Workload (docs/performance.md): the "small" Qwen2-VL (random weights), full-parameter AdamW, 8 text
 queries of 64 tokens + 8 image+text candidates of 64 tokens (one 8x8-patch image = 16 image tokens
 each), InfoNCE tau 0.05 on the last token's embedding. Both sides warm up first (JAX compile time is
 reported apart); the median of `reps` steps is reported, with the ratio, XLA's FLOPs per step and
@@ -28,8 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-IMG, VS, VE = 151655, 151652, 151653
-
 
 def jax_matmul_peak(n: int = 2048, reps: int = 5) -> float:
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
@@ -52,9 +50,9 @@ def make_batch(cfg, opts, B=8, L=64, grid_hw=8, seed=0):
     ids_img = np.concatenate(
         [
             rng.integers(0, 150000, (B, 4)),
-            np.full((B, 1), VS),
-            np.full((B, n_img), IMG),
-            np.full((B, 1), VE),
+            np.full((B, 1), cfg.vision_start_token_id),
+            np.full((B, n_img), cfg.image_token_id),
+            np.full((B, 1), cfg.vision_end_token_id),
             rng.integers(0, 150000, (B, L - 6 - n_img)),
         ],
         1,
@@ -71,12 +69,12 @@ def jax_step_time(
 ) -> dict:
     """elva_jax's step: full fine-tuning, or (``lora_rank`` > 0) LoRA on the LLM with a frozen base.
     ``profile_dir``: also trace ``reps`` more steps there and summarise them op by op (`profile_ops`)."""
+    from elva_jax.contrastive.step import StepConfig, TrainState, split_lm_head, train_step
     from elva_jax.model.config import ModelOptions
     from elva_jax.model.lora import LoraConfig, init_lora
     from elva_jax.model.params import init_params
     from elva_jax.model.tiny import preset_config
     from elva_jax.runtime.observe import lowered_flops, unrolled
-    from elva_jax.train.step import StepConfig, TrainState, split_lm_head, train_step
 
     cfg = preset_config("small")
     opts = ModelOptions(dtype=dtype, param_dtype="float32", remat=remat, scan_unroll=scan_unroll)

@@ -1,4 +1,4 @@
-"""Exceptions raised by the data layer (image preprocessing and dataset readers)."""
+"""Exceptions raised by the data layer (image preprocessing, dataset readers, sources and pipelines)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from etils import epath
 
 from elva_jax.errors import UserError
 
-__all__ = ["DataFormatError", "ImageError", "RecordError", "ShardRecordError", "utf8_lines"]
+__all__ = [
+    "DataFormatError",
+    "DataStateMismatch",
+    "ImageError",
+    "RecordError",
+    "ShardRecordError",
+    "SkippedFractionError",
+    "SourceError",
+    "utf8_lines",
+]
 
 
 class ImageError(UserError, ValueError):
@@ -17,6 +26,18 @@ class ImageError(UserError, ValueError):
 
 class RecordError(UserError, ValueError):
     """A record that cannot be used (no positive, a candidate id missing from the pool); names its id."""
+
+
+class SourceError(UserError, ValueError):
+    """A data root that does not fit the chosen source (no manifest, another backend, an unknown table)."""
+
+
+class SkippedFractionError(UserError, RuntimeError):
+    """More records were dropped for bad images than the policy's ``max_skip_fraction`` allows."""
+
+
+class DataStateMismatch(UserError, ValueError):
+    """A saved data position that does not belong to this run's records / shuffle seed."""
 
 
 class ShardRecordError(UserError, ValueError):

@@ -16,15 +16,15 @@ video that is missing is stored as ``None`` and counted: at training time the im
 fail) treats it like a missing file. ``--out`` may
 be a ``gs://`` path (written locally, then copied through epath).
 
-``--mmeb``: an MMEB-V2 directory (:mod:`elva_jax.data.mmeb`'s layout; tasks named with ``--tasks`` that
-are absent from it are read from the local HF cache, offline) -> a self-contained copy under ``--out``
-that ``python -m elva_jax.eval --benchmark mmeb --data OUT`` reads without the HF cache or the source
-tree: each task's dataset written with ``save_to_disk`` under ``{modality}/{Task}/`` (visual documents:
-``queries``, ``corpus``, ``qrels``), every image and video file (or frame folder) its queries and
-candidates name copied to the same path relative to ``OUT`` (a missing one is counted and listed, not
-fatal: the eval's image policy decides), and ``mmeb_tasks.json`` listing the tasks. Each task is read
-back from ``OUT`` by the eval's reader before the command succeeds; tasks whose parser is not implemented
-are left out and listed.
+``--mmeb``: an MMEB-V2 directory (:mod:`elva_jax.data.benchmarks.mmeb.reader`'s layout; tasks named with
+``--tasks`` that are absent from it are read from the local HF cache, offline) -> a self-contained copy
+under ``--out`` that ``python -m elva_jax.eval --benchmark mmeb --data OUT`` reads without the HF cache
+or the source tree: each task's dataset written with ``save_to_disk`` under ``{modality}/{Task}/``
+(visual documents: ``queries``, ``corpus``, ``qrels``), every image and video file (or frame folder) its
+queries and candidates name copied to the same path relative to ``OUT`` (a missing one is counted and
+listed, not fatal: the eval's image policy decides), and ``mmeb_tasks.json`` listing the tasks. Each
+task is read back from ``OUT`` by the eval's reader before the command succeeds; tasks whose parser is
+not implemented are left out and listed.
 """
 
 from __future__ import annotations
@@ -38,9 +38,14 @@ from collections.abc import Iterator
 
 from etils import epath
 
-from elva_jax.data import mbeir, nli
+from elva_jax.data.benchmarks import mbeir, nli
+from elva_jax.data.benchmarks.mmeb.hf import from_cache, load_dataset_dir, video_dataset
+from elva_jax.data.benchmarks.mmeb.reader import SUPPORTED_PARSERS, load_task, task_table
+from elva_jax.data.benchmarks.mmeb.tasks import MMEB_V2_TASKS, MMEBDataError
+from elva_jax.data.media.video import frame_folder_files, is_frame_folder
 from elva_jax.data.progress import Progress
-from elva_jax.data.sources import MANIFEST, MANIFEST_FORMAT, POOL_COLUMNS, QUERY_COLUMNS, pool_row, query_row
+from elva_jax.data.rows import POOL_COLUMNS, QUERY_COLUMNS, pool_row, query_row
+from elva_jax.data.sources import MANIFEST, MANIFEST_FORMAT
 
 __all__ = ["FORMATS", "main", "prepare", "prepare_mmeb"]
 
@@ -68,8 +73,6 @@ def _video_data(root, video_path: str | None, counts: dict) -> tuple[bytes | Non
     """(file bytes, frame bytes) of a record's video: a file's bytes, or a frame folder's images' bytes in
     the natural order the pipeline reads them (``video.frame_folder_files``); (None, None) when missing
     (counted); None without a video."""
-    from elva_jax.data.video import frame_folder_files, is_frame_folder
-
     if not video_path:
         return None
     path = mbeir.resolve_image_path(root, video_path)
@@ -295,11 +298,9 @@ def _upload(local: str, out: str) -> None:
 def _mmeb_specs(root: str, names) -> list[dict]:
     """The task specs to prepare: ``root``'s table (all, or the named ones); a named task absent from it
     gets its MMEB-V2 table entry (read from the HF cache)."""
-    from elva_jax.data import mmeb as M
-
     try:
-        table = M.task_table(root)
-    except M.MMEBDataError:
+        table = task_table(root)
+    except MMEBDataError:
         if not names:
             raise
         table = []
@@ -310,11 +311,11 @@ def _mmeb_specs(root: str, names) -> list[dict]:
     for n in names:
         if n in known:
             out.append(known[n])
-        elif n in M.MMEB_V2_TASKS:
-            mod, meta, parser = M.MMEB_V2_TASKS[n]
+        elif n in MMEB_V2_TASKS:
+            mod, meta, parser = MMEB_V2_TASKS[n]
             out.append({"name": n, "modality": mod, "meta_task": meta, "parser": parser})
         else:
-            raise M.MMEBDataError(f"unknown MMEB task {n!r}: not under {root} and not an MMEB-V2 task name")
+            raise MMEBDataError(f"unknown MMEB task {n!r}: not under {root} and not an MMEB-V2 task name")
     return out
 
 
@@ -322,8 +323,6 @@ def prepare_mmeb(root: str, out: str, *, tasks=(), log=None) -> dict:
     """Write the self-contained MMEB copy of ``root`` (all its tasks, or ``tasks``) under ``out`` (module
     docstring); returns {"tasks": [names], "skipped": {name: why}, "media": {"copied", "missing"},
     "missing_media": [first 100 paths]}."""
-    from elva_jax.data import mmeb as M
-
     log = log or (lambda s: print(s, flush=True))
     remote_out = "://" in str(out)
     if not remote_out and os.path.exists(out) and os.listdir(out):
@@ -339,7 +338,7 @@ def prepare_mmeb(root: str, out: str, *, tasks=(), log=None) -> dict:
         kept = []
         for spec in specs:
             name, mod = spec["name"], spec["modality"]
-            if spec["parser"] not in M.SUPPORTED_PARSERS:
+            if spec["parser"] not in SUPPORTED_PARSERS:
                 summary["skipped"][name] = f"parser {spec['parser']!r} not implemented"
                 continue
             d = epath.Path(src) / mod / name
@@ -347,14 +346,14 @@ def prepare_mmeb(root: str, out: str, *, tasks=(), log=None) -> dict:
             for part in parts:
                 where = d / part if part else d
                 if mod == "video":
-                    ds = M.video_dataset(name, spec["parser"], src)  # MVBench: its subsets, one table
+                    ds = video_dataset(name, spec["parser"], src)  # MVBench: its subsets, one table
                 elif d.is_dir():
-                    ds = M.load_dataset_dir(where)
+                    ds = load_dataset_dir(where)
                 else:
-                    ds = M._from_cache(name, part, d)
+                    ds = from_cache(name, part, d)
                 target = os.path.join(local, mod, name, *([part] if part else []))
                 ds.save_to_disk(target)
-            t = M.load_task(spec, src, materialize_dir=os.path.join(tmp, "materialized"))
+            t = load_task(spec, src, materialize_dir=os.path.join(tmp, "materialized"))
             media = sorted({p for s in t.queries + t.candidates for p in (s.image, s.video) if p})
             with Progress(f"prepare mmeb {name}", total=len(media), unit="files", log=log) as prog:
                 for p in media:
@@ -379,7 +378,7 @@ def prepare_mmeb(root: str, out: str, *, tasks=(), log=None) -> dict:
         with open(os.path.join(local, "mmeb_tasks.json"), "w") as f:
             json.dump({"tasks": kept}, f, indent=1)
         for spec in kept:  # the copy reads back with the eval's reader
-            M.load_task(spec, local, materialize_dir=os.path.join(tmp, "check"))
+            load_task(spec, local, materialize_dir=os.path.join(tmp, "check"))
         summary["missing_media"] = summary["missing_media"][:100]
         if remote_out:
             _upload(local, out)

@@ -4,7 +4,7 @@ a target text, read by index through a data source.
 A query carries its targets in ``query_src_content["summary"]``, a pool candidate in
 ``src_content["summary"]`` (the content object, or its JSON text as M-BEIR stores it): one string, or a
 list of alternative strings (one is drawn per use, so a summariser learns a distribution to sample
-from). The bundled multi-grain set writes four per side (`elva_jax.data.multigrain.summary_variants`).
+from). The bundled multi-grain set writes four per side (`elva_jax.data.benchmarks.multigrain.texts.summary_variants`).
 A query's summary describes what it asks for (for an edit query, the edited scene), since its
 ``[RET]`` embedding must land near its positive's: the warm start takes (query, positive) pairs.
 """
@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 
 from elva_jax.data.errors import RecordError
-from elva_jax.data.sources import query_from_row
+from elva_jax.data.rows import query_from_row
 
 __all__ = ["SummaryRecords", "summary_targets"]
 
@@ -41,7 +41,7 @@ def summary_targets(src_content, where: str) -> list[str]:
 
 class SummaryRecords(Sequence):
     """``{"id", "sides": [query, positive], "targets": [query's, positive's]}`` for every record of a
-    :class:`~elva_jax.data.sources.ContrastiveRecords` set whose query and positive both carry target
+    :class:`~elva_jax.data.records.ContrastiveRecords` set whose query and positive both carry target
     summaries: the query side as the RL stage prompts it (instruction included), its positive candidate,
     and each one's alternatives. Sides are built when indexed (prepared sources carry the images' bytes)."""
 

@@ -13,7 +13,7 @@
 
 Writes results.json, results.md and recall.png to --out (default {run}/eval/{benchmark}-{mode}-{pool}); each
 states the embedding mode and why it was chosen (--mode, or auto: the checkpoint's export record).
-Any ``eval.*`` field (elva_jax.eval.runner.EvalSection) or preset key can be overridden as key=value.
+Any ``eval.*`` field (elva_jax.schema.EvalSection) or preset key can be overridden as key=value.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 
 from elva_jax import configlib
+from elva_jax.errors import cli
 
 COT_KEYS = ("reasoner", "max_tokens", "sampling", "temperature", "top_p", "seed", "batch_size", "max_crops")
 
@@ -108,9 +109,10 @@ def main(argv=None) -> dict:
             over.append("eval.benchmark=zeroshot")
     over += a.overrides
 
+    # imported here, not at the top, so that --help and argument errors answer without loading JAX
+    from elva_jax.data.benchmarks.mmeb.tasks import MMEBDataError
     from elva_jax.data.errors import DataFormatError
-    from elva_jax.data.mmeb import MMEBDataError
-    from elva_jax.eval.embed import CacheError
+    from elva_jax.eval.embed_cache import CacheError
     from elva_jax.eval.runner import evaluate, load_config
     from elva_jax.eval.tasks import EvalDataError
     from elva_jax.model.hf_checkpoint import CheckpointError
@@ -125,6 +127,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from elva_jax.errors import cli
-
     cli(main, prog="python -m elva_jax.eval")

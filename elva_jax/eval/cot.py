@@ -2,7 +2,7 @@
 
 ``python -m elva_jax.eval --cot reasoner=DIR [--cot-crops] ...`` (``eval.cot_*``): the reasoner (an
 Embed-RL run's export, or any transformers checkpoint of a supported family) writes one T-CoT per
-distinct side with the reasoner prompt of training (`elva_jax.data.tcot_prompts.reasoner_prompt`,
+distinct side with the reasoner prompt of training (`elva_jax.data.tcot.encoders.reasoner_prompt`,
 ``embed_rl.reasoner_instruction``), through the shared sampler (`elva_jax.model.sampler.generate`,
 stop = ``<|im_end|>``, which also ends a CoT that ran out of ``cot_max_tokens``; greedy = top_k 1, or
 sampled at ``cot_temperature`` / ``cot_top_p`` with a key per batch from ``cot_seed``). Prompts go
@@ -11,7 +11,7 @@ through the corpus pipeline: batches of ``cot_batch_size`` padded to a length bu
 program is compiled per bucket. The --checkpoint model then embeds each side with its CoT in the frozen
 embedder's layout (`elva_jax.eval.embed.Embedder` with a ``cot``).
 
-Evidence (``cot_crops``): each CoT is parsed strictly (`elva_jax.data.tcot.parse_tcot`, the kind the side
+Evidence (``cot_crops``): each CoT is parsed strictly (`elva_jax.data.tcot.parser.parse_tcot`, the kind the side
 asks for: ``bbox_2d`` for an image side, ``key_frames`` for a video side). Each box [x1, y1, x2, y2] in
 0-1000 coordinates of the image becomes a crop (:func:`box_pixels`) and each key frame the frame the
 reasoner saw (the pipeline's frame sampling of the video at the reasoner's geometry); at most
@@ -45,21 +45,22 @@ from typing import Any
 
 import jax
 import numpy as np
+from PIL import Image
 
-from elva_jax.data.image_processing import (
-    LAMRA_MAX_PIXELS,
-    LAMRA_MIN_PIXELS,
-    MAX_ASPECT_RATIO,
-    load_image,
-    to_rgb_array,
-)
-from elva_jax.data.pipeline import VIDEO_FIELDS, PipelineConfig, make_pipeline
+from elva_jax.data.media.image_processing import MAX_ASPECT_RATIO, load_image, to_rgb_array
+from elva_jax.data.media.settings import MediaSettings
+from elva_jax.data.media.video import decode_video, load_video
+from elva_jax.data.pipeline.config import PipelineConfig
+from elva_jax.data.pipeline.iterator import make_pipeline
 from elva_jax.data.progress import Progress
 from elva_jax.data.prompts import TCOT_REASONER_INSTRUCTION
-from elva_jax.data.tcot import COORD_MAX, parse_tcot
-from elva_jax.data.tcot_prompts import reasoner_encoder
-from elva_jax.eval.embed import CacheError, _left_align, corpus_pipeline_config, put_batch
+from elva_jax.data.tcot.encoders import reasoner_encoder
+from elva_jax.data.tcot.parser import COORD_MAX, parse_tcot
+from elva_jax.eval.corpus import batch_devices, corpus_pipeline_config, left_align, place_params, put_batch
+from elva_jax.eval.embed_cache import CacheError
+from elva_jax.model.config import ModelOptions
 from elva_jax.model.sampler import SamplerConfig, generate
+from elva_jax.schema import project
 
 __all__ = ["CoTConfig", "CoTGenerator", "box_pixels", "crop_box", "cot_config", "side_key"]
 
@@ -72,7 +73,7 @@ class CoTConfig:
 
     request: the reasoner's instruction. max_tokens: new tokens before a forced ``<|im_end|>``.
     sampling "greedy" (top_k 1) or "sample" (temperature, top_p; key per batch from seed).
-    batch_size / seq_buckets / patch_rows / patch_row_len / pixels / video_*: the prompt batches.
+    batch_size / seq_buckets / patch_rows / media (pixel limits, patch row, video sampling): the prompt batches.
     crops / max_crops / key_frame_base: evidence images (module docstring).
     """
 
@@ -85,14 +86,7 @@ class CoTConfig:
     batch_size: int = 8
     seq_buckets: tuple[int, ...] = (256, 512, 1024)
     patch_rows: int = 0
-    patch_row_len: int = 1200
-    min_pixels: int = LAMRA_MIN_PIXELS
-    max_pixels: int = LAMRA_MAX_PIXELS
-    video_fps: float = PipelineConfig.video_fps
-    video_min_frames: int = PipelineConfig.video_min_frames
-    video_max_frames: int = PipelineConfig.video_max_frames
-    video_min_pixels: int = PipelineConfig.video_min_pixels
-    video_max_pixels: int = PipelineConfig.video_max_pixels
+    media: MediaSettings = MediaSettings()
     crops: bool = False
     max_crops: int = 4
     key_frame_base: int = 1
@@ -117,8 +111,8 @@ class CoTConfig:
             "max_new_tokens": self.max_tokens,
             "sampling": self.sampling,
             "max_length": max(self.seq_buckets),
-            "pixels": [self.min_pixels, self.max_pixels],
-            "video": {k: getattr(self, k) for k in VIDEO_FIELDS},
+            "pixels": [self.media.min_pixels, self.media.max_pixels],
+            "video": self.media.video(),
         }
         if self.sampling == "greedy":
             d["rule"] = "greedy (top_k=1)"
@@ -145,10 +139,7 @@ def cot_config(cfg) -> CoTConfig:
         batch_size=e.cot_batch_size or e.batch_size,
         seq_buckets=tuple(cfg.rl.prompt_buckets),
         patch_rows=d.patch_rows,
-        patch_row_len=d.patch_row_len,
-        min_pixels=d.min_pixels,
-        max_pixels=d.max_pixels,
-        **{k: getattr(d, k) for k in VIDEO_FIELDS},
+        media=project(MediaSettings, d),
         crops=e.cot_crops,
         max_crops=e.cot_max_crops,
         key_frame_base=cfg.embed_rl.key_frame_base,
@@ -192,8 +183,6 @@ def crop_box(image: np.ndarray, box: Sequence[float]) -> np.ndarray:
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
@@ -238,8 +227,6 @@ class CoTGenerator:
         mesh=None,
         log: Callable[[str], None] | None = None,
     ):
-        from elva_jax.model.config import ModelOptions
-
         self.opts = opts or ModelOptions()
         self.cfg, self.tok, self.ccfg, self.mesh = model_cfg, tokenizer, ccfg, mesh
         self.identity = dict(identity or {})
@@ -254,17 +241,12 @@ class CoTGenerator:
             "crops": 0,
             "sides_without_crop": 0,
         }
-        if mesh is not None:
-            from elva_jax.model.params import logical_axes
-            from elva_jax.parallel.sharding import tree_shardings
-
-            n_batch = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
-            if ccfg.batch_size % n_batch:
-                raise ValueError(f"cot batch size {ccfg.batch_size} is not divisible by the {n_batch} batch devices")
-            params = jax.device_put(params, tree_shardings(logical_axes(model_cfg), params, mesh))
-        self.params = params
+        n_batch = batch_devices(mesh)
+        if ccfg.batch_size % n_batch:
+            raise ValueError(f"cot batch size {ccfg.batch_size} is not divisible by the {n_batch} batch devices")
+        self.params = place_params(params, model_cfg, mesh)
         self.encoder = reasoner_encoder(tokenizer, ccfg.request, videos=True)
-        eos = tokenizer.ids("<|im_end|>")[0]
+        eos = tokenizer.im_end_token_id
         scfg = dataclasses.replace(ccfg.sampler_config(self.opts.dtype), mesh=mesh)  # vocab gathered on a mesh
         self._gen = _generate_fn(model_cfg, self.opts, scfg, eos, tokenizer.pad_token_id)
         self._tmp = None
@@ -345,7 +327,7 @@ class CoTGenerator:
                 progress.update(len(keys))
                 key = jax.random.fold_in(base, zlib.crc32(keys[0].encode()) & 0x7FFFFFFF)
                 self.generate_calls += 1
-                toks, lens, forced = self._gen(self.params, put_batch(_left_align(batch), self.mesh), key)
+                toks, lens, forced = self._gen(self.params, put_batch(left_align(batch), self.mesh), key)
                 toks, lens, forced = np.asarray(toks), np.asarray(lens), np.asarray(forced)
                 for k, t, n, fr in zip(keys, toks, lens, forced):
                     if k in self._memo or done >= len(recs):
@@ -379,19 +361,8 @@ class CoTGenerator:
     def _video_frames(self, path: str) -> tuple[np.ndarray, np.ndarray]:
         """(the frame indices the reasoner saw, every decoded frame [N, H, W, 3]) of a video."""
         if path not in self._frames:
-            from elva_jax.data.video import decode_video, load_video
-
-            c = self.ccfg
-            v = load_video(
-                path,
-                self.cfg.vision.geometry,
-                fps=c.video_fps or None,
-                min_frames=c.video_min_frames,
-                max_frames=c.video_max_frames,
-                min_pixels=c.video_min_pixels or None,
-                max_pixels=c.video_max_pixels or None,
-                max_patches=c.patch_row_len,
-            )
+            m = self.ccfg.media
+            v = load_video(path, self.cfg.vision.geometry, **m.video_sampling(), max_patches=m.patch_row_len)
             self._frames = {path: (np.asarray(v.frame_indices), decode_video(path)[0])}  # keep one video
         return self._frames[path]
 

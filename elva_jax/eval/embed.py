@@ -1,6 +1,6 @@
 """Embedding corpora (queries or pool candidates) for evaluation, with a resumable on-disk cache.
 
-Three modes (:class:`EmbedConfig.mode`):
+Three modes (:class:`elva_jax.eval.embed_config.EmbedConfig` ``.mode``):
 
 - ``"eol"`` (LamRA): the LamRA prompt with the assistant turn ``<emb>.``; one forward; the embedding is
   the L2-normalised final hidden state just before ``<emb>`` (:func:`elva_jax.model.embedding.eol_embedding`).
@@ -14,255 +14,63 @@ Three modes (:class:`EmbedConfig.mode`):
   prompt; one forward over the right-padded batch; the embedding is the L2-normalised final hidden state of
   the last real token (:func:`elva_jax.model.embedding.last_token_embedding`).
 
-Records are ``{"id", "item": {"text", "image", "instruction"}}`` (:func:`elva_jax.data.pipeline.corpus_records`),
+With a T-CoT generator (``EmbedConfig.tcot_request``, :mod:`elva_jax.eval.cot`) the convention is Embed-RL's
+("tcot"): each side + its T-CoT + the summarise request, the hidden state at ``<emb>``.
+
+Records are ``{"id", "item": {"text", "image", "instruction"}}`` (:func:`elva_jax.data.records.corpus_records`),
 the item optionally with ``"video"`` (a local video file; prompt and patch budget as for an image).
 They go through the corpus pipeline (``make_pipeline(kind="corpus")``, no shuffle, image policy
-``fail``) in batches of ``batch_size`` padded to a sequence bucket and a fixed patch budget (the record
-list is padded with copies of its last record, so every batch is full and a run compiles one program
-per bucket). With a ``mesh`` the batch axis is split over ``("data", "fsdp")`` and the params follow
-:mod:`elva_jax.parallel.sharding`.
+``fail``; :mod:`elva_jax.eval.corpus`) in batches of ``batch_size`` padded to a sequence bucket and a fixed
+patch budget (the record list is padded with copies of its last record, so every batch is full and a run
+compiles one program per bucket). With a ``mesh`` the batch axis is split over ``("data", "fsdp")`` and
+the params follow :mod:`elva_jax.parallel.sharding`.
 
-Cache (``Embedder.embed(records, name=..., cache_dir=...)``)::
-
-    {cache_dir}/{name}/index.json            fingerprint, ids, records hash, finished parts (+ sha256)
-    {cache_dir}/{name}/part-00000.npy        float32 [<= part_size, D], records [0, part_size)
-    {cache_dir}/{name}/part-00000.summaries.json   ("ret" mode) the generated summaries
-
-The fingerprint holds the checkpoint identity (path, step, weight files), the mode and every prompt /
-summary setting. A part is recorded in the index only after its file is written (atomically), so an
-interrupted run resumes at the first unfinished part; finished parts are reused. A part the index
-lists as finished whose file is missing or corrupt (size, header or sha256) raises :class:`CacheError`
-naming the file (``cache="use"``, the default: a finished cache should never lose files silently), or is
-reported and recomputed with ``cache="repair"``. An index written for another fingerprint or another
-record list also raises :class:`CacheError`. ``cache="none"`` (or no ``cache_dir``) computes everything
-and writes nothing. One writer per cache directory.
+The cache (``Embedder.embed(records, name=..., cache_dir=...)``): parts of ``part_size`` records under
+``{cache_dir}/{name}/``, an index naming the fingerprint and the finished parts; resumable, and a missing or
+corrupt finished part is an error (``cache="use"``) or recomputed (``cache="repair"``); layout and rules in
+:mod:`elva_jax.eval.embed_cache`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import io
-import json
-import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elva_jax.data.image_processing import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS
-from elva_jax.data.pipeline import VIDEO_FIELDS, ImagePolicy, PipelineConfig, make_pipeline
+from elva_jax.data.conventions import Convention, convention
+from elva_jax.data.encoding import PromptEncoder
+from elva_jax.data.pipeline.config import PipelineConfig
+from elva_jax.data.pipeline.iterator import make_pipeline
 from elva_jax.data.progress import Progress
-from elva_jax.data.prompts import DEFAULT_EMBED_INSTRUCTION
-from elva_jax.data.tcot_prompts import embedder_encoder
-from elva_jax.data.tokenize import PromptEncoder, Tokenizer
-from elva_jax.errors import UserError
+from elva_jax.data.tcot.encoders import embedder_encoder
+from elva_jax.data.tokenize import Tokenizer
+from elva_jax.eval.corpus import batch_devices, corpus_pipeline_config, left_align, place_params, put_batch
+from elva_jax.eval.embed_cache import (
+    CACHE_FORMAT,
+    CacheError,
+    PartedArray,
+    fingerprint_sha,
+    new_index,
+    open_index,
+    records_digest,
+    reuse_part,
+    write_json,
+    write_part,
+)
+from elva_jax.eval.embed_config import EmbedConfig
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelConfig, ModelOptions
-from elva_jax.model.embedding import eol_embedding, l2_normalize, last_token_embedding, ret_embedding
+from elva_jax.model.embedding import l2_normalize
 from elva_jax.model.sampler import SamplerConfig, generate
-from elva_jax.schema import CACHE_POLICIES, EMBED_MODES
+from elva_jax.schema import CACHE_POLICIES
 
+# Embedder is defined here; the rest are re-exported from embed_cache / embed_config, where they live
 __all__ = ["CACHE_POLICIES", "CacheError", "EmbedConfig", "Embedder", "PartedArray", "records_digest"]
-
-_FORMAT = "elva_jax.eval.embed/1"
-_QWEN2_EOS = 151645  # <|im_end|>
-
-
-class CacheError(UserError, RuntimeError):
-    """An embedding cache that cannot be used as is (missing/corrupt part, foreign fingerprint)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EmbedConfig:
-    """How records become embeddings (everything here enters the cache fingerprint).
-
-    mode: "eol" | "ret" | "instruct_last". batch_size: records per batch (divisible by the mesh's batch
-    devices).
-    seq_buckets: padded lengths (longer rows are truncated to the largest by the prompt encoder).
-    patch_rows / patch_row_len: image patch budget per batch (rows of patches; 0 rows = batch_size).
-    part_size: records per cache part. "ret" only: summary_tokens (max new tokens before a forced
-    [RET]), sampling "greedy" (top_k=1) or "sample" (temperature / top_k / top_p, key from ``seed``).
-    "instruct_last" only: default_instruction, the system turn of records without an instruction.
-    tcot_request: non-empty = Embed-RL's embedder layout (the Embedder then needs a ``cot`` generator,
-    `elva_jax.eval.cot`): each side + its T-CoT + this summarise request, assistant ``<emb>``, the
-    L2-normalised hidden state at ``<emb>`` (`elva_jax.data.tcot_prompts.embedder_prompt`, as the frozen
-    embedder of `elva_jax.rl.embed_rl_trainer`); ``mode`` is then not used.
-    """
-
-    mode: str = "eol"
-    batch_size: int = 8
-    seq_buckets: tuple[int, ...] = (128, 256, 512)
-    patch_rows: int = 0
-    patch_row_len: int = 1200
-    part_size: int = 1024
-    summary_tokens: int = 32
-    sampling: str = "greedy"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    default_instruction: str = DEFAULT_EMBED_INSTRUCTION
-    # image pixel limits (the run's data.min_pixels / max_pixels; LamRA's by default)
-    min_pixels: int = LAMRA_MIN_PIXELS
-    max_pixels: int = LAMRA_MAX_PIXELS
-    # video sampling / sizing of video records (the run's data.video_*; see elva_jax.data.pipeline)
-    video_fps: float = PipelineConfig.video_fps
-    video_min_frames: int = PipelineConfig.video_min_frames
-    video_max_frames: int = PipelineConfig.video_max_frames
-    video_min_pixels: int = PipelineConfig.video_min_pixels
-    video_max_pixels: int = PipelineConfig.video_max_pixels
-    tcot_request: str = ""
-
-    def __post_init__(self):
-        if self.mode not in EMBED_MODES:
-            raise ValueError(f"mode must be one of {EMBED_MODES}, got {self.mode!r}")
-        if self.sampling not in ("greedy", "sample"):
-            raise ValueError(f"sampling must be 'greedy' or 'sample', got {self.sampling!r}")
-        if self.batch_size < 1 or self.part_size < 1 or self.summary_tokens < 1:
-            raise ValueError("batch_size, part_size and summary_tokens must be >= 1")
-
-    def sampler_config(self, cache_dtype: str = "float32") -> SamplerConfig:
-        if self.sampling == "greedy":
-            return SamplerConfig(max_new_tokens=self.summary_tokens, top_k=1, cache_dtype=cache_dtype)
-        return SamplerConfig(
-            max_new_tokens=self.summary_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            cache_dtype=cache_dtype,
-        )
-
-    def describe(self) -> dict:
-        """The settings that define an embedding (results.json and the cache fingerprint)."""
-        d: dict[str, Any] = {"mode": self.mode, "max_length": max(self.seq_buckets), "part_size": self.part_size}
-        if (self.min_pixels, self.max_pixels) != (LAMRA_MIN_PIXELS, LAMRA_MAX_PIXELS):  # (keeps older fingerprints)
-            d["pixels"] = [self.min_pixels, self.max_pixels]
-        video = {k: getattr(self, k) for k in VIDEO_FIELDS}
-        if video != {k: getattr(PipelineConfig, k) for k in VIDEO_FIELDS}:  # (keeps older fingerprints)
-            d["video"] = video
-        if self.tcot_request:
-            d["mode"] = "tcot"
-            d["embedding"] = "Embed-RL: side + its T-CoT + summarise request, hidden state at <emb>, L2-normalised"
-            d["tcot_request"] = self.tcot_request
-        elif self.mode == "eol":
-            d["embedding"] = "LamRA EOL: hidden state before <emb>, L2-normalised"
-        elif self.mode == "instruct_last":
-            d["embedding"] = (
-                "Qwen3-VL-Embedding: instruction as the system turn, generation prompt, "
-                "hidden state of the last real token, L2-normalised"
-            )
-            d["default_instruction"] = self.default_instruction
-        else:
-            d["embedding"] = "ELVA generative: hidden state at [RET] after a generated summary, L2-normalised"
-            d["summary"] = {"max_new_tokens": self.summary_tokens, "sampling": self.sampling}
-            if self.sampling == "greedy":
-                d["summary"]["rule"] = "greedy (top_k=1)"
-            else:
-                d["summary"].update(
-                    temperature=self.temperature,
-                    top_k=self.top_k,
-                    top_p=self.top_p,
-                    seed=self.seed,
-                    batch_size=self.batch_size,  # the key is per batch, so the grouping matters
-                )
-        return d
-
-
-def records_digest(records: Sequence[dict]) -> str:
-    """sha256 of the records' ids and sides (text, image path, instruction, and the video path of a record
-    that has one: digests of records without video are unchanged), order-sensitive."""
-    h = hashlib.sha256()
-    for r in records:
-        it = r["item"]
-        side = [r["id"], it.get("text"), it.get("image"), it.get("instruction")]
-        if it.get("video") is not None:
-            side.append({"video": it["video"]})
-        h.update(json.dumps(side).encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff_keys(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}")
-    return out
-
-
-class PartedArray:
-    """Read-only [N, D] float32 view over the cache's part files (memory-mapped; slices concatenate).
-
-    Works as ``candidates`` of :func:`elva_jax.retrieval.topk.streaming_topk`; ``np.asarray`` loads it whole.
-    """
-
-    def __init__(self, paths: Sequence[Path], dim: int):
-        self._parts = [np.load(p, mmap_mode="r") for p in paths]
-        self._starts = np.cumsum([0] + [len(p) for p in self._parts])
-        self.shape = (int(self._starts[-1]), dim)
-        self.dtype = np.dtype(np.float32)
-        self.ndim = 2
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, idx):
-        if not isinstance(idx, slice):
-            return np.asarray(self)[idx]
-        start, stop, step = idx.indices(self.shape[0])
-        if step != 1:
-            return np.asarray(self)[idx]
-        pieces = []
-        for p, s0 in zip(self._parts, self._starts[:-1]):
-            lo, hi = max(start, s0), min(stop, s0 + len(p))
-            if lo < hi:
-                pieces.append(p[lo - s0 : hi - s0])
-        if not pieces:
-            return np.zeros((0, self.shape[1]), np.float32)
-        return np.asarray(pieces[0]) if len(pieces) == 1 else np.concatenate(pieces)
-
-    def __array__(self, dtype=None, copy=None):
-        out = np.concatenate([np.asarray(p) for p in self._parts]) if self._parts else np.zeros(self.shape, np.float32)
-        return out if dtype is None else out.astype(dtype)
-
-
-def put_batch(batch: dict, mesh=None) -> dict:
-    """Place a batch of model inputs on ``mesh`` (rows over the batch axes); as is without a mesh."""
-    if mesh is None:
-        return batch
-    from jax.sharding import NamedSharding
-
-    from elva_jax.model.inputs import input_axes
-    from elva_jax.parallel.sharding import logical_spec
-
-    sh = {k: NamedSharding(mesh, logical_spec(input_axes(k, np.ndim(v)))) for k, v in batch.items()}
-    return jax.device_put(batch, sh)
-
-
-def _left_align(batch: dict) -> dict:
-    """Right-padded corpus batch -> left-padded (rows rolled; image order and positions unchanged)."""
-    am = batch["attention_mask"]
-    L = am.shape[1]
-    shift = L - am.sum(axis=1)
-    cols = (np.arange(L)[None, :] - shift[:, None]) % L  # out[:, j] = in[:, j - shift]
-    out = dict(batch)
-    out["input_ids"] = np.take_along_axis(batch["input_ids"], cols, axis=1)
-    out["attention_mask"] = np.take_along_axis(am, cols, axis=1)
-    out["positions"] = np.take_along_axis(batch["positions"], np.broadcast_to(cols, batch["positions"].shape), axis=2)
-    return out
 
 
 def ret_embed(params, prompts: dict, key, cfg: ModelConfig, opts: ModelOptions, scfg: SamplerConfig, ids: dict):
@@ -298,29 +106,38 @@ def ret_embed(params, prompts: dict, key, cfg: ModelConfig, opts: ModelOptions, 
     return emb, s.tokens, s.lengths
 
 
-def corpus_pipeline_config(c, records: Sequence[dict], tok, opts, cfg) -> PipelineConfig:
-    """The one-pass, one-host corpus pipeline of evaluation (the Embedder's and the T-CoT generator's):
-    ``c`` is their config (batch size, buckets, patch rows, pixel and video settings); a patch budget only
-    when some record has an image or a video; bad images fail; the model's patch geometry."""
-    has_img = any(r["item"].get("image") or r["item"].get("video") for r in records)
-    return PipelineConfig(
-        batch_size=c.batch_size,
-        micro_batches=1,
-        seq_buckets=tuple(c.seq_buckets),
-        patch_budget=(c.patch_rows or c.batch_size, c.patch_row_len) if has_img else None,
-        shuffle=False,
-        num_epochs=1,
-        process_index=0,
-        process_count=1,
-        image_policy=ImagePolicy("fail"),
-        drop_remainder=True,
-        pad_token_id=tok.pad_token_id,
-        position_mode=opts.position_mode,
-        geometry=cfg.vision.geometry,  # the model's patches (Qwen3-VL: 16-pixel)
-        min_pixels=c.min_pixels,
-        max_pixels=c.max_pixels,
-        **{k: getattr(c, k) for k in VIDEO_FIELDS},
+# ----------------------------------------------------------------------------------------------------
+# the embedding conventions: which prompt, which hidden state
+
+
+def _prompt_encoder(tokenizer: Tokenizer, ecfg: EmbedConfig, conv: Convention):
+    """The prompt encoder of a convention (`elva_jax.data.conventions`): Embed-RL's embedder rows for "tcot",
+    else its PromptEncoder template (an open assistant turn when the model writes first, "ret")."""
+    if conv.template == "tcot":
+        return embedder_encoder(tokenizer, ecfg.tcot_request, videos=True)
+    return PromptEncoder(
+        tokenizer, conv.template, generation=conv.generates, default_instruction=ecfg.default_instruction
     )
+
+
+def _pooled_forward(model_cfg: ModelConfig, opts: ModelOptions, tokenizer: Tokenizer, conv: Convention):
+    """The jitted one-forward embedding (params, batch) -> [B, D] of a convention whose model does not write
+    first: the L2-normalised hidden state the convention pools."""
+
+    def fn(p, x):
+        h = backbone.forward(p, x, model_cfg, opts).hidden
+        return conv.pool(
+            h,
+            x["input_ids"],
+            x["attention_mask"],
+            emb_token_id=tokenizer.emb_token_id,
+            ret_token_id=tokenizer.ret_token_id,
+        )
+
+    return jax.jit(fn)
+
+
+# ----------------------------------------------------------------------------------------------------
 
 
 class Embedder:
@@ -361,46 +178,30 @@ class Embedder:
         self.log = log or (lambda s: print(s, flush=True))
         self.stats: dict[str, dict] = {}
         self.last_truncated = 0
-        if cot is not None:
-            self.encoder = embedder_encoder(tokenizer, ecfg.tcot_request, videos=True)
-        else:
-            self.encoder = PromptEncoder(
-                tokenizer, ecfg.mode, generation=ecfg.mode == "ret", default_instruction=ecfg.default_instruction
-            )
-        n_batch = 1
-        if mesh is not None:
-            from elva_jax.model.params import logical_axes
-            from elva_jax.parallel.sharding import tree_shardings
-
-            n_batch = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
-            params = jax.device_put(params, tree_shardings(logical_axes(model_cfg), params, mesh))
+        conv = convention(self.convention)
+        self.encoder = _prompt_encoder(tokenizer, ecfg, conv)
+        self.params = place_params(params, model_cfg, mesh)
+        n_batch = batch_devices(mesh)
         if ecfg.batch_size % n_batch:
             raise ValueError(f"eval batch_size {ecfg.batch_size} is not divisible by the {n_batch} batch devices")
-        self.params = params
-        if cot is not None or ecfg.mode != "ret":
-            # one forward per batch: the hidden state at <emb> (T-CoT), before <emb>, or at the last real token
-            emb_id, last = tokenizer.emb_token_id, ecfg.mode == "instruct_last"
-
-            def fn(p, x):
-                h = backbone.forward(p, x, model_cfg, opts).hidden
-                if cot is not None:
-                    return ret_embedding(h, x["input_ids"], emb_id, x["attention_mask"])
-                if last:
-                    return last_token_embedding(h, x["attention_mask"])
-                return eol_embedding(h, x["input_ids"], emb_id, x["attention_mask"])
-
-            self._forward = jax.jit(fn)
+        if not conv.generates:
+            self._forward = _pooled_forward(model_cfg, opts, tokenizer, conv)
         else:
-            ids = {"ret": tokenizer.ret_token_id, "eos": _QWEN2_EOS, "pad": tokenizer.pad_token_id}
+            ids = {"ret": tokenizer.ret_token_id, "eos": tokenizer.im_end_token_id, "pad": tokenizer.pad_token_id}
             scfg = ecfg.sampler_config(cache_dtype=opts.dtype)  # KV cache in the compute dtype
             self._ret = jax.jit(lambda p, x, k: ret_embed(p, x, k, model_cfg, opts, scfg, ids))
 
     # ------------------------------------------------------------------------------------------------
     @property
+    def convention(self) -> str:
+        """The embedding convention: "tcot" with a T-CoT generator, else the mode ("eol", "ret", "instruct_last")."""
+        return "tcot" if self.cot is not None else self.ecfg.mode
+
+    @property
     def fingerprint(self) -> dict:
         return {
             **({"cot": self.cot.describe()} if self.cot is not None else {}),
-            "format": _FORMAT,
+            "format": CACHE_FORMAT,
             "identity": self.identity,
             "embed": self.ecfg.describe(),
             "model": {
@@ -417,7 +218,7 @@ class Embedder:
 
     @property
     def fingerprint_sha(self) -> str:
-        return _sha(self.fingerprint)
+        return fingerprint_sha(self.fingerprint)
 
     def _pipeline_config(self, records: Sequence[dict]) -> PipelineConfig:
         return corpus_pipeline_config(self.ecfg, records, self.tok, self.opts, self.cfg)
@@ -438,16 +239,16 @@ class Embedder:
         b = self.ecfg.batch_size
         padded = records + [records[-1]] * ((-len(records)) % b)
         it = make_pipeline(padded, self.encoder, self.cfg, self._pipeline_config(padded), kind="corpus")
-        embs, summaries, seen = [], [] if self.ecfg.mode == "ret" and self.cot is None else None, []
+        embs, summaries, seen = [], [] if self.convention == "ret" else None, []
         base = jax.random.fold_in(jax.random.key(self.ecfg.seed), salt & 0x7FFFFFFF)
         progress = Progress("embed", total=len(padded), unit="records", every_s=30.0, log=self.log)
         for i, batch in enumerate(it):
             seen += it.last_ids
             progress.update(len(it.last_ids))
-            if self.cot is not None or self.ecfg.mode != "ret":
+            if self.convention != "ret":
                 e = self._forward(self.params, self._put(batch))
             else:
-                e, toks, lens = self._ret(self.params, self._put(_left_align(batch)), jax.random.fold_in(base, i))
+                e, toks, lens = self._ret(self.params, self._put(left_align(batch)), jax.random.fold_in(base, i))
                 toks, lens = np.asarray(toks), np.asarray(lens)
                 summaries += [self.tok.decode(t[: n - 1], skip_special_tokens=True) for t, n in zip(toks, lens)]
             embs.append(np.asarray(e, np.float32))
@@ -470,95 +271,53 @@ class Embedder:
             raise ValueError(f"{name}: no records to embed")
         st = self.stats[name] = {"n": len(records), "computed": 0, "reused": 0, "seconds": 0.0}
         t_start = time.perf_counter()
+        if cache_dir is None or cache == "none":
+            out = self._embed_uncached(records, name, st)
+        else:
+            out = self._embed_cached(records, name, st, Path(cache_dir) / name, cache)
+        st["seconds"] += time.perf_counter() - t_start
+        return out
+
+    def _embed_uncached(self, records: list[dict], name: str, st: dict) -> np.ndarray:
+        """``embed`` without a cache: every part computed, nothing written."""
         S = self.ecfg.part_size
         n_parts = -(-len(records) // S)
         salt0 = zlib.crc32(name.encode())
-        if cache_dir is None or cache == "none":
-            outs = []
-            for p in range(n_parts):
-                chunk = records[p * S : (p + 1) * S]
-                outs.append(self._compute_logged(chunk, name, p, n_parts, st, len(records), salt0)[0])
-            st["seconds"] += time.perf_counter() - t_start
-            return np.concatenate(outs)
+        outs = []
+        for p in range(n_parts):
+            chunk = records[p * S : (p + 1) * S]
+            outs.append(self._compute_logged(chunk, name, p, n_parts, st, len(records), salt0)[0])
+        return np.concatenate(outs)
 
-        d = Path(cache_dir) / name
+    def _embed_cached(self, records: list[dict], name: str, st: dict, d: Path, cache: str) -> PartedArray:
+        """``embed`` with the cache in ``d``: finished parts reused, the others computed, written and recorded
+        in the index one by one (:mod:`elva_jax.eval.embed_cache`)."""
+        S = self.ecfg.part_size
+        n_parts = -(-len(records) // S)
+        salt0 = zlib.crc32(name.encode())
         d.mkdir(parents=True, exist_ok=True)
         index_path = d / "index.json"
         digest = records_digest(records)
         ids = [str(r["id"]) for r in records]
-        index = self._open_index(index_path, digest, len(records), cache)
+        index = open_index(index_path, self.fingerprint, digest, len(records), S, cache, self.log)
         if index is None:
-            index = {
-                "format": _FORMAT,
-                "fingerprint": self.fingerprint,
-                "fingerprint_sha": self.fingerprint_sha,
-                "records_sha": digest,
-                "n": len(records),
-                "part_size": S,
-                "dim": None,
-                "ids": ids,
-                "parts": {},
-            }
-            _write_json(index_path, index)
+            index = new_index(self.fingerprint, digest, ids, S)
+            write_json(index_path, index)
         for p in range(n_parts):
             key = f"{p:05d}"
-            entry = index["parts"].get(key)
             path = d / f"part-{key}.npy"
             start, stop = p * S, min((p + 1) * S, len(records))
-            if entry is not None:
-                problem = _check_part(path, entry, stop - start, index.get("dim"))
-                if problem is None:
-                    st["reused"] += stop - start
-                    continue
-                if cache == "use":
-                    raise CacheError(
-                        f"{path}: embedding cache part listed as finished in {index_path} is {problem}; "
-                        f"rerun with cache=repair (--cache repair) to recompute it, or delete {d}"
-                    )
-                self.log(f"[elva_jax.eval] cache {path} is {problem}: recomputing it")
-                del index["parts"][key]
+            if reuse_part(index, key, path, stop - start, cache, self.log):
+                st["reused"] += stop - start
+                continue
             emb, summ = self._compute_logged(records[start:stop], name, p, n_parts, st, len(records), salt0)
-            buf = io.BytesIO()
-            np.save(buf, np.ascontiguousarray(emb, np.float32))
-            data = buf.getvalue()
-            _atomic_write(path, data)
+            entry = write_part(path, emb, start, stop)
             if summ is not None:
-                _write_json(d / f"part-{key}.summaries.json", {"ids": ids[start:stop], "summaries": summ})
+                write_json(d / f"part-{key}.summaries.json", {"ids": ids[start:stop], "summaries": summ})
             index["dim"] = int(emb.shape[1])
-            index["parts"][key] = {
-                "file": path.name,
-                "start": start,
-                "stop": stop,
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-            _write_json(index_path, index)
-        st["seconds"] += time.perf_counter() - t_start
+            index["parts"][key] = entry
+            write_json(index_path, index)
         return PartedArray([d / f"part-{p:05d}.npy" for p in range(n_parts)], int(index["dim"]))
-
-    def _open_index(self, index_path: Path, digest: str, n: int, cache: str) -> dict | None:
-        if not index_path.exists():
-            return None
-        try:
-            index = json.loads(index_path.read_text())
-            assert isinstance(index, dict) and isinstance(index.get("parts"), dict)
-        except (OSError, ValueError, AssertionError) as e:
-            if cache == "repair":
-                self.log(f"[elva_jax.eval] {index_path} is unreadable ({e}): starting this cache afresh")
-                return None
-            raise CacheError(f"{index_path}: unreadable cache index ({e}); use cache=repair or delete it") from None
-        if index.get("fingerprint_sha") != self.fingerprint_sha:
-            diff = _diff_keys(index.get("fingerprint") or {}, self.fingerprint)
-            raise CacheError(
-                f"{index_path}: cache written for another model or settings (differs in: {', '.join(diff) or '?'}); "
-                "use another cache directory or delete this one"
-            )
-        if index.get("records_sha") != digest or index.get("n") != n or index.get("part_size") != self.ecfg.part_size:
-            raise CacheError(
-                f"{index_path}: cache written for other records ({index.get('n')} records, part size "
-                f"{index.get('part_size')}; now {n}, {self.ecfg.part_size}); use another name or delete it"
-            )
-        return index
 
     def _compute_logged(self, chunk, name, p, n_parts, st, n_total, salt0):
         t0 = time.perf_counter()
@@ -571,43 +330,8 @@ class Embedder:
         st["items_per_s"] = rate
         done = st["computed"] + st["reused"]
         eta = (n_total - done) / max(rate, 1e-9)
-        mode = "tcot" if self.cot is not None else self.ecfg.mode
         self.log(
-            f"[elva_jax.eval] embed {name} ({mode}): part {p + 1}/{n_parts}, {done}/{n_total} items, "
+            f"[elva_jax.eval] embed {name} ({self.convention}): part {p + 1}/{n_parts}, {done}/{n_total} items, "
             f"{rate:.1f} items/s, eta {eta:.0f}s"
         )
         return emb, summ
-
-
-def _check_part(path: Path, entry: dict, rows: int, dim: int | None) -> str | None:
-    """None if the part file matches its index entry, else what is wrong with it."""
-    if not path.exists():
-        return "missing"
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        return f"unreadable ({e})"
-    if len(data) != entry.get("bytes"):
-        return f"corrupt (size {len(data)} bytes, index says {entry.get('bytes')})"
-    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        return "corrupt (sha256 mismatch)"
-    try:
-        arr = np.load(io.BytesIO(data))
-    except Exception as e:  # noqa: BLE001 - any unreadable npy is corrupt
-        return f"corrupt ({e})"
-    if arr.shape != (rows, dim) or arr.dtype != np.float32:
-        return f"corrupt (array {arr.shape} {arr.dtype}, expected ({rows}, {dim}) float32)"
-    return None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())

@@ -15,7 +15,7 @@ ties to the earlier position (a stable sort; VLM2Vec's
 Averages (``experiments/report_score_v2.py``): the mean of the reported metric over the scored tasks of
 each meta-task, of each modality, and over all scored tasks. Skipped tasks (a parser not implemented, or
 video tasks with an embedder that takes no video) are listed, never scored. Video queries / candidates
-are embedded from their files (:mod:`elva_jax.data.video`, at the run's ``data.video_*`` settings).
+are embedded from their files (:mod:`elva_jax.data.media.video`, at the run's ``data.video_*`` settings).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from elva_jax.data import mmeb as D
-from elva_jax.data.mmeb import MMEBTask
-from elva_jax.eval.embed import Embedder, records_digest
+from elva_jax.data.benchmarks.mmeb.reader import SUPPORTED_PARSERS, load_task, select, task_table
+from elva_jax.data.benchmarks.mmeb.tasks import MMEBTask
+from elva_jax.eval.embed import Embedder
+from elva_jax.eval.embed_cache import records_digest
 from elva_jax.retrieval.metrics import ndcg_from_topk, recall_from_topk
 
 __all__ = [
@@ -138,11 +139,11 @@ def load_tasks(root, names=(), *, materialize_dir=None, max_queries: int = 0) ->
     stays its spec dict (reported as skipped). ``max_queries`` > 0 keeps the first N queries of each task
     (global tasks keep their whole corpus)."""
     out: list[MMEBTask | dict] = []
-    for spec in D.select(D.task_table(root), names):
-        if spec["parser"] not in D.SUPPORTED_PARSERS:
+    for spec in select(task_table(root), names):
+        if spec["parser"] not in SUPPORTED_PARSERS:
             out.append(spec)
             continue
-        t = D.load_task(spec, root, materialize_dir=materialize_dir)
+        t = load_task(spec, root, materialize_dir=materialize_dir)
         if max_queries > 0:
             n = max_queries
             t = dataclasses.replace(

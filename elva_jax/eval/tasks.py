@@ -9,7 +9,7 @@ M-BEIR (UniIR layout under the M-BEIR root; ``{d}`` dataset, ``{t}`` task id)::
     cand_pool/global/mbeir_union_test_cand_pool.jsonl         global pool (~5.6M candidates)
 
 K (the reported Recall@K) is 10 for fashion200k_task0, fashion200k_task3 and fashioniq_task7, else 5.
-The bundled set (:mod:`elva_jax.data.multigrain`) gives tasks 0, 1, 3, 4, 7 with their local pools
+The bundled set (:mod:`elva_jax.data.benchmarks.multigrain`) gives tasks 0, 1, 3, 4, 7 with their local pools
 (``multigrain_task{t}``, K=5) plus its MRBench subset (``mrbench/``; ``mrbench_multigrain_task{t}``).
 An MRBench-format directory has M-BEIR's layout with test files only; its image paths are relative to
 the M-BEIR root it was filtered from. A zero-shot task is any M-BEIR-format triple.
@@ -28,11 +28,11 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from elva_jax.data import mbeir
+from elva_jax.data.benchmarks import mbeir
+from elva_jax.data.benchmarks.mbeir import Candidate, Query
 from elva_jax.data.errors import DataFormatError, utf8_lines
-from elva_jax.data.mbeir import Candidate, Query
-from elva_jax.data.pipeline import corpus_records
 from elva_jax.data.prompts import choose_instruction
+from elva_jax.data.records import corpus_records
 from elva_jax.errors import UserError
 
 __all__ = [

@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from elva_jax.configlib import FINGERPRINT_ALL
 from elva_jax.model.config import ModelConfig
 from elva_jax.model.decoder import LORA_TARGETS
 from elva_jax.model.params import get_path, param_specs
@@ -20,9 +21,19 @@ from elva_jax.model.params import get_path, param_specs
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = LORA_TARGETS
+    """The adapters (also the run schema's ``lora`` section): rank r, alpha, the decoder linears they wrap.
+
+    scale = alpha / r multiplies every adapter's output; it travels with this config."""
+
+    # False: full fine-tuning of the LLM (vision tower and merger stay frozen)
+    enabled: bool = dataclasses.field(default=True, metadata={"fingerprint": FINGERPRINT_ALL})
+    rank: int = dataclasses.field(default=8, metadata={"fingerprint": FINGERPRINT_ALL})
+    alpha: float = dataclasses.field(default=16.0, metadata={"fingerprint": FINGERPRINT_ALL})
+    targets: tuple[str, ...] = dataclasses.field(default=LORA_TARGETS, metadata={"fingerprint": FINGERPRINT_ALL})
+    # dropout on the LoRA branches' input in the contrastive stages' training forwards (PEFT's lora_dropout;
+    # LamRA 0.05, set in the stage-1/2 presets). 0 here keeps the tiny presets deterministic. Never at eval or
+    # export; not in the RL stage (it would change the log-probs GRPO's ratio and KL compare)
+    dropout: float = 0.0
 
     @property
     def scale(self) -> float:
@@ -31,9 +42,11 @@ class LoraConfig:
     def __post_init__(self):
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         if bad:
-            raise ValueError(f"unknown LoRA targets {bad}; choose from {LORA_TARGETS}")
+            raise ValueError(f"lora.targets: unknown LoRA targets {bad}; choose from {LORA_TARGETS}")
         if self.rank <= 0:
-            raise ValueError("LoRA rank must be positive")
+            raise ValueError(f"lora.rank = {self.rank} must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout = {self.dropout!r} must be in [0, 1)")
 
 
 def _kernel_specs(cfg: ModelConfig):

@@ -61,7 +61,7 @@ PRESETS = {
         vision_embed_dim=1280,
         vision_num_heads=16,
     ),
-    # benchmarks.md's "small" model (about 183M parameters, untied)
+    # the benchmarks' "small" model (about 183M parameters, untied; docs/performance.md)
     "small": dict(
         vocab_size=151669,
         hidden_size=512,
@@ -270,6 +270,11 @@ FAMILY_PRESETS = {
         ),
     ),
 }
+
+
+#: the presets a run may initialise at random (`model.random_preset` and the Embed-RL models' presets): the
+#: tiny ones and "small"; the full-size ones (qwen2vl_7b, ...) are sizes for planning, not random runs
+RANDOM_PRESETS = ("tiny", "tiny_qwen2_5_vl", "tiny_qwen3_vl", "small")
 
 
 def preset_names() -> list[str]:

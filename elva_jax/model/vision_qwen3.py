@@ -42,7 +42,7 @@ class Qwen3VisionConfig(VisionConfig):
 
     @property
     def geometry(self) -> PatchGeometry:
-        """The image geometry with Qwen3-VL's video rule (timestamped frames, `elva_jax.data.video`)."""
+        """The image geometry with Qwen3-VL's video rule (timestamped frames, `elva_jax.data.media.video`)."""
         return dataclasses.replace(super().geometry, video_rule="timestamps")
 
     @property

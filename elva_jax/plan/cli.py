@@ -4,7 +4,7 @@
         [--mesh data=1,fsdp=8,tensor=1] [--batch N] [--seq L] [--json out.json] [key.sub=value ...]
     python -m elva_jax.plan --dump-goldens tests/goldens      # rewrite the golden sharding dumps
 
-Topologies: "cpu:N" (N fake CPU devices), "local" (this machine's devices, e.g. a GPU), or a TPU slice
+Topologies: "cpu:N" (N fake CPU devices), "local" (the host's own devices, e.g. a GPU), or a TPU slice
 ("v5e:2x2", "v5p:2x2x2", "v5p:4x4x4", "v6e:4x4", ...) described by libtpu on any host: no TPU
 needed, but libtpu must be installed (`pip install "jax[tpu]==<jax version>"`, best in its own venv).
 

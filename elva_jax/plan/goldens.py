@@ -17,9 +17,9 @@ import os
 import jax
 from jax.sharding import AbstractMesh
 
+from elva_jax.contrastive.step import batch_shardings
 from elva_jax.parallel.sharding import MESH_AXES
 from elva_jax.plan import setup as plan
-from elva_jax.train.step import batch_shardings
 
 GOLDEN_CONFIGS = (
     "tiny_cpu",

@@ -37,8 +37,8 @@ class Program:
 
 def train_program(setup: Setup) -> Program:
     """The contrastive train step as the loop jits it (donated state, replicated metrics)."""
+    from elva_jax.contrastive.step import StepConfig, TrainState, batch_shardings, split_lm_head, train_step
     from elva_jax.parallel.sharding import replicated
-    from elva_jax.train.step import StepConfig, TrainState, batch_shardings, split_lm_head, train_step
 
     run, mesh, shp = setup.run, setup.mesh, setup.shapes
     full = not run.lora.enabled

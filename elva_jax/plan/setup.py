@@ -52,7 +52,7 @@ def resolve_model(run, name: str = "auto"):
 
 def resolve_embedder(run, name: str = "auto"):
     """Embed-RL's frozen embedder: (ModelConfig, description), resolved as `resolve_model` from
-    ``embed_rl.embedder_checkpoint`` / ``embed_rl.embedder_random_preset`` (as `run.stages.load_embedder`)."""
+    ``embed_rl.embedder_checkpoint`` / ``embed_rl.embedder_random_preset`` (as `rl.recipes.embed_rl.load_embedder`)."""
     e = run.embed_rl
     model = dataclasses.replace(run.model, checkpoint=e.embedder_checkpoint, random_preset=e.embedder_random_preset)
     mcfg, desc = resolve_model(dataclasses.replace(run, model=model), name)
@@ -78,7 +78,7 @@ class Shapes:
     """Static shapes of the three programs.
 
     Contrastive: A micro-batches of b queries (L tokens) and b*(1+k) candidates; images packed one row
-    of Lv patches per example (as `elva_jax.run.stages` builds the pipeline) unless text-only.
+    of Lv patches per example (as `elva_jax.train.stages` builds the pipeline) unless text-only.
     RL: I instances x S = 1 + C sequences = D distinct prompts of P tokens, each sampled G times:
     N = D x G rows of T generated slots (prompt-major, as `elva_jax.rl.trainer` lays them out).
     """
@@ -139,7 +139,7 @@ def plan_shapes(
         b=b,
         n_cand=b * (1 + d.hard_negatives),
         L=L,
-        # text-only data (NLI) carries no patch arrays (as `elva_jax.run.stages` builds its pipeline)
+        # text-only data (NLI) carries no patch arrays (as `elva_jax.train.stages` builds its pipeline)
         images=not text_only and d.kind != "nli",
         Lv=d.patch_row_len,
         I=I,
@@ -296,15 +296,14 @@ class Setup:
 def build_setup(run, mcfg, mesh, shapes: Shapes, embedder_mcfg=None) -> Setup:
     """Abstract params / LoRA (sharded by the logical-axis table), and the frozen embedder's params
     when ``embedder_mcfg`` is given; no array is allocated."""
-    from elva_jax.model.lora import LoraConfig, init_lora, lora_axes
+    from elva_jax.model.lora import init_lora, lora_axes
     from elva_jax.model.params import abstract_params, logical_axes
     from elva_jax.parallel.sharding import MeshError, tree_shardings
+    from elva_jax.runtime.models import model_options
     from elva_jax.runtime.optim import make_optimizer
-    from elva_jax.schema import project
-    from elva_jax.train.loop import model_options
 
     tx = make_optimizer(run.optim, 1000)
-    lcfg = project(LoraConfig, run.lora)
+    lcfg = run.lora
     pdt = jnp.dtype(run.model.param_dtype)
     p_abs = abstract_params(mcfg, pdt)
     l_abs = jax.eval_shape(lambda: init_lora(mcfg, lcfg, jax.random.key(0), pdt))

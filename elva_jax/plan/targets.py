@@ -2,7 +2,7 @@
 
 TPU slices are described by libtpu (no TPU needed); "cpu:N" are fake CPU devices; "h100:N" / "h200:N" compile
 on N fake CPU devices with the GPU's numbers (XLA:CPU stands in for XLA:GPU, see GPU_STAND_IN_NOTE);
-"local" is whatever this machine has.
+"local" is whatever the host has.
 """
 
 from __future__ import annotations

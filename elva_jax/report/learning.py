@@ -37,7 +37,7 @@ from elva_jax.errors import UserError
 
 #: two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..10
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-#: the issue's targets: contrastive test R@1 at least this many times chance
+#: the learning targets: contrastive test R@1 at least this many times chance
 R1_TARGET_X_CHANCE = 3.0
 
 
@@ -213,7 +213,7 @@ def aggregate(runs: list[dict]) -> dict:
 
 
 def targets(agg: dict) -> dict:
-    """The issue's two targets, evaluated on the aggregate of the main variant."""
+    """The learning targets, evaluated on the aggregate of the main variant."""
     t: dict = {}
     c = agg.get("before_rl-eol") or agg.get("final-eol")
     if c:

@@ -26,7 +26,6 @@ Similarities must be finite. Rows of shape ``[Q]``, ``sims`` ``[Q, P]``.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any
 
@@ -34,11 +33,10 @@ import jax
 import jax.numpy as jnp
 
 from elva_jax.schema import project
+from elva_jax.schema.rl import TIES, EmbedRLRewardConfig
 
 Array = jax.Array
 
-TIES = ("average", "index")
-PRM_OFF_WEIGHTS = ("keep", "renormalise")
 ANSWER_PARSE = ("strict", "first_integer")
 
 __all__ = [
@@ -58,56 +56,13 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class EmbedRLRewardConfig:
-    """Reward settings (read off the run schema's ``embed_rl`` section with ``schema.project``).
-
-    Attributes:
-      format_weight, orm_weight, prm_weight: the paper's 0.05 / 0.8 / 0.2.
-      orm_scale: the factor of ``acc * margin`` (official ``accuracy_weight``; the paper's 0.5).
-      negative_temperature: ``t`` of the softmax over negatives in the margin (paper: 0.5).
-      top_n: 0 = the row's own-pair count (the official choice: G when every pair has G rollouts);
-        > 0 a fixed n.
-      ties: ``"average"`` or ``"index"`` (module docstring).
-      prm_enabled: whether a judge scores PRM; off, PRM is 0 for every rollout.
-      prm_off_weights: with the judge off, ``"keep"`` the weights (the official behaviour: the PRM term
-        vanishes) or ``"renormalise"`` format and ORM weights to the full weight sum (a uniform scale of R;
-        group-std-normalised GRPO advantages are unchanged by it, unnormalised ones are not).
-    """
-
-    format_weight: float = 0.05
-    orm_weight: float = 0.8
-    prm_weight: float = 0.2
-    orm_scale: float = 0.5
-    negative_temperature: float = 0.5
-    top_n: int = 0
-    ties: str = "average"
-    prm_enabled: bool = False
-    prm_off_weights: str = "keep"
-
-    def __post_init__(self) -> None:
-        for name in ("format_weight", "orm_weight", "prm_weight", "orm_scale"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"EmbedRLRewardConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.negative_temperature > 0:
-            raise ValueError(f"EmbedRLRewardConfig.negative_temperature must be > 0, got {self.negative_temperature!r}")
-        if self.top_n < 0:
-            raise ValueError(f"EmbedRLRewardConfig.top_n must be >= 0 (0: the own-pair count), got {self.top_n!r}")
-        if self.ties not in TIES:
-            raise ValueError(f"EmbedRLRewardConfig.ties must be one of {list(TIES)}, got {self.ties!r}")
-        if self.prm_off_weights not in PRM_OFF_WEIGHTS:
-            raise ValueError(f"EmbedRLRewardConfig.prm_off_weights must be one of {list(PRM_OFF_WEIGHTS)}")
-        if self.format_weight + self.orm_weight == 0 and self.prm_off_weights == "renormalise":
-            raise ValueError("EmbedRLRewardConfig: cannot renormalise zero format and ORM weights")
-
-
 def embed_rl_reward_config(cfg) -> EmbedRLRewardConfig:
     """The reward config of a run config (its ``embed_rl`` section)."""
     return project(EmbedRLRewardConfig, cfg.embed_rl)
 
 
 def format_reward(flags: Any) -> Array:
-    """Per-rollout format reward (float32): the parser's flags (``elva_jax.data.tcot.format_flags``)."""
+    """Per-rollout format reward (float32): the parser's flags (``elva_jax.data.tcot.parser.format_flags``)."""
     return jnp.asarray(flags).astype(jnp.float32)
 
 

@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elva_jax.data.media.settings import MediaSettings
 from elva_jax.data.prompts import prompt_text, tcot_judge_prompt
-from elva_jax.data.tcot import EVIDENCE_CHECKS, expected_evidence, format_flags
-from elva_jax.data.tcot_prompts import PromptFnEncoder, embedder_encoder, reasoner_encoder
+from elva_jax.data.tcot.encoders import PromptFnEncoder, embedder_encoder, reasoner_encoder
+from elva_jax.data.tcot.parser import EVIDENCE_CHECKS, expected_evidence, format_flags
 from elva_jax.model import backbone
 from elva_jax.model.embedding import gather_rows, l2_normalize, last_index_of
 from elva_jax.model.params import logical_axes
@@ -62,8 +63,9 @@ class FrozenEmbedder:
 
     Rows: `tcot_embed_prompt(side, cot)` left-padded to the smallest of ``buckets`` that fits (an
     over-long row loses the CoT's tail), embedding = final hidden state at the last ``<emb>``; ``micro_rows``
-    rows per model call (0: all; `embed_rl.embedder_micro_rows`). Its params
-    are laid out on ``mesh`` by the logical rules of its own config and only ever read.
+    rows per model call (0: all; `embed_rl.embedder_micro_rows`); ``media``: the images' pixel limits and
+    patch row (the run's ``data.*``). Its params are laid out on ``mesh`` by the logical rules of its own
+    config and only ever read.
     """
 
     def __init__(
@@ -75,17 +77,14 @@ class FrozenEmbedder:
         *,
         request: str,
         buckets: tuple[int, ...],
-        patch_row_len: int,
-        min_pixels: int,
-        max_pixels: int,
+        media: MediaSettings,
         mesh=None,
         micro_rows: int = 0,
     ):
         self.cfg, self.opts, self.tokenizer, self.mesh = cfg, opts, tokenizer, mesh
         self.micro_rows = micro_rows
         self.params = params if mesh is None else place(params, tree_shardings(logical_axes(cfg), params, mesh))
-        self.buckets, self.row_len = tuple(sorted(buckets)), patch_row_len
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.buckets, self.media, self.row_len = tuple(sorted(buckets)), media, media.patch_row_len
         self.request = request
         self.emb_id, self.pad_id = tokenizer.emb_token_id, tokenizer.pad_token_id
         rep = {} if mesh is None else {"out_shardings": replicated(mesh)}
@@ -102,8 +101,8 @@ class FrozenEmbedder:
             i, a, pv, g = encode_prompts(
                 [side],
                 self.encoder(cot),
-                min_pixels=self.min_pixels,
-                max_pixels=self.max_pixels,
+                min_pixels=self.media.min_pixels,
+                max_pixels=self.media.max_pixels,
                 buckets=self.buckets,
                 pad_id=self.pad_id,
                 geometry=self.cfg.vision.geometry,
@@ -179,7 +178,7 @@ class FrozenJudge:
             seed,
         )
         self.pad_id = tokenizer.pad_token_id
-        eos = tokenizer.ids("<|im_end|>")[0]
+        eos = tokenizer.im_end_token_id
         self.scfg = SamplerConfig(
             max_new_tokens=max_new_tokens, temperature=1.0, top_k=1, top_p=1.0, cache_dtype=opts.dtype, mesh=mesh
         )
@@ -473,7 +472,7 @@ def reasoner_policy(cfg, opts, rcfg, tx, tokenizer, *, request: str, lora_scale:
     for `RLTrainer` (``full_finetune=True``: the reasoner's whole params train against a frozen copy)."""
     from elva_jax.rl.rewards import RewardConfig
 
-    eos = tokenizer.ids("<|im_end|>")[0]
+    eos = tokenizer.im_end_token_id
     return RLTrainer(
         cfg,
         opts,

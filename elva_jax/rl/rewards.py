@@ -27,12 +27,13 @@ both in the full list of valid candidates)::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from elva_jax.schema.rl import RewardConfig
 
 Array = jax.Array
 
@@ -51,10 +52,10 @@ __all__ = [
     "total_reward",
 ]
 
-# The paper gives none of these; see RewardConfig for the reasoning behind each value.
-DEFAULT_GAMMA = 0.01
-DEFAULT_DELTA = 0.05
-DEFAULT_SOFT_TEMPERATURE = 0.01
+# The paper gives none of these; see RewardConfig (the run schema's) for the reasoning behind each value.
+DEFAULT_GAMMA = RewardConfig.gamma
+DEFAULT_DELTA = RewardConfig.delta
+DEFAULT_SOFT_TEMPERATURE = RewardConfig.soft_temperature
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,42 +228,6 @@ def total_reward(
 # --------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class RewardConfig:
-    """Stage-3 reward hyperparameters.
-
-    Attributes:
-      alpha: weight of the margin reward (paper: 0.4).
-      epsilon: weight of the ranking reward (paper: 0.6).
-      gamma: weight of the negative-ranking term; not given by the paper. Default 0.01: with ~100
-        negatives of cosine ~0.3 and natural-log weights ``log k - 1`` averaging ~2.7 over
-        k = 2..101, the negative sum is ~80, so ``gamma = 0.01`` puts that term (~0.8) on the same
-        scale as the positive term ``s_pos / (1 + log r) <= 1`` instead of swamping it.
-      delta: margin of the margin reward; not given. Default 0.05: the InfoNCE temperature of
-        stages 1-2, i.e. the similarity gap the contrastive model was trained to resolve.
-      log_base: base of every ``log`` in the ranking reward; not given. Default ``e``.
-      soft_temperature: temperature of the soft ranks used by :func:`soft_ranking_loss`. Default
-        0.01: a fifth of ``delta``, so gaps the margin reward cares about are resolved almost like
-        hard comparisons, while per-pair gradients (at most ``1 / (4 t)``) stay moderate.
-    """
-
-    alpha: float = 0.4
-    epsilon: float = 0.6
-    gamma: float = DEFAULT_GAMMA
-    delta: float = DEFAULT_DELTA
-    log_base: float = math.e
-    soft_temperature: float = DEFAULT_SOFT_TEMPERATURE
-
-    def __post_init__(self) -> None:
-        for name in ("alpha", "epsilon", "gamma", "delta"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"RewardConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.log_base > 1:
-            raise ValueError(f"RewardConfig.log_base must be > 1, got {self.log_base!r}")
-        if not self.soft_temperature > 0:
-            raise ValueError(f"RewardConfig.soft_temperature must be > 0, got {self.soft_temperature!r}")
-
-
 def reward_from_config(sims: Any, cfg: RewardConfig, valid: Any | None = None) -> tuple[Array, dict[str, Array]]:
     """:func:`total_reward` with every hyperparameter taken from ``cfg``."""
     return total_reward(

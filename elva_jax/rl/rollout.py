@@ -12,8 +12,6 @@ policy is the same base params with `lora=None`.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
@@ -23,46 +21,7 @@ from elva_jax.model.embedding import l2_normalize
 from elva_jax.model.sampler import repeat_rows
 from elva_jax.rl import grpo
 from elva_jax.rl.rewards import RewardConfig, reward_from_config, soft_ranking_loss
-
-
-@dataclasses.dataclass(frozen=True)
-class RLConfig:
-    """Stage-3 hyperparameters (paper values where stated; named defaults where not)."""
-
-    group_size: int = 8  # G (paper)
-    num_hard_negatives: int = 50  # paper: 50 hard + 50 random
-    num_random_negatives: int = 50
-    false_negative_threshold: float = 0.95  # drop candidates more similar than this (paper: a threshold, unstated)
-    beta: float = 0.2  # KL weight (paper)
-    eps_low: float = 0.2  # clip range (not stated in the paper)
-    eps_high: float = 0.2
-    kl_estimator: str = "k3"  # not stated: k3 (never negative, unbiased)
-    kl_bias_correction: bool = False  # KL term weighted by the ratio (TRL's use_bias_correction_kl; its default True)
-    loss_type: str = "grpo"  # grpo | bnpo | dapo | dr_grpo (TRL's names)
-    adv_ddof: int = 0  # std over the G rewards with this ddof
-    adv_eps: float = 1e-4
-    adv_scale: str = "group"
-    mu: int = 1  # policy updates per batch of rollouts (old log-probs stored when > 1)
-    temperature: float = 1.0  # sampling temperature (not stated)
-    top_p: float = 1.0
-    top_k: int = 0
-    max_summary_tokens: int = 32  # not stated
-    candidate_sampling: str = "per_rollout"  # per_rollout (paper) | shared (cheaper, see README)
-    aux_soft_rank_weight: float = 0.0  # optional differentiable ranking loss through the embeddings
-    logp_chunk: int = 16  # rows per chunk when computing log-probs over the vocabulary
-    micro_instances: int = 0  # instances per gradient micro-batch of the update (0: all at once); exact
-    # which passes a step runs (see RLSection): old log-probs "auto" (on-policy, no pass, when mu = 1) |
-    # "recompute"; [RET] embeddings "sampler" | "recompute"; the sampler's KV cache dtype ("compute": opts.dtype)
-    old_logp: str = "auto"
-    ret_embedding: str = "sampler"
-    cache_dtype: str = "compute"
-
-    def recompute_old_logp(self) -> bool:
-        """Whether a step needs the teacher-forced pass for the old log-probs: with mu = 1 they equal the
-        current policy's, so the update uses stop_gradient(logp) (ratio 1, the same gradient)."""
-        if self.old_logp not in ("auto", "recompute"):
-            raise ValueError(f"rl.old_logp must be 'auto' or 'recompute', got {self.old_logp!r}")
-        return self.old_logp == "recompute" or self.mu > 1
+from elva_jax.schema.rl import RLConfig
 
 
 def token_logps(

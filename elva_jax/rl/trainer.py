@@ -25,7 +25,8 @@ import numpy as np
 import optax
 
 from elva_jax.data.errors import ImageError, RecordError
-from elva_jax.data.image_processing import load_image, load_image_bytes, preprocess_image
+from elva_jax.data.media.image_processing import load_image, load_image_bytes, preprocess_image
+from elva_jax.data.media.settings import MediaSettings
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.inputs import build_inputs, input_axes, pack_images
 from elva_jax.model.sampler import SamplerConfig, generate
@@ -158,6 +159,9 @@ def rl_update(lora, opt_state, params, batch: dict, *, shape, tx, rcfg: RLConfig
     return new_lora, keep(new_opt, opt_state), {**m, "grad_norm": grad_norm, "finite": finite}
 
 
+_LAMRA_MEDIA = MediaSettings()  # the default media settings (LamRA's pixel limits and patch row)
+
+
 class RLTrainer:
     """Holds the jitted pieces for fixed shapes; `step(state, instances)` runs one RL step.
 
@@ -181,14 +185,13 @@ class RLTrainer:
         eos_id: int,
         pad_id: int,
         prompt_buckets: tuple[int, ...] = (128, 256, 512),
-        patch_row_len: int = 1200,
-        min_pixels: int = 3136,
-        max_pixels: int = 235200,
+        media: MediaSettings = _LAMRA_MEDIA,
         mesh=None,
         full_finetune: bool = False,
         sample_embeddings: bool = True,
     ):
-        """``full_finetune``: ``state.lora`` holds the policy's whole param tree (trained) and
+        """``media``: the prompts' image pixel limits and patch row (the run's ``data.*``; RL sides take no
+        video). ``full_finetune``: ``state.lora`` holds the policy's whole param tree (trained) and
         ``state.params`` the frozen reference (a copy of the initial params): every policy pass runs on
         ``state.lora`` with no adapter, the reference pass on ``state.params``. ``sample_embeddings``
         False: the sampler never builds [RET] embeddings (a recipe that does not use them)."""
@@ -202,8 +205,7 @@ class RLTrainer:
         self.cfg, self.opts, self.rcfg, self.reward_cfg, self.tx = cfg, opts, rcfg, reward_cfg, tx
         self.encoder, self.lora_scale = encoder, lora_scale
         self.ret_id, self.eos_id, self.pad_id = ret_id, eos_id, pad_id
-        self.buckets, self.row_len = tuple(sorted(prompt_buckets)), patch_row_len
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.buckets, self.media, self.row_len = tuple(sorted(prompt_buckets)), media, media.patch_row_len
         if rcfg.ret_embedding not in ("sampler", "recompute"):
             raise ValueError(f"rl.ret_embedding must be 'sampler' or 'recompute', got {rcfg.ret_embedding!r}")
         rcfg.recompute_old_logp()  # checks rl.old_logp
@@ -286,7 +288,7 @@ class RLTrainer:
     def from_tokenizer(cls, cfg, opts, rcfg, reward_cfg, tx, tokenizer, **kw) -> RLTrainer:
         """The trainer with the ELVA generation prompt encoder and the [RET] / <|im_end|> / pad ids of
         ``tokenizer`` (`elva_jax.data.tokenize.Tokenizer`); ``kw`` as for the constructor."""
-        from elva_jax.data.tokenize import PromptEncoder
+        from elva_jax.data.encoding import PromptEncoder
 
         return cls(
             cfg,
@@ -296,7 +298,7 @@ class RLTrainer:
             tx,
             PromptEncoder(tokenizer, "ret", generation=True),
             ret_id=tokenizer.ret_token_id,
-            eos_id=tokenizer.ids("<|im_end|>")[0],
+            eos_id=tokenizer.im_end_token_id,
             pad_id=tokenizer.pad_token_id,
             **kw,
         )
@@ -311,8 +313,8 @@ class RLTrainer:
         return encode_prompts(
             sides,
             self.encoder,
-            min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels,
+            min_pixels=self.media.min_pixels,
+            max_pixels=self.media.max_pixels,
             buckets=self.buckets,
             pad_id=self.pad_id,
             geometry=self.cfg.vision.geometry,
@@ -452,6 +454,15 @@ class RLTrainer:
                 sums[k] += float(jnp.sum(v.astype(jnp.float32)))
             n += I * G
         return {f"probe_{k}": v / n for k, v in sums.items()}
+
+    @staticmethod
+    def log_line(m: dict) -> str:
+        """The loop's one-line step summary (after "RL step s/n")."""
+        return (
+            f"reward {m['reward']:.4f} (margin {m['reward_margin']:.3f}, ranking {m['reward_ranking']:.3f}) "
+            f"kl {m['kl_mean']:.4f} len {m['summary_len']:.1f} | rollout {m['time_rollout_s']:.2f}s re-forward "
+            f"{m['time_reforward_s']:.2f}s reward {m['time_reward_s']:.3f}s update {m['time_update_s']:.2f}s"
+        )
 
     @staticmethod
     def probe_line(p: dict) -> str:

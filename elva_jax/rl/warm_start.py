@@ -39,11 +39,12 @@ import optax
 
 from elva_jax.configlib import ConfigError
 from elva_jax.data.prompts import RET_TOKEN
-from elva_jax.data.tcot import TAGS
-from elva_jax.data.tcot_prompts import reasoner_encoder
+from elva_jax.data.summaries import SummaryRecords
+from elva_jax.data.tcot.encoders import reasoner_encoder
+from elva_jax.data.tcot.parser import TAGS
 from elva_jax.data.tokenize import generation_vocab
 from elva_jax.model.config import ModelConfig, ModelOptions
-from elva_jax.model.lora import LoraConfig, init_lora, lora_axes, merge_lora
+from elva_jax.model.lora import init_lora, lora_axes, merge_lora
 from elva_jax.model.params import logical_axes
 from elva_jax.parallel.sharding import init_optimizer, make_mesh, place, tree_shardings
 from elva_jax.retrieval.losses import info_nce
@@ -52,10 +53,11 @@ from elva_jax.rl.rollout import RLConfig, teacher_forced_shared
 from elva_jax.rl.trainer import encode_prompts, model_inputs, put_rows
 from elva_jax.runtime.checkpointing import Checkpointer, CheckpointIncompatible, abstract_like
 from elva_jax.runtime.fingerprint import run_fingerprint
+from elva_jax.runtime.models import model_options
 from elva_jax.runtime.observe import MetricsLogger
 from elva_jax.runtime.optim import make_optimizer, schedule
 from elva_jax.runtime.preemption import StopRequest
-from elva_jax.schema import RunConfig, project
+from elva_jax.schema import RunConfig
 
 
 def sft_loss(
@@ -121,7 +123,7 @@ def elva_target(tokenizer) -> TargetSpec:
 def reasoner_target(tokenizer, template: str) -> TargetSpec:
     """The Embed-RL reasoner's target: ``template`` (a T-CoT around ``{summary}`` / ``{alt}``), then its
     stop token ``<|im_end|>``; no InfoNCE (the reasoner does not embed)."""
-    return TargetSpec(template, "<|im_end|>", tokenizer.ids("<|im_end|>")[0], ret_nce=False)
+    return TargetSpec(template, "<|im_end|>", tokenizer.im_end_token_id, ret_nce=False)
 
 
 def reasoner_options(cfg: RunConfig, tokenizer, opts: ModelOptions) -> ModelOptions:
@@ -215,7 +217,7 @@ class SFTBatches:
 def sft_recipe(cfg: RunConfig, tokenizer):
     """(prompt encoder, `TargetSpec`) of the run's RL recipe: ELVA's [RET] generation prompt and target, or
     under ``rl.recipe=embed_rl`` the reasoner's T-CoT prompt and ``sft.target_template``."""
-    from elva_jax.data.tokenize import PromptEncoder
+    from elva_jax.data.encoding import PromptEncoder
 
     if cfg.rl.recipe == "embed_rl":
         return reasoner_encoder(tokenizer, cfg.embed_rl.reasoner_instruction), reasoner_target(
@@ -240,7 +242,7 @@ def run_sft(
             "sft.ret_contrastive_weight must be 0 for targets without [RET] (the reasoner does not embed)"
         )
     full = s.full_finetune
-    lcfg = project(LoraConfig, cfg.lora)
+    lcfg = cfg.lora
     ocfg = dataclasses.replace(cfg.optim, lr=s.lr)
     tx = make_optimizer(ocfg, s.steps)
     lr_at = schedule(ocfg, s.steps)
@@ -346,3 +348,27 @@ def run_sft(
         "losses": losses,
         "wall_s": time.perf_counter() - t_start,
     }
+
+
+def run_sft_stage(cfg: RunConfig, records, mcfg, params, tokenizer) -> dict:
+    """The summary warm start on the sides of ``records`` that carry target summaries."""
+    if cfg.data.kind == "nli":
+        raise ConfigError("train.stages 'sft' needs M-BEIR-format data with summaries (data.kind mbeir or bundled)")
+    sft_records = SummaryRecords(records)
+    if not len(sft_records):
+        raise ConfigError(
+            f"train.stages has 'sft' but none of the {sft_records.records_seen} training records has target summaries "
+            "on its query and positive (query_src_content / src_content with a 'summary' string or list)"
+        )
+    print(
+        f"[elva_jax] SFT: {len(sft_records)} of {sft_records.records_seen} training records (query + positive) carry "
+        "target summaries; "
+        f"{cfg.sft.steps} steps of {cfg.sft.batch} ({'full fine-tuning' if cfg.sft.full_finetune else 'LoRA'}"
+        + (f", the Embed-RL reasoner's T-CoT {cfg.sft.target_template!r})" if cfg.rl.recipe == "embed_rl" else ")"),
+        flush=True,
+    )
+    opts = model_options(cfg, tokenizer)
+    if cfg.rl.recipe == "embed_rl":  # the reasoner's vocabulary: its T-CoT tags too
+        opts = reasoner_options(cfg, tokenizer, model_options(cfg))
+    ss = run_sft(cfg, mcfg, params, sft_records, tokenizer, opts, run_dir=os.path.join(cfg.run.dir, "sft"))
+    return {**ss, "records": len(sft_records), "records_seen": sft_records.records_seen}

@@ -29,7 +29,7 @@ import zlib
 import jax
 import orbax.checkpoint as ocp
 
-from elva_jax.data.pipeline import DataStateMismatch
+from elva_jax.data.errors import DataStateMismatch
 from elva_jax.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -1,2 +1,2 @@
-"""The contrastive stage: InfoNCE, the jitted step over a device mesh with exact accumulation, the loop
-(`python -m elva_jax.train` in __main__ is an entry point into `elva_jax.run`)."""
+"""The run: `python -m elva_jax.train` orders the stages (sft -> contrastive -> rl), then exports and
+evaluates (`stages.run`). The top of the library's layers: it imports the stages, nothing imports it."""

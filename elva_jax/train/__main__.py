@@ -1,8 +1,7 @@
-"""`python -m elva_jax.train`, the documented main command: an entry point only (not imported by the
-library), handing over to the run orchestration in `elva_jax.run.stages`, which sits above the stages."""
+"""`python -m elva_jax.train [--config FILE] [key=value ...]`: the main command."""
 
 from elva_jax.errors import cli
-from elva_jax.run.stages import main
+from elva_jax.train.stages import main
 
 if __name__ == "__main__":
     cli(main, prog="python -m elva_jax.train")

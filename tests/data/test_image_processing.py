@@ -1,4 +1,4 @@
-"""Parity of elva_jax.data.image_processing with transformers' Qwen2VLImageProcessorPil (the oracle)."""
+"""Parity of elva_jax.data.media.image_processing with transformers' Qwen2VLImageProcessorPil (the oracle)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from elva_jax.data.errors import ImageError
-from elva_jax.data.image_processing import (
+from elva_jax.data.media.image_processing import (
     LAMRA_MAX_PIXELS,
     LAMRA_MIN_PIXELS,
     PROCESSOR_MAX_PIXELS,

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from elva_jax.data import multigrain
-from elva_jax.data.errors import DataFormatError
-from elva_jax.data.mbeir import (
+from elva_jax.data.benchmarks.mbeir import (
     Candidate,
     Query,
     check_qrels_against_pool,
@@ -26,7 +24,10 @@ from elva_jax.data.mbeir import (
     read_queries,
     resolve_image_path,
 )
-from elva_jax.data.nli import read_nli_csv
+from elva_jax.data.benchmarks.multigrain.build import N_HARD_NEGATIVES, TASKS
+from elva_jax.data.benchmarks.multigrain.generator import MRBENCH_TASKS, generate
+from elva_jax.data.benchmarks.nli import read_nli_csv
+from elva_jax.data.errors import DataFormatError
 
 NAME = "mbeir_multigrain"
 
@@ -34,7 +35,7 @@ NAME = "mbeir_multigrain"
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("multigrain")
-    multigrain.generate(out, seed=0, n_train=12, n_test=8)
+    generate(out, seed=0, n_train=12, n_test=8)
     return out
 
 
@@ -44,20 +45,20 @@ def root(tmp_path_factory) -> Path:
 
 def test_readers_load_generated_data(root):
     for split, n in (("train", 12), ("test", 8)):
-        for task in multigrain.TASKS:
+        for task in TASKS:
             queries = read_queries(root / "query" / split / f"{NAME}_task{task}_{split}.jsonl")
             assert len(queries) == n
             assert all(isinstance(q, Query) and q.task_id == task for q in queries)
-            assert all(q.query_modality == multigrain.TASKS[task][0] for q in queries)
+            assert all(q.query_modality == TASKS[task][0] for q in queries)
             assert all(q.dataset_id == 10 and isinstance(q.qid, str) for q in queries)
     union = read_queries(root / "query" / "train" / f"{NAME}_union_train.jsonl")
-    assert len(union) == 12 * len(multigrain.TASKS)
+    assert len(union) == 12 * len(TASKS)
     train_pool = read_pool(root / "cand_pool" / "global" / f"{NAME}_union_train_cand_pool.jsonl")
     assert all(d in train_pool for q in union for d in q.pos_cand_list + q.neg_cand_list)
-    for task in multigrain.TASKS:
+    for task in TASKS:
         t = read_mbeir_task(root, f"{NAME}_task{task}")
         assert len(t.queries) == 8 and len(t.qrels) == 8
-        assert {c.modality for c in t.pool.values()} == {multigrain.TASKS[task][1]}
+        assert {c.modality for c in t.pool.values()} == {TASKS[task][1]}
         for q in t.queries:
             assert t.qrels.positives[q.qid] == q.pos_cand_list and t.qrels.task_ids[q.qid] == task
             if q.query_img_path is not None:
@@ -69,14 +70,14 @@ def test_readers_load_generated_data(root):
 
 def test_instructions_mrbench_nli(root):
     table = read_instructions(root / "instructions" / "query_instructions.tsv")
-    for qmod, cmod in multigrain.TASKS.values():
+    for qmod, cmod in TASKS.values():
         assert len(table[instruction_key(10, qmod, cmod)]) == 3
     assert "10, image,text, image" in table
     bench = read_mrbench(root / "mrbench")
-    assert sorted(bench) == [f"{NAME}_task{t}" for t in multigrain.MRBENCH_TASKS]
+    assert sorted(bench) == [f"{NAME}_task{t}" for t in MRBENCH_TASKS]
     assert all(0 < len(t.queries) <= 8 for t in bench.values())
     rows = read_nli_csv(root / "nli" / "multigrain_nli_train.csv")
-    assert len(rows) == 12 * multigrain.N_HARD_NEGATIVES
+    assert len(rows) == 12 * N_HARD_NEGATIVES
     assert all(a and b and c and a != c for a, b, c in rows)
 
 

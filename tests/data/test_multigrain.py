@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from elva_jax.data import multigrain
-from elva_jax.data.image_processing import num_image_tokens, preprocess_image
-from elva_jax.data.mbeir import read_pool, read_qrels, read_queries
-from elva_jax.data.nli import read_nli_csv
+from elva_jax.data.benchmarks.mbeir import read_pool, read_qrels, read_queries
+from elva_jax.data.benchmarks.multigrain.build import N_HARD_NEGATIVES, TASKS
+from elva_jax.data.benchmarks.multigrain.generator import MRBENCH_TASKS, GeneratorTargetError, generate, main
+from elva_jax.data.benchmarks.multigrain.scenes import GRAIN_KINDS, IMAGE_SIDES, SHAPES
+from elva_jax.data.benchmarks.multigrain.texts import N_SUMMARIES
+from elva_jax.data.benchmarks.nli import read_nli_csv
+from elva_jax.data.media.image_processing import num_image_tokens, preprocess_image
 
 ATTRS = ("colour", "shape", "size", "position")
 
@@ -21,13 +24,13 @@ ATTRS = ("colour", "shape", "size", "position")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("multigrain")
-    summary = multigrain.generate(root, seed=0)
+    summary = generate(root, seed=0)
     scenes = {s["scene_id"]: s for s in _jsonl(root / "meta" / "scenes.jsonl")}
     cand_scene = {c["did"]: c["scene_id"] for c in _jsonl(root / "meta" / "candidates.jsonl")}
     queries = {
         (split, task): read_queries(root / "query" / split / f"mbeir_multigrain_task{task}_{split}.jsonl")
         for split in ("train", "test")
-        for task in multigrain.TASKS
+        for task in TASKS
     }
     return root, summary, scenes, cand_scene, queries
 
@@ -60,20 +63,20 @@ def _all_files(root: Path) -> dict[str, bytes]:
 
 def test_deterministic(data, tmp_path):
     root, summary, *_ = data
-    again = multigrain.generate(tmp_path / "again", seed=0)
+    again = generate(tmp_path / "again", seed=0)
     assert {k: v for k, v in again.items() if k != "root"} == {k: v for k, v in summary.items() if k != "root"}
     first, second = _all_files(root), _all_files(tmp_path / "again")
     assert sorted(first) == sorted(second)
     assert [k for k in first if first[k] != second[k]] == []
-    other = _all_files(Path(multigrain.generate(tmp_path / "other", seed=1)["root"]))
+    other = _all_files(Path(generate(tmp_path / "other", seed=1)["root"]))
     assert other["meta/scenes.jsonl"] != first["meta/scenes.jsonl"]
 
 
 def test_sizes(data):
     _, summary, scenes, _, queries = data
     assert summary["n_images"] <= 400
-    assert summary["queries"]["train"] == {str(t): 32 for t in multigrain.TASKS}
-    assert summary["queries"]["test"] == {str(t): 16 for t in multigrain.TASKS}
+    assert summary["queries"]["train"] == {str(t): 32 for t in TASKS}
+    assert summary["queries"]["test"] == {str(t): 16 for t in TASKS}
     assert {1, 2, 3} == {len(s["objects"]) for s in scenes.values()}
 
 
@@ -97,13 +100,13 @@ def test_hard_negatives_differ_in_exactly_one_grain(data):
                 assert src["target_scene_id"] == src["scene_id"]
             else:  # the edit target is itself one grain away from the query scene
                 assert len(grain_diff(scenes[src["scene_id"]], pos_scene)) == 1
-            assert len(q.neg_cand_list) == multigrain.N_HARD_NEGATIVES
+            assert len(q.neg_cand_list) == N_HARD_NEGATIVES
             assert pos not in q.neg_cand_list and len(set(q.neg_cand_list)) == len(q.neg_cand_list)
             for neg in q.neg_cand_list:
                 diff = grain_diff(pos_scene, scenes[cand_scene[neg]])
                 assert len(diff) == 1, (q.qid, neg, diff)
                 kinds[diff[0]] += 1
-    assert set(kinds) == set(multigrain.GRAIN_KINDS)  # every grain kind is exercised
+    assert set(kinds) == set(GRAIN_KINDS)  # every grain kind is exercised
 
 
 def test_candidate_modalities_and_texts(data):
@@ -140,7 +143,7 @@ def test_splits_disjoint(data):
 def test_qrels_closed_over_pools(data):
     root, _, _, _, queries = data
     for base in (root, root / "mrbench"):
-        tasks = multigrain.TASKS if base == root else multigrain.MRBENCH_TASKS
+        tasks = TASKS if base == root else MRBENCH_TASKS
         for task in tasks:
             qrels = read_qrels(base / "qrels" / "test" / f"mbeir_multigrain_task{task}_test_qrels.txt")
             pool = read_pool(base / "cand_pool" / "local" / f"mbeir_multigrain_task{task}_cand_pool.jsonl")
@@ -155,7 +158,7 @@ def test_qrels_closed_over_pools(data):
 
 def test_mrbench_is_multigrain(data):
     root, _, scenes, _, _ = data
-    for task in multigrain.MRBENCH_TASKS:
+    for task in MRBENCH_TASKS:
         for q in read_queries(root / "mrbench" / "query" / "test" / f"mbeir_multigrain_task{task}_test.jsonl"):
             assert len(scenes[json.loads(q.query_src_content)["scene_id"]]["objects"]) >= 2
 
@@ -169,7 +172,7 @@ def test_every_image_exists_and_is_small(data):
     for i, rel in enumerate(sorted(paths)):
         with Image.open(root / rel) as im:
             assert im.format == "PNG" and im.mode == "RGB"
-            assert set(im.size) <= set(multigrain.IMAGE_SIDES)
+            assert set(im.size) <= set(IMAGE_SIDES)
             if i % 25 == 0:
                 _, grid = preprocess_image(im)
                 assert num_image_tokens(grid) <= 16
@@ -186,7 +189,7 @@ def test_grain_records(data):
             assert g["text"] == q.query_txt
         else:
             assert q.query_txt is None and g["text"] == scenes[g["query_scene"]]["caption"]
-        assert {x["kind"] for x in g["grains"]} <= set(multigrain.GRAIN_KINDS)
+        assert {x["kind"] for x in g["grains"]} <= set(GRAIN_KINDS)
         for x in g["grains"]:
             start, end = x["span"]
             assert g["text"][start:end] == x["phrase"]
@@ -198,7 +201,7 @@ def test_nli_hard_negatives(data):
     root, _, scenes, _, _ = data
     by_caption = {s["caption"]: s for s in scenes.values()}
     rows = read_nli_csv(root / "nli" / "multigrain_nli_train.csv")
-    assert len(rows) == 32 * multigrain.N_HARD_NEGATIVES
+    assert len(rows) == 32 * N_HARD_NEGATIVES
     for sent0, sent1, hard_neg in rows:
         assert by_caption[sent0]["split"] == "train" and sent1 not in by_caption
         assert len(grain_diff(by_caption[sent0], by_caption[hard_neg])) == 1
@@ -206,26 +209,26 @@ def test_nli_hard_negatives(data):
 
 def test_cli_and_overwrite(tmp_path):
     out = tmp_path / "cli"
-    summary = multigrain.main(["--out", str(out), "--n-train", "2", "--n-test", "2", "--seed", "3"])
+    summary = main(["--out", str(out), "--n-train", "2", "--n-test", "2", "--seed", "3"])
     assert summary["queries"]["test"]["0"] == 2 and (out / "meta" / "summary.json").is_file()
     with pytest.raises(FileExistsError):
-        multigrain.generate(out, n_train=2, n_test=2)
-    multigrain.generate(out, n_train=3, n_test=2, overwrite=True)
+        generate(out, n_train=2, n_test=2)
+    generate(out, n_train=3, n_test=2, overwrite=True)
     assert len(read_queries(out / "query" / "train" / "mbeir_multigrain_task0_train.jsonl")) == 3
 
 
 def test_overwrite_removes_only_what_the_generator_wrote(tmp_path):
     out = tmp_path / "d"
-    multigrain.generate(out, n_train=1, n_test=1)
+    generate(out, n_train=1, n_test=1)
     (out / "query" / "mine.jsonl").write_text("my own file\n")  # a user's file inside a generated folder
-    multigrain.generate(out, n_train=2, n_test=1, overwrite=True)
+    generate(out, n_train=2, n_test=1, overwrite=True)
     assert (out / "query" / "mine.jsonl").read_text() == "my own file\n"
     assert len(read_queries(out / "query" / "train" / "mbeir_multigrain_task0_train.jsonl")) == 2
     foreign = tmp_path / "foreign"
     (foreign / "query").mkdir(parents=True)
     (foreign / "query" / "data.jsonl").write_text("{}\n")
-    with pytest.raises(multigrain.GeneratorTargetError, match="not an output of this generator"):
-        multigrain.generate(foreign, overwrite=True)
+    with pytest.raises(GeneratorTargetError, match="not an output of this generator"):
+        generate(foreign, overwrite=True)
     assert (foreign / "query" / "data.jsonl").read_text() == "{}\n"
 
 
@@ -244,13 +247,13 @@ def test_target_summaries_name_every_grain_of_the_scene_asked_for(data):
         return [[o["size"], o["colour"], o["shape"], *o["position"].split()] for o in scenes[sid]["objects"]]
 
     def check(targets: list[str], sid: str) -> None:
-        assert len(targets) == multigrain.N_SUMMARIES
+        assert len(targets) == N_SUMMARIES
         assert objects_of(targets[0]) == expected(sid)
         assert sorted(map(tuple, objects_of(targets[1]))) == sorted(map(tuple, expected(sid)))
         for t in targets[2:]:
             got = objects_of(t)
             assert len(got) == len(expected(sid))
-            shapes = sorted(w for o in got for w in o if w in multigrain.SHAPES)
+            shapes = sorted(w for o in got for w in o if w in SHAPES)
             assert shapes == sorted(o[2] for o in expected(sid))
             for o in got:  # each object's words are a subsequence of one true object's
                 assert any(_is_subsequence(o, e) for e in expected(sid)), (o, expected(sid))

@@ -10,14 +10,18 @@ import jax
 import numpy as np
 import pytest
 
-from elva_jax.data import mbeir, multigrain
-from elva_jax.data import pipeline as P
-from elva_jax.data.errors import ImageError
+from elva_jax.data.benchmarks import mbeir
+from elva_jax.data.benchmarks.multigrain.generator import generate
+from elva_jax.data.errors import ImageError, SkippedFractionError
+from elva_jax.data.media.settings import MediaSettings
+from elva_jax.data.pipeline.config import ImagePolicy, PipelineConfig
+from elva_jax.data.pipeline.iterator import make_pipeline, restore_checkpoint, save_checkpoint
+from elva_jax.data.records import _side, contrastive_records
 from elva_jax.model.config import ModelOptions
 from elva_jax.model.tiny import preset_config
 
 BUCKETS = (64, 128, 256)
-BASE = P.PipelineConfig(
+BASE = PipelineConfig(
     batch_size=4,
     micro_batches=2,
     seq_buckets=BUCKETS,
@@ -33,7 +37,7 @@ BASE = P.PipelineConfig(
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("mg")
-    multigrain.generate(root, seed=0)
+    generate(root, seed=0)
     qs = mbeir.read_queries(root / "query/train/mbeir_multigrain_union_train.jsonl")
     pool = mbeir.read_pool(root / "cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl")
     ins = mbeir.read_instructions(root / "instructions/query_instructions.tsv")
@@ -43,12 +47,13 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def records(data):
     root, qs, pool, ins = data
-    return P.contrastive_records(qs, pool, root, instructions=ins, num_negatives=1)
+    return contrastive_records(qs, pool, root, instructions=ins, num_negatives=1)
 
 
 @pytest.fixture(scope="module")
 def encoder():
-    from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+    from elva_jax.data.encoding import PromptEncoder
+    from elva_jax.data.tokenize import Tokenizer
 
     return PromptEncoder(Tokenizer.from_dir(), "eol")
 
@@ -59,7 +64,7 @@ def model_cfg():
 
 
 def _ids(records, encoder, model_cfg, n, **kw):
-    it = P.make_pipeline(records, encoder, model_cfg, dataclasses.replace(BASE, **kw))
+    it = make_pipeline(records, encoder, model_cfg, dataclasses.replace(BASE, **kw))
     out = []
     for _ in range(n):
         next(it)
@@ -73,7 +78,7 @@ def _same(a, b):
 
 def test_records_are_deterministic(data, records):
     root, qs, pool, ins = data
-    again = P.contrastive_records(qs, pool, root, instructions=ins, num_negatives=1)
+    again = contrastive_records(qs, pool, root, instructions=ins, num_negatives=1)
     assert again == records
     assert all(len(r["cands"]) == 2 for r in records)
     assert records[0]["query"]["instruction"] in ins[mbeir.instruction_key(10, qs[0].query_modality, "image")]
@@ -90,23 +95,23 @@ def test_shuffle_deterministic(records, encoder, model_cfg):
 def test_resume_from_state_and_orbax(records, encoder, model_cfg, tmp_path):
     import orbax.checkpoint as ocp
 
-    it = P.make_pipeline(records, encoder, model_cfg, BASE)
+    it = make_pipeline(records, encoder, model_cfg, BASE)
     next(it), next(it)
     state = it.get_state()
     expect = [next(it) for _ in range(2)]
     expect_ids = it.last_ids
 
-    fresh = P.make_pipeline(records, encoder, model_cfg, BASE)
+    fresh = make_pipeline(records, encoder, model_cfg, BASE)
     fresh.set_state(state)
     assert all(_same(e, next(fresh)) for e in expect)
 
     # Orbax round trip, saved together with another item
-    it2 = P.make_pipeline(records, encoder, model_cfg, BASE)
+    it2 = make_pipeline(records, encoder, model_cfg, BASE)
     next(it2), next(it2)
     tree = {"w": np.arange(3.0)}
-    P.save_checkpoint(tmp_path / "ckpt", 2, it2, state=ocp.args.StandardSave(tree))
-    restored_it = P.make_pipeline(records, encoder, model_cfg, BASE)
-    out = P.restore_checkpoint(tmp_path / "ckpt", restored_it, state=ocp.args.StandardRestore(tree))
+    save_checkpoint(tmp_path / "ckpt", 2, it2, state=ocp.args.StandardSave(tree))
+    restored_it = make_pipeline(records, encoder, model_cfg, BASE)
+    out = restore_checkpoint(tmp_path / "ckpt", restored_it, state=ocp.args.StandardRestore(tree))
     np.testing.assert_array_equal(out["state"]["w"], tree["w"])
     assert all(_same(e, next(restored_it)) for e in expect)
     assert restored_it.last_ids == expect_ids
@@ -116,7 +121,7 @@ def _steps(records, encoder, model_cfg, cfg, n_hosts, n_steps=None, state=None):
     """Per global step: the record ids of every host's batch (hosts run in turn, as separate processes
     would); also returns each host's final state."""
     its = [
-        P.make_pipeline(records, encoder, model_cfg, dataclasses.replace(cfg, process_index=h, process_count=n_hosts))
+        make_pipeline(records, encoder, model_cfg, dataclasses.replace(cfg, process_index=h, process_count=n_hosts))
         for h in range(n_hosts)
     ]
     if state is not None:
@@ -169,11 +174,11 @@ def test_resume_with_a_different_host_count(records, encoder, model_cfg):
         assert got == [sorted(step[0]) for step in ref]
     other = dataclasses.replace(cfg, seed=5, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="shuffle seed"):
-        P.make_pipeline(records, encoder, model_cfg, other).set_state(states[0])
+        make_pipeline(records, encoder, model_cfg, other).set_state(states[0])
 
 
 def test_static_shapes(records, encoder, model_cfg):
-    it = P.make_pipeline(records, encoder, model_cfg, dataclasses.replace(BASE, num_epochs=None))
+    it = make_pipeline(records, encoder, model_cfg, dataclasses.replace(BASE, num_epochs=None))
     lengths = set()
     for _ in range(12):
         b = next(it)
@@ -193,9 +198,9 @@ def test_static_shapes(records, encoder, model_cfg):
 
 
 def test_truncation_is_counted(data, encoder, model_cfg):
-    long = [{"id": "nli:0", "query": P._side("word " * 400, None), "cands": [P._side("short", None)]}] * 2
+    long = [{"id": "nli:0", "query": _side("word " * 400, None), "cands": [_side("short", None)]}] * 2
     cfg = dataclasses.replace(BASE, batch_size=2, micro_batches=1, num_negatives=0, patch_budget=None, shuffle=False)
-    it = P.make_pipeline(long, encoder, model_cfg, cfg)
+    it = make_pipeline(long, encoder, model_cfg, cfg)
     b = next(it)
     assert b["query"]["input_ids"].shape[-1] == max(BUCKETS)
     assert it.stats.truncated == 2
@@ -220,10 +225,10 @@ def test_padding_does_not_change_embeddings(records, encoder, model_cfg):
         BASE, batch_size=1, micro_batches=1, num_negatives=0, shuffle=False, seq_buckets=(48, 64, 256)
     )
     one = [{**rec, "cands": rec["cands"][:1]}]
-    b1 = next(P.make_pipeline(one, encoder, model_cfg, cfg1))
+    b1 = next(make_pipeline(one, encoder, model_cfg, cfg1))
     others = [{**r, "cands": r["cands"][:1]} for r in records[:7] if r["id"] != rec["id"]][:3]
     cfg4 = dataclasses.replace(cfg1, batch_size=4)
-    b4 = next(P.make_pipeline(others[:2] + one + others[2:], encoder, model_cfg, cfg4))
+    b4 = next(make_pipeline(others[:2] + one + others[2:], encoder, model_cfg, cfg4))
     for g in ("query", "cand"):
         x1 = {k: v[0] for k, v in b1[g].items()}
         x4 = {k: v[0] for k, v in b4[g].items()}
@@ -259,14 +264,14 @@ def test_missing_image_fail_names_path(records, data, encoder, model_cfg, tmp_pa
     cfg = dataclasses.replace(BASE, shuffle=False, batch_size=len(recs), micro_batches=1, cand_patch_budget=(400, 256))
     cfg = dataclasses.replace(cfg, patch_budget=(200, 256))
     with pytest.raises(ImageError, match=missing[0]):
-        next(P.make_pipeline(recs, encoder, model_cfg, cfg))
+        next(make_pipeline(recs, encoder, model_cfg, cfg))
 
 
 def test_missing_image_skip_counts_then_fails(records, data, encoder, model_cfg, tmp_path):
     recs, missing = _with_missing(records, data, tmp_path, 2)
-    skip = P.ImagePolicy(mode="skip", max_skip_fraction=0.25, min_seen=40)
+    skip = ImagePolicy(mode="skip", max_skip_fraction=0.25, min_seen=40)
     cfg = dataclasses.replace(BASE, shuffle=False, batch_size=1, micro_batches=1, image_policy=skip)
-    it = P.make_pipeline(recs, encoder, model_cfg, cfg)
+    it = make_pipeline(recs, encoder, model_cfg, cfg)
     ids = [i for _ in it for i in it.last_ids]
     bad = {r["id"] for r in recs if {r["query"]["image"], *(c["image"] for c in r["cands"])} & set(missing)}
     assert len(bad) >= 2
@@ -284,14 +289,14 @@ def test_missing_image_skip_counts_then_fails(records, data, encoder, model_cfg,
     assert all(len(set(s[0])) == 6 for s in one)
 
     strict = dataclasses.replace(cfg, image_policy=dataclasses.replace(skip, max_skip_fraction=0.001, min_seen=1))
-    with pytest.raises(P.SkippedFractionError):
-        list(P.make_pipeline(recs, encoder, model_cfg, strict))
+    with pytest.raises(SkippedFractionError):
+        list(make_pipeline(recs, encoder, model_cfg, strict))
 
 
 def test_records_that_cannot_be_used_name_their_query(tmp_path):
+    from elva_jax.data.benchmarks.mbeir import Candidate, Query
     from elva_jax.data.errors import RecordError
-    from elva_jax.data.mbeir import Candidate, Query
-    from elva_jax.data.pipeline import contrastive_records
+    from elva_jax.data.records import contrastive_records
 
     q = Query("9:1", "a dog", None, "text", ("9:7",), (), 0)
     pool = {"9:2": Candidate("9:2", "a cat", None, "text")}
@@ -302,8 +307,8 @@ def test_records_that_cannot_be_used_name_their_query(tmp_path):
 def test_the_skip_policy_leaves_out_records_that_cannot_be_built_and_names_them(tmp_path):
     """With a ``dropped`` list (the skip policy) a query without a positive or with a candidate missing
     from the pool is left out and named there; the good queries keep their order."""
-    from elva_jax.data.mbeir import Candidate, Query
-    from elva_jax.data.pipeline import contrastive_records
+    from elva_jax.data.benchmarks.mbeir import Candidate, Query
+    from elva_jax.data.records import contrastive_records
 
     pool = {f"9:{i}": Candidate(f"9:{i}", f"cand {i}", None, "text") for i in range(3)}
     qs = [
@@ -324,11 +329,14 @@ def test_an_image_larger_than_a_patch_row_is_a_named_bad_image(tmp_path):
     from PIL import Image
 
     from elva_jax.data.errors import ImageError
-    from elva_jax.data.pipeline import ImagePolicy, PipelineConfig, _EncodeRecord
+    from elva_jax.data.pipeline.config import ImagePolicy, PipelineConfig
+    from elva_jax.data.pipeline.encode import EncodeRecord
 
     big = tmp_path / "big.png"
     Image.new("RGB", (560, 560), "red").save(big)
-    cfg = PipelineConfig(patch_budget=(1, 64), image_policy=ImagePolicy("fail"), max_pixels=560 * 560)
-    enc = _EncodeRecord(None, cfg, ("query",))
+    cfg = PipelineConfig(
+        patch_budget=(1, 64), image_policy=ImagePolicy("fail"), media=MediaSettings(max_pixels=560 * 560)
+    )
+    enc = EncodeRecord(None, cfg, ("query",))
     with pytest.raises(ImageError, match=r"big\.png needs 1600 patches, more than a row of 64"):
         enc._load(str(big))

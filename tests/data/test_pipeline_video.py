@@ -1,5 +1,5 @@
 """Video sides through the Grain pipeline: batches equal the direct path (`load_video` +
-`Tokenizer.encode_video_prompt` + `tokenize.collate` + `model.inputs.build_inputs`, each tested against
+`Tokenizer.encode_video_prompt` + `encoding.collate` + `model.inputs.build_inputs`, each tested against
 transformers in tests/data/test_video.py and tests/model), static shapes, bad-video policies."""
 
 from __future__ import annotations
@@ -11,18 +11,22 @@ import pytest
 
 av = pytest.importorskip("av")
 
-from elva_jax.data import pipeline as P  # noqa: E402
-from elva_jax.data.image_processing import preprocess_images  # noqa: E402
+from elva_jax.data.encoding import PromptEncoder, collate  # noqa: E402
+from elva_jax.data.media.image_processing import preprocess_images  # noqa: E402
+from elva_jax.data.media.settings import MediaSettings  # noqa: E402
+from elva_jax.data.media.video import VideoError, load_video  # noqa: E402
+from elva_jax.data.pipeline.config import ImagePolicy, PipelineConfig  # noqa: E402
+from elva_jax.data.pipeline.iterator import make_pipeline  # noqa: E402
 from elva_jax.data.prompts import elva_prompt, instruct_prompt, lamra_prompt  # noqa: E402
-from elva_jax.data.tokenize import PromptEncoder, Tokenizer, collate  # noqa: E402
-from elva_jax.data.video import VideoError, load_video  # noqa: E402
+from elva_jax.data.records import contrastive_records  # noqa: E402
+from elva_jax.data.tokenize import Tokenizer  # noqa: E402
 from elva_jax.model.config import ModelOptions  # noqa: E402
 from elva_jax.model.inputs import build_inputs  # noqa: E402
 from elva_jax.model.tiny import preset_config  # noqa: E402
 
 BUCKETS = (96, 160, 256)
 BUDGET = (4, 128)
-VIDEO_KW = dict(video_fps=2.0, video_min_frames=4, video_max_frames=8, video_min_pixels=4 * 28 * 28)
+MEDIA = MediaSettings(video_fps=2.0, video_min_frames=4, video_max_frames=8, video_min_pixels=4 * 28 * 28)
 
 
 def _write(path, n=8, h=48, w=64, fps=4, seed=0):
@@ -71,13 +75,13 @@ def _corpus(media):
 
 def _cfg(model_cfg, tok, **kw):
     base = dict(batch_size=4, seq_buckets=BUCKETS, patch_budget=BUDGET, shuffle=False, process_index=0)
-    base.update(process_count=1, pad_token_id=tok.pad_token_id, geometry=model_cfg.vision.geometry, **VIDEO_KW)
-    return P.PipelineConfig(**{**base, **kw})
+    base.update(process_count=1, pad_token_id=tok.pad_token_id, geometry=model_cfg.vision.geometry, media=MEDIA)
+    return PipelineConfig(**{**base, **kw})
 
 
 def _direct_rows(records, tok, template, cfg):
     """Each side by the direct path: load_video / preprocess_images, the template's prompt, then
-    encode_video_prompt (video rows) or encode_prompt; rows in tokenize.collate's format."""
+    encode_video_prompt (video rows) or encode_prompt; rows in encoding.collate's format."""
     prompt_of = {
         "eol": lambda s, n, nv: lamra_prompt(s["text"], n, s["instruction"], n_videos=nv),
         "ret": lambda s, n, nv: elva_prompt(s["text"], n, s["instruction"], generation=True, n_videos=nv),
@@ -93,8 +97,8 @@ def _direct_rows(records, tok, template, cfg):
 
             pv, grid = preprocess_images(
                 [Image.open(s["image"]).convert("RGB")],
-                min_pixels=cfg.min_pixels,
-                max_pixels=cfg.max_pixels,
+                min_pixels=cfg.media.min_pixels,
+                max_pixels=cfg.media.max_pixels,
                 geometry=geo,
             )
             row.update(pixel_values=pv, image_grid_thw=grid)
@@ -122,9 +126,7 @@ def test_corpus_batch_with_videos_equals_the_direct_path(media, preset, template
     tok = Tokenizer.from_dir(geometry=model_cfg.vision.geometry)
     cfg = _cfg(model_cfg, tok, batch_size=5)
     recs = _corpus(media)
-    it = P.make_pipeline(
-        recs, PromptEncoder(tok, template, generation=template == "ret"), model_cfg, cfg, kind="corpus"
-    )
+    it = make_pipeline(recs, PromptEncoder(tok, template, generation=template == "ret"), model_cfg, cfg, kind="corpus")
     got = next(it)
     assert it.last_ids == ["v", "vt", "i", "t", "iv"] and it.stats.videos == 3 and it.stats.images == 2
     ref = collate(_direct_rows(recs, tok, template, cfg), tok.pad_token_id, "right", length_bucket=BUCKETS)
@@ -155,7 +157,7 @@ def test_contrastive_batches_with_video_queries_keep_static_shapes(media):
         {"id": "qi", "query": _side("words", image=str(media / "img.png")), "cands": [_side("x")]},
         {"id": "qt", "query": _side("only text"), "cands": [_side("y")]},
     ]
-    it = P.make_pipeline(recs, PromptEncoder(tok, "eol"), model_cfg, cfg)
+    it = make_pipeline(recs, PromptEncoder(tok, "eol"), model_cfg, cfg)
     patch_shapes, keys = set(), set()
     for b in it:  # patch arrays keep one shape; token arrays take one of the sequence buckets
         keys.add(tuple(sorted(b["query"])) + tuple(sorted(b["cand"])))
@@ -171,7 +173,7 @@ def test_a_missing_or_undecodable_video_fails_naming_file_and_record(media):
     enc = PromptEncoder(tok, "eol")
     for name, what in (("gone.mp4", "not found"), ("broken.mp4", "cannot decode")):
         recs = [{"id": "bad-rec", "item": _side("x", video=str(media / name))}] + _corpus(media)[1:]
-        it = P.make_pipeline(recs, enc, model_cfg, _cfg(model_cfg, tok), kind="corpus")
+        it = make_pipeline(recs, enc, model_cfg, _cfg(model_cfg, tok), kind="corpus")
         with pytest.raises(VideoError, match=rf"(?s){what}.*{name}.*record 'bad-rec'"):
             next(it)
 
@@ -179,10 +181,10 @@ def test_a_missing_or_undecodable_video_fails_naming_file_and_record(media):
 def test_the_skip_policy_drops_a_bad_video_and_counts_it(media):
     model_cfg = preset_config("tiny")
     tok = Tokenizer.from_dir()
-    cfg = _cfg(model_cfg, tok, batch_size=2, image_policy=P.ImagePolicy("skip", max_skip_fraction=0.5, min_seen=100))
+    cfg = _cfg(model_cfg, tok, batch_size=2, image_policy=ImagePolicy("skip", max_skip_fraction=0.5, min_seen=100))
     bad = str(media / "broken.mp4")
     recs = [{"id": "bad", "item": _side("x", video=bad)}] + _corpus(media)[:2]
-    it = P.make_pipeline(recs, PromptEncoder(tok, "eol"), model_cfg, cfg, kind="corpus")
+    it = make_pipeline(recs, PromptEncoder(tok, "eol"), model_cfg, cfg, kind="corpus")
     next(it)
     assert it.last_ids == ["v", "vt"] and it.stats.skipped == 1 and it.stats.skipped_paths == [bad]
     # the elastic (training) flow substitutes the record one global batch later
@@ -192,9 +194,7 @@ def test_the_skip_policy_drops_a_bad_video_and_counts_it(media):
         {"id": "ok2", "query": _side("t2"), "cands": [_side("c2")]},
         {"id": "ok3", "query": _side("t3"), "cands": [_side("c3")]},
     ]
-    it = P.make_pipeline(
-        recs, PromptEncoder(tok, "eol"), model_cfg, dataclasses.replace(cfg, cand_patch_budget=(2, 128))
-    )
+    it = make_pipeline(recs, PromptEncoder(tok, "eol"), model_cfg, dataclasses.replace(cfg, cand_patch_budget=(2, 128)))
     next(it)
     assert it.last_ids == ["ok2", "ok1"] and it.stats.skipped == 1
 
@@ -205,7 +205,7 @@ def test_a_video_over_the_sequence_bucket_is_a_named_bad_video(media):
     cfg = _cfg(model_cfg, tok, seq_buckets=(32,), batch_size=1)
     recs = [{"id": "long", "item": _side("x", video=str(media / "a.mp4"))}]
     with pytest.raises(VideoError, match=r"a\.mp4 of record 'long'.*does not fit a row of 32 tokens"):
-        next(P.make_pipeline(recs, PromptEncoder(tok, "eol"), model_cfg, cfg, kind="corpus"))
+        next(make_pipeline(recs, PromptEncoder(tok, "eol"), model_cfg, cfg, kind="corpus"))
 
 
 def test_a_video_longer_than_a_patch_row_is_resampled_to_fit(media):
@@ -213,7 +213,7 @@ def test_a_video_longer_than_a_patch_row_is_resampled_to_fit(media):
     tok = Tokenizer.from_dir()
     # 16 patches per frame, 2 temporal patches at 2 fps: a row of 16 keeps 2 frames (one temporal patch)
     cfg = _cfg(model_cfg, tok, batch_size=1, patch_budget=(1, 16))
-    it = P.make_pipeline([_corpus(media)[0]], PromptEncoder(tok, "eol"), model_cfg, cfg, kind="corpus")
+    it = make_pipeline([_corpus(media)[0]], PromptEncoder(tok, "eol"), model_cfg, cfg, kind="corpus")
     b = next(it)
     assert int((b["vision_segment_ids"] > 0).sum()) == 16 and int(b["vision_segment_ids"].max()) == 1
     assert int((b["input_ids"] == model_cfg.video_token_id).sum()) == 4
@@ -251,7 +251,7 @@ def test_gs_videos_and_frame_folders_batch_as_local_files(media, tmp_path):
     from helpers.epath_fake import fake_bucket
     from PIL import Image
 
-    from elva_jax.data.video import decode_video
+    from elva_jax.data.media.video import decode_video
 
     frames, rate = decode_video(media / "a.mp4")
     folder = tmp_path / "a_frames"
@@ -264,7 +264,7 @@ def test_gs_videos_and_frame_folders_batch_as_local_files(media, tmp_path):
 
     def batch(video, **extra):
         recs = [{"id": f"r{i}", "item": {**_side("a clip", video=video), **extra}} for i in range(2)]
-        return next(P.make_pipeline(recs, enc, model_cfg, cfg, kind="corpus"))
+        return next(make_pipeline(recs, enc, model_cfg, cfg, kind="corpus"))
 
     want = batch(str(media / "a.mp4"))
     with fake_bucket(media):
@@ -294,8 +294,9 @@ def test_mbeir_records_with_video_fields_make_training_batches_with_video(media,
     import json
     import shutil
 
-    from elva_jax.data import mbeir
-    from elva_jax.data.sources import ContrastiveRecords, open_source
+    from elva_jax.data.benchmarks import mbeir
+    from elva_jax.data.records import ContrastiveRecords
+    from elva_jax.data.sources import open_source
 
     root = tmp_path / "mbeir"
     (root / "clips").mkdir(parents=True)
@@ -329,7 +330,7 @@ def test_mbeir_records_with_video_fields_make_training_batches_with_video(media,
         num_negatives=1,
     )
     assert list(recs) == want
-    listed = P.contrastive_records(
+    listed = contrastive_records(
         mbeir.read_queries(root / "query/train/v_train.jsonl"),
         mbeir.read_pool(root / "cand_pool/global/v_pool.jsonl"),
         root,
@@ -339,7 +340,7 @@ def test_mbeir_records_with_video_fields_make_training_batches_with_video(media,
     model_cfg = preset_config("tiny")
     tok = Tokenizer.from_dir()
     cfg = dataclasses.replace(_cfg(model_cfg, tok), batch_size=2, num_negatives=1, cand_patch_budget=(4, 128))
-    it = P.make_pipeline(recs, PromptEncoder(tok, "eol"), model_cfg, cfg)
+    it = make_pipeline(recs, PromptEncoder(tok, "eol"), model_cfg, cfg)
     batch = next(it)
     assert it.stats.videos == 3  # a.mp4 in a query, b.mp4 as two candidates
     kw = dict(fps=2.0, min_frames=4, max_frames=8, min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28, max_patches=128)

@@ -14,13 +14,23 @@ import pytest
 from helpers.epath_fake import fake_bucket
 
 from elva_jax import configlib
-from elva_jax.data import mbeir, multigrain, nli
-from elva_jax.data import pipeline as P
-from elva_jax.data.errors import ImageError, ShardRecordError
+from elva_jax.data.benchmarks import mbeir, nli
+from elva_jax.data.benchmarks.multigrain.generator import generate
+from elva_jax.data.errors import ImageError, ShardRecordError, SourceError
+from elva_jax.data.pipeline.config import ImagePolicy, PipelineConfig
+from elva_jax.data.pipeline.iterator import make_pipeline
 from elva_jax.data.prepare import main as prepare_main
 from elva_jax.data.prepare import prepare
 from elva_jax.data.progress import Progress
-from elva_jax.data.sources import ContrastiveRecords, CorpusRecords, NLIRecords, SourceError, open_source
+from elva_jax.data.records import (
+    ContrastiveRecords,
+    CorpusRecords,
+    NLIRecords,
+    contrastive_records,
+    corpus_records,
+    nli_records,
+)
+from elva_jax.data.sources import open_source
 from elva_jax.model.tiny import preset_config
 from elva_jax.schema import RunConfig
 
@@ -28,7 +38,7 @@ Q = "query/train/mbeir_multigrain_union_train.jsonl"
 POOL = "cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl"
 INS = "instructions/query_instructions.tsv"
 NLI = "nli/multigrain_nli_train.csv"
-BASE = P.PipelineConfig(
+BASE = PipelineConfig(
     batch_size=4,
     micro_batches=2,
     seq_buckets=(64, 128, 256),
@@ -46,7 +56,7 @@ KINDS = ("files", "array_record", "hf")
 def roots(tmp_path_factory):
     base = tmp_path_factory.mktemp("src")
     mg = base / "mg"
-    multigrain.generate(mg, seed=0)
+    generate(mg, seed=0)
     prepare(str(mg), str(base / "ar"), fmt="array_record", rows_per_shard=50, log=lambda _: None)
     prepare(str(mg), str(base / "hf"), fmt="hf", log=lambda _: None)
     return {"files": str(mg), "array_record": str(base / "ar"), "hf": str(base / "hf"), "base": base}
@@ -54,7 +64,8 @@ def roots(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder():
-    from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+    from elva_jax.data.encoding import PromptEncoder
+    from elva_jax.data.tokenize import Tokenizer
 
     return PromptEncoder(Tokenizer.from_dir(), "eol")
 
@@ -74,7 +85,7 @@ def _view(root, kind, k=1, **kw):
 def _reference(root, k=1):
     """Today's list builder over the files: the oracle every source is held to."""
     qs, pool = mbeir.read_queries(f"{root}/{Q}"), mbeir.read_pool(f"{root}/{POOL}")
-    return P.contrastive_records(qs, pool, root, instructions=mbeir.read_instructions(f"{root}/{INS}"), num_negatives=k)
+    return contrastive_records(qs, pool, root, instructions=mbeir.read_instructions(f"{root}/{INS}"), num_negatives=k)
 
 
 def _strip(rec):
@@ -87,7 +98,7 @@ def _strip(rec):
 
 
 def _batches(records, encoder, model_cfg, n, kind="contrastive", **kw):
-    it = P.make_pipeline(records, encoder, model_cfg, dataclasses.replace(BASE, **kw), kind=kind)
+    it = make_pipeline(records, encoder, model_cfg, dataclasses.replace(BASE, **kw), kind=kind)
     out = []
     for _ in range(n):
         out.append((next(it), list(it.last_ids)))
@@ -125,7 +136,7 @@ def test_batches_are_bit_identical_across_sources(roots, encoder, model_cfg):
 def test_nli_batches_are_identical_across_sources(roots, encoder, model_cfg):
     rows = nli.read_nli_csv(f"{roots['files']}/{NLI}")
     cfg = dict(num_negatives=1, patch_budget=None, cand_patch_budget=None)
-    ref, _ = _batches(P.nli_records(rows, num_negatives=1), encoder, model_cfg, 2, **cfg)
+    ref, _ = _batches(nli_records(rows, num_negatives=1), encoder, model_cfg, 2, **cfg)
     for kind in KINDS:
         src = open_source(f"{roots['files']}/{NLI}" if kind == "files" else roots[kind], kind)
         got, _ = _batches(NLIRecords(src.nli(), num_negatives=1), encoder, model_cfg, 2, **cfg)
@@ -141,8 +152,8 @@ def test_mrbench_corpora_through_every_source(roots, encoder, model_cfg, tmp_pat
     prepare(mr, str(tmp_path / "mr"), fmt="array_record", image_root=roots["files"], log=lambda _: None)
     ins = mbeir.read_instructions(f"{roots['files']}/{INS}")
     pool = list(mbeir.read_pool(f"{mr}/{pf}").values())
-    ref_pool = P.corpus_records(pool, roots["files"])
-    ref_q = P.corpus_records(mbeir.read_queries(f"{mr}/{qf}"), roots["files"], instructions=ins, cand_modality="text")
+    ref_pool = corpus_records(pool, roots["files"])
+    ref_q = corpus_records(mbeir.read_queries(f"{mr}/{qf}"), roots["files"], instructions=ins, cand_modality="text")
     cfg = dict(shuffle=False, batch_size=4, micro_batches=1, patch_budget=(4, 256))
     ref, _ = _batches(ref_pool, encoder, model_cfg, 2, kind="corpus", **cfg)
     src = open_source(str(tmp_path / "mr"), "array_record")
@@ -154,14 +165,14 @@ def test_mrbench_corpora_through_every_source(roots, encoder, model_cfg, tmp_pat
 
     assert strip(got_pool) == ref_pool and strip(got_q) == ref_q
     assert any(r["item"]["instruction"] for r in ref_q)
-    it = P.make_pipeline(got_pool, encoder, model_cfg, dataclasses.replace(BASE, **cfg), kind="corpus")
+    it = make_pipeline(got_pool, encoder, model_cfg, dataclasses.replace(BASE, **cfg), kind="corpus")
     for b, ids in ref:
         assert _same(next(it), b) and it.last_ids == ids
 
 
 def _steps(records, encoder, model_cfg, cfg, n_hosts, n_steps, state=None):
     its = [
-        P.make_pipeline(records, encoder, model_cfg, dataclasses.replace(cfg, process_index=h, process_count=n_hosts))
+        make_pipeline(records, encoder, model_cfg, dataclasses.replace(cfg, process_index=h, process_count=n_hosts))
         for h in range(n_hosts)
     ]
     for it in its if state is not None else ():
@@ -206,7 +217,7 @@ def broken(roots):
 
 def test_bad_images_follow_the_same_policy_on_every_source(broken, encoder, model_cfg):
     roots, missing = broken
-    skip = P.ImagePolicy("skip", max_skip_fraction=0.5, min_seen=1)
+    skip = ImagePolicy("skip", max_skip_fraction=0.5, min_seen=1)
     kw = dict(shuffle=False, image_policy=skip, micro_batches=1)
     n = 2  # the bad images are in records 0-3 (the first batch); the second batch has its substitutes
     ref, ref_it = _batches(_reference(roots["files"]), encoder, model_cfg, n, **kw)
@@ -285,7 +296,7 @@ def test_open_table_reads_parquet_hf_and_array_record_locally_and_from_gs(roots,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from elva_jax.data.sources import open_table
+    from elva_jax.data.tables import open_table
 
     rows = [{"id": i, "text": f"t{i}", "image": bytes([i, 255 - i]) * 3, "tags": ["a"] * (i % 3)} for i in range(7)]
     d = roots["base"] / "pq"

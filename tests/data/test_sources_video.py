@@ -18,18 +18,22 @@ av = pytest.importorskip("av")
 
 from PIL import Image  # noqa: E402
 
-from elva_jax.data import mbeir  # noqa: E402
-from elva_jax.data import pipeline as P  # noqa: E402
+from elva_jax.data.benchmarks import mbeir  # noqa: E402
+from elva_jax.data.encoding import PromptEncoder  # noqa: E402
 from elva_jax.data.errors import DataFormatError  # noqa: E402
+from elva_jax.data.media.settings import MediaSettings  # noqa: E402
+from elva_jax.data.media.video import VideoError, frame_folder_files, load_video  # noqa: E402
+from elva_jax.data.pipeline.config import ImagePolicy, PipelineConfig  # noqa: E402
+from elva_jax.data.pipeline.iterator import make_pipeline  # noqa: E402
 from elva_jax.data.prepare import prepare  # noqa: E402
-from elva_jax.data.sources import ContrastiveRecords, CorpusRecords, open_source  # noqa: E402
-from elva_jax.data.tokenize import PromptEncoder, Tokenizer  # noqa: E402
-from elva_jax.data.video import VideoError, frame_folder_files, load_video  # noqa: E402
+from elva_jax.data.records import ContrastiveRecords, CorpusRecords, contrastive_records, corpus_records  # noqa: E402  # noqa: E402
+from elva_jax.data.sources import open_source  # noqa: E402
+from elva_jax.data.tokenize import Tokenizer  # noqa: E402
 from elva_jax.model.tiny import preset_config  # noqa: E402
 
 Q, POOL = "query/train/v_train.jsonl", "cand_pool/global/v_pool.jsonl"
 KINDS = ("files", "array_record", "hf")
-VIDEO_KW = dict(video_fps=2.0, video_min_frames=4, video_max_frames=8, video_min_pixels=4 * 28 * 28)
+MEDIA = MediaSettings(video_fps=2.0, video_min_frames=4, video_max_frames=8, video_min_pixels=4 * 28 * 28)
 
 
 def _frame(i, h, w, seed):
@@ -102,7 +106,7 @@ def roots(tmp_path_factory):
 def setup():
     model_cfg = preset_config("tiny")
     tok = Tokenizer.from_dir()
-    cfg = P.PipelineConfig(
+    cfg = PipelineConfig(
         batch_size=2,
         micro_batches=2,
         seq_buckets=(96, 160, 256),
@@ -116,7 +120,7 @@ def setup():
         process_count=1,
         pad_token_id=tok.pad_token_id,
         geometry=model_cfg.vision.geometry,
-        **VIDEO_KW,
+        media=MEDIA,
     )
     return model_cfg, PromptEncoder(tok, "eol"), cfg
 
@@ -127,7 +131,7 @@ def _view(roots, kind):
 
 
 def _reference(root):
-    return P.contrastive_records(
+    return contrastive_records(
         mbeir.read_queries(f"{root}/{Q}"), mbeir.read_pool(f"{root}/{POOL}"), root, num_negatives=1
     )
 
@@ -144,7 +148,7 @@ def _same(a, b):
 
 def _batches(records, setup, n=2, **kw):
     model_cfg, enc, cfg = setup
-    it = P.make_pipeline(records, enc, model_cfg, dataclasses.replace(cfg, **kw))
+    it = make_pipeline(records, enc, model_cfg, dataclasses.replace(cfg, **kw))
     return [(next(it), list(it.last_ids)) for _ in range(n)], it
 
 
@@ -186,12 +190,12 @@ def test_video_batches_from_shards_equal_those_from_files(roots, setup):
             corpus = CorpusRecords(open_source(roots[kind], kind).pool(POOL), roots["files"])
             model_cfg, enc, cfg = setup
             ccfg = dataclasses.replace(cfg, shuffle=False, micro_batches=1, batch_size=4, num_epochs=1)
-            batch = next(P.make_pipeline(corpus, enc, model_cfg, ccfg, kind="corpus"))
+            batch = next(make_pipeline(corpus, enc, model_cfg, ccfg, kind="corpus"))
             assert batch["patches"].any()
     finally:
         shutil.move(gone, f"{roots['files']}/clips")
-    ref_c = P.corpus_records(list(mbeir.read_pool(f"{roots['files']}/{POOL}").values()), roots["files"])
-    want = next(P.make_pipeline(ref_c, enc, model_cfg, ccfg, kind="corpus"))
+    ref_c = corpus_records(list(mbeir.read_pool(f"{roots['files']}/{POOL}").values()), roots["files"])
+    want = next(make_pipeline(ref_c, enc, model_cfg, ccfg, kind="corpus"))
     assert _same(batch, want)
 
 
@@ -202,7 +206,7 @@ def test_a_video_missing_at_preparation_follows_the_policy(tmp_path, setup):
     m = prepare(str(root), roots["array_record"], fmt="array_record", log=lambda _: None)
     prepare(str(root), roots["hf"], fmt="hf", log=lambda _: None)
     assert m["videos"] == {"stored": 2 + 1, "missing": 1}  # a.mp4, frames_q; frames_c; gone.mp4
-    skip = dict(image_policy=P.ImagePolicy("skip", max_skip_fraction=0.9, min_seen=1))
+    skip = dict(image_policy=ImagePolicy("skip", max_skip_fraction=0.9, min_seen=1))
     ref, ref_it = _batches(_reference(roots["files"]), setup, **skip)
     assert ref_it.stats.skipped >= 1
     for kind in ("array_record", "hf"):

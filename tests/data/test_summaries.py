@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from elva_jax.data import multigrain
+from elva_jax.data.benchmarks.multigrain.generator import generate
+from elva_jax.data.benchmarks.multigrain.texts import N_SUMMARIES
 from elva_jax.data.errors import RecordError
-from elva_jax.data.sources import ContrastiveRecords, open_source
+from elva_jax.data.records import ContrastiveRecords
+from elva_jax.data.sources import open_source
 from elva_jax.data.summaries import SummaryRecords, summary_targets
 
 
@@ -33,7 +35,7 @@ def test_malformed_summary_names_the_record(bad):
 
 
 def test_summary_records_of_the_bundled_training_set(tmp_path):
-    multigrain.generate(tmp_path, seed=0, n_train=4, n_test=2)
+    generate(tmp_path, seed=0, n_train=4, n_test=2)
     src = open_source(str(tmp_path), "files")
     base = ContrastiveRecords(
         src.queries("query/train/mbeir_multigrain_union_train.jsonl"),
@@ -49,5 +51,5 @@ def test_summary_records_of_the_bundled_training_set(tmp_path):
     for i in range(len(recs)):
         r, b = recs[i], base[recs.entries[i]]
         assert r["sides"] == [b["query"], b["cands"][0]] and r["sides"][0]["instruction"]
-        assert [len(t) for t in r["targets"]] == [multigrain.N_SUMMARIES] * 2
+        assert [len(t) for t in r["targets"]] == [N_SUMMARIES] * 2
         assert r["targets"][0] == r["targets"][1]  # the query asks for the positive's scene

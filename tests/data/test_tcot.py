@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from elva_jax.data.tcot import REASONS, TAGS, expected_evidence, format_flags, parse_tcot
+from elva_jax.data.tcot.parser import REASONS, TAGS, expected_evidence, format_flags, parse_tcot
 
 # Embed-RL's check_format (verl/workers/reward_model/vlm2vec_reward.py): re.search with DOTALL
 OFFICIAL = re.compile(r"<thinking>.*?</thinking>.*?<rethink>.*?</rethink>.*?<answer>.*?</answer>", re.DOTALL)

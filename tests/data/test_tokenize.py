@@ -11,16 +11,9 @@ import pytest
 from PIL import Image
 
 from elva_jax.data import prompts as P
-from elva_jax.data.image_processing import preprocess_image
-from elva_jax.data.tokenize import (
-    PromptEncoder,
-    Tokenizer,
-    collate,
-    default_tokenizer_dir,
-    encode_example,
-    expand_image_pads,
-    has_tokenizer_files,
-)
+from elva_jax.data.encoding import PromptEncoder, collate, encode_example
+from elva_jax.data.media.image_processing import preprocess_image
+from elva_jax.data.tokenize import Tokenizer, default_tokenizer_dir, expand_image_pads, has_tokenizer_files
 
 IMAGE_PAD, VISION_START, VISION_END, PAD = 151655, 151652, 151653, 151643
 

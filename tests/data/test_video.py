@@ -21,7 +21,7 @@ import pytest
 
 av = pytest.importorskip("av")
 
-from elva_jax.data.video import (  # noqa: E402
+from elva_jax.data.media.video import (  # noqa: E402
     VideoError,
     decode_video,
     frame_timestamps,
@@ -163,7 +163,7 @@ def test_sizes_equal_transformers_smart_resize():
         lo, hi = sorted(int(x) for x in rng.integers(4 * 32 * 32, 2000 * 32 * 32, 2))
         assert temporal_smart_resize(n, h, w, 32, lo, hi) == tuple(tf["qwen3_smart_resize"](n, h, w, 2, 32, lo, hi))
         if h >= 28 and w >= 28:
-            from elva_jax.data.image_processing import smart_resize
+            from elva_jax.data.media.image_processing import smart_resize
 
             assert smart_resize(h, w, 28, lo, hi) == tuple(tf["qwen2_smart_resize"](h, w, 28, lo, hi))
 
@@ -307,9 +307,10 @@ def test_compare_video_rows_end_to_end(videos, tmp_path, capsys, preset, fps):
 def test_video_rows_collate_into_model_inputs(videos):
     """A video row, an image row and a text row: `encode_video_prompt` + `collate` give what `build_inputs`
     takes (video and image features matched to their pads, packed into a fixed budget)."""
-    from elva_jax.data.image_processing import preprocess_image
+    from elva_jax.data.encoding import collate
+    from elva_jax.data.media.image_processing import preprocess_image
     from elva_jax.data.prompts import instruct_prompt
-    from elva_jax.data.tokenize import Tokenizer, collate, default_tokenizer_dir
+    from elva_jax.data.tokenize import Tokenizer, default_tokenizer_dir
     from elva_jax.model.config import ModelOptions
     from elva_jax.model.inputs import build_inputs
     from elva_jax.model.tiny import preset_config

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from elva_jax.data.media.settings import MediaSettings
 from elva_jax.eval.cot import CoTConfig, CoTGenerator, box_pixels, crop_box, side_key
 
 REPO = Path(__file__).resolve().parents[2]
 SUMMARISE = "Summarize the above input and its reasoning in one word: "
+MEDIA = MediaSettings(patch_row_len=64, min_pixels=3136, max_pixels=12544)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def image_path(tmp_path_factory):
     return str(p)
 
 
-CCFG = CoTConfig(max_tokens=6, batch_size=2, seq_buckets=(192,), patch_row_len=64, min_pixels=3136, max_pixels=12544)
+CCFG = CoTConfig(max_tokens=6, batch_size=2, seq_buckets=(192,), media=MEDIA)
 
 
 def _gen(models, root, ccfg=CCFG):
@@ -104,7 +106,8 @@ def test_cot_cache_counts_generate_calls(models, image_path, tmp_path):
 def test_embedding_with_cot_equals_the_frozen_embedder(models, image_path, tmp_path):
     """The eval path (corpus pipeline, right padding, Embedder) against the training path (FrozenEmbedder:
     encode_prompts, left padding) on the same sides and the CoTs the reasoner wrote."""
-    from elva_jax.eval.embed import EmbedConfig, Embedder
+    from elva_jax.eval.embed import Embedder
+    from elva_jax.eval.embed_config import EmbedConfig
     from elva_jax.model.config import ModelOptions
     from elva_jax.rl.embed_rl_trainer import FrozenEmbedder
 
@@ -115,7 +118,7 @@ def test_embedding_with_cot_equals_the_frozen_embedder(models, image_path, tmp_p
         {"id": "i", "item": {"text": None, "image": image_path, "instruction": None}},
         {"id": "it", "item": {"text": "a scene", "image": image_path, "instruction": None}},
     ]
-    cfg = EmbedConfig(batch_size=3, seq_buckets=(256,), patch_row_len=64, min_pixels=3136, max_pixels=12544)
+    cfg = EmbedConfig(batch_size=3, seq_buckets=(256,), media=MEDIA)
     emb = Embedder(
         eparams, ecfg, tok, EmbedConfig(**{**cfg.__dict__, "tcot_request": SUMMARISE}), identity={"t": 1}, cot=gen
     )
@@ -123,8 +126,7 @@ def test_embedding_with_cot_equals_the_frozen_embedder(models, image_path, tmp_p
     assert gen.generate_calls == 2  # 3 sides, batches of 2
     cots = gen.cots([r["item"] for r in recs])
     fe = FrozenEmbedder(
-        ecfg, ModelOptions(), eparams, tok, request=SUMMARISE, buckets=(256,), patch_row_len=64,
-        min_pixels=3136, max_pixels=12544,
+        ecfg, ModelOptions(), eparams, tok, request=SUMMARISE, buckets=(256,), media=MEDIA,
     )  # fmt: skip
     want = np.asarray(fe.embed([r["item"] for r in recs], cots))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
@@ -140,7 +142,8 @@ def test_embedding_with_cot_equals_the_frozen_embedder(models, image_path, tmp_p
 def test_evidence_crops_from_a_known_cot(models, image_path, tmp_path):
     """CoTs written to the cache by hand: a well-formed box becomes an extra image (the crop's pixels), a
     malformed one adds nothing and is counted; the side then embeds with two images."""
-    from elva_jax.eval.embed import EmbedConfig, Embedder
+    from elva_jax.eval.embed import Embedder
+    from elva_jax.eval.embed_config import EmbedConfig
 
     tok, _, (ecfg, eparams) = models
     good = {"text": None, "image": image_path, "instruction": None}
@@ -164,7 +167,7 @@ def test_evidence_crops_from_a_known_cot(models, image_path, tmp_path):
     assert g.stats["unparsable"] == 1 and g.stats["reasons"] == {"bbox_empty": 1}
     assert g.stats["crops"] == 1 and g.stats["sides_without_crop"] == 1
     # embedded with the crop (2 images) vs the same side and CoT without crops
-    cfg = dict(batch_size=2, seq_buckets=(256,), patch_row_len=64, min_pixels=3136, max_pixels=12544)
+    cfg = dict(batch_size=2, seq_buckets=(256,), media=MEDIA)
     e_crop = Embedder(eparams, ecfg, tok, EmbedConfig(**cfg, tcot_request=SUMMARISE), identity={"t": 1}, cot=g)
     g_plain = _gen(models, tmp_path)
     with open(g_plain.dir / "cots.jsonl", "w") as f:
@@ -196,7 +199,7 @@ def test_mmeb_cli_with_cot_end_to_end(tmp_path):
     """Every bundled MMEB task (images, visual documents, videos) is scored with CoTs from a random
     reasoner; results.json records the CoT settings and counts; a rerun of two tasks with --cot-crops
     (new embeddings, the same CoTs) generates no CoT."""
-    from elva_jax.data.mmeb_bundled import TASKS, generate
+    from elva_jax.data.benchmarks.mmeb.bundled import TASKS, generate
     from elva_jax.model.tiny import write_random_checkpoint
 
     generate(tmp_path / "data", seed=0)
@@ -246,9 +249,10 @@ def test_key_frames_become_the_frames_the_reasoner_saw(models, tmp_path):
     the side then embeds as a video + 2 images."""
     import av
 
-    from elva_jax.data.mmeb_bundled import generate
-    from elva_jax.data.video import load_video
-    from elva_jax.eval.embed import EmbedConfig, Embedder
+    from elva_jax.data.benchmarks.mmeb.bundled import generate
+    from elva_jax.data.media.video import load_video
+    from elva_jax.eval.embed import Embedder
+    from elva_jax.eval.embed_config import EmbedConfig
 
     tok, (rcfg, _), (ecfg, eparams) = models
     generate(tmp_path / "data", seed=0)
@@ -264,7 +268,7 @@ def test_key_frames_become_the_frames_the_reasoner_saw(models, tmp_path):
             f.write(json.dumps({"key": side_key(s), "cot": c, "truncated": False}) + "\n")
     g = _gen(models, tmp_path, ccfg)
     out = g.attach([{"id": "v", "item": side}, {"id": "w", "item": late}])
-    c = ccfg
+    c = ccfg.media
     idx = load_video(
         clip, rcfg.vision.geometry, fps=c.video_fps, min_frames=c.video_min_frames, max_frames=c.video_max_frames,
         min_pixels=c.video_min_pixels, max_pixels=c.video_max_pixels, max_patches=c.patch_row_len,
@@ -276,7 +280,7 @@ def test_key_frames_become_the_frames_the_reasoner_saw(models, tmp_path):
     for p, k in zip(paths, (1, 3)):
         np.testing.assert_array_equal(np.asarray(Image.open(p).convert("RGB")), frames[int(idx[k - 1])])
     assert "extra_images" not in out[1]["item"] and g.stats["reasons"] == {"key_frame_out_of_range": 1}
-    cfg = dict(batch_size=2, seq_buckets=(320,), patch_row_len=64, patch_rows=6, min_pixels=3136, max_pixels=12544)
+    cfg = dict(batch_size=2, seq_buckets=(320,), patch_rows=6, media=MEDIA)
     emb = Embedder(eparams, ecfg, tok, EmbedConfig(**cfg, tcot_request=SUMMARISE), identity={"t": 1}, cot=g)
     e = emb.compute([{"id": "v", "item": side}, {"id": "w", "item": late}])[0]
     assert np.all(np.isfinite(e)) and not np.allclose(e[0], e[1], atol=1e-4)

@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from elva_jax.data.benchmarks.multigrain.generator import generate as generate_data
 from elva_jax.data.errors import DataFormatError
-from elva_jax.data.multigrain import generate as generate_data
+from elva_jax.data.media.settings import MediaSettings
 from elva_jax.eval import tasks as T
-from elva_jax.eval.embed import CacheError, EmbedConfig, Embedder, PartedArray
+from elva_jax.eval.embed import Embedder
+from elva_jax.eval.embed_cache import CacheError, PartedArray
+from elva_jax.eval.embed_config import EmbedConfig
 from elva_jax.eval.runner import evaluate
 from elva_jax.model.tiny import write_random_checkpoint
 from elva_jax.retrieval.metrics import recall_at_k
@@ -30,6 +33,7 @@ BASE = [
     "model.position_mode=mrope",
     "eval.grain_masking=false",  # independent of the preset; tests that want it turn it on
 ]
+ROW64 = MediaSettings(patch_row_len=64)
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +139,9 @@ def test_ret_embedding_equals_unpadded_generate_and_forward(env):
     """Batched left-aligned generation + teacher forcing == one unpadded row with positions from scratch."""
     import jax
 
-    from elva_jax.data.image_processing import load_image, preprocess_image
-    from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+    from elva_jax.data.encoding import PromptEncoder
+    from elva_jax.data.media.image_processing import load_image, preprocess_image
+    from elva_jax.data.tokenize import Tokenizer
     from elva_jax.model import backbone
     from elva_jax.model.config import ModelOptions
     from elva_jax.model.embedding import l2_normalize
@@ -146,7 +151,7 @@ def test_ret_embedding_equals_unpadded_generate_and_forward(env):
 
     cfg, params = load_params(str(env / "ckpt"))
     tok = Tokenizer.from_dir()
-    ecfg = EmbedConfig(mode="ret", batch_size=4, seq_buckets=(160,), patch_row_len=64, summary_tokens=5)
+    ecfg = EmbedConfig(mode="ret", batch_size=4, seq_buckets=(160,), media=ROW64, summary_tokens=5)
     emb = Embedder(params, cfg, tok, ecfg, identity={"test": 1}, log=lambda s: None)
     specs = T.bundled_tasks(env / "data")
     t7 = T.load_task(specs[4], max_queries=1)  # (i,t)->i: an image + text query
@@ -289,7 +294,7 @@ def test_task_definitions_and_instruction_rules(env):
     assert [s.group for s in bundled[5:]] == ["mrbench"] * 4
     with pytest.raises(T.EvalDataError, match="unknown task"):
         T.select_tasks(bundled, ["nope"])
-    from elva_jax.data.mbeir import read_instructions
+    from elva_jax.data.benchmarks.mbeir import read_instructions
 
     lt = T.load_task(bundled[0])
     ins = read_instructions(env / "data" / "instructions/query_instructions.tsv")
@@ -318,8 +323,9 @@ def test_instruct_last_embedding_equals_unpadded_last_token_forward(env, qwen3_c
     final hidden state at its last token (the "\\n" after <|im_start|>assistant)."""
     import jax
 
-    from elva_jax.data.image_processing import load_image, preprocess_image
-    from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+    from elva_jax.data.encoding import PromptEncoder
+    from elva_jax.data.media.image_processing import load_image, preprocess_image
+    from elva_jax.data.tokenize import Tokenizer
     from elva_jax.model import backbone
     from elva_jax.model.config import ModelOptions
     from elva_jax.model.embedding import l2_normalize
@@ -328,7 +334,7 @@ def test_instruct_last_embedding_equals_unpadded_last_token_forward(env, qwen3_c
 
     cfg, params = load_params(str(qwen3_ckpt))
     tok = Tokenizer.from_dir(geometry=cfg.vision.geometry)
-    ecfg = EmbedConfig(mode="instruct_last", batch_size=4, seq_buckets=(160,), patch_row_len=64)
+    ecfg = EmbedConfig(mode="instruct_last", batch_size=4, seq_buckets=(160,), media=ROW64)
     emb = Embedder(params, cfg, tok, ecfg, identity={"test": 1}, log=lambda s: None)
     specs = T.bundled_tasks(env / "data")
     with_img = T.query_records(T.load_task(specs[4], max_queries=1), None, T.InstructionRule(False))[0]  # (i,t)
@@ -396,18 +402,18 @@ def test_weights_swapped_at_the_same_path_size_and_mtime_change_the_cache_identi
     import os
     import shutil
 
-    from elva_jax.eval.runner import _identity
+    from elva_jax.eval.checkpoints import checkpoint_identity
 
     d = tmp_path / "ck"
     shutil.copytree(env / "ckpt", d)
     f = d / "model.safetensors"
     st = os.stat(f)
-    before = _identity(d, None)
+    before = checkpoint_identity(d, None)
     write_random_checkpoint(str(tmp_path / "other"), "tiny", seed=1)
     shutil.copyfile(tmp_path / "other" / "model.safetensors", f)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert os.stat(f).st_size == st.st_size and os.stat(f).st_mtime_ns == st.st_mtime_ns
-    assert _identity(d, None) != before
+    assert checkpoint_identity(d, None) != before
 
 
 def test_auto_mode_follows_the_export_record_and_every_output_names_the_mode(env, capsys):

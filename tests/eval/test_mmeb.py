@@ -14,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from elva_jax.data import mmeb as D
-from elva_jax.data.mmeb_bundled import TASKS, generate
+from elva_jax.data.benchmarks.mmeb.bundled import TASKS, generate
+from elva_jax.data.benchmarks.mmeb.hf import load_dataset_dir
+from elva_jax.data.benchmarks.mmeb.reader import SUPPORTED_PARSERS, load_task, task_table
+from elva_jax.data.benchmarks.mmeb.tasks import HUB, MMEB_V2_TASKS, MMEBDataError, MMEBTask, Side
+from elva_jax.data.benchmarks.mmeb.video_tasks import VIDEO_QA_INSTRUCTION
 from elva_jax.eval import mmeb as M
 from elva_jax.retrieval.metrics import ndcg_from_topk
 
@@ -60,15 +63,15 @@ def test_ndcg_edges():
 
 
 def _task(modality, n_q, names, relevant, local=None):
-    return D.MMEBTask(
+    return MMEBTask(
         "t",
         modality,
         "M",
         "p",
         "src",
         [str(i) for i in range(n_q)],
-        [D.Side(text="q")] * n_q,
-        [D.Side(text=n) for n in names],
+        [Side(text="q")] * n_q,
+        [Side(text=n) for n in names],
         list(names),
         relevant,
         local,
@@ -122,9 +125,9 @@ def test_averages_per_meta_task_modality_and_overall():
 
 
 def test_reader_on_the_bundled_set(bundled, tmp_path):
-    specs = D.task_table(bundled)
+    specs = task_table(bundled)
     assert [s["name"] for s in specs] == [t["name"] for t in TASKS]
-    got = {s["name"]: D.load_task(s, bundled, materialize_dir=tmp_path) for s in specs}
+    got = {s["name"]: load_task(s, bundled, materialize_dir=tmp_path) for s in specs}
     cls = got["Bundled-ColourCLS"]
     assert cls.eval_type == "local" and len(cls.queries) == 6 and len(cls.candidates) == 6
     for row, rel in zip(cls.local, cls.relevant):
@@ -167,15 +170,15 @@ def test_bundled_clips_decode(bundled):
 
 def test_reader_errors(bundled, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty local HF cache
-    with pytest.raises(D.MMEBDataError, match="no MMEB task found"):
-        D.task_table(tmp_path)
+    with pytest.raises(MMEBDataError, match="no MMEB task found"):
+        task_table(tmp_path)
     (tmp_path / "image" / "ImageNet-1K").mkdir(parents=True)
-    spec = D.task_table(tmp_path)[0]
-    with pytest.raises(D.MMEBDataError, match=r"image/ImageNet-1K: neither a save_to_disk"):
-        D.load_task(spec, tmp_path)
+    spec = task_table(tmp_path)[0]
+    with pytest.raises(MMEBDataError, match=r"image/ImageNet-1K: neither a save_to_disk"):
+        load_task(spec, tmp_path)
     missing = {"name": "OK-VQA", "modality": "image", "meta_task": "QA", "parser": "image_qa"}
-    with pytest.raises(D.MMEBDataError, match=r"image/OK-VQA not found and ziyjiang/MMEB_Test_Instruct .* local HF"):
-        D.load_task(missing, tmp_path)
+    with pytest.raises(MMEBDataError, match=r"image/OK-VQA not found and ziyjiang/MMEB_Test_Instruct .* local HF"):
+        load_task(missing, tmp_path)
     import huggingface_hub
 
     assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.is_offline_mode()
@@ -185,15 +188,15 @@ def test_reader_errors(bundled, tmp_path, monkeypatch):
         str(tmp_path / "image" / "GQA")
     )
     gqa = {"name": "GQA", "modality": "image", "meta_task": "QA", "parser": "image_qa"}
-    with pytest.raises(D.MMEBDataError, match=r"image/GQA: column 'tgt_text' missing"):
-        D.load_task(gqa, tmp_path)
+    with pytest.raises(MMEBDataError, match=r"image/GQA: column 'tgt_text' missing"):
+        load_task(gqa, tmp_path)
 
 
 def test_unsupported_parser_is_reported_skipped(bundled, tmp_path):
     """Every MMEB-V2 task has a parser now; a manifest can still name one this reader lacks."""
     from elva_jax.data.prepare import prepare_mmeb
 
-    assert {p for _, _, p in D.MMEB_V2_TASKS.values()} <= set(D.SUPPORTED_PARSERS)
+    assert {p for _, _, p in MMEB_V2_TASKS.values()} <= set(SUPPORTED_PARSERS)
     root = tmp_path / "d"
     root.mkdir()
     spec = {"name": "GUI-Grounding", "modality": "image", "meta_task": "VG", "parser": "gui"}
@@ -249,27 +252,28 @@ def test_hf_cache_fallback_goes_through_load_dataset(bundled, tmp_path, monkeypa
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    src = D.load_dataset_dir(bundled / "image" / "Bundled-ColourCLS")
+    src = load_dataset_dir(bundled / "image" / "Bundled-ColourCLS")
     src.to_parquet(str(repo / "test-00000-of-00001.parquet"))
-    monkeypatch.setitem(D.HUB, "ImageNet-1K", (str(repo), None, "test"))
+    monkeypatch.setitem(HUB, "ImageNet-1K", (str(repo), None, "test"))
     seen = []
     real = datasets.load_dataset
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: seen.append(a) or real(*a, **k))
     spec = {"name": "ImageNet-1K", "modality": "image", "meta_task": "CLS", "parser": "image_cls"}
-    t = D.load_task(spec, bundled)  # bundled/image/ImageNet-1K does not exist
+    t = load_task(spec, bundled)  # bundled/image/ImageNet-1K does not exist
     assert seen == [(str(repo), None)] and os.environ["HF_DATASETS_OFFLINE"] == "1"
-    assert t.cand_names == D.load_task(TASKS[0], bundled).cand_names and len(t.queries) == 6
+    assert t.cand_names == load_task(TASKS[0], bundled).cand_names and len(t.queries) == 6
 
 
 def test_default_mmeb_root_is_the_generated_bundled_set(tmp_path):
-    from elva_jax.eval.runner import _mmeb_root, load_config
+    from elva_jax.eval.benchmarks import mmeb_root
+    from elva_jax.eval.runner import load_config
 
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "eval.benchmark=mmeb"])
-    root = _mmeb_root(cfg, None)
-    assert root == tmp_path / "run" / "mmeb_bundled" and [t["name"] for t in D.task_table(root)] == [
+    root = mmeb_root(cfg, None)
+    assert root == tmp_path / "run" / "mmeb_bundled" and [t["name"] for t in task_table(root)] == [
         t["name"] for t in TASKS
     ]
-    assert _mmeb_root(cfg, None) == root  # found, not regenerated
+    assert mmeb_root(cfg, None) == root  # found, not regenerated
 
 
 def test_load_tasks_max_queries_keeps_every_candidate(bundled, tmp_path):
@@ -282,7 +286,7 @@ def test_load_tasks_max_queries_keeps_every_candidate(bundled, tmp_path):
 
 
 def test_records_digest_names_the_video_and_keeps_image_digests():
-    from elva_jax.eval.embed import records_digest
+    from elva_jax.eval.embed_cache import records_digest
 
     img = [{"id": "a", "item": {"text": "t", "image": "x.png", "instruction": None}}]
     import hashlib
@@ -344,10 +348,14 @@ def test_bundled_video_tasks_are_embedded_and_scored(bundled, tmp_path, tiny_mod
     """A tiny random model embeds the bundled video tasks (video queries / candidates) in each mode and
     they are scored; a video query's embedding equals a forward over the direct path's inputs
     (load_video + encode_video_prompt + collate + build_inputs) and depends on the clip."""
-    from elva_jax.eval.embed import EmbedConfig, Embedder
+    from elva_jax.data.media.settings import MediaSettings
+    from elva_jax.eval.embed import Embedder
+    from elva_jax.eval.embed_config import EmbedConfig
 
     cfg, params, tok = tiny_model
-    ecfg = EmbedConfig(mode=mode, batch_size=4, seq_buckets=(160,), patch_row_len=64, summary_tokens=3)
+    ecfg = EmbedConfig(
+        mode=mode, batch_size=4, seq_buckets=(160,), media=MediaSettings(patch_row_len=64), summary_tokens=3
+    )
     emb = Embedder(params, cfg, tok, ecfg, identity={"test": 1}, log=lambda s: None)
     names = ["Bundled-VideoMotion", "Bundled-VideoRET", "Bundled-MomentRET"]  # the last from frame folders
     tasks = M.load_tasks(bundled, names, materialize_dir=tmp_path)
@@ -364,9 +372,9 @@ def test_bundled_video_tasks_are_embedded_and_scored(bundled, tmp_path, tiny_mod
         return
     import jax
 
+    from elva_jax.data.encoding import collate
+    from elva_jax.data.media.video import load_video
     from elva_jax.data.prompts import instruct_prompt, lamra_prompt
-    from elva_jax.data.tokenize import collate
-    from elva_jax.data.video import load_video
     from elva_jax.model.backbone import forward
     from elva_jax.model.config import ModelOptions
     from elva_jax.model.embedding import eol_embedding, last_token_embedding
@@ -435,7 +443,7 @@ def _video_spec(tmp_path, name, parser, cols):
     ],
 )
 def test_video_retrieval_parsers(tmp_path, parser, cols, files, query, inst):
-    t = D.load_task(_video_spec(tmp_path, "T", parser, cols), tmp_path)
+    t = load_task(_video_spec(tmp_path, "T", parser, cols), tmp_path)
     root = tmp_path / "video-tasks" / "T"
     assert [c.video for c in t.candidates] == [str(root / f) for f in files]
     assert all(
@@ -453,8 +461,8 @@ def test_ssv2_parser_is_local_over_each_rows_labels(tmp_path):
         "pos_text": ["Opening something", "Closing something"],
         "neg_text": [["Closing something", "Opening something"], ["Closing something", "Folding something"]],
     }
-    spec = {**_video_spec(tmp_path, "SmthSmthV2", "ssv2", cols), "parser": D.MMEB_V2_TASKS["SmthSmthV2"][2]}
-    t = D.load_task(spec, tmp_path)
+    spec = {**_video_spec(tmp_path, "SmthSmthV2", "ssv2", cols), "parser": MMEB_V2_TASKS["SmthSmthV2"][2]}
+    t = load_task(spec, tmp_path)
     assert t.cand_names == ["Closing something", "Opening something", "Folding something"]
     assert t.local == [[0, 1], [0, 2]] and t.relevant == [{1: 1.0}, {0: 1.0}]
     assert t.queries[0].video.endswith("video-tasks/SmthSmthV2/7.mp4")
@@ -463,8 +471,8 @@ def test_ssv2_parser_is_local_over_each_rows_labels(tmp_path):
         == "What actions or object interactions are being performed by the person in the video?"
     )
     bad = {**cols, "pos_text": ["Nope", "Closing something"]}
-    with pytest.raises(D.MMEBDataError, match=r"row 0: pos_text 'Nope' is not among"):
-        D.load_task(_video_spec(tmp_path / "b", "S2", "ssv2", bad), tmp_path / "b")
+    with pytest.raises(MMEBDataError, match=r"row 0: pos_text 'Nope' is not among"):
+        load_task(_video_spec(tmp_path / "b", "S2", "ssv2", bad), tmp_path / "b")
 
 
 def test_video_qa_parsers(tmp_path):
@@ -476,10 +484,10 @@ def test_video_qa_parsers(tmp_path):
         "type": ["CW"],
         **{f"a{k}": [f"opt{k}"] for k in range(5)},
     }
-    t = D.load_task(_video_spec(tmp_path, "NExTQA", "nextqa", nq), tmp_path)
+    t = load_task(_video_spec(tmp_path, "NExTQA", "nextqa", nq), tmp_path)
     q = t.queries[0]
     assert q.text == "why?\nOptions:\n(A) opt0\n(B) opt1\n(C) opt2\n(D) opt3\n(E) opt4"
-    assert q.instruction == D.VIDEO_QA_INSTRUCTION and q.video.endswith("video-tasks/NExTQA/11.mp4")
+    assert q.instruction == VIDEO_QA_INSTRUCTION and q.video.endswith("video-tasks/NExTQA/11.mp4")
     assert t.cand_names == [f"opt{k}" for k in range(5)] and [c.text for c in t.candidates] == t.cand_names
     assert t.local == [[0, 1, 2, 3, 4]] and t.relevant == [{2: 1.0}]
     eg = {
@@ -489,7 +497,7 @@ def test_video_qa_parsers(tmp_path):
         "question_idx": ["q"],
         "option": [["A. c cooks.", "B. c reads a book.", "C. c sleeps."]],
     }
-    t = D.load_task(_video_spec(tmp_path, "EgoSchema", "egoschema", eg), tmp_path)
+    t = load_task(_video_spec(tmp_path, "EgoSchema", "egoschema", eg), tmp_path)
     assert t.queries[0].text == "What does c do?A. c cooks. B. c reads a book. C. c sleeps."
     assert [c.text for c in t.candidates] == ["c cooks", "c reads a book", "c sleeps"]
     assert t.cand_names == eg["option"][0] and t.relevant == [{1: 1.0}]
@@ -499,11 +507,11 @@ def test_video_qa_parsers(tmp_path):
         "answer": ["no", "yes"],
         "question_id": ["1", "2"],
     }
-    t = D.load_task(_video_spec(tmp_path, "ActivityNetQA", "activitynetqa", an), tmp_path)
+    t = load_task(_video_spec(tmp_path, "ActivityNetQA", "activitynetqa", an), tmp_path)
     assert t.queries[0].text == "is it raining? (A) yes; (B) no." and t.queries[1].video.endswith("/v_def.mp4")
     assert t.cand_names == ["yes", "no"] and t.local == [[0, 1], [0, 1]] and t.relevant == [{1: 1.0}, {0: 1.0}]
-    with pytest.raises(D.MMEBDataError, match=r"row 0: answer 'maybe' does not name one of the 2 options"):
-        D.load_task(
+    with pytest.raises(MMEBDataError, match=r"row 0: answer 'maybe' does not name one of the 2 options"):
+        load_task(
             _video_spec(tmp_path / "b", "A2", "activitynetqa", {**an, "answer": ["maybe", "yes"]}), tmp_path / "b"
         )
 
@@ -537,9 +545,9 @@ def test_mvbench_parser_per_subset_or_one_table(tmp_path):
     import datasets
 
     pytest.importorskip("av")
-    from elva_jax.data.video import load_video
+    from elva_jax.data.media.video import load_video
 
-    spec = {"name": "MVBench", "modality": "video", "meta_task": "QA", "parser": D.MMEB_V2_TASKS["MVBench"][2]}
+    spec = {"name": "MVBench", "modality": "video", "meta_task": "QA", "parser": MMEB_V2_TASKS["MVBench"][2]}
     assert spec["parser"] == "mvbench"
     a = tmp_path / "a"
     for sub in ("action_antonym", "episodic_reasoning"):  # written out of table order
@@ -550,11 +558,11 @@ def test_mvbench_parser_per_subset_or_one_table(tmp_path):
         str(b / "video" / "MVBench")
     )
     for root in (a, b):
-        t = D.load_task(spec, root)
+        t = load_task(spec, root)
         v = root / "video-tasks" / "MVBench"
         q0, q1 = t.queries
         assert q0.text == "Who speaks first?\nOptions:\n(A) Ross\n(B) Monica\n(C) Joey"
-        assert q0.instruction == q1.instruction == D.VIDEO_QA_INSTRUCTION
+        assert q0.instruction == q1.instruction == VIDEO_QA_INSTRUCTION
         assert q0.video == str(v / "tvqa/frames_fps3_hq/s01e02_seg01") and q0.video_fps == 3.0
         assert q1.video == str(v / "ssv2_video/123.webm") and q1.video_fps is None and "video_fps" not in q1.item()
         assert q0.item()["video_fps"] == 3.0
@@ -570,11 +578,11 @@ def test_mvbench_parser_per_subset_or_one_table(tmp_path):
     datasets.Dataset.from_dict({**MVB_ROWS["action_antonym"], "answer": ["waving"]}).save_to_disk(
         str(bad / "video" / "MVBench" / "action_antonym")
     )
-    with pytest.raises(D.MMEBDataError, match=r"row 0: answer 'waving' is not one of its candidates"):
-        D.load_task(spec, bad)
+    with pytest.raises(MMEBDataError, match=r"row 0: answer 'waving' is not one of its candidates"):
+        load_task(spec, bad)
     datasets.Dataset.from_dict(MVB_ROWS["action_antonym"]).save_to_disk(str(tmp_path / "d" / "video" / "MVBench"))
-    with pytest.raises(D.MMEBDataError, match="one directory per subset"):
-        D.load_task(spec, tmp_path / "d")
+    with pytest.raises(MMEBDataError, match="one directory per subset"):
+        load_task(spec, tmp_path / "d")
 
 
 def _touch(p):
@@ -588,14 +596,14 @@ def test_moment_retrieval_parser_ranks_each_querys_clips(tmp_path):
     or files); local over the clips, the 'positive*' one relevant; scored hit@1."""
     cols = {"query": ["a man opens a door", "a dog runs"], "video_path": ["videos/vidA.mp4", "vidB.mp4"]}
     spec = {**_video_spec(tmp_path, "QVHighlight", "moment_retrieval", cols), "meta_task": "MRET"}
-    assert D.MMEB_V2_TASKS["QVHighlight"][2] == D.MMEB_V2_TASKS["Charades-STA"][2] == "moment_retrieval"
+    assert MMEB_V2_TASKS["QVHighlight"][2] == MMEB_V2_TASKS["Charades-STA"][2] == "moment_retrieval"
     v = tmp_path / "video-tasks" / "QVHighlight"
     for clip in ("query", "positive", "negative_10", "negative_2"):
         (v / "vidA" / clip).mkdir(parents=True)
     _touch(v / "vidA" / "notes.txt")  # not a clip
     for f in ("vidB/positive_1.mp4", "vidB/negative_3.avi", "vidB.mp4"):
         _touch(v / f)
-    t = D.load_task(spec, tmp_path)
+    t = load_task(spec, tmp_path)
     assert t.cand_names == [
         "vidA/negative_2",
         "vidA/negative_10",
@@ -617,11 +625,11 @@ def test_moment_retrieval_parser_ranks_each_querys_clips(tmp_path):
     r = M.score_task(t, q, c)
     assert r["metric"] == "hit@1" and r["score"] == 0.5 and r["hit@5"] == 1.0
     (v / "vidB" / "positive_2").mkdir()
-    with pytest.raises(D.MMEBDataError, match=r"row 1: .*vidB needs exactly one 'positive\*' clip"):
-        D.load_task(spec, tmp_path)
+    with pytest.raises(MMEBDataError, match=r"row 1: .*vidB needs exactly one 'positive\*' clip"):
+        load_task(spec, tmp_path)
     _touch(v / "vidA" / "positive.mp4")
-    with pytest.raises(D.MMEBDataError, match=r"row 0: clip 'positive' of .*vidA is both"):
-        D.load_task(spec, tmp_path)
+    with pytest.raises(MMEBDataError, match=r"row 0: clip 'positive' of .*vidA is both"):
+        load_task(spec, tmp_path)
 
 
 def test_prepare_mmeb_copies_frame_folders_and_mvbench_subsets(tmp_path):
@@ -641,8 +649,8 @@ def test_prepare_mmeb_copies_frame_folders_and_mvbench_subsets(tmp_path):
         _png_folder(src / "video-tasks" / "Charades-STA" / "vidA" / clip, 2)
     s = prepare_mmeb(str(src), str(tmp_path / "out"), log=lambda x: None)
     assert s["tasks"] == ["MVBench", "Charades-STA"] and s["media"] == {"copied": 5, "missing": 0}
-    for spec in D.task_table(tmp_path / "out"):
-        a, b = D.load_task(spec, src), D.load_task(spec, tmp_path / "out")
+    for spec in task_table(tmp_path / "out"):
+        a, b = load_task(spec, src), load_task(spec, tmp_path / "out")
         assert _sides(a, src, "/nomat") == _sides(b, tmp_path / "out", "/nomat") and a.cand_names == b.cand_names
     assert len(list((tmp_path / "out/video-tasks/MVBench/tvqa/frames_fps3_hq/s01e02_seg01").iterdir())) == 3
 
@@ -657,11 +665,11 @@ def test_momentseeker_parser_text_image_and_video_queries(tmp_path):
         "positive_frames": [clips("m/a.mp4"), clips("m/b.mp4", "m/d.mp4"), clips("m/c.mp4")],
         "negative_frames": [clips("m/b.mp4", "m/c.mp4"), clips("m/a.mp4"), []],
     }
-    spec = {**_video_spec(tmp_path, "MomentSeeker", D.MMEB_V2_TASKS["MomentSeeker"][2], cols), "meta_task": "MRET"}
+    spec = {**_video_spec(tmp_path, "MomentSeeker", MMEB_V2_TASKS["MomentSeeker"][2], cols), "meta_task": "MRET"}
     v = tmp_path / "video-tasks" / "MomentSeeker"
     (v / "video_frames" / "m_b").mkdir(parents=True)  # a clip whose frames are saved: read from them
     (v / "video_frames" / "mv_in").mkdir(parents=True)
-    t = D.load_task(spec, tmp_path)
+    t = load_task(spec, tmp_path)
     assert t.cand_names == ["m_a", "m_b", "m_c", "m_d"]
     assert [c.video for c in t.candidates] == [str(v / "m/a.mp4"), str(v / "video_frames/m_b")] + [
         str(v / "m/c.mp4"),
@@ -683,8 +691,8 @@ def test_momentseeker_parser_text_image_and_video_queries(tmp_path):
     r = M.score_task(t, qe, ce)
     assert r["score"] == pytest.approx(2 / 3)
     bad = {**cols, "positive_frames": [[], *cols["positive_frames"][1:]]}
-    with pytest.raises(D.MMEBDataError, match="row 0: no positive clip"):
-        D.load_task(_video_spec(tmp_path / "b", "MomentSeeker", "momentseeker", bad), tmp_path / "b")
+    with pytest.raises(MMEBDataError, match="row 0: no positive clip"):
+        load_task(_video_spec(tmp_path / "b", "MomentSeeker", "momentseeker", bad), tmp_path / "b")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -707,10 +715,10 @@ def test_prepare_mmeb_writes_a_self_contained_copy(bundled, tmp_path, capsys):
     assert prepare_main(["--mmeb", "--root", str(bundled), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"prepared {len(TASKS)} MMEB tasks" in printed and "0 missing" in printed
-    assert [t["name"] for t in D.task_table(out)] == [t["name"] for t in TASKS]
+    assert [t["name"] for t in task_table(out)] == [t["name"] for t in TASKS]
     for spec in TASKS:
-        a = D.load_task(spec, bundled, materialize_dir=tmp_path / "ma")
-        b = D.load_task(spec, out, materialize_dir=tmp_path / "mb")
+        a = load_task(spec, bundled, materialize_dir=tmp_path / "ma")
+        b = load_task(spec, out, materialize_dir=tmp_path / "mb")
         assert (a.query_ids, a.cand_names, a.relevant, a.local) == (b.query_ids, b.cand_names, b.relevant, b.local)
         assert _sides(a, bundled, tmp_path / "ma") == _sides(b, out, tmp_path / "mb")
         for s in b.queries + b.candidates:  # every file the copy names is inside it
@@ -732,13 +740,13 @@ def test_prepare_mmeb_counts_missing_media_and_reads_named_tasks_from_the_hf_cac
     # a named MMEB-V2 task absent under the root comes from the HF cache (a local parquet "hub id" here)
     repo = tmp_path / "repo"
     repo.mkdir()
-    D.load_dataset_dir(bundled / "image" / "Bundled-ColourCLS").to_parquet(str(repo / "test-00000-of-00001.parquet"))
-    monkeypatch.setitem(D.HUB, "ImageNet-1K", (str(repo), None, "test"))
+    load_dataset_dir(bundled / "image" / "Bundled-ColourCLS").to_parquet(str(repo / "test-00000-of-00001.parquet"))
+    monkeypatch.setitem(HUB, "ImageNet-1K", (str(repo), None, "test"))
     s = prepare_mmeb(str(src), str(tmp_path / "o2"), tasks=["ImageNet-1K"], log=lambda x: None)
     assert s["tasks"] == ["ImageNet-1K"] and s["skipped"] == {} and s["media"]["copied"] > 0
-    t = D.load_task(D.task_table(tmp_path / "o2")[0], tmp_path / "o2")
+    t = load_task(task_table(tmp_path / "o2")[0], tmp_path / "o2")
     assert t.name == "ImageNet-1K" and all(Path(q.image).is_file() for q in t.queries)
-    with pytest.raises(D.MMEBDataError, match="unknown MMEB task 'Nope'"):
+    with pytest.raises(MMEBDataError, match="unknown MMEB task 'Nope'"):
         prepare_mmeb(str(src), str(tmp_path / "o3"), tasks=["Nope"], log=lambda x: None)
     with pytest.raises(FileExistsError, match="not empty"):
         prepare_mmeb(str(src), str(tmp_path / "o2"), log=lambda x: None)

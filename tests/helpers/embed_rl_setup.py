@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from elva_jax.data.media.settings import MediaSettings
 from elva_jax.data.prompts import TCOT_JUDGE_INSTRUCTION, TCOT_REASONER_INSTRUCTION, TCOT_SUMMARISE_INSTRUCTION
 from elva_jax.data.tokenize import Tokenizer
 from elva_jax.model.config import ModelOptions
@@ -36,12 +37,12 @@ def make_embed_rl(mesh=None, *, judge: bool = False, full_finetune: bool = False
     rl = RLConfig(group_size=G, max_summary_tokens=6, beta=0.01, adv_ddof=1, adv_eps=1e-6, loss_type="bnpo")
     policy = reasoner_policy(
         rcfg, opts, rl, optax.adamw(1e-3), tok, request=TCOT_REASONER_INSTRUCTION, lora_scale=LCFG.scale,
-        prompt_buckets=(256,), patch_row_len=64, mesh=mesh, full_finetune=full_finetune,
+        prompt_buckets=(256,), media=MediaSettings(patch_row_len=64), mesh=mesh, full_finetune=full_finetune,
     )  # fmt: skip
     policy.scfg = dataclasses.replace(policy.scfg, cache_dtype="float32")
     emb = FrozenEmbedder(
         ecfg, opts, init_params(ecfg, jax.random.key(5), std=0.05), tok, request=TCOT_SUMMARISE_INSTRUCTION,
-        buckets=(256,), patch_row_len=64, min_pixels=3136, max_pixels=12544, mesh=mesh,
+        buckets=(256,), media=MediaSettings(patch_row_len=64, min_pixels=3136, max_pixels=12544), mesh=mesh,
     )  # fmt: skip
     jud = None
     if judge:

@@ -7,9 +7,10 @@ import os
 import jax
 import optax
 
-from elva_jax.data import mbeir
-from elva_jax.data.multigrain import generate as generate_data
-from elva_jax.data.pipeline import contrastive_records
+from elva_jax.data.benchmarks import mbeir
+from elva_jax.data.benchmarks.multigrain.generator import generate as generate_data
+from elva_jax.data.media.settings import MediaSettings
+from elva_jax.data.records import contrastive_records
 from elva_jax.data.tokenize import Tokenizer
 from elva_jax.model.config import ModelOptions
 from elva_jax.model.lora import LoraConfig, init_lora
@@ -44,7 +45,7 @@ def make_trainer(rcfg: RLConfig | None = None, *, cache_dtype=None, seed=0, mesh
         tok,
         lora_scale=LCFG.scale,
         prompt_buckets=(256, 384),
-        patch_row_len=64,
+        media=MediaSettings(patch_row_len=64),
         mesh=mesh,
     )
     if cache_dtype:

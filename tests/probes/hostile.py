@@ -10,7 +10,7 @@ Each probe gives a command a bad input (config, data, checkpoint, cache, tool in
 - unclear crash: it stopped, but with a traceback or a message that does not name the cause;
 - data lost: files that had to survive (earlier checkpoints, a user's folder) changed or vanished.
 Not collected by pytest (the suite has a test per probe class); this runs every probe once, in a few
-minutes, and prints the table the README quotes. Exit status 1 when any probe is silent wrong, an
+minutes, and prints the table of outcomes (docs/reliability.md). Exit status 1 when any probe is silent wrong, an
 unclear crash or lost data.
 """
 
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, "-m", "elva_jax.train"]
 EVAL = [sys.executable, "-m", "elva_jax.eval"]
 COMPARE = [sys.executable, "-m", "elva_jax.compare"]
-GEN = [sys.executable, "-m", "elva_jax.data.multigrain"]
+GEN = [sys.executable, "-m", "elva_jax.data.benchmarks.multigrain"]
 SHORT = ["train.stages=[contrastive]", "train.eval_modes=[]", "train.max_steps=2", "run.async_checkpoint=false"]
 
 

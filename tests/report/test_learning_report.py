@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from elva_jax.data.multigrain import BundledSizeError, ensure_generated
+from elva_jax.data.benchmarks.multigrain.generator import BundledSizeError, ensure_generated
 from elva_jax.report.learning import aggregate, finished, recall_summary, slope, t_interval, targets
 from elva_jax.report.plot import learning_curves
 

@@ -178,8 +178,9 @@ def test_tiny_run_with_the_judge_and_full_fine_tuning_resumes_and_exports_the_tr
 
     from elva_jax import configlib
     from elva_jax.model.hf_checkpoint import load_params
-    from elva_jax.run.stages import load_model, run
+    from elva_jax.runtime.models import load_run_model
     from elva_jax.schema import RunConfig
+    from elva_jax.train.stages import run
 
     preset = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_embed_rl.yaml")
     over = [f"run.dir={tmp_path}", "rl.steps=2", "rl.group_size=2", "embed_rl.prm_enabled=true", "lora.enabled=false"]
@@ -200,7 +201,7 @@ def test_tiny_run_with_the_judge_and_full_fine_tuning_resumes_and_exports_the_tr
     assert [x["step"] for x in steps] == [1, 2] and all(x["prm_judged"] == 1.0 for x in steps)
     probes = [json.loads(x)["step"] for x in open(tmp_path / "rl" / "metrics.jsonl") if "probe_reward" in x]
     assert probes == [0, 1, 2]  # the resume at step 1 does not probe step 1 again
-    _, init = load_model(cfg)
+    _, init, _ = load_run_model(cfg)
     _, out = load_params(s["export"])
     q0, q1 = (np.asarray(p["text"]["layers"]["q_proj"]["kernel"], np.float32) for p in (init, out))
     assert q0.shape == q1.shape and np.abs(q1 - q0).max() > 0

@@ -96,8 +96,8 @@ def test_tiny_embed_rl_run_end_to_end(tmp_path):
     import os
 
     from elva_jax import configlib
-    from elva_jax.run.stages import run
     from elva_jax.schema import RunConfig
+    from elva_jax.train.stages import run
 
     preset = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_embed_rl.yaml")
     # the preset's shapes without its warm start and probe (those have their own tests)

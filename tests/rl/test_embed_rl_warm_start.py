@@ -14,9 +14,12 @@ import pytest
 
 from elva_jax import configlib
 from elva_jax.configlib import ConfigError
-from elva_jax.data import multigrain
-from elva_jax.data.sources import ContrastiveRecords, concat, open_source
+from elva_jax.data.benchmarks.multigrain.generator import generate as generate_data
+from elva_jax.data.benchmarks.multigrain.scenes import COLOURS, SHAPES, SIZES
+from elva_jax.data.records import ContrastiveRecords
+from elva_jax.data.sources import open_source
 from elva_jax.data.summaries import SummaryRecords
+from elva_jax.data.tables import concat
 from elva_jax.data.tokenize import Tokenizer, generation_vocab
 from elva_jax.model.hf_checkpoint import resize_vocab
 from elva_jax.model.params import init_params
@@ -24,11 +27,11 @@ from elva_jax.model.sampler import SamplerConfig, generate
 from elva_jax.model.tiny import preset_config
 from elva_jax.rl.trainer import encode_prompts, model_inputs
 from elva_jax.rl.warm_start import SFTBatches, reasoner_options, reasoner_target, run_sft, sft_recipe
+from elva_jax.runtime.models import model_options
 from elva_jax.schema import RunConfig
-from elva_jax.train.loop import model_options
 
 OFFICIAL = re.compile(r"<thinking>.*?</thinking>.*?<rethink>.*?</rethink>.*?<answer>.*?</answer>", re.DOTALL)
-WORDS = (*multigrain.COLOURS, *multigrain.SHAPES, *multigrain.SIZES, "top", "bottom", "left", "right", "center")
+WORDS = (*COLOURS, *SHAPES, *SIZES, "top", "bottom", "left", "right", "center")
 # a quick lesson: one summary; "\n" makes the end token differ from a tag's ">"
 HONEST = "<thinking>{summary}</thinking><rethink></rethink><answer></answer>\n"
 STRIPPED = "{summary}"  # the same summaries, no tags
@@ -76,7 +79,7 @@ def _short_text_pairs(base, max_objects: int = 2) -> SummaryRecords:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("mg")
-    multigrain.generate(root, seed=0, n_train=48, n_test=8)
+    generate_data(root, seed=0, n_train=48, n_test=8)
     src = open_source(str(root), "files")
     instr = src.instructions("instructions/query_instructions.tsv")
     pool = src.pool("cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl")

@@ -1,4 +1,4 @@
-"""The RL step's fast paths (issue 17: no pass that the math does not need) against the recomputing oracle.
+"""The RL step's fast paths (no pass that the math does not need) against the recomputing oracle.
 
 * rl.ret_embedding="sampler": the [RET] embedding the sampler returns equals the teacher-forced pass's
   (prompts with images; rows that stop on [RET] / another stop id, and rows given a forced [RET]);

@@ -28,6 +28,7 @@ import optax
 import pytest
 
 import elva_jax.rl.trainer as trainer_mod
+from elva_jax.data.media.settings import MediaSettings
 from elva_jax.data.tokenize import Tokenizer
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelOptions
@@ -70,7 +71,15 @@ def toy():
     rcfg = RLConfig(group_size=G, max_summary_tokens=1, top_k=K, beta=0.0, temperature=TEMP)
     tx = optax.adam(LR)
     tr = RLTrainer.from_tokenizer(
-        cfg, opts, rcfg, RCFG, tx, tok, lora_scale=LCFG.scale, prompt_buckets=(64,), patch_row_len=16
+        cfg,
+        opts,
+        rcfg,
+        RCFG,
+        tx,
+        tok,
+        lora_scale=LCFG.scale,
+        prompt_buckets=(64,),
+        media=MediaSettings(patch_row_len=16),
     )
     tr.scfg = dataclasses.replace(tr.scfg, cache_dtype="float32")
     ids, am, pvs, grids = tr.encode_instances(INSTANCES)

@@ -53,12 +53,13 @@ def test_rl_instances_mined_with_the_instruct_last_embedding(tmp_path):
     import jax
 
     from elva_jax import configlib
-    from elva_jax.data.multigrain import generate
+    from elva_jax.data.benchmarks.multigrain.generator import generate
     from elva_jax.data.tokenize import Tokenizer
     from elva_jax.model.params import init_params
     from elva_jax.model.tiny import preset_config
-    from elva_jax.run.stages import build_rl_instances
+    from elva_jax.rl.instances import build_rl_instances
     from elva_jax.schema import RunConfig
+    from elva_jax.train.stages import mining_embed
 
     assert configlib.load(RunConfig, None, []).rl.mining_embedding == "eol"  # today's behaviour by default
     generate(tmp_path / "data", seed=0, n_train=2, n_test=1)
@@ -80,7 +81,7 @@ def test_rl_instances_mined_with_the_instruct_last_embedding(tmp_path):
     mcfg = preset_config("tiny")
     params = init_params(mcfg, jax.random.key(0))
     tok = Tokenizer.from_dir(geometry=mcfg.vision.geometry)
-    inst = build_rl_instances(cfg, str(tmp_path / "data"), params=params, mcfg=mcfg, tokenizer=tok)
+    inst = build_rl_instances(cfg, str(tmp_path / "data"), embed=mining_embed(cfg, params, mcfg, tok))
     assert inst and all(len(x["cands"]) == 1 + 3 for x in inst)
     cache = tmp_path / "run" / "rl" / "negatives"
     for name in ("queries.instruct_last", "pool.instruct_last"):
@@ -129,7 +130,7 @@ def test_relative_filter_and_drop_counts_equal_brute_force():
 
 
 def test_random_negatives_append_exactly_n_from_the_pool_and_none_for_zero():
-    from elva_jax.rl.loop import add_random_negatives
+    from elva_jax.rl.instances import add_random_negatives
 
     pool = [{"text": f"c{i}", "image": None} for i in range(20)]
     recs = [{"id": "q", "cands": [pool[3], pool[5]]}]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers.rl_setup import instances, make_trainer
 
-from elva_jax.rl.loop import split_probe
+from elva_jax.rl.instances import split_probe
 from elva_jax.rl.rewards import RewardConfig
 
 

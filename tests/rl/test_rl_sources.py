@@ -13,14 +13,17 @@ import numpy as np
 import pytest
 
 from elva_jax import configlib
-from elva_jax.data import mbeir, multigrain
-from elva_jax.data import pipeline as P
-from elva_jax.data.image_processing import load_image, preprocess_image
+from elva_jax.data.benchmarks import mbeir
+from elva_jax.data.benchmarks.multigrain.generator import generate
+from elva_jax.data.media.image_processing import load_image, preprocess_image
 from elva_jax.data.prepare import prepare
-from elva_jax.rl.loop import add_random_negatives, select_instances, step_batches
+from elva_jax.data.records import contrastive_records, corpus_records
+from elva_jax.rl.instances import add_random_negatives, build_rl_instances, select_instances
+from elva_jax.rl.loop import step_batches
 from elva_jax.rl.trainer import side_image
-from elva_jax.run.stages import BUNDLED_POOL, BUNDLED_TRAIN, build_rl_instances
+from elva_jax.runtime.run_data import BUNDLED_POOL, BUNDLED_TRAIN
 from elva_jax.schema import RunConfig
+from elva_jax.train.stages import mining_embed
 
 KINDS = ("files", "array_record", "hf")
 INS = "instructions/query_instructions.tsv"
@@ -31,7 +34,7 @@ def roots(tmp_path_factory):
     """A small M-BEIR-format set (one query's positive broken: not in the pool), prepared both ways."""
     base = tmp_path_factory.mktemp("rlsrc")
     mg = base / "mg"
-    multigrain.generate(mg, seed=0, n_train=4, n_test=1)
+    generate(mg, seed=0, n_train=4, n_test=1)
     path = mg / BUNDLED_TRAIN
     lines = path.read_text().splitlines()
     first = json.loads(lines[0])
@@ -68,9 +71,9 @@ def _oracle(root, *, n_hard, n_random, fraction, seed):
     qs, pool = mbeir.read_queries(f"{root}/{BUNDLED_TRAIN}"), mbeir.read_pool(f"{root}/{BUNDLED_POOL}")
     ins = mbeir.read_instructions(f"{root}/{INS}")
     dropped: list[str] = []
-    recs = P.contrastive_records(qs, pool, root, instructions=ins, num_negatives=n_hard, dropped=dropped)
+    recs = contrastive_records(qs, pool, root, instructions=ins, num_negatives=n_hard, dropped=dropped)
     recs = select_instances(recs, fraction, seed)
-    sides = [P.corpus_records([c], root)[0]["item"] for c in pool.values()]
+    sides = [corpus_records([c], root)[0]["item"] for c in pool.values()]
     return add_random_negatives(recs, sides, n_random, seed), dropped
 
 
@@ -167,7 +170,8 @@ def test_mined_negatives_are_the_same_from_prepared_shards(roots):
     )
     got = {}
     for kind in ("files", "array_record"):
-        inst = build_rl_instances(_cfg(roots, kind, *over), roots[kind], params=params, mcfg=mcfg, tokenizer=tok)
+        cfg = _cfg(roots, kind, *over)
+        inst = build_rl_instances(cfg, roots[kind], embed=mining_embed(cfg, params, mcfg, tok))
         got[kind] = [_strip(inst[i]) for i in range(len(inst))]
     assert got["files"] == got["array_record"]
     assert got["files"] and all(len(r["cands"]) == 4 for r in got["files"])

@@ -13,20 +13,23 @@ import pytest
 
 from elva_jax import configlib
 from elva_jax.configlib import ConfigError
-from elva_jax.data import multigrain
-from elva_jax.data.sources import ContrastiveRecords, open_source
+from elva_jax.data.benchmarks.multigrain.generator import generate as generate_data
+from elva_jax.data.benchmarks.multigrain.scenes import COLOURS, SHAPES, SIZES
+from elva_jax.data.encoding import PromptEncoder
+from elva_jax.data.records import ContrastiveRecords
+from elva_jax.data.sources import open_source
 from elva_jax.data.summaries import SummaryRecords
-from elva_jax.data.tokenize import PromptEncoder, Tokenizer
+from elva_jax.data.tokenize import Tokenizer
 from elva_jax.model.hf_checkpoint import resize_vocab
 from elva_jax.model.params import init_params
 from elva_jax.model.sampler import SamplerConfig, generate
 from elva_jax.model.tiny import preset_config
 from elva_jax.rl.trainer import encode_prompts, model_inputs
 from elva_jax.rl.warm_start import run_sft
+from elva_jax.runtime.models import model_options
 from elva_jax.schema import RunConfig
-from elva_jax.train.loop import model_options
 
-WORDS = (*multigrain.COLOURS, *multigrain.SHAPES, *multigrain.SIZES, "top", "bottom", "left", "right", "center")
+WORDS = (*COLOURS, *SHAPES, *SIZES, "top", "bottom", "left", "right", "center")
 STEPS = 400
 
 
@@ -61,13 +64,13 @@ def _text_pairs(base) -> SummaryRecords:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("mg")
-    multigrain.generate(root, seed=0, n_train=48, n_test=8)
+    generate_data(root, seed=0, n_train=48, n_test=8)
     src = open_source(str(root), "files")
     instr = src.instructions("instructions/query_instructions.tsv")
 
     def base(split, files):
         pool = src.pool(f"cand_pool/global/mbeir_multigrain_union_{split}_cand_pool.jsonl")
-        from elva_jax.data.sources import concat
+        from elva_jax.data.tables import concat
 
         return ContrastiveRecords(concat([src.queries(f) for f in files]), pool, src.image_root, instructions=instr)
 

@@ -14,9 +14,9 @@ import numpy as np  # noqa: E402
 from helpers.contrastive import EMB, contrastive_batch, tiny_cfg, tiny_params  # noqa: E402
 
 from elva_jax import configlib  # noqa: E402
+from elva_jax.contrastive.loop import train  # noqa: E402
 from elva_jax.model.config import ModelOptions  # noqa: E402
 from elva_jax.schema import RunConfig  # noqa: E402
-from elva_jax.train.loop import train  # noqa: E402
 
 if __name__ == "__main__":
     run_dir = sys.argv[1]

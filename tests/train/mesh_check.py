@@ -16,12 +16,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from helpers.contrastive import EMB, contrastive_batch, tiny_cfg, tiny_params  # noqa: E402
 
+from elva_jax.contrastive.step import StepConfig, TrainState, batch_shardings, train_step  # noqa: E402
 from elva_jax.model.config import ModelOptions  # noqa: E402
 from elva_jax.model.lora import LoraConfig, init_lora, lora_axes  # noqa: E402
 from elva_jax.model.params import logical_axes  # noqa: E402
 from elva_jax.parallel.sharding import make_mesh, tree_shardings  # noqa: E402
 from elva_jax.runtime.optim import OptimConfig, make_optimizer  # noqa: E402
-from elva_jax.train.step import StepConfig, TrainState, batch_shardings, train_step  # noqa: E402
 
 
 def run(mesh_shape, devices, dropout=0.0):

@@ -79,7 +79,7 @@ class _Positioned:
         return {"global_next_index": self.pos, "seed": self.seed}
 
     def set_state(self, state):
-        from elva_jax.data.pipeline import DataStateMismatch
+        from elva_jax.data.errors import DataStateMismatch
 
         if state["seed"] != self.seed:
             raise DataStateMismatch(f"saved with seed {state['seed']}, this run has {self.seed}")
@@ -91,7 +91,7 @@ def test_another_runs_data_state_is_an_error_not_a_fresh_start(tmp_path):
     taken for a corrupt step (which would fall back through every step and then start from scratch)."""
     import pytest
 
-    from elva_jax.data.pipeline import DataStateMismatch
+    from elva_jax.data.errors import DataStateMismatch
 
     ck = Checkpointer(str(tmp_path), keep=3, async_save=False)
     it = _Positioned(0)

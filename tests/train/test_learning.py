@@ -16,10 +16,10 @@ import optax
 import pytest
 from helpers.contrastive import EMB, contrastive_batch, tiny_cfg, tiny_params
 
-import elva_jax.train.step as step_mod
+import elva_jax.contrastive.step as step_mod
+from elva_jax.contrastive.step import StepConfig, TrainState, embed, train_step
 from elva_jax.model.config import ModelOptions
 from elva_jax.model.lora import LoraConfig, init_lora
-from elva_jax.train.step import StepConfig, TrainState, embed, train_step
 
 OPTS = ModelOptions(matmul_precision="highest")
 LCFG = LoraConfig(rank=4, alpha=8)

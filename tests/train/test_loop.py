@@ -13,9 +13,9 @@ from helpers.contrastive import EMB, contrastive_batch, tiny_cfg, tiny_params
 from helpers.device_check import run_check
 
 from elva_jax import configlib
+from elva_jax.contrastive.loop import train
 from elva_jax.model.config import ModelOptions
 from elva_jax.schema import RunConfig
-from elva_jax.train.loop import train
 
 OPTS = ModelOptions()
 CFG = tiny_cfg()
@@ -111,7 +111,7 @@ def test_loop_runs_on_an_eight_device_mesh(tmp_path):
 
 def test_pad_to_length_masks_the_new_slots():
     """Hand-checked: hosts that chose a shorter bucket are padded to the agreed one, new slots masked."""
-    from elva_jax.train.loop import pad_to_length
+    from elva_jax.contrastive.loop import pad_to_length
 
     g = {
         "input_ids": np.array([[[5, 6, 7]]]),

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from helpers.contrastive import EMB, contrastive_batch, tiny_cfg, tiny_params
 
+from elva_jax.contrastive.step import StepConfig, TrainState, contrastive_loss_and_grads, embed, train_step
 from elva_jax.model.config import ModelOptions
 from elva_jax.model.layers import dense
 from elva_jax.model.lora import LoraConfig, init_lora
 from elva_jax.retrieval.losses import info_nce
 from elva_jax.runtime.optim import OptimConfig, make_optimizer
-from elva_jax.train.step import StepConfig, TrainState, contrastive_loss_and_grads, embed, train_step
 
 OPTS = ModelOptions(matmul_precision="highest")
 LCFG = LoraConfig(rank=4, alpha=8)

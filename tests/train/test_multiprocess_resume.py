@@ -58,7 +58,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_resume_across_host_counts(tmp_path):
-    from elva_jax.data.multigrain import generate
+    from elva_jax.data.benchmarks.multigrain.generator import generate
 
     data = tmp_path / "data"
     generate(data, seed=0)
@@ -90,7 +90,7 @@ def _rl_metrics(run_dir: Path) -> dict[int, dict]:
 def test_rl_stage_resumes_across_host_counts(tmp_path):
     """The RL stage on 2 processes (the model on the 2-device mesh), stopped after 2 steps and resumed on
     1 process: same instances per step (the data position is the step), same rewards as one process."""
-    from elva_jax.data.multigrain import generate
+    from elva_jax.data.benchmarks.multigrain.generator import generate
 
     data = tmp_path / "data"
     generate(data, seed=0)

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from elva_jax.data import multigrain
+from elva_jax.data.benchmarks.multigrain.generator import generate
 from elva_jax.data.prepare import prepare
-from elva_jax.run.stages import main
+from elva_jax.train.stages import main
 
 Q = "query/train/mbeir_multigrain_union_train.jsonl"
 POOL = "cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl"
@@ -19,7 +19,7 @@ POOL = "cand_pool/global/mbeir_multigrain_union_train_cand_pool.jsonl"
 @pytest.mark.slow
 def test_the_loss_curve_is_the_same_from_every_source(tmp_path):
     mg = tmp_path / "mg"
-    multigrain.generate(mg, seed=0)
+    generate(mg, seed=0)
     roots = {"files": str(mg)}
     for fmt in ("array_record", "hf"):
         roots[fmt] = str(tmp_path / fmt)

@@ -11,11 +11,11 @@ import pytest
 from helpers.contrastive import EMB, contrastive_batch, tiny_cfg, tiny_params
 from helpers.device_check import run_check
 
+from elva_jax.contrastive.step import StepConfig, TrainState, contrastive_loss_and_grads, train_step
 from elva_jax.model.config import ModelOptions
 from elva_jax.model.lora import LoraConfig, init_lora
 from elva_jax.retrieval.losses import info_nce
 from elva_jax.runtime.optim import OptimConfig, make_optimizer
-from elva_jax.train.step import StepConfig, TrainState, contrastive_loss_and_grads, train_step
 
 OPTS = ModelOptions(matmul_precision="highest")
 LCFG = LoraConfig(rank=4, alpha=8)
@@ -126,7 +126,7 @@ def test_eight_devices_equal_one():
 def test_full_finetune_leaves_lm_head_untouched_and_stateless():
     import optax
 
-    from elva_jax.train.step import split_lm_head
+    from elva_jax.contrastive.step import split_lm_head
 
     cfg = tiny_cfg(tie=False)
     params = tiny_params(cfg)
@@ -155,13 +155,15 @@ def test_instruct_last_step_on_a_pipeline_batch(tmp_path):
     the system turn, candidates with data.default_instruction, right padded) and the step's loss is InfoNCE
     over the L2-normalised hidden states of each row's last real token (read off by hand here)."""
     from elva_jax import configlib
-    from elva_jax.data.multigrain import generate
-    from elva_jax.data.pipeline import PipelineConfig, make_pipeline
+    from elva_jax.contrastive.stage import train_encoder, train_template
+    from elva_jax.data.benchmarks.multigrain.generator import generate
+    from elva_jax.data.pipeline.config import PipelineConfig
+    from elva_jax.data.pipeline.iterator import make_pipeline
     from elva_jax.data.tokenize import Tokenizer
     from elva_jax.model import backbone
     from elva_jax.model.params import init_params
     from elva_jax.model.tiny import preset_config
-    from elva_jax.run.stages import build_records, train_encoder, train_template
+    from elva_jax.runtime.run_data import build_records
     from elva_jax.schema import RunConfig
 
     generate(tmp_path / "data", seed=0, n_train=2, n_test=1)

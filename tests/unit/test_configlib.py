@@ -70,3 +70,22 @@ def test_exponent_without_a_dot_is_a_number():
     assert configlib.load(C, None, ["name=1e-3"]).name == "1e-3"  # a string field keeps its text
     with pytest.raises(configlib.ConfigError, match="expected a number"):
         configlib.load(C, None, ["lr=fast"])
+
+
+def test_inherited_fields_are_keys_of_the_section():
+    """A section that inherits a dataclass (the data section inherits `MediaSettings`) takes its fields as
+    keys, type-checked and suggested like its own; its own fields keep their ``choices``."""
+    from elva_jax.data.media.settings import MediaSettings
+    from elva_jax.schema import RunConfig, project
+
+    cfg = load(RunConfig, None, ["data.min_pixels=100", "data.video_fps=1", "data.kind=nli"])
+    assert (cfg.data.min_pixels, cfg.data.video_fps, cfg.data.kind) == (100, 1.0, "nli")
+    assert project(MediaSettings, cfg.data) == MediaSettings(min_pixels=100, video_fps=1.0)
+    assert to_dict(cfg)["data"]["max_pixels"] == MediaSettings.max_pixels
+    for bad, message in [
+        ("data.min_pixel=1", r"unknown key 'min_pixel' \(did you mean 'min_pixels'\?\)"),
+        ("data.patch_row_len=1.5", r"data\.patch_row_len: expected an integer"),
+        ("data.kind=x", r"data\.kind: 'x' is not one of"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load(RunConfig, None, [bad])

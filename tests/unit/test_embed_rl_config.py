@@ -68,7 +68,7 @@ def test_defaults_and_checks():
 
 
 def test_embed_rl_run_refuses_what_it_cannot_run_up_front(tmp_path, capsys):
-    from elva_jax.run.stages import main, run
+    from elva_jax.train.stages import main, run
 
     run_dir = tmp_path / "run"
     cfg = configlib.load(

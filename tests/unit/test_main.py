@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from elva_jax.run.stages import main
+from elva_jax.train.stages import main
 
 
 @pytest.mark.slow

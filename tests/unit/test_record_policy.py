@@ -8,15 +8,15 @@ import json
 import pytest
 
 from elva_jax import configlib
-from elva_jax.data.errors import RecordError
-from elva_jax.data.pipeline import SkippedFractionError
-from elva_jax.run.stages import BUNDLED_TRAIN, build_records, build_rl_instances
+from elva_jax.data.errors import RecordError, SkippedFractionError
+from elva_jax.rl.instances import build_rl_instances
+from elva_jax.runtime.run_data import BUNDLED_TRAIN, build_records
 from elva_jax.schema import RunConfig
 
 
 @pytest.fixture(scope="module")
 def broken_data(tmp_path_factory):
-    from elva_jax.data.multigrain import generate
+    from elva_jax.data.benchmarks.multigrain.generator import generate
 
     root = tmp_path_factory.mktemp("data")
     generate(root, seed=0)

@@ -15,7 +15,18 @@ import numpy as np
 
 from elva_jax.model.config import ModelConfig, UnsupportedArchitectureError
 from elva_jax.model.families import Family
-from elva_jax.model.families.common import parse_text, qwen2_text_specs, special_tokens, text_fields, tie_embeddings
+from elva_jax.model.families.common import (
+    Row,
+    merger_mlp,
+    norm,
+    parse_text,
+    patch_embed,
+    qwen2_text_specs,
+    special_tokens,
+    text_fields,
+    tie_embeddings,
+    vision_blocks,
+)
 from elva_jax.model.params import ParamSpec
 from elva_jax.model.rope import mrope_positions_scaled, vision_position_ids
 from elva_jax.model.vision_qwen2_5 import Qwen25VisionConfig, window_ids
@@ -112,96 +123,22 @@ def parse_config(d: dict[str, Any], source: str) -> ModelConfig:
     )
 
 
-def _vision_specs(cfg: ModelConfig) -> list[ParamSpec]:
-    v, D = cfg.vision, cfg.text.hidden_size
-    Lv, Dv, Fv = v.depth, v.embed_dim, v.mlp_dim
-    Dm = Dv * v.merge_unit
-    vl = "visual.blocks.{i}."
-    S = ParamSpec
-    specs = [
-        S(
-            ("vision", "patch_embed", "kernel"),
-            (v.patch_dim, Dv),
-            ("patch", "vis_embed"),
-            "visual.patch_embed.proj.weight",
-            "patch",
-        ),
-    ]
-    for name in ("norm1", "norm2"):
-        specs.append(
-            S(
-                ("vision", "blocks", name, "scale"),
-                (Lv, Dv),
-                ("layers", "vis_embed"),
-                vl + name + ".weight",
-                init="ones",
-            )
-        )
-    for name, hf, din, dout, ain, aout in (
-        ("qkv", "attn.qkv", Dv, 3 * Dv, "vis_embed", "vis_qkv"),
-        ("proj", "attn.proj", Dv, Dv, "vis_qkv", "vis_embed"),
+def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
+    """The vision tower's tensors (RMSNorms, gated MLP), then the Qwen2 decoder's (`common.qwen2_text_specs`)."""
+    v = cfg.vision
+    Dv, Fv = v.embed_dim, v.mlp_dim
+    mlp: tuple[Row, ...] = (
         ("gate_proj", "mlp.gate_proj", Dv, Fv, "vis_embed", "vis_mlp"),
         ("up_proj", "mlp.up_proj", Dv, Fv, "vis_embed", "vis_mlp"),
         ("down_proj", "mlp.down_proj", Fv, Dv, "vis_mlp", "vis_embed"),
-    ):
-        specs += [
-            S(
-                ("vision", "blocks", name, "kernel"),
-                (Lv, din, dout),
-                ("layers", ain, aout),
-                vl + hf + ".weight",
-                "linear",
-            ),
-            S(
-                ("vision", "blocks", name, "bias"),
-                (Lv, dout),
-                ("layers", aout),
-                vl + hf + ".bias",
-                init="zeros",
-            ),
-        ]
-    specs += [
-        S(
-            ("vision", "merger", "ln_q", "scale"),
-            (Dv,),
-            ("vis_embed",),
-            "visual.merger.ln_q.weight",
-            init="ones",
-        ),
-        S(
-            ("vision", "merger", "fc1", "kernel"),
-            (Dm, Dm),
-            ("merge", "vis_mlp"),
-            "visual.merger.mlp.0.weight",
-            "linear",
-        ),
-        S(
-            ("vision", "merger", "fc1", "bias"),
-            (Dm,),
-            ("vis_mlp",),
-            "visual.merger.mlp.0.bias",
-            init="zeros",
-        ),
-        S(
-            ("vision", "merger", "fc2", "kernel"),
-            (Dm, D),
-            ("vis_mlp", "embed"),
-            "visual.merger.mlp.2.weight",
-            "linear",
-        ),
-        S(
-            ("vision", "merger", "fc2", "bias"),
-            (D,),
-            ("embed",),
-            "visual.merger.mlp.2.bias",
-            init="zeros",
-        ),
+    )
+    return [
+        *patch_embed(v, "visual.patch_embed.proj"),
+        *vision_blocks(v, "visual.blocks.{i}.", mlp, norm_bias=False),
+        *norm(("vision", "merger", "ln_q"), "visual.merger.ln_q", Dv, "vis_embed"),
+        *merger_mlp(("vision", "merger"), "visual.merger.mlp.0", "visual.merger.mlp.2", v, cfg.text.hidden_size),
+        *qwen2_text_specs(cfg),
     ]
-    return specs
-
-
-def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
-    return _vision_specs(cfg) + qwen2_text_specs(cfg)
 
 
 def vision_forward(params: dict, inputs: dict, cfg: ModelConfig, opts):

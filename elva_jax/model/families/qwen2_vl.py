@@ -10,7 +10,17 @@ from typing import Any
 
 from elva_jax.model.config import ModelConfig, UnsupportedArchitectureError, VisionConfig
 from elva_jax.model.families import Family
-from elva_jax.model.families.common import parse_text, qwen2_text_specs, special_tokens, tie_embeddings
+from elva_jax.model.families.common import (
+    Row,
+    merger_mlp,
+    norm,
+    parse_text,
+    patch_embed,
+    qwen2_text_specs,
+    special_tokens,
+    tie_embeddings,
+    vision_blocks,
+)
 from elva_jax.model.params import ParamSpec
 from elva_jax.model.rope import mrope_positions_for, vision_position_ids
 from elva_jax.model.vision import vision_forward as _vision_tower
@@ -62,104 +72,18 @@ def parse_config(d: dict[str, Any], source: str) -> ModelConfig:
 def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     """The vision tower's tensors, then the Qwen2 decoder's (`common.qwen2_text_specs`)."""
     v = cfg.vision
-    D = cfg.text.hidden_size
-    Lv, Dv, Fv = v.depth, v.embed_dim, v.mlp_dim
-    Dm = Dv * v.merge_unit
-    vl = "visual.blocks.{i}."
-    S = ParamSpec
-    specs = [
-        S(
-            ("vision", "patch_embed", "kernel"),
-            (v.patch_dim, Dv),
-            ("patch", "vis_embed"),
-            "visual.patch_embed.proj.weight",
-            "patch",
-        ),
-    ]
-    for name, hf in (("norm1", "norm1"), ("norm2", "norm2")):
-        specs += [
-            S(
-                ("vision", "blocks", name, "scale"),
-                (Lv, Dv),
-                ("layers", "vis_embed"),
-                vl + hf + ".weight",
-                init="ones",
-            ),
-            S(
-                ("vision", "blocks", name, "bias"),
-                (Lv, Dv),
-                ("layers", "vis_embed"),
-                vl + hf + ".bias",
-                init="zeros",
-            ),
-        ]
-    for name, hf, din, dout, ain, aout in (
-        ("qkv", "attn.qkv", Dv, 3 * Dv, "vis_embed", "vis_qkv"),
-        ("proj", "attn.proj", Dv, Dv, "vis_qkv", "vis_embed"),
+    Dv, Fv = v.embed_dim, v.mlp_dim
+    mlp: tuple[Row, ...] = (
         ("fc1", "mlp.fc1", Dv, Fv, "vis_embed", "vis_mlp"),
         ("fc2", "mlp.fc2", Fv, Dv, "vis_mlp", "vis_embed"),
-    ):
-        specs += [
-            S(
-                ("vision", "blocks", name, "kernel"),
-                (Lv, din, dout),
-                ("layers", ain, aout),
-                vl + hf + ".weight",
-                "linear",
-            ),
-            S(
-                ("vision", "blocks", name, "bias"),
-                (Lv, dout),
-                ("layers", aout),
-                vl + hf + ".bias",
-                init="zeros",
-            ),
-        ]
-    specs += [
-        S(
-            ("vision", "merger", "ln_q", "scale"),
-            (Dv,),
-            ("vis_embed",),
-            "visual.merger.ln_q.weight",
-            init="ones",
-        ),
-        S(
-            ("vision", "merger", "ln_q", "bias"),
-            (Dv,),
-            ("vis_embed",),
-            "visual.merger.ln_q.bias",
-            init="zeros",
-        ),
-        S(
-            ("vision", "merger", "fc1", "kernel"),
-            (Dm, Dm),
-            ("merge", "vis_mlp"),
-            "visual.merger.mlp.0.weight",
-            "linear",
-        ),
-        S(
-            ("vision", "merger", "fc1", "bias"),
-            (Dm,),
-            ("vis_mlp",),
-            "visual.merger.mlp.0.bias",
-            init="zeros",
-        ),
-        S(
-            ("vision", "merger", "fc2", "kernel"),
-            (Dm, D),
-            ("vis_mlp", "embed"),
-            "visual.merger.mlp.2.weight",
-            "linear",
-        ),
-        S(
-            ("vision", "merger", "fc2", "bias"),
-            (D,),
-            ("embed",),
-            "visual.merger.mlp.2.bias",
-            init="zeros",
-        ),
+    )
+    return [
+        *patch_embed(v, "visual.patch_embed.proj"),
+        *vision_blocks(v, "visual.blocks.{i}.", mlp, norm_bias=True),
+        *norm(("vision", "merger", "ln_q"), "visual.merger.ln_q", Dv, "vis_embed", bias=True),
+        *merger_mlp(("vision", "merger"), "visual.merger.mlp.0", "visual.merger.mlp.2", v, cfg.text.hidden_size),
+        *qwen2_text_specs(cfg),
     ]
-    return specs + qwen2_text_specs(cfg)
 
 
 def vision_forward(params: dict, inputs: dict, cfg: ModelConfig, opts):

@@ -19,7 +19,19 @@ import numpy as np
 
 from elva_jax.model.config import ModelConfig, UnsupportedArchitectureError
 from elva_jax.model.families import Family
-from elva_jax.model.families.common import parse_text, special_tokens, text_fields, tie_embeddings
+from elva_jax.model.families.common import (
+    ATTN_PROJ,
+    Row,
+    decoder_specs,
+    merger_mlp,
+    norm,
+    parse_text,
+    patch_embed,
+    special_tokens,
+    text_fields,
+    tie_embeddings,
+    vision_blocks,
+)
 from elva_jax.model.params import ParamSpec
 from elva_jax.model.rope import mrope_positions_for, vision_position_ids
 from elva_jax.model.vision_qwen3 import Qwen3VisionConfig, pos_embed_taps
@@ -40,20 +52,8 @@ def _with_text_defaults(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def parse_config(d: dict[str, Any], source: str) -> ModelConfig:
-    if d.get("model_type", "qwen3_vl") != "qwen3_vl":
-        raise UnsupportedArchitectureError(f"{source}: model_type {d.get('model_type')!r} is not qwen3_vl")
-    t = text_fields(d)
-    if t.get("num_experts") or str(t.get("model_type", "")).endswith("moe_text"):
-        raise UnsupportedArchitectureError(f"{source}: Qwen3-VL MoE (qwen3_vl_moe) is not supported, only dense")
-    text = parse_text(
-        _with_text_defaults(d),
-        source,
-        attention_bias=bool(t.get("attention_bias", False)),
-        qk_norm=True,
-        mrope_interleaved=True,  # transformers' Qwen3-VL always interleaves, whatever the flag says
-    )
-    v = dict(d.get("vision_config") or {})
+def _parse_vision(v: dict[str, Any], source: str) -> Qwen3VisionConfig:
+    """The vision config (`vision_config`); its checks that need no text config."""
     vrope = v.get("rope_parameters") or {}
     try:
         patch = v.get("patch_size", 16)
@@ -87,6 +87,23 @@ def parse_config(d: dict[str, Any], source: str) -> ModelConfig:
         raise UnsupportedArchitectureError(
             f"{source}: vision activation {vision.hidden_act!r} is not supported (only {VISION_ACTS})"
         )
+    return vision
+
+
+def parse_config(d: dict[str, Any], source: str) -> ModelConfig:
+    if d.get("model_type", "qwen3_vl") != "qwen3_vl":
+        raise UnsupportedArchitectureError(f"{source}: model_type {d.get('model_type')!r} is not qwen3_vl")
+    t = text_fields(d)
+    if t.get("num_experts") or str(t.get("model_type", "")).endswith("moe_text"):
+        raise UnsupportedArchitectureError(f"{source}: Qwen3-VL MoE (qwen3_vl_moe) is not supported, only dense")
+    text = parse_text(
+        _with_text_defaults(d),
+        source,
+        attention_bias=bool(t.get("attention_bias", False)),
+        qk_norm=True,
+        mrope_interleaved=True,  # transformers' Qwen3-VL always interleaves, whatever the flag says
+    )
+    vision = _parse_vision(dict(d.get("vision_config") or {}), source)
     if vision.out_hidden_size != text.hidden_size:
         raise UnsupportedArchitectureError(
             f"{source}: vision merger outputs {vision.out_hidden_size}, LLM hidden is {text.hidden_size}"
@@ -109,166 +126,34 @@ def parse_config(d: dict[str, Any], source: str) -> ModelConfig:
 
 
 def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
-    t, v = cfg.text, cfg.vision
-    L, D, V, F = t.num_layers, t.hidden_size, t.vocab_size, t.intermediate_size
-    Hq, Hkv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-    Lv, Dv, Fv = v.depth, v.embed_dim, v.mlp_dim
-    Dm = Dv * v.merge_unit
-    K = len(v.deepstack_visual_indexes)
-    tl, vl, dl = (
-        "model.language_model.layers.{i}.",
-        "model.visual.blocks.{i}.",
-        "model.visual.deepstack_merger_list.{i}.",
+    """The vision tower's tensors (biased patch embedding, learned position table, LayerNorm blocks, the
+    merger and the stacked DeepStack mergers), then the Qwen3 decoder's (q/k norms; biases on all four
+    attention projections when `attention_bias`)."""
+    v, D = cfg.vision, cfg.text.hidden_size
+    Dv, Fv, K = v.embed_dim, v.mlp_dim, len(v.deepstack_visual_indexes)
+    mlp: tuple[Row, ...] = (
+        ("fc1", "mlp.linear_fc1", Dv, Fv, "vis_embed", "vis_mlp"),
+        ("fc2", "mlp.linear_fc2", Fv, Dv, "vis_mlp", "vis_embed"),
     )
-    S = ParamSpec
     specs = [
-        S(
-            ("vision", "patch_embed", "kernel"),
-            (v.patch_dim, Dv),
-            ("patch", "vis_embed"),
-            "model.visual.patch_embed.proj.weight",
-            "patch",
-        ),
-        S(("vision", "patch_embed", "bias"), (Dv,), ("vis_embed",), "model.visual.patch_embed.proj.bias", init="zeros"),
-        S(
+        *patch_embed(v, "model.visual.patch_embed.proj", bias=True),
+        ParamSpec(
             ("vision", "pos_embed", "embedding"),
             (v.num_position_embeddings, Dv),
             (None, "vis_embed"),
             "model.visual.pos_embed.weight",
         ),
+        *vision_blocks(v, "model.visual.blocks.{i}.", mlp, norm_bias=True),
     ]
-    for name in ("norm1", "norm2"):
-        specs += [
-            S(
-                ("vision", "blocks", name, "scale"),
-                (Lv, Dv),
-                ("layers", "vis_embed"),
-                vl + name + ".weight",
-                init="ones",
-            ),
-            S(("vision", "blocks", name, "bias"), (Lv, Dv), ("layers", "vis_embed"), vl + name + ".bias", init="zeros"),
-        ]
-    for name, hf, din, dout, ain, aout in (
-        ("qkv", "attn.qkv", Dv, 3 * Dv, "vis_embed", "vis_qkv"),
-        ("proj", "attn.proj", Dv, Dv, "vis_qkv", "vis_embed"),
-        ("fc1", "mlp.linear_fc1", Dv, Fv, "vis_embed", "vis_mlp"),
-        ("fc2", "mlp.linear_fc2", Fv, Dv, "vis_mlp", "vis_embed"),
-    ):
-        specs += [
-            S(
-                ("vision", "blocks", name, "kernel"),
-                (Lv, din, dout),
-                ("layers", ain, aout),
-                vl + hf + ".weight",
-                "linear",
-            ),
-            S(("vision", "blocks", name, "bias"), (Lv, dout), ("layers", aout), vl + hf + ".bias", init="zeros"),
-        ]
     # the final merger normalises each patch (Dv); the DeepStack mergers each window (Dm)
-    mergers = [("merger", (), "model.visual.merger.", Dv, "vis_embed")]
+    mergers = [("merger", None, "model.visual.merger.", Dv, "vis_embed")]
     if K:
-        mergers.append(("deepstack", (K,), dl, Dm, "merge"))
+        mergers.append(("deepstack", K, "model.visual.deepstack_merger_list.{i}.", Dv * v.merge_unit, "merge"))
     for name, lead, hf, dn, an in mergers:
-        la = ("layers",) * len(lead)
-        specs += [
-            S(("vision", name, "norm", "scale"), lead + (dn,), la + (an,), hf + "norm.weight", init="ones"),
-            S(("vision", name, "norm", "bias"), lead + (dn,), la + (an,), hf + "norm.bias", init="zeros"),
-            S(
-                ("vision", name, "fc1", "kernel"),
-                lead + (Dm, Dm),
-                la + ("merge", "vis_mlp"),
-                hf + "linear_fc1.weight",
-                "linear",
-            ),
-            S(("vision", name, "fc1", "bias"), lead + (Dm,), la + ("vis_mlp",), hf + "linear_fc1.bias", init="zeros"),
-            S(
-                ("vision", name, "fc2", "kernel"),
-                lead + (Dm, D),
-                la + ("vis_mlp", "embed"),
-                hf + "linear_fc2.weight",
-                "linear",
-            ),
-            S(("vision", name, "fc2", "bias"), lead + (D,), la + ("embed",), hf + "linear_fc2.bias", init="zeros"),
-        ]
-    specs += [
-        S(
-            ("text", "embed_tokens", "embedding"),
-            (V, D),
-            ("vocab", "embed"),
-            "model.language_model.embed_tokens.weight",
-        ),
-        S(
-            ("text", "layers", "input_norm", "scale"),
-            (L, D),
-            ("layers", "embed"),
-            tl + "input_layernorm.weight",
-            init="ones",
-        ),
-        S(
-            ("text", "layers", "post_attn_norm", "scale"),
-            (L, D),
-            ("layers", "embed"),
-            tl + "post_attention_layernorm.weight",
-            init="ones",
-        ),
-        S(
-            ("text", "layers", "q_norm", "scale"),
-            (L, t.head_dim),
-            ("layers", None),
-            tl + "self_attn.q_norm.weight",
-            init="ones",
-        ),
-        S(
-            ("text", "layers", "k_norm", "scale"),
-            (L, t.head_dim),
-            ("layers", None),
-            tl + "self_attn.k_norm.weight",
-            init="ones",
-        ),
-    ]
-    for name, din, dout, ain, aout in (
-        ("q_proj", D, Hq, "embed", "heads"),
-        ("k_proj", D, Hkv, "embed", "kv_heads"),
-        ("v_proj", D, Hkv, "embed", "kv_heads"),
-        ("o_proj", Hq, D, "heads", "embed"),
-    ):
-        specs.append(
-            S(
-                ("text", "layers", name, "kernel"),
-                (L, din, dout),
-                ("layers", ain, aout),
-                tl + f"self_attn.{name}.weight",
-                "linear",
-            )
-        )
-        if t.attention_bias:  # Qwen3's attention_bias puts a bias on all four projections
-            specs.append(
-                S(
-                    ("text", "layers", name, "bias"),
-                    (L, dout),
-                    ("layers", aout),
-                    tl + f"self_attn.{name}.bias",
-                    init="zeros",
-                )
-            )
-    for name, din, dout, ain, aout in (
-        ("gate_proj", D, F, "embed", "mlp"),
-        ("up_proj", D, F, "embed", "mlp"),
-        ("down_proj", F, D, "mlp", "embed"),
-    ):
-        specs.append(
-            S(
-                ("text", "layers", name, "kernel"),
-                (L, din, dout),
-                ("layers", ain, aout),
-                tl + f"mlp.{name}.weight",
-                "linear",
-            )
-        )
-    specs.append(S(("text", "norm", "scale"), (D,), ("embed",), "model.language_model.norm.weight", init="ones"))
-    if not cfg.tie_word_embeddings:
-        specs.append(S(("text", "lm_head", "kernel"), (D, V), ("embed", "vocab"), "lm_head.weight", "linear"))
-    return specs
+        specs += norm(("vision", name, "norm"), hf + "norm", dn, an, layers=lead, bias=True)
+        specs += merger_mlp(("vision", name), hf + "linear_fc1", hf + "linear_fc2", v, D, layers=lead)
+    biased = ATTN_PROJ if cfg.text.attention_bias else ()
+    return specs + decoder_specs(cfg, "model.language_model.", biased=biased, qk_norm=True)
 
 
 def vision_forward(params: dict, inputs: dict, cfg: ModelConfig, opts):

@@ -17,7 +17,7 @@ Tasks (names, parser and meta-task in ``mmeb_tasks.json``):
   each three 4-frame segments of a differently coloured square moving one way; query: a segment's caption
   + the whole video; candidates: the video's three segments (frame folders), the captioned one positive.
 
-    python -m elva_jax.data.mmeb_bundled --out DIR [--seed S]
+    python -m elva_jax.data.benchmarks.mmeb.bundled --out DIR [--seed S]
 
 Output is the same for the same seed (images and clips from seeded random draws).
 """
@@ -28,12 +28,14 @@ import argparse
 import io
 import json
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
-from elva_jax.errors import UserError
+from elva_jax.errors import UserError, cli
 
 __all__ = ["COLOURS", "SHAPES", "TASKS", "generate"]
 
@@ -246,8 +248,6 @@ def _doc_tasks(root: Path, rng: random.Random) -> None:
 
 def _motion_frames(direction: str, colour: str, rng: random.Random, n_frames: int = 8, side: int = 64) -> list:
     """uint8 [side, side, 3] frames of a 16-px square of ``colour`` moving ``direction`` on light grey."""
-    import numpy as np
-
     dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
     x, y = side // 2 - 8 - 12 * dx, side // 2 - 8 - 12 * dy
     step = rng.randint(3, 4)
@@ -322,8 +322,6 @@ def _video_tasks(root: Path, rng: random.Random) -> None:
 def generate(root: str | Path, *, seed: int = 0, n_image: int = 6, overwrite: bool = False) -> dict:
     """Write the set under ``root`` (empty or absent; with ``overwrite``, an earlier output of this
     generator, identified by its marker, is replaced). Returns {"root", "tasks", "seed"}."""
-    import shutil
-
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         if not (overwrite and (root / MARKER).is_file()):
@@ -356,6 +354,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from elva_jax.errors import cli
-
-    cli(main, prog="python -m elva_jax.data.mmeb_bundled")
+    cli(main, prog="python -m elva_jax.data.benchmarks.mmeb.bundled")

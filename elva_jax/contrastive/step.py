@@ -24,15 +24,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
 
+from elva_jax.data.conventions import TRAINABLE, convention
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelConfig, ModelOptions
-from elva_jax.model.embedding import eol_embedding, last_token_embedding
 from elva_jax.model.inputs import input_axes
+from elva_jax.parallel.sharding import logical_spec
 from elva_jax.retrieval.losses import info_nce
 
-#: contrastive embedding conventions; the prompt template each one trains on is in elva_jax.run.stages
-EMBEDDINGS = ("eol", "last", "instruct_last")
+#: the conventions a contrastive stage trains (`elva_jax.data.conventions`, with the template each trains on)
+EMBEDDINGS = TRAINABLE
 
 
 class TrainState(NamedTuple):
@@ -82,9 +84,15 @@ def embed(params, lora, inputs, cfg: ModelConfig, opts: ModelOptions, scfg: Step
     """Embeddings [B, D]; with ``dropout_key`` (and lora, lora_dropout > 0) the LoRA branches drop inputs."""
     drop = None if dropout_key is None or lora is None or not scfg.lora_dropout else (dropout_key, scfg.lora_dropout)
     h = backbone.forward(params, inputs, cfg, opts, lora=lora, lora_scale=scfg.lora_scale, lora_dropout=drop).hidden
-    if scfg.embedding == "eol":
-        return eol_embedding(h, inputs["input_ids"], scfg.emb_token_id, inputs["attention_mask"])
-    return last_token_embedding(h, inputs["attention_mask"])  # "last" and "instruct_last"
+    return _pool(h, inputs, scfg)
+
+
+def _pool(h, inputs, scfg: StepConfig):
+    """The L2-normalised embedding [B, D] of the final hidden states ``h`` [B, L, H] in the ``scfg.embedding``
+    convention (`elva_jax.data.conventions`: the token before ``<emb>``, or the last real token)."""
+    return convention(scfg.embedding).pool(
+        h, inputs["input_ids"], inputs["attention_mask"], emb_token_id=scfg.emb_token_id, ret_token_id=-1
+    )
 
 
 def _global_candidates(cs: jnp.ndarray, b: int) -> jnp.ndarray:
@@ -175,10 +183,6 @@ def train_step(state: TrainState, batch, *, cfg, opts, scfg: StepConfig, tx: opt
 
 def batch_shardings(batch: dict, mesh) -> dict:
     """NamedSharding for every array of a {"query"/"cand": inputs[A, ...]} batch (micro-batch axis replicated)."""
-    from jax.sharding import NamedSharding
-
-    from elva_jax.parallel.sharding import logical_spec
-
     return {
         group: {
             name: NamedSharding(mesh, logical_spec((None,) + input_axes(name, x.ndim - 1)))

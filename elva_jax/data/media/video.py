@@ -32,7 +32,7 @@ image (bit-identical to transformers' PIL image processor on the same frame); th
 a multiple of T by repeating the last frame, and T consecutive frames form one temporal patch
 (patch_dim = C * T * P * P, laid out (C, T, row, col)). transformers' video processors resize with
 torchvision's tensor bicubic instead of PIL's, which differs by a few uint8 levels on some pixels; no
-torch-free path reproduces it, so PIL's per-frame result is the reference here (see README).
+torch-free path reproduces it, so PIL's per-frame result is the reference here (docs/video.md).
 
 Patch budget: `max_patches` (e.g. a batch's patch row length) bounds t * h * w; a video over it is
 resampled with fewer frames (max_frames lowered to the largest multiple of T that fits, the same
@@ -50,10 +50,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from elva_jax.data.errors import ImageError
-from elva_jax.data.image_processing import _normalisation_table, smart_resize
+from elva_jax.data.media.image_processing import _normalisation_table, smart_resize
 from elva_jax.model.config import DEFAULT_GEOMETRY, PatchGeometry
 
 __all__ = [
@@ -78,9 +79,10 @@ __all__ = [
 DEFAULT_FPS = 2.0
 DEFAULT_MIN_FRAMES = 4
 DEFAULT_MAX_FRAMES = 768
-#: transformers' video processors' per-video pixel limits (`size`): Qwen2-VL 14-px, Qwen3-VL 16-px geometry
-DEFAULT_MIN_PIXELS = {14: 128 * 28 * 28, 16: 128 * 32 * 32}
-DEFAULT_MAX_PIXELS = {14: 768 * 28 * 28, 16: 768 * 32 * 32}
+#: transformers' video processors' per-video pixel limits (`size`), in visual tokens of ``factor x factor``
+#: pixels (`PatchGeometry.factor`: 28 for Qwen2-VL / Qwen2.5-VL's 14-px patches, 32 for Qwen3-VL's 16-px ones)
+DEFAULT_MIN_TOKENS = 128
+DEFAULT_MAX_TOKENS = 768
 #: image files that make up a frame folder (case-insensitive; VLM2Vec's frame loader takes .jpg / .jpeg / .png)
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -115,8 +117,6 @@ def _is_remote(path) -> bool:
 
 
 def _epath(path):
-    from etils import epath
-
     return epath.Path(str(path))
 
 
@@ -357,8 +357,8 @@ def load_video(
     Raises:
       VideoError: the file cannot be decoded, has too few frames, or does not fit `max_patches`.
     """
-    lo = DEFAULT_MIN_PIXELS.get(geometry.patch_size, 128 * geometry.factor**2) if min_pixels is None else min_pixels
-    hi = DEFAULT_MAX_PIXELS.get(geometry.patch_size, 768 * geometry.factor**2) if max_pixels is None else max_pixels
+    lo = DEFAULT_MIN_TOKENS * geometry.factor**2 if min_pixels is None else min_pixels
+    hi = DEFAULT_MAX_TOKENS * geometry.factor**2 if max_pixels is None else max_pixels
     if folder_fps is None and _is_folder(path, data):
         folder_fps = DEFAULT_FPS if fps is None else fps
     N, H, W, video_fps, read_frames = _open_video(path, folder_fps, data)

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from elva_jax.data.errors import ImageError
+from elva_jax.data.media.settings import LAMRA_MAX_PIXELS, LAMRA_MIN_PIXELS
 from elva_jax.model.config import DEFAULT_GEOMETRY, PatchGeometry
 
 __all__ = [
@@ -47,9 +48,7 @@ __all__ = [
     "to_rgb_array",
 ]
 
-#: LamRA's limits (<= 300 visual tokens after the 2x2 merge).
-LAMRA_MIN_PIXELS = 4 * 28 * 28
-LAMRA_MAX_PIXELS = 300 * 28 * 28
+# LAMRA_MIN_PIXELS / LAMRA_MAX_PIXELS (the default limits here) are declared with the media settings
 #: transformers' Qwen2-VL defaults (``size = {"shortest_edge": 56*56, "longest_edge": 28*28*1280}``).
 PROCESSOR_MIN_PIXELS = 56 * 56
 PROCESSOR_MAX_PIXELS = 28 * 28 * 1280
@@ -59,7 +58,7 @@ MAX_ASPECT_RATIO = 200
 def smart_resize(
     height: int,
     width: int,
-    factor: int = 28,
+    factor: int = DEFAULT_GEOMETRY.factor,
     min_pixels: int = LAMRA_MIN_PIXELS,
     max_pixels: int = LAMRA_MAX_PIXELS,
 ) -> tuple[int, int]:

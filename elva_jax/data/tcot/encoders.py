@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from elva_jax.data.encoding import video_arrays
 from elva_jax.data.prompts import Prompt, tcot_embed_prompt, tcot_reasoner_prompt
-from elva_jax.data.tokenize import _video_arrays
 
 __all__ = ["PromptFnEncoder", "embedder_encoder", "embedder_prompt", "reasoner_encoder", "reasoner_prompt"]
 
@@ -42,7 +42,7 @@ class PromptFnEncoder:
     -> (row, truncated)`` for a prompt built by ``make_prompt(side)``.
 
     ``videos=False`` refuses video sides (the RL trainer's prompt batches carry no video arrays);
-    ``videos=True`` adds the pipeline's video arrays to the row (``tokenize.PromptEncoder``'s layout)."""
+    ``videos=True`` adds the pipeline's video arrays to the row (``encoding.PromptEncoder``'s layout)."""
 
     def __init__(self, tokenizer, make_prompt: Callable[[dict], Prompt], *, videos: bool = False):
         self.tokenizer, self.make_prompt, self.videos = tokenizer, make_prompt, videos
@@ -55,7 +55,7 @@ class PromptFnEncoder:
         )
         row = {"input_ids": enc["input_ids"], "pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
         if self.videos:
-            row.update(_video_arrays(videos))
+            row.update(video_arrays(videos))
         return row, enc["truncated"]
 
 

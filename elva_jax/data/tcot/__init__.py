@@ -1,0 +1,1 @@
+"""Embed-RL's evidence-traceable chain of thought (T-CoT): the parser of generated text and the prompt encoders."""
