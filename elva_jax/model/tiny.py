@@ -9,6 +9,7 @@ benchmarks ("small"). Nothing is downloaded: real weights are for users' machine
 from __future__ import annotations
 
 import argparse
+import re
 
 import jax
 
@@ -275,6 +276,16 @@ FAMILY_PRESETS = {
 #: the presets a run may initialise at random (`model.random_preset` and the Embed-RL models' presets): the
 #: tiny ones and "small"; the full-size ones (qwen2vl_7b, ...) are sizes for planning, not random runs
 RANDOM_PRESETS = ("tiny", "tiny_qwen2_5_vl", "tiny_qwen3_vl", "small")
+
+
+def preset_for_checkpoint_name(path: str) -> str | None:
+    """The full-size preset a published checkpoint's name points at ("Qwen/Qwen2-VL-7B-Instruct" ->
+    "qwen2vl_7b", ".../Qwen3-VL-Embedding-8B" -> "qwen3vl_8b", "runs/qwen2vl_2b_nli/export" -> "qwen2vl_2b"),
+    or None: what a memory plan uses when the weights are not on this host."""
+    low = path.lower()
+    sizes, prefix = (("2", "8"), "qwen3vl") if re.search(r"qwen-?3", low) else (("2", "7"), "qwen2vl")
+    m = re.search(rf"(?<![0-9.])({'|'.join(sizes)})b(?![a-z0-9])", low)
+    return f"{prefix}_{m.group(1)}b" if m else None
 
 
 def preset_names() -> list[str]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from elva_jax.model.tiny import preset_for_checkpoint_name
 from elva_jax.plan.targets import PlanError
 
 
@@ -34,16 +34,9 @@ def resolve_model(run, name: str = "auto"):
     if ckpt and os.path.exists(os.path.join(ckpt, "config.json")):
         return read_model_config(ckpt), f"config.json of {ckpt}"
     if ckpt:
-        low = ckpt.lower()
-        if re.search(r"qwen-?3", low):
-            m = re.search(r"(?<![0-9.])(2|8)b(?![a-z0-9])", low)
-            if m:
-                name = f"qwen3vl_{m.group(1)}b"
-                return model_config(name), f"Qwen3-VL-{m.group(1)}B sizes (checkpoint {ckpt} not read)"
-        else:
-            m = re.search(r"(?<![0-9.])(2|7)b(?![a-z0-9])", low)
-            if m:
-                return model_config(m.group(1) + "b"), f"Qwen2-VL-{m.group(1)}B sizes (checkpoint {ckpt} not read)"
+        preset = preset_for_checkpoint_name(ckpt)
+        if preset:
+            return model_config(preset), f"{preset} sizes (checkpoint {ckpt} not read)"
         raise PlanError(
             f"cannot tell the model size from checkpoint {ckpt!r}; pass --model 2b|7b|qwen3vl_2b|qwen3vl_8b|tiny|small"
         )
