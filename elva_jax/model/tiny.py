@@ -278,14 +278,16 @@ FAMILY_PRESETS = {
 RANDOM_PRESETS = ("tiny", "tiny_qwen2_5_vl", "tiny_qwen3_vl", "small")
 
 
-def preset_for_checkpoint_name(path: str) -> str | None:
-    """The full-size preset a published checkpoint's name points at ("Qwen/Qwen2-VL-7B-Instruct" ->
-    "qwen2vl_7b", ".../Qwen3-VL-Embedding-8B" -> "qwen3vl_8b", "runs/qwen2vl_2b_nli/export" -> "qwen2vl_2b"),
-    or None: what a memory plan uses when the weights are not on this host."""
+def preset_for_checkpoint_name(path: str) -> tuple[str, str] | None:
+    """(preset, its published name) of the full-size preset a checkpoint's name points at
+    ("Qwen/Qwen2-VL-7B-Instruct" -> ("qwen2vl_7b", "Qwen2-VL-7B"), ".../Qwen3-VL-Embedding-8B" -> ("qwen3vl_8b",
+    "Qwen3-VL-8B"), "runs/qwen2vl_2b_nli/export" -> ("qwen2vl_2b", "Qwen2-VL-2B")), or None: what a memory plan
+    uses when the weights are not on this host."""
     low = path.lower()
-    sizes, prefix = (("2", "8"), "qwen3vl") if re.search(r"qwen-?3", low) else (("2", "7"), "qwen2vl")
+    qwen3 = re.search(r"qwen-?3", low)
+    sizes, prefix, title = (("2", "8"), "qwen3vl", "Qwen3-VL") if qwen3 else (("2", "7"), "qwen2vl", "Qwen2-VL")
     m = re.search(rf"(?<![0-9.])({'|'.join(sizes)})b(?![a-z0-9])", low)
-    return f"{prefix}_{m.group(1)}b" if m else None
+    return (f"{prefix}_{m.group(1)}b", f"{title}-{m.group(1)}B") if m else None
 
 
 def preset_names() -> list[str]:

@@ -34,9 +34,9 @@ def resolve_model(run, name: str = "auto"):
     if ckpt and os.path.exists(os.path.join(ckpt, "config.json")):
         return read_model_config(ckpt), f"config.json of {ckpt}"
     if ckpt:
-        preset = preset_for_checkpoint_name(ckpt)
-        if preset:
-            return model_config(preset), f"{preset} sizes (checkpoint {ckpt} not read)"
+        found = preset_for_checkpoint_name(ckpt)
+        if found:
+            return model_config(found[0]), f"{found[1]} sizes (checkpoint {ckpt} not read)"
         raise PlanError(
             f"cannot tell the model size from checkpoint {ckpt!r}; pass --model 2b|7b|qwen3vl_2b|qwen3vl_8b|tiny|small"
         )
