@@ -19,10 +19,18 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from elva_jax.data.benchmarks.multigrain.generator import generate
+from elva_jax.data.encoding import PromptEncoder
+from elva_jax.data.pipeline.config import PipelineConfig
+from elva_jax.data.pipeline.iterator import make_pipeline
+from elva_jax.data.prepare import prepare
+from elva_jax.data.records import ContrastiveRecords
+from elva_jax.data.sources import SOURCES, open_source
+from elva_jax.data.tokenize import Tokenizer
+from elva_jax.model.tiny import preset_config
+
 
 def _measure(records, encoder, model_cfg, cfg, n_batches: int) -> dict:
-    from elva_jax.data.pipeline.iterator import make_pipeline
-
     it = make_pipeline(records, encoder, model_cfg, cfg)
     next(it)
     ex0, im0 = it.stats.examples, it.stats.images
@@ -45,15 +53,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=2, help="mp_prefetch workers (0: single process only)")
     ap.add_argument("--sources", default="files,array_record,hf", help="comma-separated data.source values")
     args = ap.parse_args(argv)
-
-    from elva_jax.data.benchmarks.multigrain.generator import generate
-    from elva_jax.data.encoding import PromptEncoder
-    from elva_jax.data.pipeline.config import PipelineConfig
-    from elva_jax.data.prepare import prepare
-    from elva_jax.data.records import ContrastiveRecords
-    from elva_jax.data.sources import SOURCES, open_source
-    from elva_jax.data.tokenize import Tokenizer
-    from elva_jax.model.tiny import preset_config
 
     sources = [x for x in args.sources.split(",") if x]
     unknown = [x for x in sources if x not in SOURCES]

@@ -24,7 +24,10 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
+
+from elva_jax.bench import rl_step
 
 BASE = {"candidates": 9, "G": 8, "summary": 16}  # W4
 
@@ -118,8 +121,6 @@ def write_svg(path: str, axes: dict, results: list[dict]) -> None:
 
 
 def main(argv=None) -> dict:
-    import tempfile
-
     ap = argparse.ArgumentParser(prog="python -m elva_jax.bench.rl_scaling", description=__doc__.split("\n\n")[0])
     ap.add_argument("--candidates", default="9,33,102", help="1 + negatives")
     ap.add_argument("--groups", default="4,8,16")
@@ -145,9 +146,7 @@ def main(argv=None) -> dict:
     base = dict(zip(("candidates", "G", "summary"), _ints(a.base), strict=True))
     axes = {"candidates": _ints(a.candidates), "G": _ints(a.groups), "summary": _ints(a.summaries)}
     data = os.path.join(tempfile.mkdtemp(), "mg")
-    from elva_jax.bench.rl_step import bench_instances
-
-    bench_instances(data, 1, 1)  # generate the bundled data once, shared by every subprocess
+    rl_step.bench_instances(data, 1, 1)  # generate the bundled data once, shared by every subprocess
     done: dict = {}
     if a.resume and os.path.exists(a.out + ".json"):
         with open(a.out + ".json") as f:

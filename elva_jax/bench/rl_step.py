@@ -25,7 +25,27 @@ import resource
 import statistics
 import tempfile
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from elva_jax.data.benchmarks import mbeir
+from elva_jax.data.benchmarks.multigrain.generator import generate as generate_data
+from elva_jax.data.encoding import PromptEncoder
 from elva_jax.data.media.settings import MediaSettings
+from elva_jax.data.records import contrastive_records
+from elva_jax.data.tokenize import Tokenizer
+from elva_jax.model.config import ModelOptions
+from elva_jax.model.hf_checkpoint import resize_vocab
+from elva_jax.model.lora import LoraConfig, init_lora
+from elva_jax.model.params import init_params
+from elva_jax.model.sampler import Samples
+from elva_jax.model.tiny import preset_config
+from elva_jax.rl.instances import add_random_negatives
+from elva_jax.rl.rewards import RewardConfig
+from elva_jax.rl.rollout import RLConfig
+from elva_jax.rl.trainer import RLState, RLTrainer, encode_prompts
 
 KEYS = ("time_rollout_s", "time_reforward_s", "time_reward_s", "time_update_s")
 LORA_RANK, LORA_ALPHA, LR = 16, 32.0, 1e-5
@@ -34,11 +54,6 @@ LORA_RANK, LORA_ALPHA, LR = 16, 32.0, 1e-5
 def bench_instances(root: str, negatives: int, steps: int) -> list[dict]:
     """`steps` records of the bundled data with 1 positive + `negatives` candidates (3 hard-ish ones from
     the data, the rest random from the pool); refuses a pool too small for the count."""
-    from elva_jax.data.benchmarks import mbeir
-    from elva_jax.data.benchmarks.multigrain.generator import generate as generate_data
-    from elva_jax.data.records import contrastive_records
-    from elva_jax.rl.loop import add_random_negatives
-
     if not os.path.exists(os.path.join(root, "meta", "summary.json")):
         generate_data(root, seed=0)
     qs = mbeir.read_queries(os.path.join(root, "query/train/mbeir_multigrain_union_train.jsonl"))
@@ -63,10 +78,6 @@ def bench_instances(root: str, negatives: int, steps: int) -> list[dict]:
 
 
 def _configs(a):
-    from elva_jax.model.lora import LoraConfig
-    from elva_jax.rl.rewards import RewardConfig
-    from elva_jax.rl.rollout import RLConfig
-
     rcfg = RLConfig(
         group_size=a.group_size,
         max_summary_tokens=a.summary_tokens,
@@ -95,24 +106,12 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def _tokenizer_and_cfg():
-    from elva_jax.data.tokenize import Tokenizer
-    from elva_jax.model.tiny import preset_config
-
     tok = Tokenizer.from_dir()
     cfg = preset_config("small")
     return tok, cfg, max(cfg.text.vocab_size, tok.vocab_size)
 
 
 def jax_side(a, recs) -> dict:
-    import jax
-    import optax
-
-    from elva_jax.model.config import ModelOptions
-    from elva_jax.model.hf_checkpoint import resize_vocab
-    from elva_jax.model.lora import init_lora
-    from elva_jax.model.params import init_params
-    from elva_jax.rl.trainer import RLState, RLTrainer
-
     rcfg, reward_cfg, lcfg = _configs(a)
     tok, cfg, vocab = _tokenizer_and_cfg()
     params = init_params(cfg, jax.random.key(0))
@@ -162,11 +161,6 @@ def jax_side(a, recs) -> dict:
 def memory_plan(tr, st, rec) -> dict:
     """XLA's memory analysis (MiB) of the three compiled pieces of one step on ``rec``'s shapes, compiled
     and not run: the sampler, the teacher-forced re-forward and the update (fake samples, full budget)."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from elva_jax.model.sampler import Samples
-
     G, T = tr.rcfg.group_size, tr.rcfg.max_summary_tokens + 1
     N = (2 + len(rec["cands"]) - 1) * G
     fake = Samples(
@@ -196,12 +190,12 @@ def memory_plan(tr, st, rec) -> dict:
 
 
 def torch_side(a, recs) -> dict:
+    # local: the PyTorch reference's heavy optional dependencies (rl_step_torch imports torch), needed by
+    # --side torch|both only
     import torch
     import transformers
 
     from elva_jax.bench.rl_step_torch import TorchRLStep, hf_config, lora_model
-    from elva_jax.data.encoding import PromptEncoder
-    from elva_jax.rl.trainer import encode_prompts
 
     rcfg, reward_cfg, lcfg = _configs(a)
     tok, cfg, vocab = _tokenizer_and_cfg()

@@ -17,16 +17,15 @@ import time
 import jax
 import numpy as np
 
-from elva_jax.bench.train_step import _reference_model, torch_module
+from elva_jax.bench.train_step import _reference_model, default_reference, torch_module
+from elva_jax.model.config import ModelOptions
+from elva_jax.model.inputs import build_inputs
+from elva_jax.model.params import init_params
+from elva_jax.model.sampler import SamplerConfig, generate
+from elva_jax.model.tiny import preset_config
 
 
 def jax_tokens_per_s(B: int, L: int, new: int, reps: int, dtype: str) -> dict:
-    from elva_jax.model.config import ModelOptions
-    from elva_jax.model.inputs import build_inputs
-    from elva_jax.model.params import init_params
-    from elva_jax.model.sampler import SamplerConfig, generate
-    from elva_jax.model.tiny import preset_config
-
     cfg = preset_config("small")
     opts = ModelOptions(dtype=dtype, param_dtype=dtype)
     params = init_params(cfg, jax.random.key(0), dtype=dtype)
@@ -49,8 +48,6 @@ def jax_tokens_per_s(B: int, L: int, new: int, reps: int, dtype: str) -> dict:
 
 
 def main(argv=None) -> None:
-    from elva_jax.bench.train_step import default_reference
-
     ap = argparse.ArgumentParser(prog="python -m elva_jax.bench.sampler", description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--reference", default=default_reference())

@@ -17,7 +17,10 @@ import os
 import statistics
 import time
 
+import jax
 import numpy as np
+
+from elva_jax.retrieval.topk import streaming_topk
 
 
 def _unit_rows(rng: np.random.Generator, n: int, dim: int, block: int = 65536) -> np.ndarray:
@@ -52,10 +55,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    import jax
-
-    from elva_jax.retrieval.topk import streaming_topk
-
     rng = np.random.default_rng(args.seed)
     cands = _unit_rows(rng, args.n_cand, args.dim)
     queries = _unit_rows(rng, args.n_query, args.dim)
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     try:
-        import faiss
+        import faiss  # local: heavy optional dependency (the bench extra)
     except ImportError:
         faiss = None
         print("faiss-cpu is not installed (pip install faiss-cpu); timing elva_jax only", flush=True)

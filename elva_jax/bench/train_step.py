@@ -28,6 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from elva_jax.bench.profile_ops import hlo_categories, summarize, torch_profile, xla_op_times
+from elva_jax.contrastive.step import StepConfig, TrainState, split_lm_head, train_step
+from elva_jax.model.config import ModelOptions
+from elva_jax.model.inputs import build_inputs
+from elva_jax.model.lora import LORA_TARGETS, LoraConfig, init_lora
+from elva_jax.model.params import init_params
+from elva_jax.model.tiny import preset_config
+from elva_jax.runtime.observe import lowered_flops, unrolled
+
 
 def jax_matmul_peak(n: int = 2048, reps: int = 5) -> float:
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
@@ -42,8 +51,6 @@ def jax_matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 
 def make_batch(cfg, opts, B=8, L=64, grid_hw=8, seed=0):
-    from elva_jax.model.inputs import build_inputs
-
     rng = np.random.default_rng(seed)
     n_img = grid_hw * grid_hw // 4
     ids = rng.integers(0, 150000, (B, L))
@@ -69,13 +76,6 @@ def jax_step_time(
 ) -> dict:
     """elva_jax's step: full fine-tuning, or (``lora_rank`` > 0) LoRA on the LLM with a frozen base.
     ``profile_dir``: also trace ``reps`` more steps there and summarise them op by op (`profile_ops`)."""
-    from elva_jax.contrastive.step import StepConfig, TrainState, split_lm_head, train_step
-    from elva_jax.model.config import ModelOptions
-    from elva_jax.model.lora import LoraConfig, init_lora
-    from elva_jax.model.params import init_params
-    from elva_jax.model.tiny import preset_config
-    from elva_jax.runtime.observe import lowered_flops, unrolled
-
     cfg = preset_config("small")
     opts = ModelOptions(dtype=dtype, param_dtype="float32", remat=remat, scan_unroll=scan_unroll)
     params = init_params(cfg, jax.random.key(0))
@@ -108,8 +108,6 @@ def jax_step_time(
         ts.append(time.perf_counter() - t)
     out = {"step_s": statistics.median(ts), "compile_s": compile_s, "flops_per_step": flops, "loss": float(m["loss"])}
     if profile_dir:
-        from elva_jax.bench.profile_ops import hlo_categories, summarize, xla_op_times
-
         with jax.profiler.trace(profile_dir):
             for _ in range(reps):
                 state, m = compiled(state, batch)
@@ -127,7 +125,7 @@ def default_reference() -> str:
 
 def _reference_model(mod):
     """The reference module's "small" model, built by transformers' auto class from its config."""
-    import transformers
+    import transformers  # local: the PyTorch model classes (heavy), needed by the reference only
 
     return transformers.AutoModelForImageTextToText.from_config(mod.small_config())
 
@@ -146,12 +144,11 @@ def torch_step_time(ref_path: str, reps: int, lora_rank: int = 0, profile: bool 
     mod = torch_module(ref_path)
     if mod is None:
         return None
-    import torch
+    import torch  # local: heavy optional dependency, needed by the reference only
 
     model = _reference_model(mod)
     if lora_rank:  # peft injects the adapters in place and freezes the base; AdamW skips frozen params
-        from elva_jax.bench.rl_step_torch import lora_model
-        from elva_jax.model.lora import LORA_TARGETS
+        from elva_jax.bench.rl_step_torch import lora_model  # local: imports torch (and peft when called)
 
         lora_model(model, rank=lora_rank, alpha=2.0 * lora_rank, targets=LORA_TARGETS)
     model.train()
@@ -161,8 +158,6 @@ def torch_step_time(ref_path: str, reps: int, lora_rank: int = 0, profile: bool 
         "torch": torch.__version__,
     }
     if profile:  # the reference's timing function runs a warm-up step, then the timed one: 2 steps
-        from elva_jax.bench.profile_ops import torch_profile
-
         out["profile"] = torch_profile(lambda: mod.train_step_time(model, reps=1), steps=2)
     return out
 

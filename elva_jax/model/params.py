@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elva_jax.model.config import ModelConfig
+from elva_jax.model.families import family_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +53,6 @@ class ParamSpec:
 
 def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     """Every tensor of the model, from the family's table (`elva_jax.model.families`)."""
-    from elva_jax.model.families import family_of
-
     return family_of(cfg).param_specs(cfg)
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from elva_jax.model import backbone
 from elva_jax.model.config import ModelConfig, ModelOptions
 from elva_jax.model.embedding import l2_normalize
+from elva_jax.parallel.sharding import fitting_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +106,6 @@ def sample_token(key, logits, scfg: SamplerConfig):
     """(token [N] int32, logp [N] fp32 under the full-vocabulary log_softmax(logits / T))."""
     scaled = logits.astype(jnp.float32) / scfg.temperature
     if scfg.mesh is not None:
-        from elva_jax.parallel.sharding import fitting_sharding
-
         scaled = jax.lax.with_sharding_constraint(scaled, fitting_sharding(scaled.shape, ("batch", None), scfg.mesh))
     tok = categorical_inverse_cdf(key, filter_logits(scaled, scfg.top_k, scfg.top_p))
     logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]

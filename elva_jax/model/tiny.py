@@ -13,6 +13,7 @@ import re
 
 import jax
 
+from elva_jax.errors import cli
 from elva_jax.model.config import ModelConfig
 from elva_jax.model.families import parse_model_config
 from elva_jax.model.hf_checkpoint import save_params
@@ -327,6 +328,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from elva_jax.errors import cli
-
     cli(main, prog="python -m elva_jax.model.tiny")

@@ -8,6 +8,8 @@ import re
 import time
 
 from elva_jax.configlib import ConfigError
+from elva_jax.model.params import count_params
+from elva_jax.parallel.sharding import MeshError, make_mesh
 from elva_jax.plan.flops import jaxpr_flops, xla_flops
 from elva_jax.plan.programs import PROGRAMS, Program
 from elva_jax.plan.report import Result, format_report, gib, suggest
@@ -78,9 +80,6 @@ def plan(
     log=print,
 ) -> dict:
     """Build, compile and measure; returns a JSON-able report (raises PlanError on mesh/shape errors)."""
-    from elva_jax.model.params import count_params
-    from elva_jax.parallel.sharding import MeshError, make_mesh
-
     mcfg, model_desc = resolve_model(run, model)
     emb_mcfg = emb_desc = None
     if is_embed_rl(run):

@@ -10,6 +10,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from elva_jax.contrastive.step import StepConfig, TrainState, batch_shardings, split_lm_head, train_step
+from elva_jax.model import backbone
+from elva_jax.model.inputs import input_axes
+from elva_jax.model.sampler import SamplerConfig, sample_token
+from elva_jax.parallel.sharding import logical_spec, replicated
 from elva_jax.plan.setup import (
     Setup,
     _sds,
@@ -24,6 +29,9 @@ from elva_jax.plan.setup import (
     with_shardings,
 )
 from elva_jax.plan.targets import PlanError
+from elva_jax.rl.embed_rl_trainer import embed_rows
+from elva_jax.rl.loop import rl_configs
+from elva_jax.rl.trainer import rl_update
 
 
 @dataclasses.dataclass
@@ -37,9 +45,6 @@ class Program:
 
 def train_program(setup: Setup) -> Program:
     """The contrastive train step as the loop jits it (donated state, replicated metrics)."""
-    from elva_jax.contrastive.step import StepConfig, TrainState, batch_shardings, split_lm_head, train_step
-    from elva_jax.parallel.sharding import replicated
-
     run, mesh, shp = setup.run, setup.mesh, setup.shapes
     full = not run.lora.enabled
     rep = replicated(mesh)
@@ -90,8 +95,6 @@ def train_program(setup: Setup) -> Program:
 
 def _rl_configs(setup: Setup):
     """The run's RL and reward configs (as the RL loop builds them), at the planned G and summary length."""
-    from elva_jax.rl.loop import rl_configs
-
     rcfg, reward_cfg = rl_configs(setup.run)
     shp = setup.shapes
     return dataclasses.replace(rcfg, group_size=shp.G, max_summary_tokens=shp.T - 1), reward_cfg
@@ -100,8 +103,6 @@ def _rl_configs(setup: Setup):
 def rl_update_program(setup: Setup) -> Program:
     """The RL trainer's update (`elva_jax.rl.trainer.rl_update`: micro-batched value_and_grad of
     `rl_loss` wrt LoRA + the optimizer), on the run's mesh."""
-    from elva_jax.rl.trainer import rl_update
-
     shp, mesh = setup.shapes, setup.mesh
     rcfg, reward_cfg = _rl_configs(setup)
     full = _full_rl(setup)
@@ -152,10 +153,6 @@ def rl_update_program(setup: Setup) -> Program:
 
 def decode_program(setup: Setup) -> Program:
     """One iteration of the sampler's decode loop: sample a token from the logits, then `decode_step`."""
-    from elva_jax.model import backbone
-    from elva_jax.model.sampler import SamplerConfig, sample_token
-    from elva_jax.parallel.sharding import logical_spec, replicated
-
     shp, mesh, mcfg = setup.shapes, setup.mesh, setup.mcfg
     rc, _ = _rl_configs(setup)
     cache_dtype = setup.opts.dtype if rc.cache_dtype == "compute" else rc.cache_dtype  # as `RLTrainer`
@@ -219,10 +216,6 @@ def embed_program(setup: Setup) -> Program:
     tokens (the side + its T-CoT + the summarise request), `embed_rl.embedder_micro_rows` of them per call
     (0: all), rows over the batch axes, output replicated.
     The reasoner's params, LoRA and optimizer state are resident meanwhile."""
-    from elva_jax.model.inputs import input_axes
-    from elva_jax.parallel.sharding import logical_spec, replicated
-    from elva_jax.rl.embed_rl_trainer import embed_rows
-
     if setup.embedder is None:
         raise PlanError("the embed program is Embed-RL's frozen embedder: plan an rl stage with rl.recipe=embed_rl")
     shp, mesh = setup.shapes, setup.mesh

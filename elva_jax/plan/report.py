@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from jax.sharding import AbstractMesh
+
+from elva_jax.model.lora import lora_axes
+from elva_jax.model.params import logical_axes
+from elva_jax.parallel.sharding import MESH_AXES, MeshError, tree_shardings
 from elva_jax.plan.setup import Setup, per_device_bytes, with_shardings
 from elva_jax.plan.targets import GIB, GPU_STAND_IN_NOTE, Target
 
@@ -48,12 +53,6 @@ class Result:
 
 def _state_bytes_on(setup: Setup, mesh_shape: tuple[int, int, int], full: bool) -> int | None:
     """Per-device bytes of params + trainable + 2 Adam moments on another mesh shape (None: cannot split)."""
-    from jax.sharding import AbstractMesh
-
-    from elva_jax.model.lora import lora_axes
-    from elva_jax.model.params import logical_axes
-    from elva_jax.parallel.sharding import MESH_AXES, MeshError, tree_shardings
-
     m = AbstractMesh(mesh_shape, MESH_AXES)
     try:
         p = with_shardings(setup.params, tree_shardings(logical_axes(setup.mcfg), setup.params, m))

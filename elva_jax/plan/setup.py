@@ -9,25 +9,32 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from elva_jax.model.tiny import preset_for_checkpoint_name
+from elva_jax import configlib
+from elva_jax.model.backbone import KVCache
+from elva_jax.model.families import family_of, read_model_config
+from elva_jax.model.inputs import input_axes
+from elva_jax.model.lora import init_lora, lora_axes
+from elva_jax.model.params import abstract_params, logical_axes
+from elva_jax.model.tiny import preset_config, preset_for_checkpoint_name
+from elva_jax.parallel.sharding import MeshError, logical_spec, optimizer_shardings, tree_shardings
 from elva_jax.plan.targets import PlanError
+from elva_jax.runtime.models import model_options
+from elva_jax.runtime.optim import make_optimizer
+from elva_jax.schema import RunConfig
 
 
 def model_config(name: str):
     """ModelConfig for '2b' / '7b' (Qwen2-VL's published sizes), 'qwen3vl_2b' / 'qwen3vl_8b' (Qwen3-VL's,
     also Qwen3-VL-Embedding's) or any preset of `elva_jax.model.tiny` ('tiny', 'small', ...)."""
-    from elva_jax.model.tiny import preset_config
-
     return preset_config({"2b": "qwen2vl_2b", "7b": "qwen2vl_7b"}.get(name, name))
 
 
 def resolve_model(run, name: str = "auto"):
     """(ModelConfig, description): --model, else the checkpoint's config.json, else the size named in
     the checkpoint path (".../Qwen2-VL-7B-Instruct", "runs/qwen2vl_2b_nli/export"), else the random preset."""
-    from elva_jax.model.families import read_model_config
-
     if name != "auto":
         return model_config(name), f"{name} (--model)"
     ckpt = run.model.checkpoint
@@ -57,9 +64,6 @@ def is_embed_rl(run) -> bool:
 
 
 def load_run(config: str, overrides: list[str] | None = None):
-    from elva_jax import configlib
-    from elva_jax.schema import RunConfig
-
     try:
         return configlib.load(RunConfig, config, list(overrides or []))
     except configlib.ConfigError as e:
@@ -164,10 +168,6 @@ def model_inputs(mcfg, rows: int, length: int, images: bool, Lv: int, lead: tupl
         x["vision_segment_ids"] = _sds(lead + (rows, Lv), jnp.int32)
         # the family's per-patch inputs (vision_pos, window ids, position-table taps ...), shapes and
         # dtypes from a one-image probe of its host function
-        import numpy as np
-
-        from elva_jax.model.families import family_of
-
         m = mcfg.vision.spatial_merge_size
         for k, v in family_of(mcfg).patch_inputs(np.array([[1, m, m]]), mcfg).items():
             x[k] = _sds(lead + (rows, Lv, *v.shape[1:]), v.dtype)
@@ -199,9 +199,6 @@ def rl_batch(mcfg, shp: Shapes, logp_key: str = "old_logp") -> dict:
 
 def rl_batch_shardings(batch: dict, mesh) -> dict:
     """Rows of every per-sequence array over the batch axes; `valid` [I, C] replicated."""
-    from elva_jax.model.inputs import input_axes
-    from elva_jax.parallel.sharding import logical_spec
-
     rows = lambda v: NamedSharding(mesh, logical_spec(("batch",) + (None,) * (len(v.shape) - 1)))  # noqa: E731
     out = {k: rows(v) for k, v in batch.items() if k != "prompts"}
     out["valid"] = NamedSharding(mesh, PartitionSpec())
@@ -222,8 +219,6 @@ CACHE_AXES = dict(
 
 
 def kv_cache(mcfg, rows: int, length: int, dtype=jnp.bfloat16):
-    from elva_jax.model.backbone import KVCache
-
     t = mcfg.text
     kv = _sds((t.num_layers, rows, length, t.num_kv_heads, t.head_dim), dtype)
     return KVCache(
@@ -232,9 +227,6 @@ def kv_cache(mcfg, rows: int, length: int, dtype=jnp.bfloat16):
 
 
 def cache_shardings(cache, mesh):
-    from elva_jax.model.backbone import KVCache
-    from elva_jax.parallel.sharding import tree_shardings
-
     return tree_shardings(KVCache(**CACHE_AXES), cache, mesh)
 
 
@@ -289,12 +281,6 @@ class Setup:
 def build_setup(run, mcfg, mesh, shapes: Shapes, embedder_mcfg=None) -> Setup:
     """Abstract params / LoRA (sharded by the logical-axis table), and the frozen embedder's params
     when ``embedder_mcfg`` is given; no array is allocated."""
-    from elva_jax.model.lora import init_lora, lora_axes
-    from elva_jax.model.params import abstract_params, logical_axes
-    from elva_jax.parallel.sharding import MeshError, tree_shardings
-    from elva_jax.runtime.models import model_options
-    from elva_jax.runtime.optim import make_optimizer
-
     tx = make_optimizer(run.optim, 1000)
     lcfg = run.lora
     pdt = jnp.dtype(run.model.param_dtype)
@@ -315,7 +301,5 @@ def build_setup(run, mcfg, mesh, shapes: Shapes, embedder_mcfg=None) -> Setup:
 def opt_state(setup: Setup, trainable):
     """Abstract optimizer state with the shardings the training loops give it
     (`elva_jax.parallel.sharding.optimizer_shardings`: moments as the trainable, counters replicated)."""
-    from elva_jax.parallel.sharding import optimizer_shardings
-
     out = jax.eval_shape(setup.tx.init, trainable)
     return with_shardings(out, optimizer_shardings(setup.tx, trainable, setup.mesh))

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from elva_jax.errors import UserError
+from elva_jax.errors import UserError, cli
+from elva_jax.report.plot import learning_curves
 
 #: two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..10
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
@@ -347,8 +348,6 @@ def main(argv=None) -> dict:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
     (a.out / "report.md").write_text(markdown(report))
-    from elva_jax.report.plot import learning_curves
-
     learning_curves(report, a.out / "curves.png")
     log(f"wrote {a.out / 'summary.json'}, {a.out / 'report.md'}, {a.out / 'curves.png'}")
     print(markdown(report))
@@ -356,6 +355,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from elva_jax.errors import cli
-
     cli(main, prog="python -m elva_jax.report.learning")

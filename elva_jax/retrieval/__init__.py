@@ -23,7 +23,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "streaming_topk":
+    if name == "streaming_topk":  # lazy on purpose: metric-only users do not import jax
         from elva_jax.retrieval.topk import streaming_topk
 
         return streaming_topk

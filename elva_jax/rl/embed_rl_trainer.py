@@ -46,6 +46,7 @@ from elva_jax.rl.embed_rl_rewards import (
     judge_verdicts,
     parse_judge_choice,
 )
+from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.trainer import RLState, RLTrainer, encode_prompts, model_inputs
 
 __all__ = ["EmbedRLTrainer", "FrozenEmbedder", "PromptFnEncoder", "reasoner_encoder", "reasoner_policy"]
@@ -470,8 +471,6 @@ def reasoner_policy(cfg, opts, rcfg, tx, tokenizer, *, request: str, lora_scale:
     """ELVA's `RLTrainer` as the Embed-RL reasoner: the T-CoT generation prompts, sampling stopped at
     ``<|im_end|>`` (which also ends a response that ran out of budget), no [RET] embeddings; ``kw`` as
     for `RLTrainer` (``full_finetune=True``: the reasoner's whole params train against a frozen copy)."""
-    from elva_jax.rl.rewards import RewardConfig
-
     eos = tokenizer.im_end_token_id
     return RLTrainer(
         cfg,

@@ -21,6 +21,8 @@ import zlib
 
 import numpy as np
 
+from elva_jax.retrieval.topk import streaming_topk
+
 FILTERS = ("absolute", "relative")
 
 
@@ -47,8 +49,6 @@ def mine(
     """
     if filter_rule not in FILTERS:
         raise ValueError(f"false-negative filter_rule must be one of {FILTERS}, got {filter_rule!r}")
-    from elva_jax.retrieval.topk import streaming_topk
-
     Q, C = len(query_emb), len(pool_emb)
     max_pos = max((len(p) for p in positives), default=0)
     k = min(C, search_k or (n_hard + max_pos + 64))

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from elva_jax.data.encoding import PromptEncoder
 from elva_jax.data.errors import ImageError, RecordError
 from elva_jax.data.media.image_processing import load_image, load_image_bytes, preprocess_image
 from elva_jax.data.media.settings import MediaSettings
@@ -288,8 +289,6 @@ class RLTrainer:
     def from_tokenizer(cls, cfg, opts, rcfg, reward_cfg, tx, tokenizer, **kw) -> RLTrainer:
         """The trainer with the ELVA generation prompt encoder and the [RET] / <|im_end|> / pad ids of
         ``tokenizer`` (`elva_jax.data.tokenize.Tokenizer`); ``kw`` as for the constructor."""
-        from elva_jax.data.encoding import PromptEncoder
-
         return cls(
             cfg,
             opts,

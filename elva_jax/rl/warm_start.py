@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from elva_jax.configlib import ConfigError
+from elva_jax.data.encoding import PromptEncoder
 from elva_jax.data.prompts import RET_TOKEN
 from elva_jax.data.summaries import SummaryRecords
 from elva_jax.data.tcot.encoders import reasoner_encoder
@@ -217,8 +218,6 @@ class SFTBatches:
 def sft_recipe(cfg: RunConfig, tokenizer):
     """(prompt encoder, `TargetSpec`) of the run's RL recipe: ELVA's [RET] generation prompt and target, or
     under ``rl.recipe=embed_rl`` the reasoner's T-CoT prompt and ``sft.target_template``."""
-    from elva_jax.data.encoding import PromptEncoder
-
     if cfg.rl.recipe == "embed_rl":
         return reasoner_encoder(tokenizer, cfg.embed_rl.reasoner_instruction), reasoner_target(
             tokenizer, cfg.sft.target_template
