@@ -189,3 +189,31 @@ def test_no_module_over_600_lines_nor_function_over_130():
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 130:
                 long_functions.append(f"{rel}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not long_modules and not long_functions, "\n".join(long_modules + long_functions)
+
+
+# modules allowed a function-local import of the package, and why
+LOCAL_IMPORTS = {
+    "eval/__main__.py": "`python -m elva_jax.eval --help` answers without loading jax",
+    "data/prepare.py": "imports itself as a module so that `datasets` can hash its functions",
+    "retrieval/__init__.py": "streaming_topk on first use: the metrics alone do not load jax",
+    "bench/rl_step.py": "the PyTorch side (rl_step_torch imports torch)",
+    "bench/train_step.py": "the PyTorch side (rl_step_torch imports torch)",
+}
+
+
+def test_imports_of_the_package_are_at_module_top():
+    """The graph is what a module's top says: no function-local import of elva_jax outside LOCAL_IMPORTS."""
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = str(path.relative_to(PKG))
+        if rel in LOCAL_IMPORTS:
+            continue
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if id(node) in top or not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            if any(n.startswith("elva_jax") for n in names) or getattr(node, "level", 0):
+                bad.append(f"elva_jax/{rel}:{node.lineno}")
+    assert not bad, "function-local imports of the package:\n" + "\n".join(bad)
