@@ -35,8 +35,9 @@ token, i.e. the ``\\n`` closing ``<|im_start|>assistant\\n``)::
     <|im_start|>user\\n{image}{text}<|im_end|>\\n
     <|im_start|>assistant\\n
 
-INSTRUCTION is the query's task instruction, or :data:`DEFAULT_EMBED_INSTRUCTION` ("Represent the user's
-input.") for anything without one (candidates; queries when instructions are off); user content is the
+INSTRUCTION is the query's task instruction (stripped, and ended with "." unless it ends in punctuation, as
+the official code does: :func:`qwen3_embedding_instruction`), or :data:`DEFAULT_EMBED_INSTRUCTION` ("Represent
+the user's input.") for anything without one (candidates; queries when instructions are off); user content is the
 images, then the text verbatim (no ``format_string``, no instruction prefix, no template sentence); the
 chat template is applied with the generation prompt and nothing follows it. This is the public code's
 convention (QwenLM/Qwen3-VL-Embedding, ``src/models/qwen3_vl_embedding.py``: instruction as the system
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import unicodedata
 import zlib
 from collections.abc import Sequence
 
@@ -80,6 +82,7 @@ __all__ = [
     "instruct_prompt",
     "lamra_prompt",
     "prompt_text",
+    "qwen3_embedding_instruction",
     "raw_prompt",
     "render_chat",
     "render_content",
@@ -339,6 +342,16 @@ def elva_prompt(
     return Prompt(tuple(msgs))
 
 
+def qwen3_embedding_instruction(instruction: str | None) -> str | None:
+    """An instruction as Qwen3-VL-Embedding's official code writes it into the system turn: stripped, and
+    ended with "." unless its last character is Unicode punctuation (category P*); nothing left after the
+    strip is no instruction (None: the default instruction, which is used as given)."""
+    s = (instruction or "").strip()
+    if not s:
+        return None
+    return s if unicodedata.category(s[-1]).startswith("P") else s + "."
+
+
 def instruct_prompt(
     text: str | None = None,
     n_images: int = 0,
@@ -347,12 +360,13 @@ def instruct_prompt(
     default_instruction: str = DEFAULT_EMBED_INSTRUCTION,
     n_videos: int = 0,
 ) -> Prompt:
-    """Qwen3-VL-Embedding prompt ("instruct_last"): system turn = ``instruction`` (queries) or
-    ``default_instruction`` (candidates, or no instruction); user turn = the videos, then the images, then
-    ``text`` verbatim (the truncatable item); the generation prompt ``<|im_start|>assistant\\n`` closes the
-    row. Prompts with videos are encoded with ``Tokenizer.encode_video_prompt``.
+    """Qwen3-VL-Embedding prompt ("instruct_last"): system turn = ``instruction`` (queries; normalised by
+    :func:`qwen3_embedding_instruction`) or ``default_instruction`` (candidates, or no instruction); user
+    turn = the videos, then the images, then ``text`` verbatim (the truncatable item); the generation prompt
+    ``<|im_start|>assistant\\n`` closes the row. Prompts with videos are encoded with
+    ``Tokenizer.encode_video_prompt``.
     """
-    system = instruction or default_instruction
+    system = qwen3_embedding_instruction(instruction) or default_instruction
     if not system:
         raise ValueError("the instruct_last prompt needs an instruction or a non-empty default instruction")
     txt = text or ""

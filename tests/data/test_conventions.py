@@ -8,6 +8,7 @@ import pytest
 
 from elva_jax import configlib
 from elva_jax.data.conventions import CONVENTIONS, EVALUATED, MINING, TRAINABLE, convention
+from elva_jax.data.prompts import instruct_prompt, qwen3_embedding_instruction
 from elva_jax.model.tiny import RANDOM_PRESETS, preset_for_checkpoint_name, preset_names
 from elva_jax.schema import RunConfig
 
@@ -47,3 +48,32 @@ def test_random_presets_and_checkpoint_names():
     assert preset_for_checkpoint_name("runs/qwen2vl_2b_nli/export") == ("qwen2vl_2b", "Qwen2-VL-2B")
     assert preset_for_checkpoint_name("runs/my_model/export") is None
     assert preset_for_checkpoint_name("Qwen/Qwen3-VL-7B") is None  # no such Qwen3-VL size
+
+
+@pytest.mark.parametrize(
+    "given, written",
+    [
+        ("Find the image", "Find the image."),
+        ("  Find the matching caption  \n", "Find the matching caption."),
+        ("Which image matches?", "Which image matches?"),
+        ("Retrieve:", "Retrieve:"),  # ':' is punctuation (Po)
+        ("找到对应的图片。", "找到对应的图片。"),  # the ideographic full stop is punctuation too
+        ("Match the caption (short)", "Match the caption (short)"),  # ')' is punctuation (Pe)
+        ("Find 2 cats", "Find 2 cats."),
+        ("Find a cat $", "Find a cat $."),  # '$' is a symbol (Sc), not punctuation
+        ("   ", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_qwen3_embedding_instruction_follows_the_official_rule(given, written):
+    """Transcribed from the official code: strip; append "." unless the last character's Unicode category is P*;
+    nothing left means no instruction (the default one is used as given)."""
+    assert qwen3_embedding_instruction(given) == written
+
+
+def test_the_instruct_last_system_turn_uses_the_rule_and_keeps_the_default_as_given():
+    sys_text = lambda p: p.messages[0]["content"][0]["text"]  # noqa: E731
+    assert sys_text(instruct_prompt("a cat", 0, "Find the image")) == "Find the image."
+    assert sys_text(instruct_prompt("a cat", 0, "  ", default_instruction="Represent it")) == "Represent it"
+    assert sys_text(instruct_prompt("a cat", 0, None)) == "Represent the user's input."
