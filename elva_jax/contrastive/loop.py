@@ -30,8 +30,7 @@ from elva_jax.parallel.sharding import (
     replicated,
     tree_shardings,
 )
-from elva_jax.runtime.checkpointing import Checkpointer, CheckpointIncompatible, abstract_like
-from elva_jax.runtime.fingerprint import run_fingerprint
+from elva_jax.runtime.checkpointing import Checkpointer, abstract_like, open_stage_checkpoints
 from elva_jax.runtime.models import model_options
 from elva_jax.runtime.observe import MetricsLogger, Profiler, device_peak_flops, lowered_flops, unrolled
 from elva_jax.runtime.optim import make_optimizer, schedule
@@ -127,20 +126,8 @@ def _initial_state(cfg: RunConfig, model_cfg: ModelConfig, params: dict, mesh, l
 def _open_checkpoints(cfg: RunConfig, state: TrainState, data_iter) -> tuple[Checkpointer, int, TrainState]:
     """(the run's checkpointer, the step to start at, the state there): the newest checkpoint of the run dir,
     restored with the data iterator, when there is one (``run.resume`` must be on), else step 0 and ``state``."""
-    os.makedirs(cfg.run.dir, exist_ok=True)
-    ckpt = Checkpointer(
-        os.path.join(cfg.run.dir, "checkpoints"),
-        keep=cfg.run.keep_checkpoints,
-        async_save=cfg.run.async_checkpoint,
-        fingerprint=run_fingerprint(cfg, "contrastive"),
-        allow_changed=cfg.run.allow_changed,
-    )
+    ckpt = open_stage_checkpoints(cfg, cfg.run.dir, "contrastive")
     start = 0
-    if ckpt.steps() and not cfg.run.resume:
-        raise CheckpointIncompatible(
-            f"{ckpt.directory} holds checkpoints (steps {ckpt.steps()}) and run.resume is false: a new run there "
-            "would rotate them away; use another run.dir or move them"
-        )
     if ckpt.steps():  # a corrupt newest step falls back; an incompatible or unreadable set stops the run
         start, state, _ = ckpt.restore_latest(abstract_like(state), data_iter)
         print(f"[elva_jax] resumed from step {start} ({ckpt.directory})", flush=True)

@@ -33,9 +33,6 @@ from elva_jax.model.inputs import input_axes
 from elva_jax.parallel.sharding import logical_spec
 from elva_jax.retrieval.losses import info_nce
 
-#: the conventions a contrastive stage trains (`elva_jax.data.conventions`, with the template each trains on)
-EMBEDDINGS = TRAINABLE
-
 
 class TrainState(NamedTuple):
     step: jnp.ndarray
@@ -58,8 +55,8 @@ class StepConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA branches' input in training forwards (LamRA: 0.05)
 
     def __post_init__(self):
-        if self.embedding not in EMBEDDINGS:
-            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
+        if self.embedding not in TRAINABLE:  # the conventions a contrastive stage trains
+            raise ValueError(f"embedding must be one of {TRAINABLE}, got {self.embedding!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 
 import grain
@@ -34,8 +33,7 @@ from elva_jax.rl.instances import split_probe
 from elva_jax.rl.rewards import RewardConfig
 from elva_jax.rl.rollout import RLConfig
 from elva_jax.rl.trainer import RLState
-from elva_jax.runtime.checkpointing import Checkpointer, CheckpointIncompatible, abstract_like
-from elva_jax.runtime.fingerprint import run_fingerprint
+from elva_jax.runtime.checkpointing import Checkpointer, abstract_like, open_stage_checkpoints
 from elva_jax.runtime.observe import MetricsLogger
 from elva_jax.runtime.optim import make_optimizer, schedule
 from elva_jax.runtime.preemption import StopRequest
@@ -137,7 +135,7 @@ def run_rl(
     # step s trains on batch s of a seeded endless shuffle: the position is the step itself, so a resume
     # (on any number of hosts, each running the same RL program) needs no data state
     batches = step_batches(len(instances), r.instances_per_step, cfg.train.seed)
-    ckpt = _open_checkpoints(cfg, run_dir)
+    ckpt = open_stage_checkpoints(cfg, run_dir, "embed_rl" if r.recipe == "embed_rl" else "rl", with_data_iter=False)
     if ckpt.steps():
         step0, state = restore_rl_state(ckpt, state)
         print(f"[elva_jax] RL: resumed from step {step0} ({state.skipped} skipped updates so far)", flush=True)
@@ -191,26 +189,6 @@ def run_rl(
         "probes": probe.results,
         "wall_s": time.perf_counter() - t_start,
     }
-
-
-def _open_checkpoints(cfg: RunConfig, run_dir: str) -> Checkpointer:
-    """The RL stage's checkpoints under ``run_dir`` (fingerprinted by recipe); refuses to start a new run
-    over existing ones when run.resume is false (it would rotate them away)."""
-    os.makedirs(run_dir, exist_ok=True)
-    ckpt = Checkpointer(
-        os.path.join(run_dir, "checkpoints"),
-        keep=cfg.run.keep_checkpoints,
-        async_save=cfg.run.async_checkpoint,
-        with_data_iter=False,
-        fingerprint=run_fingerprint(cfg, "embed_rl" if cfg.rl.recipe == "embed_rl" else "rl"),
-        allow_changed=cfg.run.allow_changed,
-    )
-    if ckpt.steps() and not cfg.run.resume:
-        raise CheckpointIncompatible(
-            f"{ckpt.directory} holds RL checkpoints (steps {ckpt.steps()}) and run.resume is false: a new run "
-            "there would rotate them away; use another run.dir or move them"
-        )
-    return ckpt
 
 
 def _inputs_digest(batch: list[dict], idx, key) -> dict:

@@ -52,8 +52,7 @@ from elva_jax.retrieval.losses import info_nce
 from elva_jax.rl.loop import step_batches
 from elva_jax.rl.rollout import RLConfig, teacher_forced_shared
 from elva_jax.rl.trainer import encode_prompts, model_inputs, put_rows
-from elva_jax.runtime.checkpointing import Checkpointer, CheckpointIncompatible, abstract_like
-from elva_jax.runtime.fingerprint import run_fingerprint
+from elva_jax.runtime.checkpointing import abstract_like, open_stage_checkpoints
 from elva_jax.runtime.models import model_options
 from elva_jax.runtime.observe import MetricsLogger
 from elva_jax.runtime.optim import make_optimizer, schedule
@@ -272,20 +271,8 @@ def run_sft(
         ),  # fmt: skip
         donate_argnums=(0, 1),
     )
-    os.makedirs(run_dir, exist_ok=True)
-    ckpt = Checkpointer(
-        os.path.join(run_dir, "checkpoints"),
-        keep=cfg.run.keep_checkpoints,
-        async_save=cfg.run.async_checkpoint,
-        with_data_iter=False,
-        fingerprint=run_fingerprint(cfg, "embed_rl_sft" if cfg.rl.recipe == "embed_rl" else "sft"),
-        allow_changed=cfg.run.allow_changed,
-    )
-    if ckpt.steps() and not cfg.run.resume:
-        raise CheckpointIncompatible(
-            f"{ckpt.directory} holds SFT checkpoints (steps {ckpt.steps()}) and run.resume is false: a new run "
-            "there would rotate them away; use another run.dir or move them"
-        )
+    kind = "embed_rl_sft" if cfg.rl.recipe == "embed_rl" else "sft"
+    ckpt = open_stage_checkpoints(cfg, run_dir, kind, with_data_iter=False)
     step, skipped = 0, 0
     state = {"trainable": trainable, "opt_state": opt_state, "step": np.int32(0)}
     if ckpt.steps():

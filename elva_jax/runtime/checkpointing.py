@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 
 from elva_jax.data.errors import DataStateMismatch
 from elva_jax.errors import UserError
+from elva_jax.runtime.fingerprint import run_fingerprint
 
 log = logging.getLogger(__name__)
 MANIFEST = "elva_manifest.json"
@@ -271,3 +272,24 @@ def _leaves(tree):
 def abstract_like(tree):
     """ShapeDtypeStructs (with shardings) of a pytree of arrays: a restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def open_stage_checkpoints(cfg, run_dir: str, kind: str, *, with_data_iter: bool = True) -> Checkpointer:
+    """One stage's checkpoints under ``{run_dir}/checkpoints``, fingerprinted as checkpoint kind ``kind``
+    (`elva_jax.runtime.fingerprint`) with the run's keep / async / allow_changed settings. With
+    ``run.resume`` false, existing checkpoints stop the run (a new run there would rotate them away)."""
+    os.makedirs(run_dir, exist_ok=True)
+    ckpt = Checkpointer(
+        os.path.join(run_dir, "checkpoints"),
+        keep=cfg.run.keep_checkpoints,
+        async_save=cfg.run.async_checkpoint,
+        with_data_iter=with_data_iter,
+        fingerprint=run_fingerprint(cfg, kind),
+        allow_changed=cfg.run.allow_changed,
+    )
+    if ckpt.steps() and not cfg.run.resume:
+        raise CheckpointIncompatible(
+            f"{ckpt.directory} holds {kind} checkpoints (steps {ckpt.steps()}) and run.resume is false: a new run "
+            "there would rotate them away; use another run.dir or move them"
+        )
+    return ckpt

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from elva_jax.configlib import FINGERPRINT_ALL
-from elva_jax.schema import RunConfig
+from elva_jax.schema import RunConfig, field_value
 
 #: the checkpoint kinds: the three stages, and Embed-RL's RL stage and warm start (their own keys, so that ELVA's
 #: checkpoints keep resuming when Embed-RL fields change)
@@ -40,8 +40,6 @@ def run_fingerprint(cfg, stage: str) -> dict:
     """{dotted field: value} of the stage's fingerprint fields (tuples as lists, as JSON stores them)."""
     out = {}
     for name in FIELDS[stage]:
-        v = cfg
-        for k in name.split("."):
-            v = getattr(v, k)
+        v = field_value(cfg, name)
         out[name] = list(v) if isinstance(v, tuple) else v
     return out

@@ -163,7 +163,6 @@ def _embed_rl_rules(c) -> list:
             fin(c.embed_rl.negative_temperature) and c.embed_rl.negative_temperature > 0,
             "must be > 0",
         ),
-        ("embed_rl.top_n", c.embed_rl.top_n >= 0, "must be >= 0 (0: the row's own-pair count)"),
         ("embed_rl.prm_hard_pairs", c.embed_rl.prm_hard_pairs >= 1, "must be >= 1"),
         (
             "embed_rl.embedder_micro_rows",
@@ -184,11 +183,6 @@ def _embed_rl_rules(c) -> list:
             "embed_rl.embedder_seq_buckets",
             len(c.embed_rl.embedder_seq_buckets) > 0 and min(c.embed_rl.embedder_seq_buckets) > 0,
             "must be non-empty, > 0",
-        ),
-        (
-            "embed_rl.prm_off_weights",
-            c.embed_rl.prm_off_weights == "keep" or c.embed_rl.format_weight + c.embed_rl.orm_weight > 0,
-            "cannot renormalise zero format and ORM weights",
         ),
     ]
 

@@ -22,29 +22,28 @@ from elva_jax.schema import RunConfig, project
 TRAINED_BY, EMBEDDING = "embed_rl_reasoner", None
 
 
-def load_embedder(cfg: RunConfig):
-    """Embed-RL's frozen embedder: (model config, params, tokenizer) of ``embed_rl.embedder_*`` (a random
-    preset seeded ``train.seed + 1``, apart from the reasoner)."""
-    e = cfg.embed_rl
+def _load_frozen(cfg: RunConfig, checkpoint: str, random_preset: str, tokenizer: str, seed_offset: int):
+    """A frozen model of the recipe: (model config, params, tokenizer) of ``checkpoint``, or a random
+    ``random_preset`` seeded ``train.seed + seed_offset`` (apart from the reasoner's)."""
     return load_model(
-        e.embedder_checkpoint,
-        random_preset=e.embedder_random_preset,
-        tokenizer=e.embedder_tokenizer,
-        seed=cfg.train.seed + 1,
+        checkpoint,
+        random_preset=random_preset,
+        tokenizer=tokenizer,
+        seed=cfg.train.seed + seed_offset,
         param_dtype=cfg.model.param_dtype,
     )
+
+
+def load_embedder(cfg: RunConfig):
+    """Embed-RL's frozen embedder (``embed_rl.embedder_*``; random: seed offset 1)."""
+    e = cfg.embed_rl
+    return _load_frozen(cfg, e.embedder_checkpoint, e.embedder_random_preset, e.embedder_tokenizer, 1)
 
 
 def load_judge(cfg: RunConfig):
-    """Embed-RL's frozen judge (PRM): ``embed_rl.prm_*``, a random preset seeded ``train.seed + 2``."""
+    """Embed-RL's frozen judge (PRM; ``embed_rl.prm_*``; random: seed offset 2)."""
     e = cfg.embed_rl
-    return load_model(
-        e.prm_checkpoint,
-        random_preset=e.prm_random_preset,
-        tokenizer=e.prm_tokenizer,
-        seed=cfg.train.seed + 2,
-        param_dtype=cfg.model.param_dtype,
-    )
+    return _load_frozen(cfg, e.prm_checkpoint, e.prm_random_preset, e.prm_tokenizer, 2)
 
 
 def run_stage(cfg: RunConfig, root: str, mcfg, params, tokenizer, *, embed=None) -> dict:
